@@ -1,0 +1,19 @@
+//! The wire contract shared by every streampipe component.
+//!
+//! This crate is deliberately small and dependency-light: it defines the
+//! messages that travel over Kafka and Redis ([`message`]), the Redis key
+//! schema ([`keys`]) and the partitioner that decides which Kafka partition a
+//! market lives on ([`partitioner`]). Anything that two components must agree
+//! on byte for byte lives here and nowhere else.
+
+pub mod keys;
+pub mod message;
+pub mod partitioner;
+
+pub use keys::Keys;
+pub use message::{
+    decode_command, decode_update, encode_command, validate_channel_id, validate_market_id,
+    decode_published, Command, CommandKind, ContractError, DerivedVersion, MarketUpdate, PublishedUpdate, MAX_ID_LEN, MAX_VERSION,
+    PROTOCOL_VERSION,
+};
+pub use partitioner::{murmur2, partition_for};

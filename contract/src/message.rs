@@ -1,0 +1,452 @@
+//! Messages on the wire: data records, commands, and published updates.
+//!
+//! Encoding today is JSON (see `docs/protocol.md`). Components never look at
+//! bytes themselves: they call [`decode_update`], [`decode_command`],
+//! [`encode_command`] and [`MarketUpdate::encode`], which dispatch on the first
+//! byte of a value. A JSON value starts with `{`; any other first byte is
+//! reserved for a future binary encoding and is rejected today with
+//! [`ContractError::UnsupportedEncoding`], so adding one later changes this
+//! module only, not the reducer's logic.
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// Version of the message schema this crate speaks (`"v"` in every message).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Longest market or channel id: ids are part of Redis keys and URLs, and a
+/// bound keeps a hostile id from bloating every key and log line.
+pub const MAX_ID_LEN: usize = 128;
+
+/// Largest version a market may carry: 2^53 - 1, the largest integer a
+/// browser's JavaScript number and Redis' Lua number hold exactly.
+pub const MAX_VERSION: u64 = (1 << 53) - 1;
+
+/// Why a message could not be decoded or was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ContractError {
+    /// The value's first byte selects no encoding this build understands.
+    #[error("unsupported encoding (first byte 0x{0:02x}); expected a JSON object")]
+    UnsupportedEncoding(u8),
+    /// The value was empty.
+    #[error("empty value")]
+    Empty,
+    /// The JSON did not match the schema.
+    #[error("invalid JSON message: {0}")]
+    Json(String),
+    /// The message declares a schema version this build does not speak.
+    #[error("unsupported protocol version {0} (this build speaks {PROTOCOL_VERSION})")]
+    UnsupportedVersion(u32),
+    /// A market id is missing or malformed.
+    #[error("invalid market id: {0}")]
+    InvalidMarket(String),
+    /// A channel id is malformed.
+    #[error("invalid channel id: {0}")]
+    InvalidChannel(String),
+    /// The record key and the market named in the value disagree.
+    #[error("record key {key:?} does not match market {market:?}")]
+    KeyMismatch {
+        /// The record key.
+        key: String,
+        /// The market named in the value.
+        market: String,
+    },
+    /// A version outside `1..=MAX_VERSION`.
+    #[error("version {0} out of range 1..={MAX_VERSION}")]
+    VersionOutOfRange(u64),
+}
+
+impl ContractError {
+    /// A short, stable label for metrics (`reason="..."`).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ContractError::UnsupportedEncoding(_) => "unsupported_encoding",
+            ContractError::Empty => "empty",
+            ContractError::Json(_) => "invalid_json",
+            ContractError::UnsupportedVersion(_) => "unsupported_version",
+            ContractError::InvalidMarket(_) => "invalid_market",
+            ContractError::InvalidChannel(_) => "invalid_channel",
+            ContractError::KeyMismatch { .. } => "key_mismatch",
+            ContractError::VersionOutOfRange(_) => "version_out_of_range",
+        }
+    }
+}
+
+fn validate_id(id: &str) -> Result<(), String> {
+    if id.is_empty() {
+        return Err("empty".into());
+    }
+    if id.len() > MAX_ID_LEN {
+        return Err(format!("{} bytes, at most {MAX_ID_LEN}", id.len()));
+    }
+    if let Some(c) = id
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
+    {
+        return Err(format!("{id:?} contains {c:?}; allowed: A-Z a-z 0-9 . _ - :"));
+    }
+    Ok(())
+}
+
+/// Checks a market id: 1 to [`MAX_ID_LEN`] bytes of `A-Z a-z 0-9 . _ - :`.
+pub fn validate_market_id(id: &str) -> Result<(), ContractError> {
+    validate_id(id).map_err(ContractError::InvalidMarket)
+}
+
+/// Checks a channel id: same alphabet and length as a market id.
+pub fn validate_channel_id(id: &str) -> Result<(), ContractError> {
+    validate_id(id).map_err(ContractError::InvalidChannel)
+}
+
+fn check_encoding(value: &[u8]) -> Result<(), ContractError> {
+    match value.iter().find(|b| !b.is_ascii_whitespace()) {
+        None => Err(ContractError::Empty),
+        Some(b'{') => Ok(()),
+        Some(&b) => Err(ContractError::UnsupportedEncoding(b)),
+    }
+}
+
+fn check_version(v: Option<u32>) -> Result<(), ContractError> {
+    match v {
+        None | Some(PROTOCOL_VERSION) => Ok(()),
+        Some(other) => Err(ContractError::UnsupportedVersion(other)),
+    }
+}
+
+/// Resolves the market of a record from its key and the id in its value.
+fn resolve_market(key: Option<&[u8]>, named: Option<&str>) -> Result<String, ContractError> {
+    let key = match key {
+        Some(k) => Some(
+            std::str::from_utf8(k)
+                .map_err(|_| ContractError::InvalidMarket("record key is not UTF-8".into()))?,
+        ),
+        None => None,
+    };
+    let market = match (key, named) {
+        (Some(k), Some(m)) if k != m => {
+            return Err(ContractError::KeyMismatch {
+                key: k.to_owned(),
+                market: m.to_owned(),
+            })
+        }
+        (Some(k), _) => k,
+        (None, Some(m)) => m,
+        (None, None) => {
+            return Err(ContractError::InvalidMarket(
+                "no record key and no \"market\" field".into(),
+            ))
+        }
+    };
+    validate_market_id(market)?;
+    Ok(market.to_owned())
+}
+
+/// Where a data record sits in its topic; used to derive a version when the
+/// producer sent none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DerivedVersion {
+    /// The record's partition.
+    pub partition: i32,
+    /// The record's offset in that partition.
+    pub offset: i64,
+}
+
+impl DerivedVersion {
+    /// The derived version: `offset + 1`. A market always lives on one
+    /// partition (its key decides it), so the offset increases per market;
+    /// the partition is implied by the market. `+ 1` keeps 0 free to mean
+    /// "no state yet".
+    pub fn version(self) -> u64 {
+        (self.offset.max(0) as u64) + 1
+    }
+}
+
+/// One state change of one market, as carried on the data topic and
+/// published to subscribers.
+#[derive(Debug, Clone)]
+pub struct MarketUpdate {
+    /// Market id (the record key).
+    pub market: String,
+    /// Increases with every update of this market; clients drop anything not newer.
+    pub version: u64,
+    /// Producer's timestamp, milliseconds since the Unix epoch.
+    pub ts: i64,
+    /// Opaque payload, kept as the producer's raw JSON text and never re-parsed.
+    pub payload: Box<RawValue>,
+}
+
+#[derive(Deserialize)]
+struct DataRecordJson<'a> {
+    #[serde(default)]
+    v: Option<u32>,
+    #[serde(default, borrow)]
+    market: Option<&'a str>,
+    #[serde(default)]
+    version: Option<u64>,
+    #[serde(default)]
+    ts: Option<i64>,
+    payload: Box<RawValue>,
+}
+
+/// Decodes a data-topic record.
+///
+/// `key` is the record key (the market id), `record_ts` the Kafka timestamp
+/// used when the value has no `ts`, and `position` derives a version when the
+/// value has none.
+pub fn decode_update(
+    key: Option<&[u8]>,
+    value: &[u8],
+    record_ts: Option<i64>,
+    position: DerivedVersion,
+) -> Result<MarketUpdate, ContractError> {
+    check_encoding(value)?;
+    let rec: DataRecordJson<'_> =
+        serde_json::from_slice(value).map_err(|e| ContractError::Json(e.to_string()))?;
+    check_version(rec.v)?;
+    let market = resolve_market(key, rec.market)?;
+    let version = rec.version.unwrap_or_else(|| position.version());
+    if version == 0 || version > MAX_VERSION {
+        return Err(ContractError::VersionOutOfRange(version));
+    }
+    Ok(MarketUpdate {
+        market,
+        version,
+        ts: rec.ts.or(record_ts).unwrap_or(0),
+        payload: rec.payload,
+    })
+}
+
+impl MarketUpdate {
+    /// Encodes the update as producers put it on the data topic (value only;
+    /// the key is the market id).
+    pub fn encode_record(&self) -> Vec<u8> {
+        self.encode_with_type(false)
+    }
+
+    /// Encodes the update as published to subscribers and stored as market
+    /// state: `{"type":"update","market":..,"version":..,"ts":..,"payload":..}`.
+    pub fn encode(&self) -> Vec<u8> {
+        self.encode_with_type(true)
+    }
+
+    fn encode_with_type(&self, typed: bool) -> Vec<u8> {
+        let payload = self.payload.get();
+        let mut out = Vec::with_capacity(80 + self.market.len() + payload.len());
+        out.extend_from_slice(if typed {
+            b"{\"type\":\"update\",\"market\":"
+        } else {
+            b"{\"v\":1,\"market\":"
+        });
+        // Market ids are validated to a JSON-safe alphabet, but encode through
+        // serde anyway so an unvalidated caller cannot produce broken JSON.
+        serde_json::to_writer(&mut out, &self.market).expect("writing to a Vec cannot fail");
+        out.extend_from_slice(b",\"version\":");
+        out.extend_from_slice(self.version.to_string().as_bytes());
+        out.extend_from_slice(b",\"ts\":");
+        out.extend_from_slice(self.ts.to_string().as_bytes());
+        out.extend_from_slice(b",\"payload\":");
+        out.extend_from_slice(payload.as_bytes());
+        out.push(b'}');
+        out
+    }
+}
+
+/// An update as received by a subscriber (publisher side of the contract).
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct PublishedUpdate {
+    /// Always `"update"`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Market id.
+    pub market: String,
+    /// The market's version.
+    pub version: u64,
+    /// Producer's timestamp in ms.
+    pub ts: i64,
+    /// Opaque payload.
+    pub payload: serde_json::Value,
+}
+
+/// Decodes an update published by a reducer (or stored as market state).
+pub fn decode_published(bytes: &[u8]) -> Result<PublishedUpdate, ContractError> {
+    check_encoding(bytes)?;
+    serde_json::from_slice(bytes).map_err(|e| ContractError::Json(e.to_string()))
+}
+
+/// What a command asks the owning reducer to do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CommandKind {
+    /// Start sending `market`'s updates to `channel`.
+    Subscribe,
+    /// Stop sending `market`'s updates to `channel`.
+    Unsubscribe,
+    /// Publish `market`'s current state to `channel` now.
+    Begin,
+}
+
+impl CommandKind {
+    /// Stable lower-case name (also the JSON `type`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CommandKind::Subscribe => "subscribe",
+            CommandKind::Unsubscribe => "unsubscribe",
+            CommandKind::Begin => "begin",
+        }
+    }
+}
+
+impl fmt::Display for CommandKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A command on the command topic, keyed by market so it lands on the
+/// partition of the market's data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Command {
+    /// What to do.
+    pub kind: CommandKind,
+    /// The channel concerned.
+    pub channel: String,
+    /// The market concerned (also the record key).
+    pub market: String,
+}
+
+#[derive(Deserialize, Serialize)]
+struct CommandJson<'a> {
+    v: Option<u32>,
+    #[serde(rename = "type")]
+    kind: CommandKind,
+    #[serde(borrow)]
+    channel: &'a str,
+    #[serde(borrow)]
+    market: &'a str,
+}
+
+/// Decodes a command-topic record (`key` is the market id).
+pub fn decode_command(key: Option<&[u8]>, value: &[u8]) -> Result<Command, ContractError> {
+    check_encoding(value)?;
+    let c: CommandJson<'_> =
+        serde_json::from_slice(value).map_err(|e| ContractError::Json(e.to_string()))?;
+    check_version(c.v)?;
+    let market = resolve_market(key, Some(c.market))?;
+    validate_channel_id(c.channel)?;
+    Ok(Command {
+        kind: c.kind,
+        channel: c.channel.to_owned(),
+        market,
+    })
+}
+
+/// Encodes a command's value (produce it with the market id as key).
+pub fn encode_command(cmd: &Command) -> Vec<u8> {
+    serde_json::to_vec(&CommandJson {
+        v: Some(PROTOCOL_VERSION),
+        kind: cmd.kind,
+        channel: &cmd.channel,
+        market: &cmd.market,
+    })
+    .expect("a command always serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POS: DerivedVersion = DerivedVersion {
+        partition: 2,
+        offset: 41,
+    };
+
+    #[test]
+    fn decodes_a_full_update_and_keeps_payload_raw() {
+        let v = br#"{"v":1,"market":"M1","version":7,"ts":1000,"payload":{"odds": [1.5, 2.25]}}"#;
+        let u = decode_update(Some(b"M1"), v, Some(5), POS).unwrap();
+        assert_eq!(u.market, "M1");
+        assert_eq!(u.version, 7);
+        assert_eq!(u.ts, 1000);
+        assert_eq!(u.payload.get(), r#"{"odds": [1.5, 2.25]}"#);
+    }
+
+    #[test]
+    fn derives_version_and_ts_when_missing() {
+        let u = decode_update(Some(b"M1"), br#"{"payload":1}"#, Some(5), POS).unwrap();
+        assert_eq!(u.version, 42);
+        assert_eq!(u.ts, 5);
+    }
+
+    #[test]
+    fn market_comes_from_key_or_value_and_must_agree() {
+        let u = decode_update(None, br#"{"market":"X","payload":1}"#, None, POS).unwrap();
+        assert_eq!(u.market, "X");
+        let e = decode_update(Some(b"Y"), br#"{"market":"X","payload":1}"#, None, POS);
+        assert_eq!(e.unwrap_err().kind(), "key_mismatch");
+        let e = decode_update(None, br#"{"payload":1}"#, None, POS);
+        assert_eq!(e.unwrap_err().kind(), "invalid_market");
+    }
+
+    #[test]
+    fn rejects_bad_updates_with_reasons() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"", "empty"),
+            (b"\x00\x01binary", "unsupported_encoding"),
+            (b"{not json", "invalid_json"),
+            (br#"{"market":"M1"}"#, "invalid_json"),
+            (br#"{"v":2,"payload":1}"#, "unsupported_version"),
+            (br#"{"version":0,"payload":1}"#, "version_out_of_range"),
+            (br#"{"version":9007199254740992,"payload":1}"#, "version_out_of_range"),
+        ];
+        for (value, kind) in cases {
+            let err = decode_update(Some(b"M1"), value, None, POS).unwrap_err();
+            assert_eq!(err.kind(), *kind, "{:?}", String::from_utf8_lossy(value));
+        }
+        let err = decode_update(Some(b"bad key{}"), br#"{"payload":1}"#, None, POS).unwrap_err();
+        assert_eq!(err.kind(), "invalid_market");
+    }
+
+    #[test]
+    fn published_encoding_round_trips() {
+        let u = decode_update(Some(b"M1"), br#"{"version":3,"ts":9,"payload":{"a":1}}"#, None, POS)
+            .unwrap();
+        let p = decode_published(&u.encode()).unwrap();
+        assert_eq!(p.kind, "update");
+        assert_eq!(p.market, "M1");
+        assert_eq!(p.version, 3);
+        assert_eq!(p.ts, 9);
+        assert_eq!(p.payload, serde_json::json!({"a": 1}));
+        let again = decode_update(Some(b"M1"), &u.encode_record(), None, POS).unwrap();
+        assert_eq!(again.version, 3);
+        assert_eq!(again.payload.get(), u.payload.get());
+    }
+
+    #[test]
+    fn commands_round_trip_and_validate() {
+        let cmd = Command {
+            kind: CommandKind::Subscribe,
+            channel: "c-1".into(),
+            market: "M1".into(),
+        };
+        let bytes = encode_command(&cmd);
+        assert_eq!(decode_command(Some(b"M1"), &bytes).unwrap(), cmd);
+        assert_eq!(
+            decode_command(Some(b"M2"), &bytes).unwrap_err().kind(),
+            "key_mismatch"
+        );
+        let bad = br#"{"type":"subscribe","channel":"a b","market":"M1"}"#;
+        assert_eq!(decode_command(None, bad).unwrap_err().kind(), "invalid_channel");
+        let bad = br#"{"type":"explode","channel":"c","market":"M1"}"#;
+        assert_eq!(decode_command(None, bad).unwrap_err().kind(), "invalid_json");
+    }
+
+    #[test]
+    fn id_validation() {
+        assert!(validate_market_id("football.epl:123-home_win").is_ok());
+        assert!(validate_market_id("").is_err());
+        assert!(validate_market_id(&"x".repeat(MAX_ID_LEN + 1)).is_err());
+        assert!(validate_market_id("a{b}").is_err());
+        assert!(validate_channel_id("a/b").is_err());
+    }
+}
