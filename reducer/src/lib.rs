@@ -1,1 +1,21 @@
-//! placeholder
+//! streampipe's reducer: a Kafka consumer-group member that keeps the
+//! market↔channel maps of the partitions it owns, stores each market's
+//! latest state in Redis and publishes every update to the Redis pub/sub
+//! channel of each subscribed channel, committing offsets only after Redis
+//! has the data.
+//!
+//! - [`core`]: the pure state machine (`apply(state, event) -> effects`).
+//! - [`store`]: the Redis adapter that carries out effects.
+//! - [`consumer`]: the Kafka adapter (poll loop, batching, rebalances).
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+
+pub mod consumer;
+pub mod core;
+pub mod error;
+pub mod http;
+pub mod metrics;
+pub mod store;
+
+pub use consumer::{spawn, Config, Health, ReducerHandle};
+pub use error::{Error, Result};
+pub use metrics::Metrics;

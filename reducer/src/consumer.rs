@@ -1,0 +1,819 @@
+//! The Kafka adapter: one consumer-group member driving the [`Core`].
+//!
+//! It follows rdkafka's `at_least_once` example, made batch-wise and explicit:
+//! records are applied to the core as they arrive, their effects are batched
+//! (at most [`Config::batch_max_records`] records or [`Config::batch_max_delay`]),
+//! the batch goes to Redis in one pipeline, and only after Redis accepted it
+//! are the batch's offsets stored (`enable.auto.offset.store=false`); the
+//! auto-committer then commits only stored offsets. A Redis outage therefore
+//! stalls the consumer instead of committing past data Redis does not have.
+//!
+//! The consumer runs on its own thread with librdkafka's blocking poll, so
+//! the rebalance callback (which librdkafka runs inside `poll`) can flush and
+//! commit synchronously before partitions are taken away, and load a new
+//! partition's subscriptions from Redis before its first record is handed out.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use streampipe_contract::Keys;
+use tracing::{debug, error, info, warn};
+
+use crate::core::{Core, Effect, Event, Record, TopicKind};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::store::RedisStore;
+
+/// Default most records per batch: large enough to amortise a Redis round
+/// trip, small enough that one batch is a few milliseconds of work.
+pub const DEFAULT_BATCH_MAX_RECORDS: usize = 1000;
+
+/// Default longest time a record waits in a batch: bounds the latency the
+/// batching adds when traffic is light.
+pub const DEFAULT_BATCH_MAX_DELAY: Duration = Duration::from_millis(5);
+
+/// How long `poll` blocks when no batch is pending: how quickly an idle
+/// reducer notices shutdown.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// First and largest pause between Redis retries: retry fast after a blip,
+/// but do not hammer a Redis that is down.
+const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(50);
+const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+
+/// How many failed Redis attempts a flush makes once shutdown was requested
+/// before giving up (the batch is then redelivered to the next owner).
+const SHUTDOWN_RETRIES: u32 = 3;
+
+/// How long to wait for dead-letter records to be acknowledged by Kafka.
+const DEAD_LETTER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long to wait for the topics to exist at start-up.
+const METADATA_WAIT: Duration = Duration::from_secs(60);
+
+/// Timeout of the synchronous commit on revoke and shutdown.
+const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Reducer settings (the binary fills them from flags and environment).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// The partitioned data topic.
+    pub data_topic: String,
+    /// The co-partitioned command topic.
+    pub command_topic: String,
+    /// Where malformed records go; `None` only counts and skips them.
+    pub dead_letter_topic: Option<String>,
+    /// The consumer group all reducers of the pipeline share.
+    pub group: String,
+    /// Redis URL.
+    pub redis_url: String,
+    /// Pipeline name, the Redis key prefix.
+    pub pipeline: String,
+    /// Most records per batch.
+    pub batch_max_records: usize,
+    /// Longest time a record waits in a batch.
+    pub batch_max_delay: Duration,
+    /// Consumer group session timeout.
+    pub session_timeout: Duration,
+    /// librdkafka statistics interval (per-partition lag metrics).
+    pub statistics_interval: Duration,
+    /// Extra librdkafka properties (credentials, TLS, tuning).
+    pub kafka_options: Vec<(String, String)>,
+}
+
+impl Config {
+    /// A configuration with the documented defaults.
+    pub fn new(brokers: &str, pipeline: &str, redis_url: &str) -> Self {
+        Config {
+            brokers: brokers.into(),
+            data_topic: format!("{pipeline}.data"),
+            command_topic: format!("{pipeline}.commands"),
+            dead_letter_topic: Some(format!("{pipeline}.dead-letter")),
+            group: format!("{pipeline}.reducers"),
+            redis_url: redis_url.into(),
+            pipeline: pipeline.into(),
+            batch_max_records: DEFAULT_BATCH_MAX_RECORDS,
+            batch_max_delay: DEFAULT_BATCH_MAX_DELAY,
+            session_timeout: Duration::from_secs(10),
+            statistics_interval: Duration::from_secs(5),
+            kafka_options: Vec::new(),
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers);
+        for (k, v) in &self.kafka_options {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// Liveness and readiness, shared with the HTTP endpoints.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// The consumer thread is running.
+    pub alive: AtomicBool,
+    /// Redis answered the last round trip and the consumer is subscribed.
+    pub ready: AtomicBool,
+}
+
+/// A running reducer: its consumer thread and how to stop it.
+pub struct ReducerHandle {
+    shutdown: Arc<AtomicBool>,
+    thread: Option<JoinHandle<Result<()>>>,
+    /// Readiness and liveness.
+    pub health: Arc<Health>,
+}
+
+impl ReducerHandle {
+    /// Asks the reducer to stop: finish the batch, commit, leave the group.
+    pub fn request_shutdown(&self) {
+        self.shutdown.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether the consumer thread has ended.
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Waits for the consumer thread and returns how it ended.
+    pub fn join(mut self) -> Result<()> {
+        self.join_inner()
+    }
+
+    /// Requests shutdown and waits for it.
+    pub fn shutdown(self) -> Result<()> {
+        self.request_shutdown();
+        self.join()
+    }
+
+    fn join_inner(&mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| Error::Thread("consumer thread panicked".into()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ReducerHandle {
+    fn drop(&mut self) {
+        self.request_shutdown();
+        let _ = self.join_inner();
+    }
+}
+
+/// Starts a reducer on its own thread. Fails fast on configuration and topic
+/// layout errors; everything after start-up is retried, not fatal.
+pub fn spawn(config: Config, metrics: Arc<Metrics>) -> Result<ReducerHandle> {
+    if config.batch_max_records == 0 {
+        return Err(Error::Config("batch_max_records must be at least 1".into()));
+    }
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let health = Arc::new(Health::default());
+    let runner = Runner::new(config, metrics, shutdown.clone(), health.clone())?;
+    health.alive.store(true, Ordering::SeqCst);
+    let thread = std::thread::Builder::new()
+        .name("reducer-consumer".into())
+        .spawn(move || {
+            let h = runner.health.clone();
+            let res = runner.run();
+            h.alive.store(false, Ordering::SeqCst);
+            h.ready.store(false, Ordering::SeqCst);
+            if let Err(e) = &res {
+                error!(error = %e, "reducer stopped with an error");
+            }
+            res
+        })
+        .map_err(|e| Error::Thread(e.to_string()))?;
+    Ok(ReducerHandle {
+        shutdown,
+        thread: Some(thread),
+        health,
+    })
+}
+
+/// Counts dead-letter delivery failures.
+struct DeadLetterContext {
+    metrics: Arc<Metrics>,
+}
+
+impl ClientContext for DeadLetterContext {}
+
+impl ProducerContext for DeadLetterContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, _)) = result {
+            self.metrics.dead_letter_failures.inc();
+            warn!(error = %e, "dead-letter record was not delivered");
+        }
+    }
+}
+
+/// A malformed record on its way to the dead-letter topic.
+struct DeadLetter {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    key: Option<Vec<u8>>,
+    value: Option<Vec<u8>>,
+    reason: String,
+}
+
+/// Effects and offsets of records consumed but not yet in Redis.
+#[derive(Default)]
+struct Batch {
+    effects: Vec<Effect>,
+    /// Next offset to store per (topic, partition) once the batch is in Redis.
+    next_offsets: HashMap<(TopicKind, i32), i64>,
+    dead_letters: Vec<DeadLetter>,
+    /// Kafka timestamps of the data records, for the latency histogram.
+    data_timestamps: Vec<i64>,
+    records: usize,
+    started: Option<Instant>,
+}
+
+/// State shared between the poll loop and the rebalance callback (which
+/// librdkafka runs on the same thread, inside `poll`).
+struct Inner {
+    config: Config,
+    core: Core,
+    store: RedisStore,
+    batch: Batch,
+    scratch: Vec<Effect>,
+    dead_letters: Option<ThreadedProducer<DeadLetterContext>>,
+    /// Offsets stored after the last successful flush, to commit on revoke.
+    stored: HashMap<(TopicKind, i32), i64>,
+    logged_reasons: HashSet<(TopicKind, &'static str)>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: Arc<AtomicBool>,
+}
+
+/// The consumer's context: rebalance hooks and statistics.
+struct ReducerContext {
+    inner: Arc<Mutex<Inner>>,
+    metrics: Arc<Metrics>,
+    data_topic: String,
+}
+
+fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
+    // A panic while holding the lock is a bug; the state is still the best we have.
+    inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ClientContext for ReducerContext {
+    fn stats(&self, statistics: Statistics) {
+        self.metrics.partition_lag.reset();
+        for (topic, t) in &statistics.topics {
+            for (p, part) in &t.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    self.metrics
+                        .partition_lag
+                        .with_label_values(&[topic.as_str(), &p.to_string()])
+                        .set(part.consumer_lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.metrics.kafka_errors.inc();
+        warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for ReducerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut inner = lock(&self.inner);
+        match rebalance {
+            Rebalance::Revoke(tpl) => {
+                self.metrics.rebalances.with_label_values(&["revoke"]).inc();
+                let parts = partitions_of(tpl, &self.data_topic);
+                info!(partitions = ?parts, "partitions revoked: flushing and committing");
+                if let Err(e) = inner.flush(consumer) {
+                    warn!(error = %e, "flush before revoke failed; the batch will be redelivered to the next owner");
+                }
+                inner.commit_stored(consumer);
+                for p in parts {
+                    inner.core.apply(Event::Revoked { partition: p }, &mut Vec::new());
+                }
+                inner.stored.clear();
+                inner.update_gauges();
+            }
+            Rebalance::Assign(tpl) => {
+                self.metrics.rebalances.with_label_values(&["assign"]).inc();
+                let parts = partitions_of(tpl, &self.data_topic);
+                let cmd_parts = partitions_of(tpl, &inner.config.command_topic);
+                if parts != cmd_parts {
+                    error!(data = ?parts, commands = ?cmd_parts,
+                        "data and command partitions are not co-located; is partition.assignment.strategy=range and are partition counts equal?");
+                }
+                info!(partitions = ?parts, "partitions assigned: loading subscriptions");
+                for p in parts {
+                    inner.load_partition(p);
+                }
+                inner.update_gauges();
+            }
+            Rebalance::Error(e) => {
+                self.metrics.kafka_errors.inc();
+                warn!(error = %e, "rebalance error");
+            }
+        }
+    }
+}
+
+fn partitions_of(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
+    let mut v: Vec<i32> = tpl
+        .elements_for_topic(topic)
+        .iter()
+        .map(|e| e.partition())
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+impl Inner {
+    fn topic_name(&self, t: TopicKind) -> &str {
+        match t {
+            TopicKind::Data => &self.config.data_topic,
+            TopicKind::Command => &self.config.command_topic,
+        }
+    }
+
+    fn update_gauges(&self) {
+        self.metrics
+            .owned_partitions
+            .set(self.core.owned_partitions().len() as i64);
+        self.metrics
+            .subscriptions
+            .set(self.core.subscription_count() as i64);
+    }
+
+    /// Sleeps for `backoff` and doubles it; false when shutdown cut the retries short.
+    fn backoff(&self, backoff: &mut Duration, attempts: u32) -> bool {
+        if self.shutdown.load(Ordering::SeqCst) && attempts >= SHUTDOWN_RETRIES {
+            return false;
+        }
+        std::thread::sleep(*backoff);
+        *backoff = (*backoff * 2).min(RETRY_BACKOFF_MAX);
+        true
+    }
+
+    fn load_partition(&mut self, partition: i32) {
+        let mut backoff = RETRY_BACKOFF_MIN;
+        let mut attempts = 0;
+        loop {
+            let t = Instant::now();
+            match self.store.load_partition(partition) {
+                Ok(subscriptions) => {
+                    self.metrics
+                        .load_seconds
+                        .with_label_values(&["ok"])
+                        .observe(t.elapsed().as_secs_f64());
+                    debug!(partition, markets = subscriptions.len(), "subscriptions loaded");
+                    self.core.apply(
+                        Event::Assigned {
+                            partition,
+                            subscriptions,
+                        },
+                        &mut Vec::new(),
+                    );
+                    return;
+                }
+                Err(e) => {
+                    attempts += 1;
+                    self.metrics.redis_errors.inc();
+                    self.metrics
+                        .load_seconds
+                        .with_label_values(&["error"])
+                        .observe(t.elapsed().as_secs_f64());
+                    self.health.ready.store(false, Ordering::SeqCst);
+                    warn!(partition, error = %e, attempts, "loading subscriptions failed; retrying");
+                    if !self.backoff(&mut backoff, attempts) {
+                        // Shutting down: own the partition with what we have
+                        // (nothing), it is about to be revoked anyway.
+                        self.core.apply(
+                            Event::Assigned {
+                                partition,
+                                subscriptions: Vec::new(),
+                            },
+                            &mut Vec::new(),
+                        );
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies one consumed record to the core and adds its effects to the batch.
+    fn ingest(&mut self, msg: &BorrowedMessage<'_>) {
+        let topic = if msg.topic() == self.config.data_topic {
+            TopicKind::Data
+        } else if msg.topic() == self.config.command_topic {
+            TopicKind::Command
+        } else {
+            warn!(topic = msg.topic(), "record from an unexpected topic ignored");
+            return;
+        };
+        self.metrics.records.with_label_values(&[topic.as_str()]).inc();
+        let timestamp = msg.timestamp().to_millis();
+        let mut fx = std::mem::take(&mut self.scratch);
+        self.core.apply(
+            Event::Record(Record {
+                topic,
+                partition: msg.partition(),
+                offset: msg.offset(),
+                key: msg.key(),
+                value: msg.payload(),
+                timestamp,
+            }),
+            &mut fx,
+        );
+        for effect in fx.drain(..) {
+            match effect {
+                Effect::DeadLetter {
+                    topic: t,
+                    partition,
+                    offset,
+                    kind,
+                    reason,
+                } => {
+                    self.metrics
+                        .malformed
+                        .with_label_values(&[t.as_str(), kind])
+                        .inc();
+                    // Log each kind of bad record once at warn level; a flood of
+                    // the same mistake must not flood the logs.
+                    if self.logged_reasons.insert((t, kind)) {
+                        warn!(topic = t.as_str(), partition, offset, kind, %reason,
+                            "malformed record skipped (further ones of this kind are logged at debug)");
+                    } else {
+                        debug!(topic = t.as_str(), partition, offset, kind, %reason, "malformed record skipped");
+                    }
+                    self.batch.dead_letters.push(DeadLetter {
+                        topic: self.topic_name(t).to_owned(),
+                        partition,
+                        offset,
+                        key: msg.key().map(<[u8]>::to_vec),
+                        value: msg.payload().map(<[u8]>::to_vec),
+                        reason,
+                    });
+                }
+                Effect::Skipped(s) => {
+                    self.metrics.skipped.with_label_values(&[s.as_str()]).inc();
+                }
+                e => {
+                    match &e {
+                        Effect::Subscribe { .. } => self.metrics.commands.with_label_values(&["subscribe"]).inc(),
+                        Effect::Unsubscribe { .. } => self.metrics.commands.with_label_values(&["unsubscribe"]).inc(),
+                        Effect::Begin { .. } => self.metrics.commands.with_label_values(&["begin"]).inc(),
+                        _ => {}
+                    }
+                    self.batch.effects.push(e);
+                }
+            }
+        }
+        self.scratch = fx;
+        if topic == TopicKind::Data {
+            if let Some(ts) = timestamp {
+                self.batch.data_timestamps.push(ts);
+            }
+        }
+        self.batch
+            .next_offsets
+            .insert((topic, msg.partition()), msg.offset() + 1);
+        self.batch.records += 1;
+        self.batch.started.get_or_insert_with(Instant::now);
+    }
+
+    fn batch_full(&self) -> bool {
+        self.batch.records >= self.config.batch_max_records
+    }
+
+    /// Time left before the pending batch must be flushed, if any is pending.
+    fn batch_deadline(&self) -> Option<Duration> {
+        self.batch
+            .started
+            .map(|s| self.config.batch_max_delay.saturating_sub(s.elapsed()))
+    }
+
+    /// Writes the batch to Redis (retrying), dead-letters its malformed
+    /// records, then stores its offsets. Offsets are never stored for a
+    /// batch Redis did not accept.
+    fn flush(&mut self, consumer: &BaseConsumer<ReducerContext>) -> Result<()> {
+        if self.batch.records == 0 {
+            return Ok(());
+        }
+        let t = Instant::now();
+        let mut backoff = RETRY_BACKOFF_MIN;
+        let mut attempts = 0;
+        let outcome = loop {
+            match self.store.execute(&self.batch.effects) {
+                Ok(o) => break o,
+                Err(e) => {
+                    attempts += 1;
+                    self.metrics.redis_errors.inc();
+                    self.health.ready.store(false, Ordering::SeqCst);
+                    warn!(error = %e, attempts, records = self.batch.records, "redis write failed; retrying");
+                    if !self.backoff(&mut backoff, attempts) {
+                        self.batch = Batch::default();
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        self.health.ready.store(true, Ordering::SeqCst);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as i64)
+            .unwrap_or(0);
+        self.metrics.flush_seconds.observe(t.elapsed().as_secs_f64());
+        self.metrics.batch_records.observe(self.batch.records as f64);
+        self.metrics.updates_applied.inc_by(outcome.applied);
+        self.metrics.updates_stale.inc_by(outcome.stale);
+        self.metrics.publishes.inc_by(outcome.published);
+        for ts in self.batch.data_timestamps.drain(..) {
+            self.metrics
+                .record_to_publish_seconds
+                .observe((now_ms - ts).max(0) as f64 / 1000.0);
+        }
+        self.send_dead_letters();
+
+        let mut tpl = TopicPartitionList::new();
+        for (&(topic, partition), &next) in &self.batch.next_offsets {
+            let name = self.topic_name(topic).to_owned();
+            if let Err(e) = tpl.add_partition_offset(&name, partition, Offset::Offset(next)) {
+                warn!(error = %e, "could not build offset list");
+            }
+            self.stored.insert((topic, partition), next);
+        }
+        if let Err(e) = consumer.store_offsets(&tpl) {
+            // A partition revoked meanwhile refuses its offset; the new owner
+            // redoes those records, which the version guard makes harmless.
+            debug!(error = %e, "some offsets were not stored");
+        }
+        self.batch = Batch {
+            effects: std::mem::take(&mut self.batch.effects),
+            ..Batch::default()
+        };
+        self.batch.effects.clear();
+        self.update_gauges();
+        Ok(())
+    }
+
+    fn send_dead_letters(&mut self) {
+        let letters = std::mem::take(&mut self.batch.dead_letters);
+        if letters.is_empty() {
+            return;
+        }
+        let Some(producer) = &self.dead_letters else {
+            return;
+        };
+        let dlq = self
+            .config
+            .dead_letter_topic
+            .clone()
+            .expect("producer exists only with a topic");
+        for l in &letters {
+            let partition = l.partition.to_string();
+            let offset = l.offset.to_string();
+            let headers = OwnedHeaders::new()
+                .insert(Header { key: "streampipe.source.topic", value: Some(l.topic.as_str()) })
+                .insert(Header { key: "streampipe.source.partition", value: Some(partition.as_str()) })
+                .insert(Header { key: "streampipe.source.offset", value: Some(offset.as_str()) })
+                .insert(Header { key: "streampipe.error", value: Some(l.reason.as_str()) });
+            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&dlq).headers(headers);
+            if let Some(k) = &l.key {
+                record = record.key(k.as_slice());
+            }
+            if let Some(v) = &l.value {
+                record = record.payload(v.as_slice());
+            }
+            match producer.send(record) {
+                Ok(()) => self.metrics.dead_lettered.inc(),
+                Err((e, _)) => {
+                    self.metrics.dead_letter_failures.inc();
+                    warn!(error = %e, "could not queue dead-letter record");
+                }
+            }
+        }
+        // Wait for the broker's acknowledgement so a dead letter is not lost
+        // when we then store the offset past its record.
+        if let Err(e) = producer.flush(DEAD_LETTER_FLUSH_TIMEOUT) {
+            self.metrics.dead_letter_failures.inc();
+            warn!(error = %e, "dead-letter flush timed out");
+        }
+    }
+
+    /// Synchronously commits the offsets stored so far.
+    fn commit_stored(&mut self, consumer: &BaseConsumer<ReducerContext>) {
+        if self.stored.is_empty() {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (&(topic, partition), &next) in &self.stored {
+            let name = self.topic_name(topic).to_owned();
+            let _ = tpl.add_partition_offset(&name, partition, Offset::Offset(next));
+        }
+        let t = Instant::now();
+        match consumer.commit(&tpl, CommitMode::Sync) {
+            Ok(()) => debug!(elapsed = ?t.elapsed(), "offsets committed"),
+            Err(e) => warn!(error = %e, "synchronous commit failed; auto-commit will retry"),
+        }
+        if t.elapsed() > COMMIT_TIMEOUT {
+            warn!(elapsed = ?t.elapsed(), "slow commit");
+        }
+    }
+}
+
+/// Owns the consumer and runs the poll loop.
+struct Runner {
+    consumer: BaseConsumer<ReducerContext>,
+    inner: Arc<Mutex<Inner>>,
+    health: Arc<Health>,
+    shutdown: Arc<AtomicBool>,
+}
+
+impl Runner {
+    fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        shutdown: Arc<AtomicBool>,
+        health: Arc<Health>,
+    ) -> Result<Self> {
+        let keys = Keys::new(&config.pipeline);
+        let store = RedisStore::new(&config.redis_url, keys.clone())?;
+        let session_ms = config.session_timeout.as_millis().max(1000) as u64;
+        let mut cc = config.client_config();
+        cc.set("group.id", &config.group)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // Range co-locates equal partition numbers of the two topics.
+            .set("partition.assignment.strategy", "range")
+            .set("session.timeout.ms", session_ms.to_string())
+            .set("heartbeat.interval.ms", (session_ms / 3).to_string())
+            .set("enable.partition.eof", "false")
+            .set(
+                "statistics.interval.ms",
+                config.statistics_interval.as_millis().to_string(),
+            )
+            .set("client.id", "streampipe-reducer");
+        // User options win, including over the settings above.
+        for (k, v) in &config.kafka_options {
+            cc.set(k, v);
+        }
+
+        let dead_letters = match &config.dead_letter_topic {
+            Some(_) => {
+                let mut pc = config.client_config();
+                pc.set("enable.idempotence", "true")
+                    .set("partitioner", "murmur2_random")
+                    .set("client.id", "streampipe-reducer-dlq");
+                Some(pc.create_with_context(DeadLetterContext {
+                    metrics: metrics.clone(),
+                })?)
+            }
+            None => None,
+        };
+
+        // Partition counts decide market ownership, so check them before
+        // joining the group. Wait a while: topics may be created just after us.
+        let probe: BaseConsumer = config.client_config().create()?;
+        let data_parts = wait_for_topic(&probe, &config.data_topic, &shutdown)?;
+        let cmd_parts = wait_for_topic(&probe, &config.command_topic, &shutdown)?;
+        if data_parts != cmd_parts {
+            return Err(Error::Topics(format!(
+                "data topic {:?} has {data_parts} partitions but command topic {:?} has {cmd_parts}; they must be equal so a market's commands reach the owner of its data",
+                config.data_topic, config.command_topic
+            )));
+        }
+        drop(probe);
+
+        let core = Core::new(keys, data_parts);
+        let data_topic = config.data_topic.clone();
+        let command_topic = config.command_topic.clone();
+        let inner = Arc::new(Mutex::new(Inner {
+            config,
+            core,
+            store,
+            batch: Batch::default(),
+            scratch: Vec::new(),
+            dead_letters,
+            stored: HashMap::new(),
+            logged_reasons: HashSet::new(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            shutdown: shutdown.clone(),
+        }));
+        let consumer: BaseConsumer<ReducerContext> = cc.create_with_context(ReducerContext {
+            inner: inner.clone(),
+            metrics,
+            data_topic: data_topic.clone(),
+        })?;
+        consumer.subscribe(&[&data_topic, &command_topic])?;
+        info!(data_topic, command_topic, partitions = data_parts, "reducer subscribed");
+        Ok(Runner {
+            consumer,
+            inner,
+            health,
+            shutdown,
+        })
+    }
+
+    fn run(self) -> Result<()> {
+        // Readiness starts with a Redis round trip.
+        {
+            let mut inner = lock(&self.inner);
+            let mut backoff = RETRY_BACKOFF_MIN;
+            let mut attempts = 0;
+            while let Err(e) = inner.store.ping() {
+                attempts += 1;
+                inner.metrics.redis_errors.inc();
+                warn!(error = %e, "redis not reachable yet");
+                if !inner.backoff(&mut backoff, attempts) {
+                    return Err(e);
+                }
+            }
+            inner.health.ready.store(true, Ordering::SeqCst);
+        }
+        while !self.shutdown.load(Ordering::SeqCst) {
+            let timeout = lock(&self.inner).batch_deadline().unwrap_or(IDLE_POLL);
+            match self.consumer.poll(timeout) {
+                Some(Ok(msg)) => {
+                    let mut inner = lock(&self.inner);
+                    inner.ingest(&msg);
+                    if inner.batch_full() {
+                        let _ = inner.flush(&self.consumer);
+                    }
+                }
+                Some(Err(e)) => {
+                    let inner = lock(&self.inner);
+                    inner.metrics.kafka_errors.inc();
+                    warn!(error = %e, "consume error");
+                }
+                None => {}
+            }
+            let mut inner = lock(&self.inner);
+            if inner.batch_deadline() == Some(Duration::ZERO) {
+                let _ = inner.flush(&self.consumer);
+            }
+        }
+        info!("shutting down: flushing the last batch and committing");
+        {
+            let mut inner = lock(&self.inner);
+            let res = inner.flush(&self.consumer);
+            inner.commit_stored(&self.consumer);
+            if let Err(e) = res {
+                warn!(error = %e, "last batch not written; it will be redelivered");
+            }
+        }
+        self.health.ready.store(false, Ordering::SeqCst);
+        self.consumer.unsubscribe();
+        // Dropping the consumer closes it: it leaves the group at once, so the
+        // survivors rebalance without waiting for the session timeout.
+        drop(self.consumer);
+        info!("reducer stopped");
+        Ok(())
+    }
+}
+
+fn wait_for_topic(probe: &BaseConsumer, topic: &str, shutdown: &AtomicBool) -> Result<u32> {
+    let deadline = Instant::now() + METADATA_WAIT;
+    loop {
+        let res = probe.fetch_metadata(Some(topic), Duration::from_secs(5));
+        let err = match res {
+            Ok(md) => match md.topics().first() {
+                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
+                    return Ok(t.partitions().len() as u32)
+                }
+                Some(t) => format!("topic {topic:?} not available: {:?}", t.error()),
+                None => format!("topic {topic:?} not in metadata"),
+            },
+            Err(e) => format!("metadata for {topic:?}: {e}"),
+        };
+        if Instant::now() > deadline || shutdown.load(Ordering::SeqCst) {
+            return Err(Error::Topics(err));
+        }
+        warn!(%err, "waiting for topic");
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}

@@ -1,0 +1,126 @@
+//! Prometheus metrics of the reducer, registered in one [`Registry`].
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// All reducer metrics. Cheap to clone handles live inside; share it in an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    /// Records consumed, by topic (`data` / `command`).
+    pub records: IntCounterVec,
+    /// Commands applied, by type.
+    pub commands: IntCounterVec,
+    /// Updates written to Redis state (newer than what was stored).
+    pub updates_applied: IntCounter,
+    /// Updates dropped because Redis already had that or a newer version.
+    pub updates_stale: IntCounter,
+    /// Messages published to Redis pub/sub channels.
+    pub publishes: IntCounter,
+    /// Malformed or misrouted records, by topic and reason.
+    pub malformed: IntCounterVec,
+    /// Records counted without effect, by reason.
+    pub skipped: IntCounterVec,
+    /// Records sent to the dead-letter topic.
+    pub dead_lettered: IntCounter,
+    /// Dead-letter produce failures (the record is still skipped).
+    pub dead_letter_failures: IntCounter,
+    /// Records per flushed batch.
+    pub batch_records: Histogram,
+    /// Time to carry out one batch in Redis.
+    pub flush_seconds: Histogram,
+    /// From the record's timestamp to the moment its publish returned.
+    pub record_to_publish_seconds: Histogram,
+    /// Failed Redis round trips (each is retried).
+    pub redis_errors: IntCounter,
+    /// Rebalance events, by kind (`assign` / `revoke`).
+    pub rebalances: IntCounterVec,
+    /// Consumer lag per topic partition, from librdkafka statistics.
+    pub partition_lag: IntGaugeVec,
+    /// Data partitions owned now.
+    pub owned_partitions: IntGauge,
+    /// (market, channel) pairs held in memory.
+    pub subscriptions: IntGauge,
+    /// Kafka client errors reported by librdkafka.
+    pub kafka_errors: IntCounter,
+    /// Time to load a newly assigned partition's subscriptions from Redis.
+    pub load_seconds: HistogramVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn counter_vec(r: &Registry, name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+    r.register(Box::new(c.clone())).expect("unique metric");
+    c
+}
+
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets)).expect("valid");
+    r.register(Box::new(h.clone())).expect("unique metric");
+    h
+}
+
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).expect("valid metric");
+    r.register(Box::new(g.clone())).expect("unique metric");
+    g
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let latency = exponential_buckets(0.0005, 2.0, 16).expect("valid buckets");
+        Metrics {
+            records: counter_vec(&r, "streampipe_reducer_records_total", "Records consumed", &["topic"]),
+            commands: counter_vec(&r, "streampipe_reducer_commands_total", "Commands applied", &["type"]),
+            updates_applied: counter(&r, "streampipe_reducer_updates_applied_total", "Updates written to market state"),
+            updates_stale: counter(&r, "streampipe_reducer_updates_stale_total", "Updates not newer than the stored state, dropped"),
+            publishes: counter(&r, "streampipe_reducer_publishes_total", "Messages published to channels"),
+            malformed: counter_vec(&r, "streampipe_reducer_malformed_total", "Malformed or misrouted records", &["topic", "reason"]),
+            skipped: counter_vec(&r, "streampipe_reducer_skipped_total", "Records counted without effect", &["reason"]),
+            dead_lettered: counter(&r, "streampipe_reducer_dead_lettered_total", "Records sent to the dead-letter topic"),
+            dead_letter_failures: counter(&r, "streampipe_reducer_dead_letter_failures_total", "Dead-letter produce failures"),
+            batch_records: histogram(&r, "streampipe_reducer_batch_records", "Records per flushed batch", exponential_buckets(1.0, 2.0, 14).expect("valid")),
+            flush_seconds: histogram(&r, "streampipe_reducer_flush_seconds", "Redis time per batch", latency.clone()),
+            record_to_publish_seconds: histogram(&r, "streampipe_reducer_record_to_publish_seconds", "Record timestamp to publish", latency.clone()),
+            redis_errors: counter(&r, "streampipe_reducer_redis_errors_total", "Failed Redis round trips (retried)"),
+            rebalances: counter_vec(&r, "streampipe_reducer_rebalances_total", "Rebalance events", &["kind"]),
+            partition_lag: {
+                let g = IntGaugeVec::new(Opts::new("streampipe_reducer_partition_lag", "Consumer lag per partition (librdkafka statistics)"), &["topic", "partition"]).expect("valid");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
+            owned_partitions: gauge(&r, "streampipe_reducer_owned_partitions", "Data partitions owned"),
+            subscriptions: gauge(&r, "streampipe_reducer_subscriptions", "Subscriptions held in memory"),
+            kafka_errors: counter(&r, "streampipe_reducer_kafka_errors_total", "Kafka client errors"),
+            load_seconds: {
+                let h = HistogramVec::new(HistogramOpts::new("streampipe_reducer_partition_load_seconds", "Loading a partition's subscriptions from Redis").buckets(latency), &["result"]).expect("valid");
+                r.register(Box::new(h.clone())).expect("unique metric");
+                h
+            },
+            registry: r,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
