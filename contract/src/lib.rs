@@ -12,8 +12,8 @@ pub mod partitioner;
 
 pub use keys::Keys;
 pub use message::{
-    decode_command, decode_update, encode_command, validate_channel_id, validate_market_id,
-    decode_published, Command, CommandKind, ContractError, DerivedVersion, MarketUpdate, PublishedUpdate, MAX_ID_LEN, MAX_VERSION,
-    PROTOCOL_VERSION,
+    decode_command, decode_published, decode_update, encode_command, validate_channel_id,
+    validate_market_id, Command, CommandKind, ContractError, DerivedVersion, MarketUpdate,
+    PublishedUpdate, MAX_ID_LEN, MAX_VERSION, PROTOCOL_VERSION,
 };
 pub use partitioner::{murmur2, partition_for};

@@ -84,7 +84,9 @@ fn validate_id(id: &str) -> Result<(), String> {
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':')))
     {
-        return Err(format!("{id:?} contains {c:?}; allowed: A-Z a-z 0-9 . _ - :"));
+        return Err(format!(
+            "{id:?} contains {c:?}; allowed: A-Z a-z 0-9 . _ - :"
+        ));
     }
     Ok(())
 }
@@ -397,7 +399,10 @@ mod tests {
             (br#"{"market":"M1"}"#, "invalid_json"),
             (br#"{"v":2,"payload":1}"#, "unsupported_version"),
             (br#"{"version":0,"payload":1}"#, "version_out_of_range"),
-            (br#"{"version":9007199254740992,"payload":1}"#, "version_out_of_range"),
+            (
+                br#"{"version":9007199254740992,"payload":1}"#,
+                "version_out_of_range",
+            ),
         ];
         for (value, kind) in cases {
             let err = decode_update(Some(b"M1"), value, None, POS).unwrap_err();
@@ -409,8 +414,13 @@ mod tests {
 
     #[test]
     fn published_encoding_round_trips() {
-        let u = decode_update(Some(b"M1"), br#"{"version":3,"ts":9,"payload":{"a":1}}"#, None, POS)
-            .unwrap();
+        let u = decode_update(
+            Some(b"M1"),
+            br#"{"version":3,"ts":9,"payload":{"a":1}}"#,
+            None,
+            POS,
+        )
+        .unwrap();
         let p = decode_published(&u.encode()).unwrap();
         assert_eq!(p.kind, "update");
         assert_eq!(p.market, "M1");
@@ -436,9 +446,15 @@ mod tests {
             "key_mismatch"
         );
         let bad = br#"{"type":"subscribe","channel":"a b","market":"M1"}"#;
-        assert_eq!(decode_command(None, bad).unwrap_err().kind(), "invalid_channel");
+        assert_eq!(
+            decode_command(None, bad).unwrap_err().kind(),
+            "invalid_channel"
+        );
         let bad = br#"{"type":"explode","channel":"c","market":"M1"}"#;
-        assert_eq!(decode_command(None, bad).unwrap_err().kind(), "invalid_json");
+        assert_eq!(
+            decode_command(None, bad).unwrap_err().kind(),
+            "invalid_json"
+        );
     }
 
     #[test]

@@ -311,7 +311,9 @@ impl ConsumerContext for ReducerContext {
                 }
                 inner.commit_stored(consumer);
                 for p in parts {
-                    inner.core.apply(Event::Revoked { partition: p }, &mut Vec::new());
+                    inner
+                        .core
+                        .apply(Event::Revoked { partition: p }, &mut Vec::new());
                 }
                 inner.stored.clear();
                 inner.update_gauges();
@@ -386,7 +388,11 @@ impl Inner {
                         .load_seconds
                         .with_label_values(&["ok"])
                         .observe(t.elapsed().as_secs_f64());
-                    debug!(partition, markets = subscriptions.len(), "subscriptions loaded");
+                    debug!(
+                        partition,
+                        markets = subscriptions.len(),
+                        "subscriptions loaded"
+                    );
                     self.core.apply(
                         Event::Assigned {
                             partition,
@@ -429,10 +435,16 @@ impl Inner {
         } else if msg.topic() == self.config.command_topic {
             TopicKind::Command
         } else {
-            warn!(topic = msg.topic(), "record from an unexpected topic ignored");
+            warn!(
+                topic = msg.topic(),
+                "record from an unexpected topic ignored"
+            );
             return;
         };
-        self.metrics.records.with_label_values(&[topic.as_str()]).inc();
+        self.metrics
+            .records
+            .with_label_values(&[topic.as_str()])
+            .inc();
         let timestamp = msg.timestamp().to_millis();
         let mut fx = std::mem::take(&mut self.scratch);
         self.core.apply(
@@ -481,9 +493,19 @@ impl Inner {
                 }
                 e => {
                     match &e {
-                        Effect::Subscribe { .. } => self.metrics.commands.with_label_values(&["subscribe"]).inc(),
-                        Effect::Unsubscribe { .. } => self.metrics.commands.with_label_values(&["unsubscribe"]).inc(),
-                        Effect::Begin { .. } => self.metrics.commands.with_label_values(&["begin"]).inc(),
+                        Effect::Subscribe { .. } => self
+                            .metrics
+                            .commands
+                            .with_label_values(&["subscribe"])
+                            .inc(),
+                        Effect::Unsubscribe { .. } => self
+                            .metrics
+                            .commands
+                            .with_label_values(&["unsubscribe"])
+                            .inc(),
+                        Effect::Begin { .. } => {
+                            self.metrics.commands.with_label_values(&["begin"]).inc()
+                        }
                         _ => {}
                     }
                     self.batch.effects.push(e);
@@ -544,8 +566,12 @@ impl Inner {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as i64)
             .unwrap_or(0);
-        self.metrics.flush_seconds.observe(t.elapsed().as_secs_f64());
-        self.metrics.batch_records.observe(self.batch.records as f64);
+        self.metrics
+            .flush_seconds
+            .observe(t.elapsed().as_secs_f64());
+        self.metrics
+            .batch_records
+            .observe(self.batch.records as f64);
         self.metrics.updates_applied.inc_by(outcome.applied);
         self.metrics.updates_stale.inc_by(outcome.stale);
         self.metrics.publishes.inc_by(outcome.published);
@@ -595,10 +621,22 @@ impl Inner {
             let partition = l.partition.to_string();
             let offset = l.offset.to_string();
             let headers = OwnedHeaders::new()
-                .insert(Header { key: "streampipe.source.topic", value: Some(l.topic.as_str()) })
-                .insert(Header { key: "streampipe.source.partition", value: Some(partition.as_str()) })
-                .insert(Header { key: "streampipe.source.offset", value: Some(offset.as_str()) })
-                .insert(Header { key: "streampipe.error", value: Some(l.reason.as_str()) });
+                .insert(Header {
+                    key: "streampipe.source.topic",
+                    value: Some(l.topic.as_str()),
+                })
+                .insert(Header {
+                    key: "streampipe.source.partition",
+                    value: Some(partition.as_str()),
+                })
+                .insert(Header {
+                    key: "streampipe.source.offset",
+                    value: Some(offset.as_str()),
+                })
+                .insert(Header {
+                    key: "streampipe.error",
+                    value: Some(l.reason.as_str()),
+                });
             let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&dlq).headers(headers);
             if let Some(k) = &l.key {
                 record = record.key(k.as_slice());
@@ -730,7 +768,12 @@ impl Runner {
             data_topic: data_topic.clone(),
         })?;
         consumer.subscribe(&[&data_topic, &command_topic])?;
-        info!(data_topic, command_topic, partitions = data_parts, "reducer subscribed");
+        info!(
+            data_topic,
+            command_topic,
+            partitions = data_parts,
+            "reducer subscribed"
+        );
         Ok(Runner {
             consumer,
             inner,

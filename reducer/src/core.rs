@@ -15,8 +15,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use streampipe_contract::{
-    decode_command, decode_update, partition_for, CommandKind, ContractError, DerivedVersion,
-    Keys, MarketUpdate,
+    decode_command, decode_update, partition_for, CommandKind, ContractError, DerivedVersion, Keys,
+    MarketUpdate,
 };
 
 /// Which of the two co-partitioned input topics a record came from.
@@ -370,7 +370,10 @@ impl Core {
         out: &mut Vec<Effect>,
     ) {
         let keys = self.keys.clone();
-        let markets = self.owned.get_mut(&partition).expect("checked by on_record");
+        let markets = self
+            .owned
+            .get_mut(&partition)
+            .expect("checked by on_record");
         match kind {
             CommandKind::Subscribe => {
                 let (market, subs) = match markets.get_key_value(market) {
@@ -559,7 +562,9 @@ mod tests {
     fn update_without_subscribers_is_still_stored() {
         let mut core = core_owning_all();
         let fx = data(&mut core, "M9", r#"{"payload":1}"#, 41);
-        assert!(matches!(&fx[..], [Effect::Update { version: 42, targets, .. }] if targets.is_empty()));
+        assert!(
+            matches!(&fx[..], [Effect::Update { version: 42, targets, .. }] if targets.is_empty())
+        );
     }
 
     #[test]
@@ -579,14 +584,20 @@ mod tests {
         let fx = command(&mut core, CommandKind::Unsubscribe, "c1", "M1");
         assert!(matches!(
             &fx[..],
-            [Effect::Unsubscribe { market_now_empty: false, .. }]
+            [Effect::Unsubscribe {
+                market_now_empty: false,
+                ..
+            }]
         ));
         assert_eq!(core.channels_of("M1"), vec!["c2"]);
         assert!(core.markets_of("c1").is_empty());
         let fx = command(&mut core, CommandKind::Unsubscribe, "c2", "M1");
         assert!(matches!(
             &fx[..],
-            [Effect::Unsubscribe { market_now_empty: true, .. }]
+            [Effect::Unsubscribe {
+                market_now_empty: true,
+                ..
+            }]
         ));
         assert_eq!(core.subscription_count(), 0);
         // Updates now go nowhere.
@@ -621,7 +632,12 @@ mod tests {
         let fx = data(&mut core, "M1", "garbage", 7);
         assert!(matches!(
             &fx[..],
-            [Effect::DeadLetter { topic: TopicKind::Data, offset: 7, kind: "unsupported_encoding", .. }]
+            [Effect::DeadLetter {
+                topic: TopicKind::Data,
+                offset: 7,
+                kind: "unsupported_encoding",
+                ..
+            }]
         ));
         let mut out = Vec::new();
         core.apply(
@@ -635,7 +651,13 @@ mod tests {
             }),
             &mut out,
         );
-        assert!(matches!(&out[..], [Effect::DeadLetter { kind: "invalid_json", .. }]));
+        assert!(matches!(
+            &out[..],
+            [Effect::DeadLetter {
+                kind: "invalid_json",
+                ..
+            }]
+        ));
     }
 
     #[test]
@@ -659,7 +681,13 @@ mod tests {
             }),
             &mut out,
         );
-        assert!(matches!(&out[..], [Effect::DeadLetter { kind: "misrouted", .. }]));
+        assert!(matches!(
+            &out[..],
+            [Effect::DeadLetter {
+                kind: "misrouted",
+                ..
+            }]
+        ));
         assert_eq!(core.subscription_count(), 0);
     }
 

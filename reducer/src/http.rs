@@ -25,9 +25,9 @@ pub fn routes(
         )
     });
     let h = health.clone();
-    let healthz = warp::path!("healthz").and(warp::get()).map(move || {
-        status(h.alive.load(Ordering::SeqCst))
-    });
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(move || status(h.alive.load(Ordering::SeqCst)));
     let readyz = warp::path!("readyz").and(warp::get()).map(move || {
         status(health.alive.load(Ordering::SeqCst) && health.ready.load(Ordering::SeqCst))
     });

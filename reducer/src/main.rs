@@ -15,7 +15,11 @@ use streampipe_reducer::{http, spawn, Config, Metrics};
 #[command(version, about)]
 struct Args {
     /// Kafka bootstrap servers.
-    #[arg(long, env = "STREAMPIPE_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        env = "STREAMPIPE_KAFKA_BROKERS",
+        default_value = "127.0.0.1:9092"
+    )]
     brokers: String,
     /// Pipeline name: Redis key prefix and default for topics and group.
     #[arg(long, env = "STREAMPIPE_PIPELINE", default_value = "streampipe")]
@@ -33,7 +37,11 @@ struct Args {
     #[arg(long, env = "STREAMPIPE_GROUP")]
     group: Option<String>,
     /// Redis URL.
-    #[arg(long, env = "STREAMPIPE_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "STREAMPIPE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
     redis_url: String,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "STREAMPIPE_LISTEN", default_value = "0.0.0.0:9090")]

@@ -84,30 +84,121 @@ impl Metrics {
         let r = Registry::new();
         let latency = exponential_buckets(0.0005, 2.0, 16).expect("valid buckets");
         Metrics {
-            records: counter_vec(&r, "streampipe_reducer_records_total", "Records consumed", &["topic"]),
-            commands: counter_vec(&r, "streampipe_reducer_commands_total", "Commands applied", &["type"]),
-            updates_applied: counter(&r, "streampipe_reducer_updates_applied_total", "Updates written to market state"),
-            updates_stale: counter(&r, "streampipe_reducer_updates_stale_total", "Updates not newer than the stored state, dropped"),
-            publishes: counter(&r, "streampipe_reducer_publishes_total", "Messages published to channels"),
-            malformed: counter_vec(&r, "streampipe_reducer_malformed_total", "Malformed or misrouted records", &["topic", "reason"]),
-            skipped: counter_vec(&r, "streampipe_reducer_skipped_total", "Records counted without effect", &["reason"]),
-            dead_lettered: counter(&r, "streampipe_reducer_dead_lettered_total", "Records sent to the dead-letter topic"),
-            dead_letter_failures: counter(&r, "streampipe_reducer_dead_letter_failures_total", "Dead-letter produce failures"),
-            batch_records: histogram(&r, "streampipe_reducer_batch_records", "Records per flushed batch", exponential_buckets(1.0, 2.0, 14).expect("valid")),
-            flush_seconds: histogram(&r, "streampipe_reducer_flush_seconds", "Redis time per batch", latency.clone()),
-            record_to_publish_seconds: histogram(&r, "streampipe_reducer_record_to_publish_seconds", "Record timestamp to publish", latency.clone()),
-            redis_errors: counter(&r, "streampipe_reducer_redis_errors_total", "Failed Redis round trips (retried)"),
-            rebalances: counter_vec(&r, "streampipe_reducer_rebalances_total", "Rebalance events", &["kind"]),
+            records: counter_vec(
+                &r,
+                "streampipe_reducer_records_total",
+                "Records consumed",
+                &["topic"],
+            ),
+            commands: counter_vec(
+                &r,
+                "streampipe_reducer_commands_total",
+                "Commands applied",
+                &["type"],
+            ),
+            updates_applied: counter(
+                &r,
+                "streampipe_reducer_updates_applied_total",
+                "Updates written to market state",
+            ),
+            updates_stale: counter(
+                &r,
+                "streampipe_reducer_updates_stale_total",
+                "Updates not newer than the stored state, dropped",
+            ),
+            publishes: counter(
+                &r,
+                "streampipe_reducer_publishes_total",
+                "Messages published to channels",
+            ),
+            malformed: counter_vec(
+                &r,
+                "streampipe_reducer_malformed_total",
+                "Malformed or misrouted records",
+                &["topic", "reason"],
+            ),
+            skipped: counter_vec(
+                &r,
+                "streampipe_reducer_skipped_total",
+                "Records counted without effect",
+                &["reason"],
+            ),
+            dead_lettered: counter(
+                &r,
+                "streampipe_reducer_dead_lettered_total",
+                "Records sent to the dead-letter topic",
+            ),
+            dead_letter_failures: counter(
+                &r,
+                "streampipe_reducer_dead_letter_failures_total",
+                "Dead-letter produce failures",
+            ),
+            batch_records: histogram(
+                &r,
+                "streampipe_reducer_batch_records",
+                "Records per flushed batch",
+                exponential_buckets(1.0, 2.0, 14).expect("valid"),
+            ),
+            flush_seconds: histogram(
+                &r,
+                "streampipe_reducer_flush_seconds",
+                "Redis time per batch",
+                latency.clone(),
+            ),
+            record_to_publish_seconds: histogram(
+                &r,
+                "streampipe_reducer_record_to_publish_seconds",
+                "Record timestamp to publish",
+                latency.clone(),
+            ),
+            redis_errors: counter(
+                &r,
+                "streampipe_reducer_redis_errors_total",
+                "Failed Redis round trips (retried)",
+            ),
+            rebalances: counter_vec(
+                &r,
+                "streampipe_reducer_rebalances_total",
+                "Rebalance events",
+                &["kind"],
+            ),
             partition_lag: {
-                let g = IntGaugeVec::new(Opts::new("streampipe_reducer_partition_lag", "Consumer lag per partition (librdkafka statistics)"), &["topic", "partition"]).expect("valid");
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "streampipe_reducer_partition_lag",
+                        "Consumer lag per partition (librdkafka statistics)",
+                    ),
+                    &["topic", "partition"],
+                )
+                .expect("valid");
                 r.register(Box::new(g.clone())).expect("unique metric");
                 g
             },
-            owned_partitions: gauge(&r, "streampipe_reducer_owned_partitions", "Data partitions owned"),
-            subscriptions: gauge(&r, "streampipe_reducer_subscriptions", "Subscriptions held in memory"),
-            kafka_errors: counter(&r, "streampipe_reducer_kafka_errors_total", "Kafka client errors"),
+            owned_partitions: gauge(
+                &r,
+                "streampipe_reducer_owned_partitions",
+                "Data partitions owned",
+            ),
+            subscriptions: gauge(
+                &r,
+                "streampipe_reducer_subscriptions",
+                "Subscriptions held in memory",
+            ),
+            kafka_errors: counter(
+                &r,
+                "streampipe_reducer_kafka_errors_total",
+                "Kafka client errors",
+            ),
             load_seconds: {
-                let h = HistogramVec::new(HistogramOpts::new("streampipe_reducer_partition_load_seconds", "Loading a partition's subscriptions from Redis").buckets(latency), &["result"]).expect("valid");
+                let h = HistogramVec::new(
+                    HistogramOpts::new(
+                        "streampipe_reducer_partition_load_seconds",
+                        "Loading a partition's subscriptions from Redis",
+                    )
+                    .buckets(latency),
+                    &["result"],
+                )
+                .expect("valid");
                 r.register(Box::new(h.clone())).expect("unique metric");
                 h
             },

@@ -107,7 +107,10 @@ impl RedisStore {
 
     /// Runs `f` on the connection; on any error the connection is dropped so
     /// the next call reconnects (and reloads the scripts).
-    fn with_conn<T>(&mut self, f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>) -> Result<T> {
+    fn with_conn<T>(
+        &mut self,
+        f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>,
+    ) -> Result<T> {
         let res = f(self.conn()?);
         if res.is_err() {
             self.conn = None;
@@ -228,7 +231,8 @@ impl RedisStore {
         for (reply, value) in replies.iter().zip(values) {
             match reply {
                 Reply::Updates(n) => {
-                    let (applied, published): (u64, u64) = redis::from_redis_value(value).map_err(redis::RedisError::from)?;
+                    let (applied, published): (u64, u64) =
+                        redis::from_redis_value(value).map_err(redis::RedisError::from)?;
                     out.applied += applied;
                     out.stale += n - applied;
                     out.published += published;
@@ -246,7 +250,8 @@ impl RedisStore {
     /// `(market, channels)` for every market in the partition index.
     pub fn load_partition(&mut self, partition: i32) -> Result<Vec<(String, Vec<String>)>> {
         let index = self.keys.partition_markets(partition);
-        let markets: Vec<String> = self.with_conn(|c| redis::cmd("SMEMBERS").arg(&index).query(c))?;
+        let markets: Vec<String> =
+            self.with_conn(|c| redis::cmd("SMEMBERS").arg(&index).query(c))?;
         if markets.is_empty() {
             return Ok(Vec::new());
         }

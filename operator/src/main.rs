@@ -1,0 +1,13 @@
+//! `streampipe-operator`: not built yet (see the crate documentation).
+
+use clap::Parser;
+
+/// streampipe operator (not implemented yet; see docs/architecture.md).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {}
+
+fn main() -> anyhow::Result<()> {
+    let _args = Args::parse();
+    anyhow::bail!("streampipe-operator is not implemented yet")
+}

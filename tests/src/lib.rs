@@ -1,0 +1,623 @@
+//! Test support for streampipe's integration tests and benchmarks.
+//!
+//! Everything here talks to real services started by `scripts/stack.sh`:
+//! Redis, the dev broker (librdkafka's mock cluster) and tansu. Addresses
+//! come from the environment the script exports, with the script's default
+//! ports as fallback. Each test makes its own pipeline (unique topics, group
+//! and Redis prefix), so tests run in parallel without seeing each other.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{DeliveryResult, ProducerContext};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use streampipe_contract::{encode_command, Command as Cmd, CommandKind, Keys, PublishedUpdate};
+use streampipe_reducer::Config;
+
+/// Redis URL of the stack.
+pub fn redis_url() -> String {
+    std::env::var("STREAMPIPE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:16379".into())
+}
+
+/// A Kafka-protocol broker of the local stack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Broker {
+    /// librdkafka's mock cluster hosted by `streampipe-devbroker`.
+    Dev,
+    /// The tansu broker (SQLite storage).
+    Tansu,
+}
+
+impl Broker {
+    /// Bootstrap servers.
+    pub fn bootstrap(self) -> String {
+        match self {
+            Broker::Dev => std::env::var("STREAMPIPE_TEST_DEVBROKER")
+                .unwrap_or_else(|_| "127.0.0.1:19092".into()),
+            Broker::Tansu => {
+                std::env::var("STREAMPIPE_TEST_TANSU").unwrap_or_else(|_| "127.0.0.1:19192".into())
+            }
+        }
+    }
+
+    /// Short name for ids.
+    pub fn name(self) -> &'static str {
+        match self {
+            Broker::Dev => "dev",
+            Broker::Tansu => "tansu",
+        }
+    }
+
+    /// Session timeout for reducers in tests: short, so failover tests are quick.
+    pub fn session_timeout(self) -> Duration {
+        Duration::from_millis(3000)
+    }
+
+    /// Creates topics. The dev broker only creates topics through its admin
+    /// endpoint; tansu through the Kafka admin API.
+    pub fn create_topics(self, topics: &[(&str, i32)]) {
+        match self {
+            Broker::Dev => {
+                let admin = std::env::var("STREAMPIPE_TEST_DEVBROKER_ADMIN")
+                    .unwrap_or_else(|_| "127.0.0.1:19093".into());
+                for (name, parts) in topics {
+                    let resp = http_request(
+                        &admin,
+                        "POST",
+                        &format!("/topics/{name}?partitions={parts}"),
+                    );
+                    assert!(resp.starts_with("HTTP/1.1 201"), "creating {name}: {resp}");
+                }
+            }
+            Broker::Tansu => {
+                let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+                    .set("bootstrap.servers", self.bootstrap())
+                    .create()
+                    .expect("admin client");
+                let new: Vec<NewTopic<'_>> = topics
+                    .iter()
+                    .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
+                    .collect();
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                let res = rt
+                    .block_on(admin.create_topics(&new, &AdminOptions::new()))
+                    .expect("create_topics");
+                for r in res {
+                    r.unwrap_or_else(|(t, e)| panic!("creating {t}: {e}"));
+                }
+                // Wait until the metadata shows every partition.
+                for (name, parts) in topics {
+                    wait_for(
+                        Duration::from_secs(20),
+                        &format!("topic {name} in metadata"),
+                        || {
+                            let c: BaseConsumer = ClientConfig::new()
+                                .set("bootstrap.servers", self.bootstrap())
+                                .create()
+                                .ok()?;
+                            let md = c.fetch_metadata(Some(name), Duration::from_secs(5)).ok()?;
+                            let t = md.topics().first()?;
+                            (t.partitions().len() as i32 == *parts).then_some(())
+                        },
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A minimal HTTP/1.1 request (the tests need no HTTP client dependency for
+/// two admin calls); returns the whole response as text.
+pub fn http_request(addr: &str, method: &str, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Polls `f` until it returns `Some`, panicking with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A unique, valid id for topics, groups and channels.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+/// A free loopback port (bound then released).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Records delivery positions of produced records.
+#[derive(Clone, Default)]
+pub struct Deliveries(Arc<Mutex<Vec<Delivered>>>);
+
+/// One acknowledged record.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// Topic.
+    pub topic: String,
+    /// Partition it landed on.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Its key.
+    pub key: Vec<u8>,
+    /// Its value.
+    pub value: Vec<u8>,
+}
+
+impl Deliveries {
+    /// Every acknowledged record so far.
+    pub fn all(&self) -> Vec<Delivered> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// Producer context that records deliveries and fails loudly on errors.
+pub struct TestProducerContext(Deliveries);
+
+impl ClientContext for TestProducerContext {}
+
+impl ProducerContext for TestProducerContext {
+    type DeliveryOpaque = ();
+    fn delivery(&self, r: &DeliveryResult<'_>, _: ()) {
+        match r {
+            Ok(m) => self.0 .0.lock().unwrap().push(Delivered {
+                topic: m.topic().to_owned(),
+                partition: m.partition(),
+                offset: m.offset(),
+                key: m.key().unwrap_or_default().to_vec(),
+                value: m.payload().unwrap_or_default().to_vec(),
+            }),
+            Err((e, _)) => panic!("test record not delivered: {e}"),
+        }
+    }
+}
+
+/// One isolated pipeline on one broker: its own topics, group and Redis prefix.
+pub struct Pipeline {
+    /// Which broker.
+    pub broker: Broker,
+    /// Pipeline name (Redis prefix).
+    pub name: String,
+    /// Partitions of both topics.
+    pub partitions: i32,
+    /// Reducer configuration for this pipeline.
+    pub config: Config,
+    producer: ThreadedProducer<TestProducerContext>,
+    /// Acknowledged records.
+    pub deliveries: Deliveries,
+}
+
+impl Pipeline {
+    /// Creates the topics (data, commands, dead-letter) of a fresh pipeline.
+    pub fn new(broker: Broker, partitions: i32) -> Self {
+        let name = unique(&format!("t{}", broker.name()));
+        let mut config = Config::new(&broker.bootstrap(), &name, &redis_url());
+        config.session_timeout = broker.session_timeout();
+        config.statistics_interval = Duration::from_secs(1);
+        let dlq = config.dead_letter_topic.clone().unwrap();
+        broker.create_topics(&[
+            (&config.data_topic, partitions),
+            (&config.command_topic, partitions),
+            (&dlq, 1),
+        ]);
+        let deliveries = Deliveries::default();
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .set("partitioner", "murmur2_random")
+            .set("linger.ms", "1")
+            .create_with_context(TestProducerContext(deliveries.clone()))
+            .expect("producer");
+        Pipeline {
+            broker,
+            name,
+            partitions,
+            config,
+            producer,
+            deliveries,
+        }
+    }
+
+    /// The pipeline's Redis key schema.
+    pub fn keys(&self) -> Keys {
+        Keys::new(&self.name)
+    }
+
+    /// Produces a raw record.
+    pub fn produce(&self, topic: &str, key: Option<&[u8]>, value: &[u8]) {
+        let mut rec: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).payload(value);
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        let mut rec = rec;
+        loop {
+            match self.producer.send(rec) {
+                Ok(()) => return,
+                Err((e, r)) => {
+                    assert!(
+                        matches!(
+                            e,
+                            rdkafka::error::KafkaError::MessageProduction(
+                                rdkafka::types::RDKafkaErrorCode::QueueFull
+                            )
+                        ),
+                        "produce: {e}"
+                    );
+                    std::thread::sleep(Duration::from_millis(5));
+                    rec = r;
+                }
+            }
+        }
+    }
+
+    /// Produces a market update with an explicit version.
+    pub fn update(&self, market: &str, version: u64, payload: &str) {
+        let value = format!(
+            r#"{{"v":1,"market":"{market}","version":{version},"ts":{},"payload":{payload}}}"#,
+            now_ms()
+        );
+        self.produce(
+            &self.config.data_topic,
+            Some(market.as_bytes()),
+            value.as_bytes(),
+        );
+    }
+
+    /// Produces a command.
+    pub fn command(&self, kind: CommandKind, channel: &str, market: &str) {
+        let value = encode_command(&Cmd {
+            kind,
+            channel: channel.into(),
+            market: market.into(),
+        });
+        self.produce(&self.config.command_topic, Some(market.as_bytes()), &value);
+    }
+
+    /// Waits until every produced record is acknowledged.
+    pub fn flush(&self) {
+        self.producer
+            .flush(Duration::from_secs(30))
+            .expect("flush producer");
+    }
+
+    /// A new Redis connection.
+    pub fn redis(&self) -> redis::Connection {
+        redis::Client::open(redis_url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Members of a Redis set.
+    pub fn smembers(&self, key: &str) -> Vec<String> {
+        let mut v: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(key)
+            .query(&mut self.redis())
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    /// Stored version of a market (0 when none).
+    pub fn state_version(&self, market: &str) -> u64 {
+        let v: Option<u64> = redis::cmd("HGET")
+            .arg(self.keys().market_state(market))
+            .arg("v")
+            .query(&mut self.redis())
+            .unwrap();
+        v.unwrap_or(0)
+    }
+
+    /// All Redis keys of this pipeline.
+    pub fn all_keys(&self) -> Vec<String> {
+        let mut v: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.keys().prefix()))
+            .query(&mut self.redis())
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    /// Waits until the reducer applied the subscription (both directions in Redis).
+    pub fn wait_subscribed(&self, channel: &str, market: &str) {
+        let keys = self.keys();
+        wait_for(
+            Duration::from_secs(30),
+            &format!("{channel} subscribed to {market}"),
+            || {
+                (self
+                    .smembers(&keys.market_channels(market))
+                    .iter()
+                    .any(|c| c == channel)
+                    && self
+                        .smembers(&keys.channel_markets(channel))
+                        .iter()
+                        .any(|m| m == market))
+                .then_some(())
+            },
+        );
+    }
+
+    /// The group's committed offsets for the data topic, by partition.
+    pub fn committed_data_offsets(&self) -> HashMap<i32, i64> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.broker.bootstrap())
+            .set("group.id", &self.config.group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..self.partitions {
+            tpl.add_partition(&self.config.data_topic, p);
+        }
+        let got = c
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .expect("committed offsets");
+        got.elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some((e.partition(), o)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// Rewinds the group's committed offsets of both topics to the start, as
+    /// an operator resetting a group would (no member may be running).
+    pub fn rewind_group(&self) {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.broker.bootstrap())
+            .set("group.id", &self.config.group)
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        for topic in [&self.config.data_topic, &self.config.command_topic] {
+            for p in 0..self.partitions {
+                tpl.add_partition_offset(topic, p, Offset::Offset(0))
+                    .unwrap();
+            }
+        }
+        // The broker refuses while the old generation is still winding down.
+        let t = Instant::now();
+        wait_for(Duration::from_secs(30), "group rewind accepted", || {
+            c.commit(&tpl, rdkafka::consumer::CommitMode::Sync).ok()
+        });
+        eprintln!("rewind accepted after {:?}", t.elapsed());
+    }
+
+    /// Reads every record of a topic from the start (for dead-letter checks).
+    pub fn read_topic(&self, topic: &str, expect: usize) -> Vec<rdkafka::message::OwnedMessage> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.broker.bootstrap())
+            .set("group.id", unique("reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, 0, Offset::Beginning)
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while out.len() < expect && Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                out.push(m.detach());
+            }
+        }
+        out
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// A Redis pub/sub listener on its own thread, collecting every message of
+/// the channels it was given.
+pub struct Listener {
+    messages: Arc<Mutex<Vec<(String, PublishedUpdate)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Listener {
+    /// Subscribes to the pub/sub channels of `channels` and returns once subscribed.
+    pub fn start(keys: &Keys, channels: &[&str]) -> Self {
+        let names: Vec<String> = channels.iter().map(|c| keys.pubsub_channel(c)).collect();
+        let messages = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (m, s, k) = (messages.clone(), stop.clone(), keys.clone());
+        let thread = std::thread::spawn(move || {
+            let mut conn = redis::Client::open(redis_url())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let mut ps = conn.as_pubsub();
+            for n in &names {
+                ps.subscribe(n).unwrap();
+            }
+            ps.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            ready_tx.send(()).unwrap();
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                match ps.get_message() {
+                    Ok(msg) => {
+                        let ch = k
+                            .channel_from_pubsub(msg.get_channel_name())
+                            .unwrap_or_default()
+                            .to_owned();
+                        let payload: Vec<u8> = msg.get_payload().unwrap();
+                        let u = streampipe_contract::decode_published(&payload)
+                            .expect("published update decodes");
+                        m.lock().unwrap().push((ch, u));
+                    }
+                    Err(e) if e.is_timeout() => {}
+                    Err(e) => panic!("pubsub: {e}"),
+                }
+            }
+        });
+        ready_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("listener subscribed");
+        Listener {
+            messages,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Every (channel, update) received so far, in arrival order.
+    pub fn messages(&self) -> Vec<(String, PublishedUpdate)> {
+        self.messages.lock().unwrap().clone()
+    }
+
+    /// Waits until `pred` holds for the messages received.
+    pub fn wait(&self, what: &str, pred: impl Fn(&[(String, PublishedUpdate)]) -> bool) {
+        wait_for(Duration::from_secs(30), what, || {
+            pred(&self.messages()).then_some(())
+        });
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Path of a workspace binary next to the test executable's target directory.
+pub fn workspace_bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|p| p.parent()).unwrap();
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        path.display()
+    );
+    path
+}
+
+/// A reducer running as a separate OS process (for crash tests).
+pub struct ReducerProcess {
+    /// The child process.
+    pub child: Child,
+    /// Its metrics/health address.
+    pub addr: SocketAddr,
+}
+
+impl ReducerProcess {
+    /// Starts `streampipe-reducer` for the pipeline.
+    pub fn spawn(p: &Pipeline) -> Self {
+        Self::spawn_with(p, &[])
+    }
+
+    /// Starts `streampipe-reducer` for the pipeline with extra flags.
+    pub fn spawn_with(p: &Pipeline, extra: &[&str]) -> Self {
+        let port = free_port();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let c = &p.config;
+        let child = Command::new(workspace_bin("streampipe-reducer"))
+            .arg("--brokers")
+            .arg(&c.brokers)
+            .arg("--pipeline")
+            .arg(&c.pipeline)
+            .arg("--redis-url")
+            .arg(&c.redis_url)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--session-timeout-ms")
+            .arg(c.session_timeout.as_millis().to_string())
+            .arg("--log-format")
+            .arg("text")
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn reducer");
+        ReducerProcess { child, addr }
+    }
+
+    /// The value of an unlabelled metric, if the endpoint answers.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        let resp =
+            std::panic::catch_unwind(|| http_request(&self.addr.to_string(), "GET", "/metrics"))
+                .ok()?;
+        resp.lines()
+            .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// SIGKILL: no flush, no commit, no leave-group.
+    pub fn kill(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// SIGTERM and wait for a graceful exit; returns whether it exited 0.
+    pub fn terminate(&mut self) -> bool {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(&pid)
+            .status()
+            .unwrap();
+        self.child.wait().unwrap().success()
+    }
+}
+
+impl Drop for ReducerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Keep a producer type in the public API for benchmarks.
+pub type PlainProducer = ThreadedProducer<DefaultProducerContext>;
