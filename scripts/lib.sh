@@ -7,7 +7,7 @@ ROOT=${ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}
 # same machine reuses them (cargo's fingerprints keep that safe).
 STREAMPIPE_CACHE=${STREAMPIPE_CACHE:-$HOME/.cache/streampipe}
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$STREAMPIPE_CACHE/target}
-BIN_DIR=$CARGO_TARGET_DIR/debug
+BIN_DIR=${BIN_DIR:-$CARGO_TARGET_DIR/debug}
 
 TANSU_VERSION=0.6.0
 TANSU_BIN=$STREAMPIPE_CACHE/tansu-$TANSU_VERSION/bin/tansu

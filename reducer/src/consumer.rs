@@ -3,8 +3,9 @@
 //! It follows rdkafka's `at_least_once` example, made batch-wise and explicit:
 //! records are applied to the core as they arrive, their effects are batched
 //! (at most [`Config::batch_max_records`] records or [`Config::batch_max_delay`]),
-//! the batch goes to Redis in one pipeline, and only after Redis accepted it
-//! are the batch's offsets stored (`enable.auto.offset.store=false`); the
+//! the batch goes to the Redis writer thread ([`crate::writer`]) as one
+//! pipeline while polling goes on, and only when Redis accepted it are the
+//! batch's offsets stored (`enable.auto.offset.store=false`); the
 //! auto-committer then commits only stored offsets. A Redis outage therefore
 //! stalls the consumer instead of committing past data Redis does not have.
 //!
@@ -13,7 +14,7 @@
 //! commit synchronously before partitions are taken away, and load a new
 //! partition's subscriptions from Redis before its first record is handed out.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -33,6 +34,7 @@ use crate::core::{Core, Effect, Event, Record, TopicKind};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::store::RedisStore;
+use crate::writer::{Done, Job, Writer, RETRY_BACKOFF_MAX, RETRY_BACKOFF_MIN, SHUTDOWN_RETRIES};
 
 /// Default most records per batch: large enough to amortise a Redis round
 /// trip, small enough that one batch is a few milliseconds of work.
@@ -46,14 +48,23 @@ pub const DEFAULT_BATCH_MAX_DELAY: Duration = Duration::from_millis(5);
 /// reducer notices shutdown.
 const IDLE_POLL: Duration = Duration::from_millis(100);
 
-/// First and largest pause between Redis retries: retry fast after a blip,
-/// but do not hammer a Redis that is down.
-const RETRY_BACKOFF_MIN: Duration = Duration::from_millis(50);
-const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
+/// How long `poll` blocks while batches are in Redis: how late a completion
+/// (and so the storing of its offsets) may be noticed.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
 
-/// How many failed Redis attempts a flush makes once shutdown was requested
-/// before giving up (the batch is then redelivered to the next owner).
-const SHUTDOWN_RETRIES: u32 = 3;
+/// librdkafka's `fetch.wait.max.ms` default for the reducer: how long a
+/// broker may hold a fetch when no data is there. Real Kafka answers as soon
+/// as data arrives, but some Kafka-protocol brokers (librdkafka's mock
+/// cluster, tansu) wait the full time, which would add up to 500 ms (the
+/// librdkafka default) of latency; 10 ms costs ~100 idle fetches/s per broker.
+pub const FETCH_WAIT_MAX_MS: u32 = 10;
+
+/// librdkafka's `fetch.queue.backoff.ms` for the reducer. When the local
+/// queue (all partitions together) holds more than `queued.min.messages`,
+/// librdkafka pauses fetching for this long; its 1000 ms default starves a
+/// consumer that drains the queue in less time than that, which capped the
+/// reducer at ~115k records/s on a backlog (see docs/benchmarks.md).
+pub const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
 
 /// How long to wait for dead-letter records to be acknowledged by Kafka.
 const DEAD_LETTER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
@@ -235,7 +246,7 @@ struct DeadLetter {
     reason: String,
 }
 
-/// Effects and offsets of records consumed but not yet in Redis.
+/// Effects and offsets of records consumed but not yet submitted to Redis.
 #[derive(Default)]
 struct Batch {
     effects: Vec<Effect>,
@@ -248,13 +259,25 @@ struct Batch {
     started: Option<Instant>,
 }
 
+/// A batch handed to the writer, waiting for its completion.
+struct InFlight {
+    seq: u64,
+    next_offsets: HashMap<(TopicKind, i32), i64>,
+    dead_letters: Vec<DeadLetter>,
+    records: usize,
+}
+
 /// State shared between the poll loop and the rebalance callback (which
 /// librdkafka runs on the same thread, inside `poll`).
 struct Inner {
     config: Config,
     core: Core,
-    store: RedisStore,
+    /// Connection for loading subscriptions on assignment.
+    loader: RedisStore,
+    writer: Writer,
     batch: Batch,
+    in_flight: VecDeque<InFlight>,
+    next_seq: u64,
     scratch: Vec<Effect>,
     dead_letters: Option<ThreadedProducer<DeadLetterContext>>,
     /// Offsets stored after the last successful flush, to commit on revoke.
@@ -306,7 +329,7 @@ impl ConsumerContext for ReducerContext {
                 self.metrics.rebalances.with_label_values(&["revoke"]).inc();
                 let parts = partitions_of(tpl, &self.data_topic);
                 info!(partitions = ?parts, "partitions revoked: flushing and committing");
-                if let Err(e) = inner.flush(consumer) {
+                if let Err(e) = inner.drain(consumer) {
                     warn!(error = %e, "flush before revoke failed; the batch will be redelivered to the next owner");
                 }
                 inner.commit_stored(consumer);
@@ -382,7 +405,7 @@ impl Inner {
         let mut attempts = 0;
         loop {
             let t = Instant::now();
-            match self.store.load_partition(partition) {
+            match self.loader.load_partition(partition) {
                 Ok(subscriptions) => {
                     self.metrics
                         .load_seconds
@@ -536,54 +559,89 @@ impl Inner {
             .map(|s| self.config.batch_max_delay.saturating_sub(s.elapsed()))
     }
 
-    /// Writes the batch to Redis (retrying), dead-letters its malformed
-    /// records, then stores its offsets. Offsets are never stored for a
-    /// batch Redis did not accept.
-    fn flush(&mut self, consumer: &BaseConsumer<ReducerContext>) -> Result<()> {
+    /// Hands the pending batch to the Redis writer (blocking while
+    /// [`crate::writer::MAX_BATCHES_IN_FLIGHT`] batches are outstanding).
+    fn submit(&mut self, consumer: &BaseConsumer<ReducerContext>) -> Result<()> {
         if self.batch.records == 0 {
             return Ok(());
         }
-        let t = Instant::now();
-        let mut backoff = RETRY_BACKOFF_MIN;
-        let mut attempts = 0;
-        let outcome = loop {
-            match self.store.execute(&self.batch.effects) {
-                Ok(o) => break o,
-                Err(e) => {
-                    attempts += 1;
-                    self.metrics.redis_errors.inc();
-                    self.health.ready.store(false, Ordering::SeqCst);
-                    warn!(error = %e, attempts, records = self.batch.records, "redis write failed; retrying");
-                    if !self.backoff(&mut backoff, attempts) {
-                        self.batch = Batch::default();
-                        return Err(e);
-                    }
+        let batch = std::mem::take(&mut self.batch);
+        self.metrics.batch_records.observe(batch.records as f64);
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let job = Job {
+            seq,
+            effects: batch.effects,
+            data_timestamps: batch.data_timestamps,
+        };
+        // Make room first: completions must be consumed for the writer to
+        // accept more work.
+        while self.in_flight.len() >= crate::writer::MAX_BATCHES_IN_FLIGHT {
+            self.complete(consumer, Some(Duration::from_millis(100)))?;
+        }
+        self.writer.submit(job)?;
+        self.in_flight.push_back(InFlight {
+            seq,
+            next_offsets: batch.next_offsets,
+            dead_letters: batch.dead_letters,
+            records: batch.records,
+        });
+        Ok(())
+    }
+
+    /// Takes the completions that arrived (waiting up to `wait` for the
+    /// first one): for each written batch, dead-letters its malformed
+    /// records and then stores its offsets. Offsets are never stored for a
+    /// batch Redis did not accept, nor for anything after it.
+    fn complete(
+        &mut self,
+        consumer: &BaseConsumer<ReducerContext>,
+        mut wait: Option<Duration>,
+    ) -> Result<()> {
+        while !self.in_flight.is_empty() {
+            let Some(done) = self.writer.completion(wait)? else {
+                return Ok(());
+            };
+            wait = None;
+            let batch = self.in_flight.pop_front().expect("checked non-empty");
+            match done {
+                Done::Written { seq, outcome } => {
+                    debug_assert_eq!(seq, batch.seq, "batches complete in order");
+                    self.metrics.updates_applied.inc_by(outcome.applied);
+                    self.metrics.updates_stale.inc_by(outcome.stale);
+                    self.metrics.publishes.inc_by(outcome.published);
+                    self.send_dead_letters(batch.dead_letters);
+                    self.store_offsets(consumer, &batch.next_offsets);
+                }
+                Done::Failed { seq, error } => {
+                    let lost: usize = self.in_flight.iter().map(|b| b.records).sum();
+                    warn!(seq, %error, records = batch.records + lost,
+                        "batch given up during shutdown; its records will be redelivered");
+                    self.in_flight.clear();
+                    return Err(error);
                 }
             }
-        };
-        self.health.ready.store(true, Ordering::SeqCst);
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as i64)
-            .unwrap_or(0);
-        self.metrics
-            .flush_seconds
-            .observe(t.elapsed().as_secs_f64());
-        self.metrics
-            .batch_records
-            .observe(self.batch.records as f64);
-        self.metrics.updates_applied.inc_by(outcome.applied);
-        self.metrics.updates_stale.inc_by(outcome.stale);
-        self.metrics.publishes.inc_by(outcome.published);
-        for ts in self.batch.data_timestamps.drain(..) {
-            self.metrics
-                .record_to_publish_seconds
-                .observe((now_ms - ts).max(0) as f64 / 1000.0);
         }
-        self.send_dead_letters();
+        Ok(())
+    }
 
+    /// Submits the pending batch and waits until every batch is written.
+    fn drain(&mut self, consumer: &BaseConsumer<ReducerContext>) -> Result<()> {
+        self.submit(consumer)?;
+        while !self.in_flight.is_empty() {
+            self.complete(consumer, Some(Duration::from_millis(100)))?;
+        }
+        self.update_gauges();
+        Ok(())
+    }
+
+    fn store_offsets(
+        &mut self,
+        consumer: &BaseConsumer<ReducerContext>,
+        offsets: &HashMap<(TopicKind, i32), i64>,
+    ) {
         let mut tpl = TopicPartitionList::new();
-        for (&(topic, partition), &next) in &self.batch.next_offsets {
+        for (&(topic, partition), &next) in offsets {
             let name = self.topic_name(topic).to_owned();
             if let Err(e) = tpl.add_partition_offset(&name, partition, Offset::Offset(next)) {
                 warn!(error = %e, "could not build offset list");
@@ -595,17 +653,9 @@ impl Inner {
             // redoes those records, which the version guard makes harmless.
             debug!(error = %e, "some offsets were not stored");
         }
-        self.batch = Batch {
-            effects: std::mem::take(&mut self.batch.effects),
-            ..Batch::default()
-        };
-        self.batch.effects.clear();
-        self.update_gauges();
-        Ok(())
     }
 
-    fn send_dead_letters(&mut self) {
-        let letters = std::mem::take(&mut self.batch.dead_letters);
+    fn send_dead_letters(&mut self, letters: Vec<DeadLetter>) {
         if letters.is_empty() {
             return;
         }
@@ -697,7 +747,13 @@ impl Runner {
         health: Arc<Health>,
     ) -> Result<Self> {
         let keys = Keys::new(&config.pipeline);
-        let store = RedisStore::new(&config.redis_url, keys.clone())?;
+        let loader = RedisStore::new(&config.redis_url, keys.clone())?;
+        let writer = Writer::start(
+            RedisStore::new(&config.redis_url, keys.clone())?,
+            metrics.clone(),
+            health.clone(),
+            shutdown.clone(),
+        )?;
         let session_ms = config.session_timeout.as_millis().max(1000) as u64;
         let mut cc = config.client_config();
         cc.set("group.id", &config.group)
@@ -710,6 +766,8 @@ impl Runner {
             .set("session.timeout.ms", session_ms.to_string())
             .set("heartbeat.interval.ms", (session_ms / 3).to_string())
             .set("enable.partition.eof", "false")
+            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string())
+            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string())
             .set(
                 "statistics.interval.ms",
                 config.statistics_interval.as_millis().to_string(),
@@ -752,8 +810,11 @@ impl Runner {
         let inner = Arc::new(Mutex::new(Inner {
             config,
             core,
-            store,
+            loader,
+            writer,
             batch: Batch::default(),
+            in_flight: VecDeque::new(),
+            next_seq: 0,
             scratch: Vec::new(),
             dead_letters,
             stored: HashMap::new(),
@@ -788,7 +849,7 @@ impl Runner {
             let mut inner = lock(&self.inner);
             let mut backoff = RETRY_BACKOFF_MIN;
             let mut attempts = 0;
-            while let Err(e) = inner.store.ping() {
+            while let Err(e) = inner.loader.ping() {
                 attempts += 1;
                 inner.metrics.redis_errors.inc();
                 warn!(error = %e, "redis not reachable yet");
@@ -799,31 +860,39 @@ impl Runner {
             inner.health.ready.store(true, Ordering::SeqCst);
         }
         while !self.shutdown.load(Ordering::SeqCst) {
-            let timeout = lock(&self.inner).batch_deadline().unwrap_or(IDLE_POLL);
-            match self.consumer.poll(timeout) {
+            let timeout = {
+                let inner = lock(&self.inner);
+                let t = inner.batch_deadline().unwrap_or(IDLE_POLL);
+                if inner.in_flight.is_empty() {
+                    t
+                } else {
+                    t.min(IN_FLIGHT_POLL)
+                }
+            };
+            let polled = self.consumer.poll(timeout);
+            let mut inner = lock(&self.inner);
+            match polled {
                 Some(Ok(msg)) => {
-                    let mut inner = lock(&self.inner);
                     inner.ingest(&msg);
                     if inner.batch_full() {
-                        let _ = inner.flush(&self.consumer);
+                        inner.submit(&self.consumer)?;
                     }
                 }
                 Some(Err(e)) => {
-                    let inner = lock(&self.inner);
                     inner.metrics.kafka_errors.inc();
                     warn!(error = %e, "consume error");
                 }
                 None => {}
             }
-            let mut inner = lock(&self.inner);
             if inner.batch_deadline() == Some(Duration::ZERO) {
-                let _ = inner.flush(&self.consumer);
+                inner.submit(&self.consumer)?;
             }
+            inner.complete(&self.consumer, None)?;
         }
         info!("shutting down: flushing the last batch and committing");
         {
             let mut inner = lock(&self.inner);
-            let res = inner.flush(&self.consumer);
+            let res = inner.drain(&self.consumer);
             inner.commit_stored(&self.consumer);
             if let Err(e) = res {
                 warn!(error = %e, "last batch not written; it will be redelivered");

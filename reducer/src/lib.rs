@@ -7,6 +7,7 @@
 //! - [`core`]: the pure state machine (`apply(state, event) -> effects`).
 //! - [`store`]: the Redis adapter that carries out effects.
 //! - [`consumer`]: the Kafka adapter (poll loop, batching, rebalances).
+//! - [`writer`]: the thread that executes batches in Redis, in order.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 
 pub mod consumer;
@@ -15,6 +16,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod store;
+pub mod writer;
 
 pub use consumer::{spawn, Config, Health, ReducerHandle};
 pub use error::{Error, Result};

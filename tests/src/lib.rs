@@ -123,12 +123,18 @@ impl Broker {
 /// A minimal HTTP/1.1 request (the tests need no HTTP client dependency for
 /// two admin calls); returns the whole response as text.
 pub fn http_request(addr: &str, method: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n").unwrap();
+    try_http_request(addr, method, path)
+        .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
+}
+
+/// Like [`http_request`], but returns connection errors instead of panicking.
+pub fn try_http_request(addr: &str, method: &str, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(addr)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
     let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out
+    s.read_to_string(&mut out)?;
+    Ok(out)
 }
 
 /// Polls `f` until it returns `Some`, panicking with `what` after `timeout`.
@@ -585,10 +591,14 @@ impl ReducerProcess {
     }
 
     /// The value of an unlabelled metric, if the endpoint answers.
-    pub fn metric(&self, name: &str) -> Option<f64> {
-        let resp =
-            std::panic::catch_unwind(|| http_request(&self.addr.to_string(), "GET", "/metrics"))
-                .ok()?;
+    ///
+    /// # Panics
+    /// If the process has exited (so waits on it fail fast).
+    pub fn metric(&mut self, name: &str) -> Option<f64> {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!("reducer process exited early: {status}");
+        }
+        let resp = try_http_request(&self.addr.to_string(), "GET", "/metrics").ok()?;
         resp.lines()
             .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
             .and_then(|l| l.rsplit(' ').next()?.parse().ok())

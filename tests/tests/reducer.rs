@@ -94,7 +94,7 @@ fn unsubscribe_leaves_nothing_behind(broker: Broker) {
     let leftover: Vec<String> = p
         .all_keys()
         .into_iter()
-        .filter(|k| k.contains("c1"))
+        .filter(|k| k.contains("{c:c1}"))
         .collect();
     assert!(leftover.is_empty(), "keys left for c1: {leftover:?}");
     wait_for(Duration::from_secs(10), "M2, M3 gone", || {

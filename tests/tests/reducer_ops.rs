@@ -1,0 +1,276 @@
+//! Operational behaviour of the reducer against the real stack: graceful
+//! leave, health and metrics endpoints, Redis outages, start-up checks.
+
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use streampipe_contract::{partition_for, CommandKind, Keys};
+use streampipe_reducer::{spawn, Error, Metrics};
+use streampipe_tests::{
+    free_port, http_request, try_http_request, unique, wait_for, workspace_bin, Broker, Pipeline,
+    ReducerProcess,
+};
+
+/// SIGTERM makes a reducer finish, commit and leave the group, and the
+/// survivor takes every partition with its subscriptions. On tansu the
+/// hand-over comes long before the (30 s) session timeout would expire,
+/// which proves the explicit leave. librdkafka's mock cluster always waits
+/// `session.timeout − 1 s` after a leave before it rebalances (its
+/// `rd_kafka_mock_cgrp_classic_rebalance`), so there only the hand-over itself
+/// is checked, with a short session timeout.
+fn graceful_leave_hands_over_at_once(broker: Broker) {
+    let mut p = Pipeline::new(broker, 4);
+    let explicit_leave_observable = broker == Broker::Tansu;
+    if explicit_leave_observable {
+        p.config.session_timeout = Duration::from_secs(30);
+    }
+    let mut a = ReducerProcess::spawn(&p);
+    let mut b = ReducerProcess::spawn(&p);
+    wait_for(
+        Duration::from_secs(90),
+        "both reducers own partitions",
+        || {
+            let (x, y) = (
+                a.metric("streampipe_reducer_owned_partitions")?,
+                b.metric("streampipe_reducer_owned_partitions")?,
+            );
+            (x > 0.0 && y > 0.0 && x + y == 4.0).then_some(())
+        },
+    );
+    p.command(CommandKind::Subscribe, "g1", "G1");
+    p.flush();
+    p.wait_subscribed("g1", "G1");
+
+    let t = Instant::now();
+    assert!(b.terminate(), "SIGTERM exits 0");
+    wait_for(
+        Duration::from_secs(60),
+        "survivor owns all partitions",
+        || (a.metric("streampipe_reducer_owned_partitions")? == 4.0).then_some(()),
+    );
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(20),
+        "hand-over took {took:?}: the leaving member did not leave the group"
+    );
+    assert!(
+        a.metric("streampipe_reducer_subscriptions").unwrap() >= 1.0,
+        "survivor loaded the subscription"
+    );
+}
+
+#[test]
+fn graceful_leave_dev() {
+    graceful_leave_hands_over_at_once(Broker::Dev)
+}
+
+#[test]
+fn graceful_leave_tansu() {
+    graceful_leave_hands_over_at_once(Broker::Tansu)
+}
+
+#[test]
+fn health_and_metrics_endpoints() {
+    let p = Pipeline::new(Broker::Dev, 2);
+    let r = ReducerProcess::spawn(&p);
+    let addr = r.addr.to_string();
+    wait_for(Duration::from_secs(30), "/readyz 200", || {
+        try_http_request(&addr, "GET", "/readyz")
+            .ok()?
+            .starts_with("HTTP/1.1 200")
+            .then_some(())
+    });
+    assert!(http_request(&addr, "GET", "/healthz").starts_with("HTTP/1.1 200"));
+    p.update("H1", 1, "1");
+    p.flush();
+    // Per-partition lag comes from librdkafka statistics (every 5 s).
+    let metrics = wait_for(
+        Duration::from_secs(30),
+        "lag gauge and a processed record",
+        || {
+            let m = http_request(&addr, "GET", "/metrics");
+            (m.contains("streampipe_reducer_partition_lag{")
+                && m.contains("streampipe_reducer_updates_applied_total 1"))
+            .then_some(m)
+        },
+    );
+    for name in [
+        "streampipe_reducer_records_total{topic=\"data\"} 1",
+        "streampipe_reducer_record_to_publish_seconds_bucket",
+        "streampipe_reducer_batch_records_count",
+        "streampipe_reducer_rebalances_total{kind=\"assign\"}",
+    ] {
+        assert!(metrics.contains(name), "missing {name} in\n{metrics}");
+    }
+    assert!(http_request(&addr, "GET", "/nope").starts_with("HTTP/1.1 404"));
+}
+
+#[test]
+fn help_lists_flags_and_environment() {
+    let out = Command::new(workspace_bin("streampipe-reducer"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for needle in [
+        "--brokers",
+        "STREAMPIPE_KAFKA_BROKERS",
+        "--redis-url",
+        "--kafka-option",
+        "--batch-max-delay-ms",
+    ] {
+        assert!(text.contains(needle), "--help lacks {needle}:\n{text}");
+    }
+}
+
+#[test]
+fn unequal_partition_counts_are_refused_at_start() {
+    let broker = Broker::Dev;
+    let name = unique("tmis");
+    let mut config =
+        streampipe_reducer::Config::new(&broker.bootstrap(), &name, &streampipe_tests::redis_url());
+    broker.create_topics(&[(&config.data_topic, 4), (&config.command_topic, 2)]);
+    config.dead_letter_topic = None;
+    match spawn(config, Arc::new(Metrics::new())) {
+        Err(Error::Topics(msg)) => {
+            assert!(msg.contains("4 partitions") && msg.contains("2"), "{msg}")
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a reducer started on topics that are not co-partitioned"),
+    }
+}
+
+/// A private Redis that the test can stop and restart on the same port.
+struct PrivateRedis {
+    port: u16,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let url = format!("redis://127.0.0.1:{port}");
+        wait_for(Duration::from_secs(10), "private redis", || {
+            redis::Client::open(url.as_str())
+                .ok()?
+                .get_connection()
+                .ok()
+                .map(|_| ())
+        });
+        PrivateRedis { port, child }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn version(&self, keys: &Keys, market: &str) -> Option<u64> {
+        let mut c = redis::Client::open(self.url())
+            .ok()?
+            .get_connection()
+            .ok()?;
+        redis::cmd("HGET")
+            .arg(keys.market_state(market))
+            .arg("v")
+            .query::<Option<u64>>(&mut c)
+            .ok()?
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Redis goes away: the reducer stops being ready, commits nothing past what
+/// Redis has, retries, and writes everything once Redis is back.
+#[test]
+fn redis_outage_stalls_without_losing_updates() {
+    let mut p = Pipeline::new(Broker::Dev, 2);
+    let redis = PrivateRedis::start(free_port());
+    p.config.redis_url = redis.url();
+    let keys = p.keys();
+    let metrics = Arc::new(Metrics::new());
+    let reducer = spawn(p.config.clone(), metrics.clone()).unwrap();
+    p.update("O1", 1, "1");
+    p.flush();
+    wait_for(Duration::from_secs(30), "v1 stored", || {
+        (redis.version(&keys, "O1") == Some(1)).then_some(())
+    });
+    assert!(reducer
+        .health
+        .ready
+        .load(std::sync::atomic::Ordering::SeqCst));
+
+    let port = redis.port;
+    drop(redis);
+    for v in 2..=5 {
+        p.update("O1", v, &v.to_string());
+    }
+    p.flush();
+    wait_for(
+        Duration::from_secs(30),
+        "not ready during the outage",
+        || {
+            (!reducer
+                .health
+                .ready
+                .load(std::sync::atomic::Ordering::SeqCst))
+            .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_secs(2)); // several auto-commit intervals
+    let part = partition_for(b"O1", 2) as i32;
+    let v2_offset = p
+        .deliveries
+        .all()
+        .into_iter()
+        .find(|d| {
+            d.topic == p.config.data_topic && d.value.windows(11).any(|w| w == b"\"version\":2")
+        })
+        .expect("v2 delivered")
+        .offset;
+    let committed = p.committed_data_offsets().get(&part).copied().unwrap_or(0);
+    assert!(
+        committed <= v2_offset,
+        "committed {committed} past v2 at offset {v2_offset} while Redis was down"
+    );
+    assert!(metrics.redis_errors.get() > 0);
+
+    // Redis comes back empty (no persistence): the retried batch lands.
+    let redis = PrivateRedis::start(port);
+    wait_for(
+        Duration::from_secs(30),
+        "v5 stored after the outage",
+        || (redis.version(&keys, "O1") == Some(5)).then_some(()),
+    );
+    wait_for(Duration::from_secs(10), "ready again", || {
+        reducer
+            .health
+            .ready
+            .load(std::sync::atomic::Ordering::SeqCst)
+            .then_some(())
+    });
+    reducer.shutdown().unwrap();
+    assert!(
+        p.committed_data_offsets()[&part] > v2_offset,
+        "offsets committed after recovery"
+    );
+}
