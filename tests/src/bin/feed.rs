@@ -38,7 +38,11 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     seconds: u64,
     /// Command topic, for `--demo-channel`.
-    #[arg(long, env = "STREAMPIPE_COMMAND_TOPIC", default_value = "streampipe.commands")]
+    #[arg(
+        long,
+        env = "STREAMPIPE_COMMAND_TOPIC",
+        default_value = "streampipe.commands"
+    )]
     command_topic: String,
     /// Before feeding, subscribe this channel to the first `--demo-markets`
     /// markets (so the pipeline has a subscriber without a publisher).
@@ -180,11 +184,18 @@ fn main() -> anyhow::Result<()> {
                 market: m.id.clone(),
             });
             producer
-                .send(BaseRecord::<str, [u8]>::to(&a.command_topic).key(&m.id).payload(&cmd))
+                .send(
+                    BaseRecord::<str, [u8]>::to(&a.command_topic)
+                        .key(&m.id)
+                        .payload(&cmd),
+                )
                 .map_err(|(e, _)| e)?;
         }
         producer.flush(Duration::from_secs(10))?;
-        eprintln!("feed: channel {channel:?} subscribed to {} markets", a.demo_markets.min(markets.len()));
+        eprintln!(
+            "feed: channel {channel:?} subscribed to {} markets",
+            a.demo_markets.min(markets.len())
+        );
     }
     let interval = Duration::from_secs_f64(1.0 / f64::from(a.rate));
     let started = Instant::now();
