@@ -41,6 +41,13 @@ impl Keys {
         format!("{}{{c:{channel}}}:c2m", self.prefix)
     }
 
+    /// Set of markets a channel asked for, written by the publisher's control
+    /// API before it produces the commands (so `begin` and `close` know the
+    /// channel's markets even before the reducers applied them).
+    pub fn channel_registry(&self, channel: &str) -> String {
+        format!("{}{{c:{channel}}}:reg", self.prefix)
+    }
+
     /// Set of markets of data partition `partition` that have at least one
     /// subscriber; a new owner loads a partition's subscriptions from it.
     pub fn partition_markets(&self, partition: i32) -> String {

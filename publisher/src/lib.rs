@@ -1,6 +1,272 @@
-//! streampipe's publisher (skeleton).
+//! streampipe's publisher: the browser edge.
 //!
-//! Holds browsers' WebSocket and SSE connections on one multiplexed Redis
-//! subscription per pod and serves the REST control API that turns requests
-//! into Kafka commands. Built in the publisher issue; this crate reserves its
-//! place in the workspace layout.
+//! - [`api`]: the REST control API (channels, markets, begin, close) that
+//!   turns requests into Kafka commands, plus market snapshots.
+//! - [`ws`] and [`sse`]: the streams; each connection joins its channel on
+//!   the pod's one multiplexed Redis subscription ([`hub`]) and drains its
+//!   own bounded, conflating [`outbox`].
+//! - [`registry`], [`commands`]: Redis and Kafka adapters.
+//! - The live odds page and the JS client are embedded static files.
+
+pub mod api;
+pub mod commands;
+pub mod error;
+pub mod hub;
+pub mod metrics;
+pub mod outbox;
+pub mod registry;
+pub mod sse;
+pub mod ws;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use streampipe_contract::{validate_market_id, Keys};
+use tokio::sync::watch;
+use warp::http::StatusCode;
+use warp::{Filter, Reply};
+
+pub use error::{Error, Result};
+pub use metrics::Metrics;
+
+/// Publisher settings (the binary fills them from flags and environment).
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Pipeline name (Redis prefix).
+    pub pipeline: String,
+    /// Redis URL.
+    pub redis_url: String,
+    /// Kafka bootstrap servers.
+    pub brokers: String,
+    /// The command topic.
+    pub command_topic: String,
+    /// Extra librdkafka properties.
+    pub kafka_options: Vec<(String, String)>,
+    /// Origins allowed to open streams; empty allows all.
+    pub allowed_origins: Vec<String>,
+    /// Markets the demo page shows (`GET /v1/demo/markets`).
+    pub demo_markets: Vec<String>,
+}
+
+impl Config {
+    /// Defaults for a pipeline.
+    pub fn new(brokers: &str, pipeline: &str, redis_url: &str) -> Self {
+        Config {
+            pipeline: pipeline.into(),
+            redis_url: redis_url.into(),
+            brokers: brokers.into(),
+            command_topic: format!("{pipeline}.commands"),
+            kafka_options: Vec::new(),
+            allowed_origins: Vec::new(),
+            demo_markets: Vec::new(),
+        }
+    }
+}
+
+/// Everything the handlers share.
+pub struct Context {
+    /// Settings.
+    pub config: Config,
+    /// Redis registry and state reads.
+    pub registry: registry::Registry,
+    /// Kafka command producer.
+    pub commands: commands::Commands,
+    /// The multiplexed Redis subscription.
+    pub hub: hub::Hub,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Command rate limit.
+    pub limiter: api::RateLimiter,
+    /// Becomes true when the publisher shuts down.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Context {
+    /// Whether a stream request from `origin` may connect.
+    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
+        self.config.allowed_origins.is_empty()
+            || origin.is_some_and(|o| self.config.allowed_origins.iter().any(|a| a == o))
+    }
+}
+
+/// Query parameters of the stream endpoints.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamParams {
+    /// `begin=1`: publish the current state at once.
+    #[serde(default, deserialize_with = "flag")]
+    pub begin: bool,
+    /// `since=m1@12,m2@5`: resume after these versions.
+    #[serde(default)]
+    pub since: Option<String>,
+}
+
+fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
+    let s = String::deserialize(d)?;
+    Ok(matches!(s.as_str(), "1" | "true" | "yes"))
+}
+
+/// Most entries of a `since` query: one per market of a channel.
+const MAX_SINCE_ENTRIES: usize = api::MAX_MARKETS_PER_CHANNEL;
+
+impl StreamParams {
+    /// Parses `since` into market → version.
+    pub fn since(&self) -> std::result::Result<HashMap<Arc<str>, u64>, String> {
+        let mut out = HashMap::new();
+        let Some(s) = self.since.as_deref().filter(|s| !s.is_empty()) else {
+            return Ok(out);
+        };
+        for part in s.split(',') {
+            let (m, v) = part
+                .rsplit_once('@')
+                .ok_or_else(|| format!("since entry {part:?} is not market@version"))?;
+            validate_market_id(m).map_err(|e| e.to_string())?;
+            let v: u64 = v
+                .parse()
+                .map_err(|_| format!("since version {v:?} is not a number"))?;
+            out.insert(Arc::from(m), v);
+            if out.len() > MAX_SINCE_ENTRIES {
+                return Err(format!("since has more than {MAX_SINCE_ENTRIES} entries"));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Builds the shared context: connects Redis, creates the producer, starts the hub.
+pub async fn context(
+    config: Config,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Receiver<bool>,
+) -> Result<Arc<Context>> {
+    let keys = Keys::new(&config.pipeline);
+    let registry = registry::Registry::connect(&config.redis_url, keys.clone()).await?;
+    let commands = commands::Commands::new(
+        &config.brokers,
+        &config.command_topic,
+        &config.kafka_options,
+    )?;
+    let hub = hub::Hub::start(&config.redis_url, keys, metrics.clone())?;
+    Ok(Arc::new(Context {
+        config,
+        registry,
+        commands,
+        hub,
+        metrics,
+        limiter: api::RateLimiter::new(api::MAX_COMMANDS_PER_SECOND),
+        shutdown,
+    }))
+}
+
+const INDEX_HTML: &str = include_str!("../static/index.html");
+const CLIENT_JS: &str = include_str!("../static/streampipe.js");
+
+fn static_file(body: &'static str, content_type: &'static str) -> warp::reply::Response {
+    warp::reply::with_header(body, "content-type", content_type).into_response()
+}
+
+/// Every route of the publisher.
+pub fn routes(
+    ctx: Arc<Context>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let c = ctx.clone();
+    let with_ctx = warp::any().map(move || c.clone());
+    let stream = warp::path!("v1" / "stream" / String)
+        .and(warp::get())
+        .and(warp::header::optional::<String>("connection"))
+        .and(warp::header::optional::<String>("upgrade"))
+        .and(warp::header::optional::<String>("sec-websocket-version"))
+        .and(warp::header::optional::<String>("sec-websocket-key"))
+        .and(warp::header::optional::<String>("origin"))
+        .map(|ch: String, connection, upgrade, version, key, origin| {
+            (
+                ch,
+                ws::Upgrade {
+                    connection,
+                    upgrade,
+                    version,
+                    key,
+                    origin,
+                },
+            )
+        })
+        .untuple_one()
+        .and(warp::query::<StreamParams>())
+        .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
+        .and(with_ctx.clone())
+        .and_then(ws::handle);
+    let sse = warp::path!("v1" / "sse" / String)
+        .and(warp::get())
+        .and(warp::query::<StreamParams>())
+        .and(warp::header::optional::<String>("origin"))
+        .and(with_ctx.clone())
+        .and_then(sse::handle);
+    let index = warp::path::end()
+        .and(warp::get())
+        .map(|| static_file(INDEX_HTML, "text/html; charset=utf-8"));
+    let client = warp::path!("streampipe.js")
+        .and(warp::get())
+        .map(|| static_file(CLIENT_JS, "text/javascript; charset=utf-8"));
+    let m = ctx.metrics.clone();
+    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
+        warp::reply::with_header(m.render(), "content-type", "text/plain; version=0.0.4")
+            .into_response()
+    });
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response());
+    let c = ctx.clone();
+    let readyz = warp::path!("readyz").and(warp::get()).map(move || {
+        if c.hub.is_connected() && !*c.shutdown.borrow() {
+            warp::reply::with_status("ok\n", StatusCode::OK).into_response()
+        } else {
+            warp::reply::with_status("not ready\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
+        }
+    });
+    let m = ctx.metrics.clone();
+    let log = warp::log::custom(move |info| {
+        let route = api::route_label(info.method().as_str(), info.path());
+        m.requests
+            .with_label_values(&[route, info.status().as_str()])
+            .inc();
+    });
+    let recover_ctx = ctx.clone();
+    stream
+        .or(sse)
+        .unify()
+        .or(api::routes(ctx))
+        .unify()
+        .or(index)
+        .unify()
+        .or(client)
+        .unify()
+        .or(metrics)
+        .unify()
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .recover(move |err| api::recover(recover_ctx.clone(), err))
+        .unify()
+        .with(log)
+}
+
+/// Serves the publisher on `addr` until `shutdown` turns true; returns the
+/// bound address and the server task.
+pub async fn serve(
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    let mut shutdown = ctx.shutdown.clone();
+    let server = warp::serve(routes(ctx))
+        .incoming(listener)
+        .graceful(async move {
+            let _ = shutdown.wait_for(|s| *s).await;
+        })
+        .run();
+    Ok((local, tokio::spawn(server)))
+}

@@ -1,0 +1,593 @@
+//! The REST control API, market snapshots, static pages and error replies,
+//! organised like warp's `todos` example: filters build routes, handlers do
+//! the work, models are the request bodies.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use streampipe_contract::{validate_channel_id, validate_market_id, CommandKind};
+use warp::http::StatusCode;
+use warp::{Filter, Rejection, Reply};
+
+use crate::error::Error;
+use crate::Context;
+
+/// Largest request body: 500 market ids of 128 bytes in JSON fit with room.
+pub const MAX_BODY_BYTES: u64 = 96 * 1024;
+
+/// Most markets one channel may watch: bounds a connection's outbox
+/// (conflation keeps one entry per market) and the commands of one `begin`.
+pub const MAX_MARKETS_PER_CHANNEL: usize = 500;
+
+/// Most ids in one `GET /v1/markets?ids=` request.
+pub const MAX_SNAPSHOT_IDS: usize = 500;
+
+/// Commands per second this pod may produce (burst: one second's worth):
+/// protects Kafka and the reducers from a client creating channels in a loop.
+pub const MAX_COMMANDS_PER_SECOND: f64 = 50_000.0;
+
+/// A token bucket over commands.
+pub struct RateLimiter {
+    state: Mutex<(f64, Instant)>,
+    rate: f64,
+}
+
+impl RateLimiter {
+    /// A bucket refilling at `rate` tokens per second, holding at most `rate`.
+    pub fn new(rate: f64) -> Self {
+        RateLimiter {
+            state: Mutex::new((rate, Instant::now())),
+            rate,
+        }
+    }
+
+    /// Takes `n` tokens if available.
+    pub fn try_take(&self, n: usize) -> bool {
+        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        let (tokens, last) = *g;
+        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.rate);
+        if tokens >= n as f64 {
+            *g = (tokens - n as f64, now);
+            true
+        } else {
+            *g = (tokens, now);
+            false
+        }
+    }
+}
+
+/// `{"markets": [...]}`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarketsBody {
+    /// Market ids.
+    pub markets: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct ChannelCreated<'a> {
+    channel: &'a str,
+    markets: &'a [String],
+    stream: String,
+    sse: String,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: &'a str,
+}
+
+/// A JSON error reply.
+pub fn error_response(status: StatusCode, code: &str, message: &str) -> warp::reply::Response {
+    let body = ErrorBody {
+        error: ErrorDetail { code, message },
+    };
+    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+}
+
+/// The reply for an [`Error`].
+pub fn error_from(e: &Error) -> warp::reply::Response {
+    let (status, code) = e.status_and_code();
+    let message = match e {
+        Error::Invalid { message, .. } => message.clone(),
+        other => format!("backend unavailable: {other}"),
+    };
+    error_response(status, code, &message)
+}
+
+fn bad(code: &'static str, msg: impl Into<String>) -> Error {
+    Error::invalid(StatusCode::BAD_REQUEST, code, msg)
+}
+
+/// Validates a list of market ids: syntax, duplicates folded, count bounded.
+fn validate_markets(markets: Vec<String>) -> Result<Vec<String>, Error> {
+    if markets.is_empty() {
+        return Err(bad("invalid_market", "at least one market is required"));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(markets.len());
+    for m in markets {
+        validate_market_id(&m).map_err(|e| bad("invalid_market", e.to_string()))?;
+        if seen.insert(m.clone()) {
+            out.push(m);
+        }
+    }
+    if out.len() > MAX_MARKETS_PER_CHANNEL {
+        return Err(bad(
+            "too_many_markets",
+            format!(
+                "{} markets; a channel watches at most {MAX_MARKETS_PER_CHANNEL}",
+                out.len()
+            ),
+        ));
+    }
+    Ok(out)
+}
+
+fn check_channel(id: &str) -> Result<(), Error> {
+    validate_channel_id(id).map_err(|e| bad("invalid_channel", e.to_string()))
+}
+
+fn unknown_channel() -> Error {
+    Error::invalid(StatusCode::NOT_FOUND, "unknown_channel", "unknown channel")
+}
+
+fn take_tokens(ctx: &Context, n: usize) -> Result<(), Error> {
+    if ctx.limiter.try_take(n) {
+        Ok(())
+    } else {
+        Err(Error::invalid(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            "too many commands right now; retry in a second",
+        ))
+    }
+}
+
+fn reply(r: Result<warp::reply::Response, Error>) -> Result<warp::reply::Response, Rejection> {
+    Ok(r.unwrap_or_else(|e| error_from(&e)))
+}
+
+// ---- handlers ----
+
+async fn create_channel(
+    body: MarketsBody,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, Rejection> {
+    reply(
+        async {
+            let markets = validate_markets(body.markets)?;
+            take_tokens(&ctx, markets.len())?;
+            let id = uuid::Uuid::new_v4().to_string();
+            ctx.registry.add(&id, &markets).await?;
+            if let Err(e) = ctx
+                .commands
+                .send(CommandKind::Subscribe, &id, &markets, &ctx.metrics)
+                .await
+            {
+                let _ = ctx.registry.delete(&id).await;
+                return Err(e);
+            }
+            let body = ChannelCreated {
+                channel: &id,
+                markets: &markets,
+                stream: format!("/v1/stream/{id}"),
+                sse: format!("/v1/sse/{id}"),
+            };
+            Ok(
+                warp::reply::with_status(warp::reply::json(&body), StatusCode::CREATED)
+                    .into_response(),
+            )
+        }
+        .await,
+    )
+}
+
+async fn add_markets(
+    id: String,
+    body: MarketsBody,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, Rejection> {
+    reply(
+        async {
+            check_channel(&id)?;
+            let markets = validate_markets(body.markets)?;
+            let existing = ctx
+                .registry
+                .markets(&id)
+                .await?
+                .ok_or_else(unknown_channel)?;
+            let new: Vec<String> = markets
+                .into_iter()
+                .filter(|m| !existing.contains(m))
+                .collect();
+            if existing.len() + new.len() > MAX_MARKETS_PER_CHANNEL {
+                return Err(bad(
+                    "too_many_markets",
+                    format!("a channel watches at most {MAX_MARKETS_PER_CHANNEL} markets"),
+                ));
+            }
+            if !new.is_empty() {
+                take_tokens(&ctx, new.len())?;
+                ctx.registry.add(&id, &new).await?;
+                ctx.commands
+                    .send(CommandKind::Subscribe, &id, &new, &ctx.metrics)
+                    .await?;
+            }
+            let all = ctx.registry.markets(&id).await?.unwrap_or_default();
+            Ok(
+                warp::reply::json(&serde_json::json!({"channel": id, "markets": all}))
+                    .into_response(),
+            )
+        }
+        .await,
+    )
+}
+
+async fn remove_market(
+    id: String,
+    market: String,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, Rejection> {
+    reply(
+        async {
+            check_channel(&id)?;
+            validate_market_id(&market).map_err(|e| bad("invalid_market", e.to_string()))?;
+            ctx.registry
+                .markets(&id)
+                .await?
+                .ok_or_else(unknown_channel)?;
+            if !ctx.registry.remove(&id, &market).await? {
+                return Err(Error::invalid(
+                    StatusCode::NOT_FOUND,
+                    "unknown_market",
+                    "the channel does not watch this market",
+                ));
+            }
+            take_tokens(&ctx, 1)?;
+            ctx.commands
+                .send(
+                    CommandKind::Unsubscribe,
+                    &id,
+                    std::slice::from_ref(&market),
+                    &ctx.metrics,
+                )
+                .await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
+    )
+}
+
+async fn begin(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
+    reply(
+        async {
+            check_channel(&id)?;
+            let markets = ctx
+                .registry
+                .markets(&id)
+                .await?
+                .ok_or_else(unknown_channel)?;
+            take_tokens(&ctx, markets.len())?;
+            ctx.commands
+                .send(CommandKind::Begin, &id, &markets, &ctx.metrics)
+                .await?;
+            Ok(StatusCode::ACCEPTED.into_response())
+        }
+        .await,
+    )
+}
+
+async fn close_channel(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
+    reply(
+        async {
+            check_channel(&id)?;
+            let markets = ctx
+                .registry
+                .markets(&id)
+                .await?
+                .ok_or_else(unknown_channel)?;
+            // Unsubscribes first: if they fail, the channel still exists and the
+            // close can be retried.
+            ctx.commands
+                .send(CommandKind::Unsubscribe, &id, &markets, &ctx.metrics)
+                .await?;
+            ctx.registry.delete(&id).await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+        .await,
+    )
+}
+
+async fn market(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
+    reply(
+        async {
+            validate_market_id(&id).map_err(|e| bad("invalid_market", e.to_string()))?;
+            match ctx
+                .registry
+                .states(std::slice::from_ref(&id))
+                .await?
+                .pop()
+                .flatten()
+            {
+                Some(bytes) => Ok(warp::http::Response::builder()
+                    .header("content-type", "application/json")
+                    .body(warp::hyper::body::Bytes::from(bytes.to_vec()).into())
+                    .expect("valid response")),
+                None => Err(Error::invalid(
+                    StatusCode::NOT_FOUND,
+                    "unknown_market",
+                    "no state for this market",
+                )),
+            }
+        }
+        .await,
+    )
+}
+
+#[derive(Deserialize)]
+struct IdsQuery {
+    ids: Option<String>,
+}
+
+async fn markets(q: IdsQuery, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
+    reply(
+        async {
+            let ids: Vec<String> = q
+                .ids
+                .unwrap_or_default()
+                .split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            if ids.is_empty() {
+                return Err(bad("invalid_market", "ids=a,b,... is required"));
+            }
+            if ids.len() > MAX_SNAPSHOT_IDS {
+                return Err(bad(
+                    "too_many_markets",
+                    format!("at most {MAX_SNAPSHOT_IDS} ids"),
+                ));
+            }
+            for id in &ids {
+                validate_market_id(id).map_err(|e| bad("invalid_market", e.to_string()))?;
+            }
+            let states = ctx.registry.states(&ids).await?;
+            let mut map = serde_json::Map::new();
+            for (id, s) in ids.into_iter().zip(states) {
+                let v = match s.and_then(|b| {
+                    RawValue::from_string(String::from_utf8_lossy(&b).into_owned()).ok()
+                }) {
+                    Some(raw) => serde_json::to_value(&raw).unwrap_or(serde_json::Value::Null),
+                    None => serde_json::Value::Null,
+                };
+                map.insert(id, v);
+            }
+            Ok(warp::reply::json(&serde_json::json!({ "markets": map })).into_response())
+        }
+        .await,
+    )
+}
+
+// ---- filters ----
+
+fn with_ctx(
+    ctx: Arc<Context>,
+) -> impl Filter<Extract = (Arc<Context>,), Error = Infallible> + Clone {
+    warp::any().map(move || ctx.clone())
+}
+
+fn json_body() -> impl Filter<Extract = (MarketsBody,), Error = Rejection> + Clone {
+    warp::body::content_length_limit(MAX_BODY_BYTES).and(warp::body::json())
+}
+
+/// All control API routes under `/v1`.
+pub fn routes(
+    ctx: Arc<Context>,
+) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+    let create = warp::path!("v1" / "channels")
+        .and(warp::post())
+        .and(json_body())
+        .and(with_ctx(ctx.clone()))
+        .and_then(create_channel);
+    let add = warp::path!("v1" / "channels" / String / "markets")
+        .and(warp::post())
+        .and(json_body())
+        .and(with_ctx(ctx.clone()))
+        .and_then(add_markets);
+    let remove = warp::path!("v1" / "channels" / String / "markets" / String)
+        .and(warp::delete())
+        .and(with_ctx(ctx.clone()))
+        .and_then(remove_market);
+    let begin = warp::path!("v1" / "channels" / String / "begin")
+        .and(warp::post())
+        .and(with_ctx(ctx.clone()))
+        .and_then(begin);
+    let close = warp::path!("v1" / "channels" / String)
+        .and(warp::delete())
+        .and(with_ctx(ctx.clone()))
+        .and_then(close_channel);
+    let market = warp::path!("v1" / "markets" / String)
+        .and(warp::get())
+        .and(with_ctx(ctx.clone()))
+        .and_then(market);
+    let markets = warp::path!("v1" / "markets")
+        .and(warp::get())
+        .and(warp::query::<IdsQuery>())
+        .and(with_ctx(ctx.clone()))
+        .and_then(markets);
+    let limits = warp::path!("v1" / "limits").and(warp::get()).map(|| {
+        warp::reply::json(&serde_json::json!({
+            "max_markets_per_channel": MAX_MARKETS_PER_CHANNEL,
+            "max_body_bytes": MAX_BODY_BYTES,
+            "max_snapshot_ids": MAX_SNAPSHOT_IDS,
+            "max_client_frame_bytes": crate::ws::MAX_CLIENT_FRAME,
+        }))
+        .into_response()
+    });
+    let demo = warp::path!("v1" / "demo" / "markets")
+        .and(warp::get())
+        .and(with_ctx(ctx))
+        .map(|ctx: Arc<Context>| {
+            warp::reply::json(&serde_json::json!({"markets": ctx.config.demo_markets}))
+                .into_response()
+        });
+    create
+        .or(add)
+        .unify()
+        .or(remove)
+        .unify()
+        .or(begin)
+        .unify()
+        .or(close)
+        .unify()
+        .or(market)
+        .unify()
+        .or(markets)
+        .unify()
+        .or(limits)
+        .unify()
+        .or(demo)
+        .unify()
+}
+
+/// Turns warp's rejections into the API's JSON errors (and counts them).
+pub async fn recover(
+    ctx: Arc<Context>,
+    err: Rejection,
+) -> Result<warp::reply::Response, Infallible> {
+    let (status, code, message) = if err.is_not_found() {
+        (
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route".to_string(),
+        )
+    } else if err.find::<warp::reject::PayloadTooLarge>().is_some() {
+        (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("bodies are limited to {MAX_BODY_BYTES} bytes"),
+        )
+    } else if let Some(e) = err.find::<warp::filters::body::BodyDeserializeError>() {
+        (StatusCode::BAD_REQUEST, "invalid_json", e.to_string())
+    } else if err.find::<warp::reject::InvalidQuery>().is_some() {
+        (
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            "invalid query string".to_string(),
+        )
+    } else if err.find::<warp::reject::LengthRequired>().is_some() {
+        (
+            StatusCode::LENGTH_REQUIRED,
+            "length_required",
+            "a Content-Length header is required".to_string(),
+        )
+    } else if err.find::<warp::reject::UnsupportedMediaType>().is_some() {
+        (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json".to_string(),
+        )
+    } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "method not allowed".to_string(),
+        )
+    } else if let Some(e) = err.find::<Error>() {
+        let (s, c) = e.status_and_code();
+        (s, c, e.to_string())
+    } else {
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("{err:?}"),
+        )
+    };
+    ctx.metrics.rejected.with_label_values(&[code]).inc();
+    Ok(error_response(status, code, &message))
+}
+
+/// A stable, low-cardinality label for a request path (for metrics).
+pub fn route_label(method: &str, path: &str) -> &'static str {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method, parts.as_slice()) {
+        ("POST", ["v1", "channels"]) => "create_channel",
+        ("POST", ["v1", "channels", _, "markets"]) => "add_markets",
+        ("DELETE", ["v1", "channels", _, "markets", _]) => "remove_market",
+        ("POST", ["v1", "channels", _, "begin"]) => "begin",
+        ("DELETE", ["v1", "channels", _]) => "close_channel",
+        ("GET", ["v1", "markets", _]) => "market",
+        ("GET", ["v1", "markets"]) => "markets",
+        ("GET", ["v1", "stream", _]) => "stream",
+        ("GET", ["v1", "sse", _]) => "sse",
+        ("GET", ["metrics"]) | ("GET", ["healthz"]) | ("GET", ["readyz"]) => "ops",
+        ("GET", _) => "static",
+        _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn markets_are_validated_and_deduplicated() {
+        let ok = validate_markets(vec!["a".into(), "b".into(), "a".into()]).unwrap();
+        assert_eq!(ok, vec!["a", "b"]);
+        assert!(matches!(
+            validate_markets(vec![]),
+            Err(Error::Invalid {
+                code: "invalid_market",
+                ..
+            })
+        ));
+        assert!(matches!(
+            validate_markets(vec!["bad id".into()]),
+            Err(Error::Invalid {
+                code: "invalid_market",
+                ..
+            })
+        ));
+        let many: Vec<String> = (0..=MAX_MARKETS_PER_CHANNEL)
+            .map(|i| format!("m{i}"))
+            .collect();
+        assert!(matches!(
+            validate_markets(many),
+            Err(Error::Invalid {
+                code: "too_many_markets",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn rate_limiter_refuses_beyond_the_burst() {
+        let r = RateLimiter::new(100.0);
+        assert!(r.try_take(60));
+        assert!(r.try_take(40));
+        assert!(!r.try_take(10));
+    }
+
+    #[test]
+    fn route_labels_have_low_cardinality() {
+        assert_eq!(route_label("POST", "/v1/channels"), "create_channel");
+        assert_eq!(
+            route_label("DELETE", "/v1/channels/abc/markets/m1"),
+            "remove_market"
+        );
+        assert_eq!(route_label("GET", "/v1/markets/x"), "market");
+        assert_eq!(route_label("PUT", "/v1/anything"), "other");
+    }
+}

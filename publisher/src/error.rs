@@ -1,0 +1,53 @@
+//! The publisher's error type, and its mapping to HTTP API errors.
+
+use warp::http::StatusCode;
+
+/// Everything that can go wrong in the publisher.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A Kafka operation failed.
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    /// A Redis operation failed.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The request is invalid; `code` is a stable machine-readable label.
+    #[error("{message}")]
+    Invalid {
+        /// Stable error code (see docs/protocol.md).
+        code: &'static str,
+        /// HTTP status.
+        status: StatusCode,
+        /// For people.
+        message: String,
+    },
+    /// An I/O error (binding sockets).
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// A 4xx error with a stable code.
+    pub fn invalid(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Error::Invalid {
+            code,
+            status,
+            message: message.into(),
+        }
+    }
+
+    /// The HTTP status and stable code of the error.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            Error::Invalid { status, code, .. } => (*status, code),
+            Error::Kafka(_) | Error::Redis(_) | Error::Io(_) => {
+                (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            }
+        }
+    }
+}
+
+impl warp::reject::Reject for Error {}
+
+/// Result alias for the publisher.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

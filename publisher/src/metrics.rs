@@ -1,0 +1,209 @@
+//! Prometheus metrics of the publisher.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    Opts, Registry, TextEncoder,
+};
+
+/// All publisher metrics; share in an `Arc`.
+pub struct Metrics {
+    registry: Registry,
+    /// Open stream connections, by transport.
+    pub connections: prometheus::IntGaugeVec,
+    /// Stream connections accepted, by transport.
+    pub connections_total: IntCounterVec,
+    /// Stream connections closed, by close code.
+    pub closes: IntCounterVec,
+    /// Channels this pod is subscribed to in Redis.
+    pub redis_channels: IntGauge,
+    /// Messages received from Redis pub/sub.
+    pub redis_messages: IntCounter,
+    /// Messages written to clients, by transport.
+    pub sent: IntCounterVec,
+    /// Updates replaced by a newer version for a slow client.
+    pub conflated: IntCounter,
+    /// Updates dropped as not newer than what the client has.
+    pub duplicates: IntCounter,
+    /// Clients closed as hopelessly behind.
+    pub slow_closed: IntCounter,
+    /// Redis pub/sub reconnects.
+    pub redis_reconnects: IntCounter,
+    /// Control API requests, by route and status.
+    pub requests: IntCounterVec,
+    /// Rejected requests and frames, by reason.
+    pub rejected: IntCounterVec,
+    /// Commands produced to Kafka, by type.
+    pub commands: IntCounterVec,
+    /// Producer timestamp → the update reached this pod from Redis.
+    pub update_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+macro_rules! reg {
+    ($r:expr, $m:expr) => {{
+        let m = $m;
+        $r.register(Box::new(m.clone())).expect("unique metric");
+        m
+    }};
+}
+
+impl Metrics {
+    /// Creates and registers every metric.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let cv =
+            |n: &str, h: &str, l: &[&str]| IntCounterVec::new(Opts::new(n, h), l).expect("valid");
+        Metrics {
+            connections: reg!(
+                r,
+                prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "streampipe_publisher_connections",
+                        "Open stream connections"
+                    ),
+                    &["transport"]
+                )
+                .expect("valid")
+            ),
+            connections_total: reg!(
+                r,
+                cv(
+                    "streampipe_publisher_connections_total",
+                    "Stream connections accepted",
+                    &["transport"]
+                )
+            ),
+            closes: reg!(
+                r,
+                cv(
+                    "streampipe_publisher_closes_total",
+                    "Stream connections closed, by close code",
+                    &["code"]
+                )
+            ),
+            redis_channels: reg!(
+                r,
+                IntGauge::new(
+                    "streampipe_publisher_redis_channels",
+                    "Channels subscribed in Redis by this pod"
+                )
+                .expect("valid")
+            ),
+            redis_messages: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_redis_messages_total",
+                    "Messages received from Redis pub/sub"
+                )
+                .expect("valid")
+            ),
+            sent: reg!(
+                r,
+                cv(
+                    "streampipe_publisher_sent_total",
+                    "Messages written to clients",
+                    &["transport"]
+                )
+            ),
+            conflated: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_conflated_total",
+                    "Updates replaced by a newer version for a slow client"
+                )
+                .expect("valid")
+            ),
+            duplicates: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_duplicates_total",
+                    "Updates not newer than what the client has, dropped"
+                )
+                .expect("valid")
+            ),
+            slow_closed: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_slow_clients_closed_total",
+                    "Clients closed as hopelessly behind"
+                )
+                .expect("valid")
+            ),
+            redis_reconnects: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_redis_reconnects_total",
+                    "Redis pub/sub reconnects"
+                )
+                .expect("valid")
+            ),
+            requests: reg!(
+                r,
+                cv(
+                    "streampipe_publisher_requests_total",
+                    "Control API requests",
+                    &["route", "status"]
+                )
+            ),
+            rejected: reg!(
+                r,
+                cv(
+                    "streampipe_publisher_rejected_total",
+                    "Rejected requests and frames",
+                    &["reason"]
+                )
+            ),
+            commands: reg!(
+                r,
+                cv(
+                    "streampipe_publisher_commands_total",
+                    "Commands produced to Kafka",
+                    &["type"]
+                )
+            ),
+            update_latency: reg!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "streampipe_publisher_update_latency_seconds",
+                        "Producer timestamp to the update reaching this pod from Redis"
+                    )
+                    .buckets(exponential_buckets(0.001, 2.0, 14).expect("valid"))
+                )
+                .expect("valid")
+            ),
+            registry: r,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding cannot fail");
+        String::from_utf8(buf).expect("prometheus text is UTF-8")
+    }
+}
+
+/// Increments a gauge now and decrements it when dropped (open connections).
+pub struct GaugeGuard(IntGauge);
+
+impl GaugeGuard {
+    /// Increments `gauge` and returns the guard.
+    pub fn inc(gauge: IntGauge) -> Self {
+        gauge.inc();
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}

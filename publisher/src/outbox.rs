@@ -1,0 +1,376 @@
+//! A connection's bounded outbound queue, with per-market conflation.
+//!
+//! The hub pushes every update for a channel into the outbox of each
+//! connection watching it, without ever waiting for a slow peer. While a
+//! client keeps up, every version is queued and sent in order. Once
+//! [`CONFLATE_AFTER`] messages are waiting, a new update of a market that is
+//! already queued replaces the queued one (the client gets the newest version,
+//! skipping intermediate ones); an update of a market not yet queued is
+//! appended. So the queue never holds more than `CONFLATE_AFTER` + one entry
+//! per market, and a channel watches at most `MAX_MARKETS_PER_CHANNEL`
+//! markets: memory per slow client is bounded, and other clients are never
+//! slowed. A client that accepts nothing for [`SLOW_CLIENT_TIMEOUT`] while
+//! messages wait is hopelessly behind and is closed with 4408.
+//!
+//! The outbox also drops versions that are not newer than what the
+//! connection already sent (or than its `since` resume point), so a `begin`
+//! replay or a reconnect never sends a client something it has.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+/// Queue length from which updates of an already-queued market are
+/// conflated: a few dozen messages absorb a burst without skipping versions.
+pub const CONFLATE_AFTER: usize = 32;
+
+/// How long a client may accept nothing while messages wait before it is
+/// closed as hopelessly behind (4408): long enough for a phone switching
+/// networks, short enough not to hold memory for dead peers.
+pub const SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One update as the hub dispatches it: parsed once, shared by every
+/// connection of the channel.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// Market id.
+    pub market: Arc<str>,
+    /// The market's version.
+    pub version: u64,
+    /// The update's JSON, as sent to clients.
+    pub bytes: Bytes,
+}
+
+/// Something for the connection to do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Item {
+    /// Send this JSON text frame / SSE event.
+    Message {
+        /// Event type (`update`, `reset`, `subscribed`).
+        kind: &'static str,
+        /// The JSON.
+        bytes: Bytes,
+    },
+    /// Close the connection with this code and reason.
+    Close(u16, &'static str),
+}
+
+/// What a push did, for metrics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    /// Queued.
+    Queued,
+    /// Replaced a queued older version of the same market.
+    Conflated,
+    /// Not newer than what the client has; dropped.
+    Duplicate,
+    /// The client is hopelessly behind; the outbox is now closing.
+    TooSlow,
+    /// The outbox is closed already.
+    Closed,
+}
+
+#[derive(Debug)]
+struct Entry {
+    item: Item,
+    /// Market and version of an update entry.
+    update: Option<(Arc<str>, u64)>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    queue: VecDeque<Entry>,
+    /// Sequence number of `queue[0]`.
+    front_seq: u64,
+    /// market → sequence number of its newest queued update.
+    queued: HashMap<Arc<str>, u64>,
+    /// market → newest version handed to the client (or its resume point).
+    sent: HashMap<Arc<str>, u64>,
+    /// When the client last took something while messages waited.
+    last_progress: Instant,
+    closed: bool,
+}
+
+/// A connection's outbound queue. Share it in an `Arc` between the hub
+/// (producer) and the connection task (consumer).
+#[derive(Debug)]
+pub struct Outbox {
+    inner: Mutex<Inner>,
+    notify: Notify,
+}
+
+impl Default for Outbox {
+    fn default() -> Self {
+        Self::new(HashMap::new())
+    }
+}
+
+impl Outbox {
+    /// An outbox resuming after `since` (market → last version the client has).
+    pub fn new(since: HashMap<Arc<str>, u64>) -> Self {
+        Outbox {
+            inner: Mutex::new(Inner {
+                queue: VecDeque::new(),
+                front_seq: 0,
+                queued: HashMap::new(),
+                sent: since,
+                last_progress: Instant::now(),
+                closed: false,
+            }),
+            notify: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Raises the resume point of markets (from a `begin` with `since`).
+    pub fn resume_from(&self, since: &HashMap<Arc<str>, u64>) {
+        let mut g = self.lock();
+        for (m, v) in since {
+            let e = g.sent.entry(m.clone()).or_insert(0);
+            *e = (*e).max(*v);
+        }
+    }
+
+    /// Queues an update, conflating when the client is behind.
+    pub fn push_update(&self, u: &Update) -> Pushed {
+        self.push_update_at(u, Instant::now())
+    }
+
+    fn push_update_at(&self, u: &Update, now: Instant) -> Pushed {
+        let mut g = self.lock();
+        if g.closed {
+            return Pushed::Closed;
+        }
+        if g.sent.get(&u.market).is_some_and(|&v| v >= u.version) {
+            return Pushed::Duplicate;
+        }
+        if g.queue.is_empty() {
+            g.last_progress = now;
+        } else if now.duration_since(g.last_progress) > SLOW_CLIENT_TIMEOUT {
+            drop(g);
+            self.close(4408, "client too slow");
+            return Pushed::TooSlow;
+        }
+        let item = Item::Message {
+            kind: "update",
+            bytes: u.bytes.clone(),
+        };
+        if g.queue.len() >= CONFLATE_AFTER {
+            if let Some(&seq) = g.queued.get(&u.market) {
+                let idx = (seq - g.front_seq) as usize;
+                let entry = &mut g.queue[idx];
+                match &entry.update {
+                    Some((_, v)) if *v >= u.version => return Pushed::Duplicate,
+                    _ => {}
+                }
+                entry.item = item;
+                entry.update = Some((u.market.clone(), u.version));
+                return Pushed::Conflated;
+            }
+        } else if let Some(&seq) = g.queued.get(&u.market) {
+            // Not conflating, but never queue an older version behind a newer one.
+            let idx = (seq - g.front_seq) as usize;
+            if matches!(&g.queue[idx].update, Some((_, v)) if *v >= u.version) {
+                return Pushed::Duplicate;
+            }
+        }
+        let seq = g.front_seq + g.queue.len() as u64;
+        g.queue.push_back(Entry {
+            item,
+            update: Some((u.market.clone(), u.version)),
+        });
+        g.queued.insert(u.market.clone(), seq);
+        drop(g);
+        self.notify.notify_one();
+        Pushed::Queued
+    }
+
+    /// Queues a control message (never conflated or dropped).
+    pub fn push_message(&self, kind: &'static str, bytes: Bytes) {
+        let mut g = self.lock();
+        if g.closed {
+            return;
+        }
+        if g.queue.is_empty() {
+            g.last_progress = Instant::now();
+        }
+        g.queue.push_back(Entry {
+            item: Item::Message { kind, bytes },
+            update: None,
+        });
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    /// Forgets what was sent (after a `reset`, the client re-begins and may
+    /// legitimately receive versions again).
+    pub fn forget_sent(&self) {
+        self.lock().sent.clear();
+    }
+
+    /// Asks the connection to close; pending messages are discarded.
+    pub fn close(&self, code: u16, reason: &'static str) {
+        let mut g = self.lock();
+        if g.closed {
+            return;
+        }
+        g.closed = true;
+        g.queue.clear();
+        g.queued.clear();
+        g.queue.push_back(Entry {
+            item: Item::Close(code, reason),
+            update: None,
+        });
+        drop(g);
+        self.notify.notify_one();
+    }
+
+    /// Takes the next item, if any.
+    pub fn pop(&self) -> Option<Item> {
+        let mut g = self.lock();
+        let entry = g.queue.pop_front()?;
+        let seq = g.front_seq;
+        g.front_seq += 1;
+        g.last_progress = Instant::now();
+        if let Some((m, v)) = &entry.update {
+            if g.queued.get(m) == Some(&seq) {
+                g.queued.remove(m);
+            }
+            let e = g.sent.entry(m.clone()).or_insert(0);
+            *e = (*e).max(*v);
+        }
+        Some(entry.item)
+    }
+
+    /// Waits until something may be available.
+    pub async fn notified(&self) {
+        self.notify.notified().await
+    }
+
+    /// Messages waiting.
+    pub fn len(&self) -> usize {
+        self.lock().queue.len()
+    }
+
+    /// Whether nothing waits.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upd(m: &str, v: u64) -> Update {
+        Update {
+            market: m.into(),
+            version: v,
+            bytes: Bytes::from(format!("{m}@{v}")),
+        }
+    }
+
+    fn drain(o: &Outbox) -> Vec<String> {
+        let mut out = Vec::new();
+        while let Some(item) = o.pop() {
+            match item {
+                Item::Message { bytes, .. } => out.push(String::from_utf8(bytes.to_vec()).unwrap()),
+                Item::Close(code, _) => out.push(format!("close {code}")),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_client_that_keeps_up_gets_every_version_in_order() {
+        let o = Outbox::default();
+        for v in 1..=10 {
+            assert_eq!(o.push_update(&upd("a", v)), Pushed::Queued);
+        }
+        let got = drain(&o);
+        assert_eq!(got, (1..=10).map(|v| format!("a@{v}")).collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn a_slow_client_gets_the_latest_version_of_every_market_in_bounded_memory() {
+        let o = Outbox::default();
+        // 5 markets, 1000 updates each, nothing read.
+        for v in 1..=1000 {
+            for m in ["a", "b", "c", "d", "e"] {
+                o.push_update(&upd(m, v));
+            }
+        }
+        assert!(o.len() <= CONFLATE_AFTER + 5, "queue bounded: {}", o.len());
+        let got = drain(&o);
+        for m in ["a", "b", "c", "d", "e"] {
+            assert!(
+                got.contains(&format!("{m}@1000")),
+                "{m} latest missing: {got:?}"
+            );
+        }
+        // Per market, versions are increasing.
+        for m in ["a", "b", "c", "d", "e"] {
+            let vs: Vec<u64> = got
+                .iter()
+                .filter_map(|s| s.strip_prefix(&format!("{m}@")).map(|v| v.parse().unwrap()))
+                .collect();
+            assert!(vs.windows(2).all(|w| w[0] < w[1]), "{m}: {vs:?}");
+        }
+    }
+
+    #[test]
+    fn duplicates_and_resume_points_are_dropped() {
+        let mut since = HashMap::new();
+        since.insert(Arc::from("a"), 5u64);
+        let o = Outbox::new(since);
+        assert_eq!(o.push_update(&upd("a", 5)), Pushed::Duplicate);
+        assert_eq!(o.push_update(&upd("a", 6)), Pushed::Queued);
+        assert_eq!(o.push_update(&upd("a", 6)), Pushed::Duplicate);
+        assert_eq!(drain(&o), vec!["a@6"]);
+        assert_eq!(
+            o.push_update(&upd("a", 6)),
+            Pushed::Duplicate,
+            "already sent"
+        );
+        assert_eq!(
+            o.push_update(&upd("a", 4)),
+            Pushed::Duplicate,
+            "older than sent"
+        );
+        o.forget_sent();
+        assert_eq!(o.push_update(&upd("a", 6)), Pushed::Queued, "after a reset");
+    }
+
+    #[test]
+    fn hopelessly_behind_client_is_closed_with_4408() {
+        let o = Outbox::default();
+        let t0 = Instant::now();
+        assert_eq!(o.push_update_at(&upd("a", 1), t0), Pushed::Queued);
+        let later = t0 + SLOW_CLIENT_TIMEOUT + Duration::from_secs(1);
+        assert_eq!(o.push_update_at(&upd("a", 2), later), Pushed::TooSlow);
+        assert_eq!(drain(&o), vec!["close 4408"]);
+        assert_eq!(o.push_update(&upd("a", 3)), Pushed::Closed);
+    }
+
+    #[test]
+    fn control_messages_are_never_conflated() {
+        let o = Outbox::default();
+        for v in 1..=100 {
+            o.push_update(&upd("a", v));
+        }
+        o.push_message("reset", Bytes::from_static(b"reset"));
+        let got = drain(&o);
+        assert_eq!(
+            got.last().unwrap(),
+            "reset",
+            "queued after the updates, kept"
+        );
+        assert!(got.contains(&"a@100".to_string()));
+    }
+}

@@ -1,0 +1,114 @@
+//! Channel registry and market state in Redis, for the control API.
+//!
+//! The registry set (`sp:<p>:{c:<id>}:reg`) holds the markets a channel
+//! asked for. The control API writes it *before* producing the commands, so
+//! any publisher pod can answer `begin`, add, remove and close for the
+//! channel at once, while the reducers apply the commands asynchronously.
+//! Reducers own the `m2c`/`c2m` maps; this module never writes them.
+
+use bytes::Bytes;
+use redis::aio::ConnectionManager;
+use streampipe_contract::Keys;
+
+use crate::error::Result;
+
+/// Redis access of the control API. Cheap to clone.
+#[derive(Clone)]
+pub struct Registry {
+    conn: ConnectionManager,
+    keys: Keys,
+}
+
+impl Registry {
+    /// Connects (the manager reconnects by itself after errors).
+    pub async fn connect(url: &str, keys: Keys) -> Result<Self> {
+        let client = redis::Client::open(url)?;
+        let conn = ConnectionManager::new(client).await?;
+        Ok(Registry { conn, keys })
+    }
+
+    /// The key schema.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// Checks Redis answers.
+    pub async fn ping(&self) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: String = redis::cmd("PING").query_async(&mut c).await?;
+        Ok(())
+    }
+
+    /// Adds markets to a channel's registry; returns how many it now has.
+    pub async fn add(&self, channel: &str, markets: &[String]) -> Result<usize> {
+        let mut c = self.conn.clone();
+        let key = self.keys.channel_registry(channel);
+        let (n,): (usize,) = redis::pipe()
+            .cmd("SADD")
+            .arg(&key)
+            .arg(markets)
+            .ignore()
+            .cmd("SCARD")
+            .arg(&key)
+            .query_async(&mut c)
+            .await?;
+        Ok(n)
+    }
+
+    /// The markets of a channel; `None` when the channel is unknown.
+    pub async fn markets(&self, channel: &str) -> Result<Option<Vec<String>>> {
+        let mut c = self.conn.clone();
+        let mut v: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.channel_registry(channel))
+            .query_async(&mut c)
+            .await?;
+        if v.is_empty() {
+            return Ok(None);
+        }
+        v.sort();
+        Ok(Some(v))
+    }
+
+    /// Removes one market; false when the channel did not have it.
+    pub async fn remove(&self, channel: &str, market: &str) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let n: usize = redis::cmd("SREM")
+            .arg(self.keys.channel_registry(channel))
+            .arg(market)
+            .query_async(&mut c)
+            .await?;
+        Ok(n == 1)
+    }
+
+    /// Deletes the registry and tells every pod's connections of the channel
+    /// that it is closed (a control message on the channel's pub/sub).
+    pub async fn delete(&self, channel: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = redis::pipe()
+            .cmd("DEL")
+            .arg(self.keys.channel_registry(channel))
+            .ignore()
+            .cmd("PUBLISH")
+            .arg(self.keys.pubsub_channel(channel))
+            .arg(CLOSED_MESSAGE)
+            .ignore()
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The stored state message of each market (`None` where there is none).
+    pub async fn states(&self, markets: &[String]) -> Result<Vec<Option<Bytes>>> {
+        let mut c = self.conn.clone();
+        let mut pipe = redis::pipe();
+        for m in markets {
+            pipe.cmd("HGET").arg(self.keys.market_state(m)).arg("msg");
+        }
+        let v: Vec<Option<Vec<u8>>> = pipe.query_async(&mut c).await?;
+        Ok(v.into_iter().map(|o| o.map(Bytes::from)).collect())
+    }
+}
+
+/// Published on a channel's pub/sub when the channel is closed through the
+/// API; every pod closes its connections of that channel with 4410.
+pub const CLOSED_MESSAGE: &str = r#"{"type":"closed"}"#;

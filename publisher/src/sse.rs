@@ -1,0 +1,151 @@
+//! Server-Sent Events streams: `GET /v1/sse/<channel>`.
+//!
+//! The same flow as the WebSocket endpoint over plain HTTP: join the channel
+//! (subscribed), then the outbox's items as events. SSE is one-way, so
+//! `begin` is `?begin=1` (or `POST /v1/channels/<id>/begin`). A slow reader
+//! simply stops polling the body; its outbox conflates meanwhile.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream;
+use streampipe_contract::{validate_channel_id, CommandKind};
+use warp::http::StatusCode;
+use warp::sse::Event;
+use warp::Reply;
+
+use crate::hub::Membership;
+use crate::metrics::GaugeGuard;
+use crate::outbox::{Item, Outbox};
+use crate::{api, Context, StreamParams};
+
+/// Keep-alive comment interval: below common proxy idle timeouts.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
+
+struct State {
+    outbox: Arc<Outbox>,
+    _membership: Membership,
+    _gauge: GaugeGuard,
+    first: Option<Event>,
+    done: bool,
+    ctx: Arc<Context>,
+}
+
+/// Handles `GET /v1/sse/<channel>`.
+pub async fn handle(
+    channel: String,
+    params: StreamParams,
+    origin: Option<String>,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let m = &ctx.metrics;
+    if let Err(e) = validate_channel_id(&channel) {
+        m.rejected.with_label_values(&["invalid_channel"]).inc();
+        return Ok(api::error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+            &e.to_string(),
+        ));
+    }
+    if !ctx.origin_allowed(origin.as_deref()) {
+        m.rejected.with_label_values(&["origin"]).inc();
+        return Ok(api::error_response(
+            StatusCode::FORBIDDEN,
+            "origin_not_allowed",
+            "origin not allowed",
+        ));
+    }
+    let since = match params.since() {
+        Ok(s) => s,
+        Err(msg) => {
+            m.rejected.with_label_values(&["invalid_since"]).inc();
+            return Ok(api::error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_since",
+                &msg,
+            ));
+        }
+    };
+    let markets = match ctx.registry.markets(&channel).await {
+        Ok(Some(ms)) => ms,
+        Ok(None) => {
+            m.rejected.with_label_values(&["unknown_channel"]).inc();
+            return Ok(api::error_response(
+                StatusCode::NOT_FOUND,
+                "unknown_channel",
+                "unknown channel",
+            ));
+        }
+        Err(e) => return Ok(api::error_from(&e)),
+    };
+    let outbox = Arc::new(Outbox::new(since));
+    let membership = match ctx.hub.join(&channel, outbox.clone()).await {
+        Ok(mem) => mem,
+        Err(e) => return Ok(api::error_from(&e)),
+    };
+    m.connections_total.with_label_values(&["sse"]).inc();
+    let gauge = GaugeGuard::inc(m.connections.with_label_values(&["sse"]));
+    if params.begin {
+        if let Err(e) = ctx
+            .commands
+            .send(CommandKind::Begin, &channel, &markets, m)
+            .await
+        {
+            return Ok(api::error_from(&e));
+        }
+    }
+    let ack = serde_json::json!({"type": "subscribed", "channel": channel, "markets": markets});
+    let state = State {
+        outbox,
+        _membership: membership,
+        _gauge: gauge,
+        first: Some(Event::default().event("subscribed").data(ack.to_string())),
+        done: false,
+        ctx: ctx.clone(),
+    };
+    let events = stream::unfold(state, |mut st| async move {
+        if let Some(e) = st.first.take() {
+            return Some((Ok::<_, Infallible>(e), st));
+        }
+        if st.done {
+            return None;
+        }
+        let mut shutdown = st.ctx.shutdown.clone();
+        loop {
+            if let Some(item) = st.outbox.pop() {
+                return match item {
+                    Item::Message { kind, bytes } => {
+                        st.ctx.metrics.sent.with_label_values(&["sse"]).inc();
+                        let data = String::from_utf8_lossy(&bytes).into_owned();
+                        Some((Ok(Event::default().event(kind).data(data)), st))
+                    }
+                    Item::Close(code, reason) => {
+                        st.ctx
+                            .metrics
+                            .closes
+                            .with_label_values(&[&code.to_string()])
+                            .inc();
+                        st.done = true;
+                        let data =
+                            serde_json::json!({"type": "close", "code": code, "reason": reason});
+                        Some((
+                            Ok(Event::default().event("close").data(data.to_string())),
+                            st,
+                        ))
+                    }
+                };
+            }
+            tokio::select! {
+                _ = st.outbox.notified() => {}
+                _ = shutdown.changed() => {
+                    st.done = true;
+                    let data = serde_json::json!({"type": "close", "code": 1001, "reason": "publisher shutting down"});
+                    return Some((Ok(Event::default().event("close").data(data.to_string())), st));
+                }
+            }
+        }
+    });
+    let reply = warp::sse::reply(warp::sse::keep_alive().interval(KEEP_ALIVE).stream(events));
+    Ok(reply.into_response())
+}

@@ -1,0 +1,325 @@
+//! WebSocket streams: `GET /v1/stream/<channel>`.
+//!
+//! The upgrade is done here rather than with `warp::ws()`, whose WebSocket
+//! configuration cannot set tungstenite's read buffer: tungstenite allocates
+//! it eagerly (128 KiB by default), which alone would cost 1.3 GB for 10 000
+//! idle connections. We answer the handshake ourselves (101 +
+//! `Sec-WebSocket-Accept`), take hyper's upgraded I/O from the request's
+//! `OnUpgrade` extension and build the `WebSocketStream` with a small
+//! [`ws_config`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use serde::Deserialize;
+use streampipe_contract::{validate_channel_id, CommandKind};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tracing::debug;
+use warp::http::{Response, StatusCode};
+use warp::hyper::body::Bytes as HyperBytes;
+
+use crate::metrics::GaugeGuard;
+use crate::outbox::{Item, Outbox};
+use crate::{api, Context, StreamParams};
+
+/// Largest client frame: clients only send `begin` (with `since` for up to
+/// `MAX_MARKETS_PER_CHANNEL` markets would need more, so `since` beyond this
+/// belongs in the query string) and control frames.
+pub const MAX_CLIENT_FRAME: usize = 4 * 1024;
+
+/// tungstenite's eagerly allocated read buffer: client frames are tiny, so
+/// 1 KiB instead of the 128 KiB default (the bulk of an idle socket's memory).
+pub const READ_BUFFER: usize = 1024;
+
+/// How often the server pings: below common proxy idle timeouts (60 s).
+pub const PING_INTERVAL: Duration = Duration::from_secs(20);
+
+/// How long without any frame from the client (pongs included) before the
+/// connection is closed with 4409: three missed pings.
+pub const PONG_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Minimum time between two `begin`s honoured for one connection: each one
+/// produces a command per market, so a looping client must not flood Kafka.
+pub const BEGIN_MIN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// How long one write may take before the client counts as hopelessly behind.
+pub const WRITE_TIMEOUT: Duration = crate::outbox::SLOW_CLIENT_TIMEOUT;
+
+/// The WebSocket configuration of every stream connection.
+pub fn ws_config() -> WebSocketConfig {
+    WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        // Write each message through at once; the outbox is the buffer.
+        .write_buffer_size(0)
+        .max_write_buffer_size(256 * 1024)
+        .max_message_size(Some(MAX_CLIENT_FRAME))
+        .max_frame_size(Some(MAX_CLIENT_FRAME))
+}
+
+/// Headers of an upgrade request.
+#[derive(Debug, Default)]
+pub struct Upgrade {
+    /// `Connection`.
+    pub connection: Option<String>,
+    /// `Upgrade`.
+    pub upgrade: Option<String>,
+    /// `Sec-WebSocket-Version`.
+    pub version: Option<String>,
+    /// `Sec-WebSocket-Key`.
+    pub key: Option<String>,
+    /// `Origin`.
+    pub origin: Option<String>,
+}
+
+/// Handles `GET /v1/stream/<channel>`.
+pub async fn handle(
+    channel: String,
+    headers: Upgrade,
+    params: StreamParams,
+    on_upgrade: Option<OnUpgrade>,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, warp::Rejection> {
+    let is_ws = headers
+        .connection
+        .as_deref()
+        .is_some_and(|c| c.to_ascii_lowercase().contains("upgrade"))
+        && headers
+            .upgrade
+            .as_deref()
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
+        && headers.version.as_deref() == Some("13");
+    let (Some(key), Some(on_upgrade), true) = (headers.key, on_upgrade, is_ws) else {
+        ctx.metrics
+            .rejected
+            .with_label_values(&["not_websocket"])
+            .inc();
+        return Ok(api::error_response(
+            StatusCode::BAD_REQUEST,
+            "websocket_required",
+            "this endpoint needs a WebSocket upgrade (version 13)",
+        ));
+    };
+    if let Err(e) = validate_channel_id(&channel) {
+        ctx.metrics
+            .rejected
+            .with_label_values(&["invalid_channel"])
+            .inc();
+        return Ok(api::error_response(
+            StatusCode::BAD_REQUEST,
+            "invalid_channel",
+            &e.to_string(),
+        ));
+    }
+    let since = match params.since() {
+        Ok(s) => s,
+        Err(msg) => {
+            ctx.metrics
+                .rejected
+                .with_label_values(&["invalid_since"])
+                .inc();
+            return Ok(api::error_response(
+                StatusCode::BAD_REQUEST,
+                "invalid_since",
+                &msg,
+            ));
+        }
+    };
+    let origin_ok = ctx.origin_allowed(headers.origin.as_deref());
+    let accept = derive_accept_key(key.as_bytes());
+    tokio::spawn(async move {
+        let upgraded = match on_upgrade.await {
+            Ok(u) => u,
+            Err(e) => {
+                debug!(error = %e, "websocket upgrade failed");
+                return;
+            }
+        };
+        let ws = WebSocketStream::from_raw_socket(
+            TokioIo::new(upgraded),
+            Role::Server,
+            Some(ws_config()),
+        )
+        .await;
+        run(ws, channel, since, params.begin, origin_ok, ctx).await;
+    });
+    let resp = Response::builder()
+        .status(StatusCode::SWITCHING_PROTOCOLS)
+        .header("upgrade", "websocket")
+        .header("connection", "upgrade")
+        .header("sec-websocket-accept", accept)
+        .body(HyperBytes::new().into())
+        .expect("valid response");
+    Ok(resp)
+}
+
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum ClientFrame {
+    Begin {
+        #[serde(default)]
+        since: HashMap<String, u64>,
+    },
+}
+
+type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
+
+async fn close(ws: &mut Ws, ctx: &Context, code: u16, reason: &'static str) {
+    ctx.metrics
+        .closes
+        .with_label_values(&[&code.to_string()])
+        .inc();
+    let frame = CloseFrame {
+        code: CloseCode::from(code),
+        reason: reason.into(),
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+}
+
+/// One connection's life: check, join the channel, ack, stream.
+async fn run(
+    mut ws: Ws,
+    channel: String,
+    since: HashMap<Arc<str>, u64>,
+    begin: bool,
+    origin_ok: bool,
+    ctx: Arc<Context>,
+) {
+    let m = &ctx.metrics;
+    m.connections_total.with_label_values(&["ws"]).inc();
+    let _gauge = GaugeGuard::inc(m.connections.with_label_values(&["ws"]));
+
+    if !origin_ok {
+        m.rejected.with_label_values(&["origin"]).inc();
+        return close(&mut ws, &ctx, 4403, "origin not allowed").await;
+    }
+    let markets = match ctx.registry.markets(&channel).await {
+        Ok(Some(ms)) => ms,
+        Ok(None) => {
+            m.rejected.with_label_values(&["unknown_channel"]).inc();
+            return close(&mut ws, &ctx, 4404, "unknown channel").await;
+        }
+        Err(_) => return close(&mut ws, &ctx, 1011, "redis unavailable").await,
+    };
+    let outbox = Arc::new(Outbox::new(since));
+    let _membership = match ctx.hub.join(&channel, outbox.clone()).await {
+        Ok(mem) => mem,
+        Err(_) => return close(&mut ws, &ctx, 1011, "redis unavailable").await,
+    };
+    let ack = serde_json::json!({"type": "subscribed", "channel": channel, "markets": markets});
+    if ws.send(Message::text(ack.to_string())).await.is_err() {
+        return;
+    }
+    let mut last_begin: Option<Instant> = None;
+    if begin {
+        last_begin = Some(Instant::now());
+        let _ = ctx
+            .commands
+            .send(CommandKind::Begin, &channel, &markets, m)
+            .await;
+    }
+    let mut shutdown = ctx.shutdown.clone();
+    let mut ping = tokio::time::interval(PING_INTERVAL);
+    ping.tick().await;
+    let mut last_heard = Instant::now();
+    loop {
+        tokio::select! {
+            frame = ws.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    Some(Ok(Message::Text(text))) => {
+                        match serde_json::from_str::<ClientFrame>(text.as_str()) {
+                            Ok(ClientFrame::Begin { since }) => {
+                                if last_begin.is_some_and(|t| t.elapsed() < BEGIN_MIN_INTERVAL) {
+                                    m.rejected.with_label_values(&["begin_rate"]).inc();
+                                    continue;
+                                }
+                                last_begin = Some(Instant::now());
+                                let since: HashMap<Arc<str>, u64> = since.into_iter().map(|(k, v)| (Arc::from(k), v)).collect();
+                                outbox.resume_from(&since);
+                                // Re-read: markets may have been added since the connection opened.
+                                let markets = ctx.registry.markets(&channel).await.ok().flatten().unwrap_or_default();
+                                if ctx.commands.send(CommandKind::Begin, &channel, &markets, m).await.is_err() {
+                                    m.rejected.with_label_values(&["begin_failed"]).inc();
+                                }
+                            }
+                            Err(_) => {
+                                m.rejected.with_label_values(&["bad_frame"]).inc();
+                                return close(&mut ws, &ctx, 4400, "malformed frame").await;
+                            }
+                        }
+                    }
+                    Some(Ok(Message::Binary(_))) => {
+                        m.rejected.with_label_values(&["bad_frame"]).inc();
+                        return close(&mut ws, &ctx, 4400, "binary frames are not accepted").await;
+                    }
+                    Some(Ok(Message::Close(_))) | None => {
+                        m.closes.with_label_values(&["client"]).inc();
+                        return;
+                    }
+                    Some(Ok(_)) => {} // ping (answered by tungstenite), pong
+                    Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
+                        m.rejected.with_label_values(&["frame_too_large"]).inc();
+                        return close(&mut ws, &ctx, 1009, "frame too large").await;
+                    }
+                    Some(Err(e)) => {
+                        debug!(error = %e, "websocket read error");
+                        m.closes.with_label_values(&["error"]).inc();
+                        return;
+                    }
+                }
+            }
+            _ = outbox.notified() => {
+                let mut wrote = false;
+                while let Some(item) = outbox.pop() {
+                    match item {
+                        Item::Message { bytes, .. } => {
+                            // Valid UTF-8: it is JSON produced by the contract.
+                            let text = match String::from_utf8(bytes.to_vec()) {
+                                Ok(t) => t,
+                                Err(_) => continue,
+                            };
+                            match tokio::time::timeout(WRITE_TIMEOUT, ws.feed(Message::text(text))).await {
+                                Ok(Ok(())) => { wrote = true; m.sent.with_label_values(&["ws"]).inc(); }
+                                Ok(Err(_)) => return,
+                                Err(_) => {
+                                    m.slow_closed.inc();
+                                    return close(&mut ws, &ctx, 4408, "client too slow").await;
+                                }
+                            }
+                        }
+                        Item::Close(code, reason) => return close(&mut ws, &ctx, code, reason).await,
+                    }
+                }
+                if wrote {
+                    match tokio::time::timeout(WRITE_TIMEOUT, ws.flush()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return,
+                        Err(_) => {
+                            m.slow_closed.inc();
+                            return close(&mut ws, &ctx, 4408, "client too slow").await;
+                        }
+                    }
+                }
+            }
+            _ = ping.tick() => {
+                if last_heard.elapsed() > PONG_TIMEOUT {
+                    return close(&mut ws, &ctx, 4409, "heartbeat timeout").await;
+                }
+                if ws.send(Message::Ping(Default::default())).await.is_err() {
+                    return;
+                }
+            }
+            _ = shutdown.changed() => {
+                return close(&mut ws, &ctx, 1001, "publisher shutting down").await;
+            }
+        }
+    }
+}
