@@ -155,8 +155,16 @@ fn take_tokens(ctx: &Context, n: usize) -> Result<(), Error> {
     }
 }
 
-fn reply(r: Result<warp::reply::Response, Error>) -> Result<warp::reply::Response, Rejection> {
-    Ok(r.unwrap_or_else(|e| error_from(&e)))
+/// The handler's reply, or its error as JSON (counted by code).
+fn reply(
+    ctx: &Context,
+    r: Result<warp::reply::Response, Error>,
+) -> Result<warp::reply::Response, Rejection> {
+    Ok(r.unwrap_or_else(|e| {
+        let (_, code) = e.status_and_code();
+        ctx.metrics.rejected.with_label_values(&[code]).inc();
+        error_from(&e)
+    }))
 }
 
 // ---- handlers ----
@@ -166,6 +174,7 @@ async fn create_channel(
     ctx: Arc<Context>,
 ) -> Result<warp::reply::Response, Rejection> {
     reply(
+        &ctx,
         async {
             let markets = validate_markets(body.markets)?;
             take_tokens(&ctx, markets.len())?;
@@ -200,6 +209,7 @@ async fn add_markets(
     ctx: Arc<Context>,
 ) -> Result<warp::reply::Response, Rejection> {
     reply(
+        &ctx,
         async {
             check_channel(&id)?;
             let markets = validate_markets(body.markets)?;
@@ -241,6 +251,7 @@ async fn remove_market(
     ctx: Arc<Context>,
 ) -> Result<warp::reply::Response, Rejection> {
     reply(
+        &ctx,
         async {
             check_channel(&id)?;
             validate_market_id(&market).map_err(|e| bad("invalid_market", e.to_string()))?;
@@ -272,6 +283,7 @@ async fn remove_market(
 
 async fn begin(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
     reply(
+        &ctx,
         async {
             check_channel(&id)?;
             let markets = ctx
@@ -291,6 +303,7 @@ async fn begin(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, R
 
 async fn close_channel(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
     reply(
+        &ctx,
         async {
             check_channel(&id)?;
             let markets = ctx
@@ -312,6 +325,7 @@ async fn close_channel(id: String, ctx: Arc<Context>) -> Result<warp::reply::Res
 
 async fn market(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
     reply(
+        &ctx,
         async {
             validate_market_id(&id).map_err(|e| bad("invalid_market", e.to_string()))?;
             match ctx
@@ -343,6 +357,7 @@ struct IdsQuery {
 
 async fn markets(q: IdsQuery, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
     reply(
+        &ctx,
         async {
             let ids: Vec<String> = q
                 .ids

@@ -219,6 +219,16 @@ impl Hub {
         }
     }
 
+    /// The most bytes queued in any member's outbox (diagnostics and tests).
+    pub fn max_outbox_bytes(&self) -> usize {
+        self.channels()
+            .values()
+            .flat_map(|c| c.members.values())
+            .map(|o| o.queued_bytes())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Number of members of all channels (connections) known to the hub.
     pub fn member_count(&self) -> usize {
         self.channels().values().map(|c| c.members.len()).sum()

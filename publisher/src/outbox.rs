@@ -23,9 +23,11 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::Notify;
 
-/// Queue length from which updates of an already-queued market are
-/// conflated: a few dozen messages absorb a burst without skipping versions.
-pub const CONFLATE_AFTER: usize = 32;
+/// Queued bytes from which updates of an already-queued market are
+/// conflated: about what a socket's kernel buffer holds, so a client that
+/// keeps up rides out bursts and scheduling hiccups without skipping
+/// versions, while a stalled one costs at most this plus one update per market.
+pub const CONFLATE_AFTER_BYTES: usize = 256 * 1024;
 
 /// How long a client may accept nothing while messages wait before it is
 /// closed as hopelessly behind (4408): long enough for a phone switching
@@ -83,6 +85,10 @@ struct Entry {
 #[derive(Debug)]
 struct Inner {
     queue: VecDeque<Entry>,
+    /// Bytes of the queued messages.
+    bytes: usize,
+    /// Conflation threshold in bytes.
+    conflate_after: usize,
     /// Sequence number of `queue[0]`.
     front_seq: u64,
     /// market → sequence number of its newest queued update.
@@ -111,9 +117,16 @@ impl Default for Outbox {
 impl Outbox {
     /// An outbox resuming after `since` (market → last version the client has).
     pub fn new(since: HashMap<Arc<str>, u64>) -> Self {
+        Self::with_threshold(since, CONFLATE_AFTER_BYTES)
+    }
+
+    /// Like [`Outbox::new`] with another conflation threshold (in bytes).
+    pub fn with_threshold(since: HashMap<Arc<str>, u64>, conflate_after: usize) -> Self {
         Outbox {
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
+                bytes: 0,
+                conflate_after,
                 front_seq: 0,
                 queued: HashMap::new(),
                 sent: since,
@@ -161,14 +174,18 @@ impl Outbox {
             kind: "update",
             bytes: u.bytes.clone(),
         };
-        if g.queue.len() >= CONFLATE_AFTER {
+        if g.bytes >= g.conflate_after {
             if let Some(&seq) = g.queued.get(&u.market) {
                 let idx = (seq - g.front_seq) as usize;
+                let old_len = match &g.queue[idx] {
+                    Entry {
+                        update: Some((_, v)),
+                        ..
+                    } if *v >= u.version => return Pushed::Duplicate,
+                    e => item_len(&e.item),
+                };
+                g.bytes = g.bytes - old_len + u.bytes.len();
                 let entry = &mut g.queue[idx];
-                match &entry.update {
-                    Some((_, v)) if *v >= u.version => return Pushed::Duplicate,
-                    _ => {}
-                }
                 entry.item = item;
                 entry.update = Some((u.market.clone(), u.version));
                 return Pushed::Conflated;
@@ -181,6 +198,7 @@ impl Outbox {
             }
         }
         let seq = g.front_seq + g.queue.len() as u64;
+        g.bytes += u.bytes.len();
         g.queue.push_back(Entry {
             item,
             update: Some((u.market.clone(), u.version)),
@@ -200,6 +218,7 @@ impl Outbox {
         if g.queue.is_empty() {
             g.last_progress = Instant::now();
         }
+        g.bytes += bytes.len();
         g.queue.push_back(Entry {
             item: Item::Message { kind, bytes },
             update: None,
@@ -222,6 +241,7 @@ impl Outbox {
         }
         g.closed = true;
         g.queue.clear();
+        g.bytes = 0;
         g.queued.clear();
         g.queue.push_back(Entry {
             item: Item::Close(code, reason),
@@ -235,6 +255,7 @@ impl Outbox {
     pub fn pop(&self) -> Option<Item> {
         let mut g = self.lock();
         let entry = g.queue.pop_front()?;
+        g.bytes -= item_len(&entry.item);
         let seq = g.front_seq;
         g.front_seq += 1;
         g.last_progress = Instant::now();
@@ -253,6 +274,11 @@ impl Outbox {
         self.notify.notified().await
     }
 
+    /// Bytes waiting.
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
     /// Messages waiting.
     pub fn len(&self) -> usize {
         self.lock().queue.len()
@@ -261,6 +287,13 @@ impl Outbox {
     /// Whether nothing waits.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+fn item_len(item: &Item) -> usize {
+    match item {
+        Item::Message { bytes, .. } => bytes.len(),
+        Item::Close(..) => 0,
     }
 }
 
@@ -290,23 +323,31 @@ mod tests {
     #[test]
     fn a_client_that_keeps_up_gets_every_version_in_order() {
         let o = Outbox::default();
-        for v in 1..=10 {
+        for v in 1..=1000 {
             assert_eq!(o.push_update(&upd("a", v)), Pushed::Queued);
         }
         let got = drain(&o);
-        assert_eq!(got, (1..=10).map(|v| format!("a@{v}")).collect::<Vec<_>>());
+        assert_eq!(
+            got,
+            (1..=1000).map(|v| format!("a@{v}")).collect::<Vec<_>>()
+        );
     }
 
     #[test]
     fn a_slow_client_gets_the_latest_version_of_every_market_in_bounded_memory() {
-        let o = Outbox::default();
+        let o = Outbox::with_threshold(HashMap::new(), 100);
         // 5 markets, 1000 updates each, nothing read.
         for v in 1..=1000 {
             for m in ["a", "b", "c", "d", "e"] {
                 o.push_update(&upd(m, v));
             }
         }
-        assert!(o.len() <= CONFLATE_AFTER + 5, "queue bounded: {}", o.len());
+        assert!(
+            o.queued_bytes() <= 100 + 5 * 8,
+            "queue bounded: {} bytes",
+            o.queued_bytes()
+        );
+        assert!(o.len() <= 100 / 3 + 5, "queue bounded: {} entries", o.len());
         let got = drain(&o);
         for m in ["a", "b", "c", "d", "e"] {
             assert!(
@@ -360,7 +401,7 @@ mod tests {
 
     #[test]
     fn control_messages_are_never_conflated() {
-        let o = Outbox::default();
+        let o = Outbox::with_threshold(HashMap::new(), 100);
         for v in 1..=100 {
             o.push_update(&upd("a", v));
         }

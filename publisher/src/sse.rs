@@ -49,7 +49,7 @@ pub async fn handle(
         ));
     }
     if !ctx.origin_allowed(origin.as_deref()) {
-        m.rejected.with_label_values(&["origin"]).inc();
+        m.rejected.with_label_values(&["origin_not_allowed"]).inc();
         return Ok(api::error_response(
             StatusCode::FORBIDDEN,
             "origin_not_allowed",

@@ -99,7 +99,7 @@ pub async fn handle(
     let (Some(key), Some(on_upgrade), true) = (headers.key, on_upgrade, is_ws) else {
         ctx.metrics
             .rejected
-            .with_label_values(&["not_websocket"])
+            .with_label_values(&["websocket_required"])
             .inc();
         return Ok(api::error_response(
             StatusCode::BAD_REQUEST,
@@ -171,6 +171,11 @@ enum ClientFrame {
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
 
+/// How long a close waits for the client's half of the closing handshake.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Closes with a proper close frame and waits briefly for the client's close,
+/// so the client reads our code instead of a TCP reset.
 async fn close(ws: &mut Ws, ctx: &Context, code: u16, reason: &'static str) {
     ctx.metrics
         .closes
@@ -180,7 +185,26 @@ async fn close(ws: &mut Ws, ctx: &Context, code: u16, reason: &'static str) {
         code: CloseCode::from(code),
         reason: reason.into(),
     };
-    let _ = tokio::time::timeout(Duration::from_secs(2), ws.close(Some(frame))).await;
+    let deadline = tokio::time::Instant::now() + CLOSE_TIMEOUT;
+    if tokio::time::timeout_at(deadline, ws.close(Some(frame)))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    // Read until the client's close (or the stream gives up).
+    while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, ws.next()).await {}
+    // Then discard whatever is left unread (e.g. the rest of an oversized
+    // frame) until the client closes: closing a socket with unread data makes
+    // the kernel send a reset, and the client would never see our code.
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    let io = ws.get_mut();
+    while let Ok(Ok(n)) = tokio::time::timeout_at(deadline, io.read(&mut sink)).await {
+        if n == 0 {
+            break;
+        }
+    }
 }
 
 /// One connection's life: check, join the channel, ack, stream.
@@ -197,7 +221,7 @@ async fn run(
     let _gauge = GaugeGuard::inc(m.connections.with_label_values(&["ws"]));
 
     if !origin_ok {
-        m.rejected.with_label_values(&["origin"]).inc();
+        m.rejected.with_label_values(&["origin_not_allowed"]).inc();
         return close(&mut ws, &ctx, 4403, "origin not allowed").await;
     }
     let markets = match ctx.registry.markets(&channel).await {

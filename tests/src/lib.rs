@@ -6,6 +6,8 @@
 //! ports as fallback. Each test makes its own pipeline (unique topics, group
 //! and Redis prefix), so tests run in parallel without seeing each other.
 
+pub mod publisher;
+
 use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};

@@ -1,0 +1,242 @@
+//! Publisher test support: an in-process publisher on a free port, a child
+//! process publisher (for kill tests), HTTP with bodies, WebSocket and SSE
+//! clients.
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use streampipe_publisher::{context, serve, Config, Context, Metrics};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+use crate::{free_port, redis_url, workspace_bin, Pipeline};
+
+/// A publisher running in this process.
+pub struct InProcess {
+    /// Its address.
+    pub addr: SocketAddr,
+    /// Its shared context (metrics, hub).
+    pub ctx: Arc<Context>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl InProcess {
+    /// Starts a publisher for the pipeline on a free loopback port.
+    pub async fn start(p: &Pipeline) -> Self {
+        let mut config = Config::new(&p.broker.bootstrap(), &p.name, &redis_url());
+        config.command_topic = p.config.command_topic.clone();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let ctx = context(config, Arc::new(Metrics::new()), stopped)
+            .await
+            .expect("publisher context");
+        let (addr, _server) = serve("127.0.0.1:0".parse().unwrap(), ctx.clone())
+            .await
+            .expect("serve");
+        InProcess { addr, ctx, stop }
+    }
+
+    /// `http://addr`.
+    pub fn base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        self.ctx.hub.close_all(1001, "test over");
+    }
+}
+
+/// A publisher running as a child process (for kill tests).
+pub struct PublisherProcess {
+    /// The child.
+    pub child: Child,
+    /// Its address.
+    pub addr: SocketAddr,
+}
+
+impl PublisherProcess {
+    /// Starts `streampipe-publisher` for the pipeline on `port` (0: a free one).
+    pub fn spawn(p: &Pipeline, port: u16, demo_markets: &[String]) -> Self {
+        let port = if port == 0 { free_port() } else { port };
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let child = Command::new(workspace_bin("streampipe-publisher"))
+            .arg("--brokers")
+            .arg(p.broker.bootstrap())
+            .arg("--pipeline")
+            .arg(&p.name)
+            .arg("--redis-url")
+            .arg(redis_url())
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--demo-markets")
+            .arg(demo_markets.join(","))
+            .arg("--log-format")
+            .arg("text")
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn publisher");
+        let me = PublisherProcess { child, addr };
+        crate::wait_for(Duration::from_secs(30), "publisher ready", || {
+            crate::try_http_request(&me.addr.to_string(), "GET", "/readyz")
+                .ok()?
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+        });
+        me
+    }
+
+    /// SIGKILL.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PublisherProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// An HTTP response: status, body.
+#[derive(Debug)]
+pub struct Resp {
+    /// Status code.
+    pub status: u16,
+    /// Body text.
+    pub body: String,
+}
+
+impl Resp {
+    /// The body as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    /// `error.code` of a JSON error body.
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+}
+
+/// One HTTP/1.1 request with an optional JSON body (no client dependency needed).
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Resp {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let body = body.unwrap_or("");
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw))
+        .await
+        .expect("response in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_owned()
+    };
+    Resp { status, body }
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((len, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(len.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+/// Creates a channel for `markets`; returns its id.
+pub async fn create_channel(addr: SocketAddr, markets: &[&str]) -> String {
+    let body = serde_json::json!({ "markets": markets }).to_string();
+    let r = http(addr, "POST", "/v1/channels", Some(&body)).await;
+    assert_eq!(r.status, 201, "create channel: {}", r.body);
+    r.json()["channel"].as_str().unwrap().to_owned()
+}
+
+/// A WebSocket client.
+pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens `/v1/stream/<channel><query>`.
+pub async fn ws_connect(addr: SocketAddr, channel: &str, query: &str) -> Ws {
+    let url = format!("ws://{addr}/v1/stream/{channel}{query}");
+    let (ws, _) = tokio_tungstenite::connect_async(url)
+        .await
+        .expect("websocket connect");
+    ws
+}
+
+/// What a WebSocket client read next.
+#[derive(Debug)]
+pub enum Frame {
+    /// A JSON text frame.
+    Json(serde_json::Value),
+    /// A close frame with its code.
+    Closed(u16),
+}
+
+/// Reads the next JSON frame or close, waiting at most `timeout`.
+pub async fn ws_next(ws: &mut Ws, timeout: Duration) -> Option<Frame> {
+    loop {
+        let msg = tokio::time::timeout(timeout, ws.next()).await.ok()??;
+        match msg {
+            Ok(Message::Text(t)) => {
+                return Some(Frame::Json(
+                    serde_json::from_str(t.as_str()).expect("JSON frame"),
+                ))
+            }
+            Ok(Message::Close(c)) => {
+                return Some(Frame::Closed(c.map(|c| u16::from(c.code)).unwrap_or(1005)))
+            }
+            Ok(_) => continue,
+            Err(_) => return Some(Frame::Closed(1006)),
+        }
+    }
+}
+
+/// Reads frames until a close arrives; returns its code.
+pub async fn ws_close_code(ws: &mut Ws, timeout: Duration) -> u16 {
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match ws_next(ws, left).await {
+            Some(Frame::Closed(c)) => return c,
+            Some(Frame::Json(_)) => continue,
+            None => panic!("no close frame within {timeout:?}"),
+        }
+    }
+}
+
+/// Sends a text frame.
+pub async fn ws_send(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text.to_owned())).await.expect("send");
+}

@@ -1,0 +1,451 @@
+//! Publisher end-to-end tests on the real stack: control API → Kafka →
+//! reducer → Redis → publisher → WebSocket / SSE client.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use streampipe_reducer::{spawn, Metrics, ReducerHandle};
+use streampipe_tests::publisher::{
+    create_channel, http, ws_close_code, ws_connect, ws_next, ws_send, Frame, InProcess, Ws,
+};
+use streampipe_tests::{wait_for, Broker, Pipeline};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+
+async fn setup(partitions: i32) -> (Arc<Pipeline>, ReducerHandle, InProcess) {
+    let (p, reducer) = tokio::task::spawn_blocking(move || {
+        let p = Pipeline::new(Broker::Dev, partitions);
+        let r = spawn(p.config.clone(), Arc::new(Metrics::new())).unwrap();
+        (Arc::new(p), r)
+    })
+    .await
+    .unwrap();
+    let publisher = InProcess::start(&p).await;
+    (p, reducer, publisher)
+}
+
+/// Blocking Redis checks off the runtime's threads.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// Reads updates until `pred` holds on everything read so far.
+async fn read_updates(
+    ws: &mut Ws,
+    got: &mut Vec<serde_json::Value>,
+    what: &str,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pred(got) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ws_next(ws, left).await {
+            Some(Frame::Json(v)) if v["type"] == "update" => got.push(v),
+            Some(Frame::Json(_)) => {}
+            other => panic!("waiting for {what}: got {other:?} after {got:?}"),
+        }
+    }
+}
+
+fn has(got: &[serde_json::Value], market: &str, version: u64) -> bool {
+    got.iter()
+        .any(|u| u["market"] == market && u["version"] == version)
+}
+
+fn assert_increasing(got: &[serde_json::Value]) {
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for u in got {
+        let m = u["market"].as_str().unwrap().to_owned();
+        let v = u["version"].as_u64().unwrap();
+        if let Some(prev) = last.insert(m.clone(), v) {
+            assert!(v > prev, "{m}: version {v} after {prev}: {got:?}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_end_to_end() {
+    let (p, reducer, publ) = setup(4).await;
+    for v in 1..=3 {
+        p.update("E1", v, &format!(r#"{{"home":{v}}}"#));
+    }
+    p.update("E2", 1, "1");
+    p.flush();
+    let pc = p.clone();
+    blocking(move || {
+        wait_for(Duration::from_secs(30), "E1 state", || {
+            (pc.state_version("E1") == 3).then_some(())
+        })
+    })
+    .await;
+
+    let ch = create_channel(publ.addr, &["E1", "E2", "E3"]).await;
+    let mut ws = ws_connect(publ.addr, &ch, "").await;
+    match ws_next(&mut ws, Duration::from_secs(10)).await {
+        Some(Frame::Json(v)) => {
+            assert_eq!(v["type"], "subscribed");
+            assert_eq!(v["channel"], ch.as_str());
+            assert_eq!(v["markets"], serde_json::json!(["E1", "E2", "E3"]));
+        }
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+    ws_send(&mut ws, r#"{"type":"begin"}"#).await;
+    let mut got = Vec::new();
+    read_updates(&mut ws, &mut got, "current state", |g| {
+        has(g, "E1", 3) && has(g, "E2", 1)
+    })
+    .await;
+    assert_eq!(
+        got.iter().find(|u| u["market"] == "E1").unwrap()["payload"],
+        serde_json::json!({"home": 3})
+    );
+
+    p.update("E1", 4, "4");
+    p.update("E1", 5, "5");
+    p.update("E3", 1, "1");
+    p.flush();
+    read_updates(&mut ws, &mut got, "live updates", |g| {
+        has(g, "E1", 5) && has(g, "E3", 1)
+    })
+    .await;
+    assert_increasing(&got);
+
+    // Removing a market stops its updates.
+    let r = http(
+        publ.addr,
+        "DELETE",
+        &format!("/v1/channels/{ch}/markets/E2"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    let (pc, chc) = (p.clone(), ch.clone());
+    blocking(move || {
+        wait_for(Duration::from_secs(30), "E2 unsubscribed", || {
+            (!pc.smembers(&pc.keys().market_channels("E2")).contains(&chc)).then_some(())
+        })
+    })
+    .await;
+    p.update("E2", 2, "2");
+    p.update("E1", 6, "6");
+    p.flush();
+    read_updates(&mut ws, &mut got, "E1 v6", |g| has(g, "E1", 6)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Some(Frame::Json(v)) = ws_next(&mut ws, Duration::from_millis(100)).await {
+        got.push(v);
+    }
+    assert!(
+        !has(&got, "E2", 2),
+        "a removed market kept streaming: {got:?}"
+    );
+
+    // Closing the channel closes the stream with 4410 and leaves nothing in Redis.
+    let r = http(publ.addr, "DELETE", &format!("/v1/channels/{ch}"), None).await;
+    assert_eq!(r.status, 204, "{}", r.body);
+    assert_eq!(ws_close_code(&mut ws, Duration::from_secs(10)).await, 4410);
+    let (pc, chc) = (p.clone(), ch.clone());
+    blocking(move || {
+        wait_for(
+            Duration::from_secs(30),
+            "no key of the channel left",
+            || {
+                let tag = format!("{{c:{chc}}}");
+                let left: Vec<String> = pc
+                    .all_keys()
+                    .into_iter()
+                    .filter(|k| k.contains(&tag))
+                    .collect();
+                let in_m2c = ["E1", "E2", "E3"]
+                    .iter()
+                    .any(|m| pc.smembers(&pc.keys().market_channels(m)).contains(&chc));
+                (left.is_empty() && !in_m2c).then_some(())
+            },
+        )
+    })
+    .await;
+    let r = http(publ.addr, "POST", &format!("/v1/channels/{ch}/begin"), None).await;
+    assert_eq!(
+        (r.status, r.error_code().as_str()),
+        (404, "unknown_channel")
+    );
+    drop(publ);
+    blocking(move || reducer.shutdown().unwrap()).await;
+}
+
+/// Reads SSE events (`event`, parsed `data`) from a raw HTTP response.
+async fn sse_events(
+    lines: &mut tokio::io::Lines<BufReader<tokio::net::TcpStream>>,
+    got: &mut Vec<(String, serde_json::Value)>,
+    pred: impl Fn(&[(String, serde_json::Value)]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut event = String::new();
+    while !pred(got) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = tokio::time::timeout(left, lines.next_line())
+            .await
+            .expect("SSE event in time")
+            .unwrap()
+            .expect("SSE stream open");
+        if let Some(e) = line.strip_prefix("event:") {
+            event = e.trim().to_owned();
+        } else if let Some(d) = line.strip_prefix("data:") {
+            got.push((
+                event.clone(),
+                serde_json::from_str(d.trim()).expect("SSE data is JSON"),
+            ));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sse_end_to_end() {
+    let (p, reducer, publ) = setup(4).await;
+    p.update("S1", 7, "7");
+    p.flush();
+    let pc = p.clone();
+    blocking(move || {
+        wait_for(Duration::from_secs(30), "S1 state", || {
+            (pc.state_version("S1") == 7).then_some(())
+        })
+    })
+    .await;
+    let ch = create_channel(publ.addr, &["S1", "S2"]).await;
+
+    let mut s = tokio::net::TcpStream::connect(publ.addr).await.unwrap();
+    let req = format!(
+        "GET /v1/sse/{ch}?begin=1 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut lines = BufReader::new(s).lines();
+    let status = lines.next_line().await.unwrap().unwrap();
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    let mut got = Vec::new();
+    sse_events(&mut lines, &mut got, |g| {
+        g.iter().any(|(e, d)| e == "update" && d["version"] == 7)
+    })
+    .await;
+    assert_eq!(got[0].0, "subscribed");
+    p.update("S2", 1, "1");
+    p.update("S1", 8, "8");
+    p.flush();
+    sse_events(&mut lines, &mut got, |g| {
+        g.iter()
+            .any(|(_, d)| d["market"] == "S2" && d["version"] == 1)
+            && g.iter().any(|(_, d)| d["version"] == 8)
+    })
+    .await;
+    let updates: Vec<serde_json::Value> = got
+        .iter()
+        .filter(|(e, _)| e == "update")
+        .map(|(_, d)| d.clone())
+        .collect();
+    assert_increasing(&updates);
+
+    let r = http(publ.addr, "DELETE", &format!("/v1/channels/{ch}"), None).await;
+    assert_eq!(r.status, 204);
+    sse_events(&mut lines, &mut got, |g| {
+        g.iter().any(|(e, _)| e == "close")
+    })
+    .await;
+    assert_eq!(got.last().unwrap().1["code"], 4410);
+    drop(publ);
+    blocking(move || reducer.shutdown().unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_is_conflated_and_does_not_slow_others() {
+    let (p, reducer, publ) = setup(4).await;
+    let markets: Vec<String> = (0..20).map(|i| format!("L{i}")).collect();
+    let refs: Vec<&str> = markets.iter().map(String::as_str).collect();
+    let ch = create_channel(publ.addr, &refs).await;
+    let pc = p.clone();
+    let chc = ch.clone();
+    let ms = markets.clone();
+    blocking(move || ms.iter().for_each(|m| pc.wait_subscribed(&chc, m))).await;
+
+    // The slow client: a tiny receive buffer, and it reads nothing.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let tcp = sock.connect(publ.addr).await.unwrap();
+    let (mut slow, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/v1/stream/{ch}", publ.addr),
+        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
+    )
+    .await
+    .unwrap();
+    let mut fast = ws_connect(publ.addr, &ch, "").await;
+    assert!(
+        matches!(ws_next(&mut fast, Duration::from_secs(10)).await, Some(Frame::Json(v)) if v["type"] == "subscribed")
+    );
+    wait_for(Duration::from_secs(10), "both joined", || {
+        (publ.ctx.hub.member_count() == 2).then_some(())
+    });
+
+    // 20 markets × 300 versions of ~1 KB at ~2000 updates/s: 6 MB, far
+    // beyond the slow client's socket buffers, at a pace a live client follows.
+    let last = 300u64;
+    let producer = {
+        let p = p.clone();
+        let markets = markets.clone();
+        tokio::task::spawn_blocking(move || {
+            let pad = "x".repeat(1000);
+            let t0 = Instant::now();
+            for v in 1..=last {
+                for m in &markets {
+                    p.update(m, v, &format!(r#"{{"pad":"{pad}"}}"#));
+                }
+                // 20 updates every 10 ms.
+                let due = t0 + Duration::from_millis(10 * v);
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+            }
+            p.flush();
+        })
+    };
+    // The fast client keeps up: every version, in order, with low latency,
+    // while the slow client's outbox stays bounded.
+    let mut got = Vec::new();
+    let mut latencies = Vec::new();
+    let mut max_outbox = 0;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !markets.iter().all(|m| has(&got, m, last)) {
+        max_outbox = max_outbox.max(publ.ctx.hub.max_outbox_bytes());
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ws_next(&mut fast, left).await {
+            Some(Frame::Json(v)) if v["type"] == "update" => {
+                latencies.push(streampipe_tests::now_ms() - v["ts"].as_i64().unwrap());
+                got.push(v);
+            }
+            Some(Frame::Json(_)) => {}
+            other => panic!("fast client: {other:?}"),
+        }
+    }
+    producer.await.unwrap();
+    assert_increasing(&got);
+    assert_eq!(
+        got.len(),
+        20 * last as usize,
+        "the fast client got every version"
+    );
+    latencies.sort_unstable();
+    let p99 = latencies[latencies.len() * 99 / 100];
+    assert!(
+        p99 < 1000,
+        "fast client p99 latency {p99} ms: it was slowed down"
+    );
+    let m = &publ.ctx.metrics;
+    assert!(
+        m.conflated.get() > 0,
+        "the slow client's updates were conflated"
+    );
+    // The threshold plus one ~1.1 KB update per market.
+    let bound = streampipe_publisher::outbox::CONFLATE_AFTER_BYTES + markets.len() * 1200;
+    assert!(
+        max_outbox <= bound,
+        "an outbox grew to {max_outbox} bytes (bound {bound})"
+    );
+
+    // The slow client now reads: the latest version of every market arrives.
+    let mut slow_got = Vec::new();
+    read_updates(&mut slow, &mut slow_got, "slow client catches up", |g| {
+        markets.iter().all(|m| has(g, m, last))
+    })
+    .await;
+    assert_increasing(&slow_got);
+    assert!(
+        slow_got.len() < got.len(),
+        "the slow client received a conflated stream ({} vs {})",
+        slow_got.len(),
+        got.len()
+    );
+    eprintln!(
+        "fast client: {} updates, p50 {} ms, p99 {p99} ms; slow client: {} updates; conflated {}; max outbox {max_outbox} bytes",
+        got.len(),
+        latencies[latencies.len() / 2],
+        slow_got.len(),
+        m.conflated.get()
+    );
+    drop(publ);
+    blocking(move || reducer.shutdown().unwrap()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_and_frames_get_documented_errors() {
+    let (_p, reducer, publ) = setup(2).await;
+    let a = publ.addr;
+    let cases: Vec<(&str, &str, Option<String>, u16, &str)> = vec![
+        ("POST", "/v1/channels", Some("{not json".into()), 400, "invalid_json"),
+        ("POST", "/v1/channels", Some(r#"{"markets":["ok","bad id"]}"#.into()), 400, "invalid_market"),
+        ("POST", "/v1/channels", Some(r#"{"markets":[]}"#.into()), 400, "invalid_market"),
+        ("POST", "/v1/channels", Some(r#"{"markets":["a"],"extra":1}"#.into()), 400, "invalid_json"),
+        ("POST", "/v1/channels", Some(serde_json::json!({"markets": (0..501).map(|i| format!("m{i}")).collect::<Vec<_>>()}).to_string()), 400, "too_many_markets"),
+        ("POST", "/v1/channels", Some(format!(r#"{{"markets":["{}"]}}"#, "a".repeat(200_000))), 413, "payload_too_large"),
+        ("POST", "/v1/channels/00000000-0000-4000-8000-000000000000/begin", None, 404, "unknown_channel"),
+        ("POST", "/v1/channels/bad%20id/begin", None, 400, "invalid_channel"),
+        ("DELETE", "/v1/channels/00000000-0000-4000-8000-000000000000", None, 404, "unknown_channel"),
+        ("GET", "/v1/markets/nothing-here", None, 404, "unknown_market"),
+        ("GET", "/v1/markets", None, 400, "invalid_market"),
+        ("GET", "/v1/stream/abc", None, 400, "websocket_required"),
+        ("GET", "/v1/sse/00000000-0000-4000-8000-000000000000", None, 404, "unknown_channel"),
+        ("GET", "/v1/nope", None, 404, "not_found"),
+    ];
+    for (method, path, body, status, code) in cases {
+        let r = http(a, method, path, body.as_deref()).await;
+        assert_eq!(
+            (r.status, r.error_code().as_str()),
+            (status, code),
+            "{method} {path}: {}",
+            r.body
+        );
+    }
+    // WebSocket: unknown channel, malformed frame, binary frame, oversized frame.
+    let mut ws = ws_connect(a, "00000000-0000-4000-8000-000000000000", "").await;
+    assert_eq!(ws_close_code(&mut ws, Duration::from_secs(10)).await, 4404);
+    let ch = create_channel(a, &["X1"]).await;
+    let mut ws = ws_connect(a, &ch, "").await;
+    ws_send(&mut ws, "this is not json").await;
+    assert_eq!(ws_close_code(&mut ws, Duration::from_secs(10)).await, 4400);
+    let mut ws = ws_connect(a, &ch, "").await;
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::binary(vec![
+        1u8, 2, 3,
+    ]))
+    .await
+    .unwrap();
+    assert_eq!(ws_close_code(&mut ws, Duration::from_secs(10)).await, 4400);
+    let mut ws = ws_connect(a, &ch, "").await;
+    ws_send(
+        &mut ws,
+        &format!(r#"{{"type":"begin","since":{{"{}":1}}}}"#, "m".repeat(5000)),
+    )
+    .await;
+    assert_eq!(ws_close_code(&mut ws, Duration::from_secs(10)).await, 1009);
+    let r = http(a, "GET", &format!("/v1/stream/{ch}?since=garbage"), None).await;
+    assert_eq!(r.status, 400);
+
+    // Still serving, and every rejection was counted.
+    assert_eq!(http(a, "GET", "/healthz", None).await.status, 200);
+    create_channel(a, &["X2"]).await;
+    let metrics = http(a, "GET", "/metrics", None).await.body;
+    for reason in [
+        "invalid_json",
+        "invalid_market",
+        "too_many_markets",
+        "payload_too_large",
+        "unknown_channel",
+        "bad_frame",
+        "frame_too_large",
+        "websocket_required",
+    ] {
+        assert!(
+            metrics.contains(&format!(
+                "streampipe_publisher_rejected_total{{reason=\"{reason}\"}}"
+            )),
+            "no metric for {reason}"
+        );
+    }
+    drop(publ);
+    blocking(move || reducer.shutdown().unwrap()).await;
+}
