@@ -24,7 +24,7 @@ as_root() {
 ensure_packages() {
     local missing=()
     local pkg
-    for pkg in redis-server redis-tools curl make gcc g++ perl python3 pkg-config; do
+    for pkg in redis-server redis-tools curl make gcc g++ perl python3 pkg-config "$@"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -43,6 +43,15 @@ ensure_tansu() {
     CARGO_TARGET_DIR=$STREAMPIPE_CACHE/tansu-build cargo install tansu --version "$TANSU_VERSION" \
         --locked --features dynostore,libsql --root "$STREAMPIPE_CACHE/tansu-$TANSU_VERSION" >&2
     rm -rf "$STREAMPIPE_CACHE/tansu-build"
+}
+
+# What only the test suite needs: Debian's Chromium for the live page's
+# end-to-end tests, and Node.js (the machine's, else Debian's) for the JS
+# client's unit tests.
+ensure_test_packages() {
+    local extra=(chromium)
+    command -v node >/dev/null || extra+=(nodejs)
+    ensure_packages "${extra[@]}"
 }
 
 ensure_workspace_bins() {

@@ -14,7 +14,7 @@ export STREAMPIPE_TANSU_PORT=${STREAMPIPE_TEST_TANSU_PORT:-29192}
 export STREAMPIPE_BROKERS="dev tansu"
 
 started=$(date +%s)
-ensure_packages
+ensure_test_packages
 ensure_tansu
 
 log "cargo fmt --check"
@@ -33,6 +33,9 @@ trap 'scripts/stack.sh down >/dev/null 2>&1 || true' EXIT
 scripts/stack.sh up
 # shellcheck disable=SC1091
 source "$STREAMPIPE_STACK_DIR/env"
+
+log "JS client unit tests (node --test)"
+node --test publisher/static/test/
 
 log "cargo test"
 cargo test --workspace --no-fail-fast

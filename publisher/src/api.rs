@@ -514,6 +514,8 @@ pub async fn recover(
             "unsupported_media_type",
             "send application/json".to_string(),
         )
+    } else if let Some(e) = err.find::<warp::filters::cors::CorsForbidden>() {
+        (StatusCode::FORBIDDEN, "origin_not_allowed", e.to_string())
     } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
         (
             StatusCode::METHOD_NOT_ALLOWED,

@@ -233,6 +233,17 @@ pub fn routes(
             .inc();
     });
     let recover_ctx = ctx.clone();
+    // Cross-origin pages may use the control API and SSE: CORS for the
+    // configured origins (any origin when none is configured).
+    let cors = warp::cors()
+        .allow_methods(["GET", "POST", "DELETE"])
+        .allow_headers(["content-type"])
+        .max_age(600);
+    let cors = if ctx.config.allowed_origins.is_empty() {
+        cors.allow_any_origin()
+    } else {
+        cors.allow_origins(ctx.config.allowed_origins.iter().map(String::as_str))
+    };
     stream
         .or(sse)
         .unify()
@@ -248,6 +259,8 @@ pub fn routes(
         .unify()
         .or(readyz)
         .unify()
+        .with(cors)
+        .map(Reply::into_response)
         .recover(move |err| api::recover(recover_ctx.clone(), err))
         .unify()
         .with(log)

@@ -51,6 +51,9 @@ struct Args {
     /// How many markets `--demo-channel` watches.
     #[arg(long, default_value_t = 5)]
     demo_markets: usize,
+    /// Print the ids of the first N markets (comma-separated) and exit.
+    #[arg(long)]
+    list_markets: Option<usize>,
 }
 
 /// xorshift64*: a tiny deterministic generator; a demo needs no crypto.
@@ -175,6 +178,11 @@ fn main() -> anyhow::Result<()> {
             }
         })
         .collect();
+    if let Some(n) = a.list_markets {
+        let ids: Vec<&str> = markets.iter().take(n).map(|m| m.id.as_str()).collect();
+        println!("{}", ids.join(","));
+        return Ok(());
+    }
     if let Some(channel) = &a.demo_channel {
         streampipe_contract::validate_channel_id(channel)?;
         for m in markets.iter().take(a.demo_markets) {

@@ -1,0 +1,217 @@
+//! A headless Chromium (Debian's `chromium`) driven over the DevTools
+//! protocol, for end-to-end tests of the live page. No driver binary and no
+//! npm package: the DevTools protocol is JSON over a WebSocket.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+
+use crate::publisher::Ws;
+
+/// A running headless Chromium with one page attached.
+pub struct Browser {
+    child: Child,
+    page: Ws,
+    next_id: u64,
+    _profile: PathBuf,
+}
+
+/// Where end-to-end artifacts (screenshots) are kept.
+pub fn artifacts_dir() -> PathBuf {
+    let base = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            let exe = std::env::current_exe().unwrap();
+            exe.parent()
+                .and_then(|p| p.parent())
+                .and_then(|p| p.parent())
+                .unwrap()
+                .to_path_buf()
+        });
+    let dir = base.join("e2e-artifacts");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+impl Browser {
+    /// Starts Chromium with the flags this machine needs (no sandbox as
+    /// root, no background networking on a closed network).
+    pub async fn launch() -> Self {
+        let profile = std::env::temp_dir().join(format!(
+            "streampipe-chromium-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        let mut child = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-dev-shm-usage",
+                "--window-size=1280,900",
+                "--remote-debugging-port=0",
+            ])
+            .arg(format!("--user-data-dir={}", profile.display()))
+            .arg("about:blank")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("chromium (Debian package `chromium`) must be installed; scripts/test.sh installs it");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(url) = line.split("DevTools listening on ").nth(1) {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let browser_url = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("chromium DevTools endpoint");
+        let host = browser_url
+            .trim_start_matches("ws://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        // The page target opened with about:blank.
+        let list = crate::wait_for(Duration::from_secs(10), "a page target", || {
+            let body = devtools_get(&host, "/json/list").ok()?;
+            let v: serde_json::Value = serde_json::from_str(&body).ok()?;
+            v.as_array()?
+                .iter()
+                .find(|t| t["type"] == "page")
+                .and_then(|t| t["webSocketDebuggerUrl"].as_str().map(str::to_owned))
+        });
+        let (page, _) = tokio_tungstenite::connect_async(list)
+            .await
+            .expect("DevTools page socket");
+        let mut b = Browser {
+            child,
+            page,
+            next_id: 1,
+            _profile: profile,
+        };
+        b.call("Page.enable", serde_json::json!({})).await;
+        b.call("Runtime.enable", serde_json::json!({})).await;
+        b
+    }
+
+    /// Sends a DevTools command and returns its result.
+    pub async fn call(&mut self, method: &str, params: serde_json::Value) -> serde_json::Value {
+        let id = self.next_id;
+        self.next_id += 1;
+        let msg = serde_json::json!({"id": id, "method": method, "params": params});
+        self.page
+            .send(Message::text(msg.to_string()))
+            .await
+            .expect("devtools send");
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(30), self.page.next())
+                .await
+                .expect("devtools answer in time")
+                .expect("devtools socket open")
+                .expect("devtools frame");
+            if let Message::Text(t) = frame {
+                let v: serde_json::Value = serde_json::from_str(t.as_str()).unwrap();
+                if v["id"] == id {
+                    assert!(v.get("error").is_none(), "{method}: {}", v["error"]);
+                    return v["result"].clone();
+                }
+            }
+        }
+    }
+
+    /// Opens `url` in the page.
+    pub async fn navigate(&mut self, url: &str) {
+        self.call("Page.navigate", serde_json::json!({ "url": url }))
+            .await;
+    }
+
+    /// Evaluates a JavaScript expression in the page and returns its value.
+    pub async fn eval(&mut self, expr: &str) -> serde_json::Value {
+        let r = self
+            .call(
+                "Runtime.evaluate",
+                serde_json::json!({"expression": expr, "returnByValue": true}),
+            )
+            .await;
+        r["result"]["value"].clone()
+    }
+
+    /// Polls `expr` until it is truthy.
+    pub async fn wait_until(&mut self, expr: &str, timeout: Duration) -> serde_json::Value {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let v = self.eval(expr).await;
+            if !(v.is_null() || v == false || v == 0 || v == "") {
+                return v;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out waiting for `{expr}`"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Saves a PNG screenshot of the page.
+    pub async fn screenshot(&mut self, path: &Path) {
+        let r = self
+            .call(
+                "Page.captureScreenshot",
+                serde_json::json!({"format": "png"}),
+            )
+            .await;
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(r["data"].as_str().expect("screenshot data"))
+            .expect("base64 PNG");
+        std::fs::write(path, png).expect("write screenshot");
+    }
+}
+
+/// GET from the DevTools HTTP endpoint, which keeps connections open: read
+/// exactly `Content-Length` bytes instead of waiting for the close.
+fn devtools_get(host: &str, path: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(host)?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
+    let mut r = BufReader::new(s);
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line)?;
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._profile);
+    }
+}
