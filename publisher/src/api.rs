@@ -408,9 +408,7 @@ fn json_body() -> impl Filter<Extract = (MarketsBody,), Error = Rejection> + Clo
 }
 
 /// All control API routes under `/v1`.
-pub fn routes(
-    ctx: Arc<Context>,
-) -> impl Filter<Extract = (warp::reply::Response,), Error = Rejection> + Clone {
+pub fn routes(ctx: Arc<Context>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
     let create = warp::path!("v1" / "channels")
         .and(warp::post())
         .and(json_body())
@@ -475,6 +473,7 @@ pub fn routes(
         .unify()
         .or(demo)
         .unify()
+        .boxed()
 }
 
 /// Turns warp's rejections into the API's JSON errors (and counts them).

@@ -8,6 +8,9 @@
 //! - [`registry`], [`commands`]: Redis and Kafka adapters.
 //! - The live odds page and the JS client are embedded static files.
 
+// warp's composed filter types are deep; release builds need a higher limit.
+#![recursion_limit = "256"]
+
 pub mod api;
 pub mod commands;
 pub mod error;
@@ -196,13 +199,15 @@ pub fn routes(
         .and(warp::query::<StreamParams>())
         .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
         .and(with_ctx.clone())
-        .and_then(ws::handle);
+        .and_then(ws::handle)
+        .boxed();
     let sse = warp::path!("v1" / "sse" / String)
         .and(warp::get())
         .and(warp::query::<StreamParams>())
         .and(warp::header::optional::<String>("origin"))
         .and(with_ctx.clone())
-        .and_then(sse::handle);
+        .and_then(sse::handle)
+        .boxed();
     let index = warp::path::end()
         .and(warp::get())
         .map(|| static_file(INDEX_HTML, "text/html; charset=utf-8"));
