@@ -198,7 +198,7 @@ async fn client(i: usize, a: Arc<Args>, stats: Arc<Stats>, stop: Arc<AtomicBool>
         if t.contains("update") {
             stats.received.fetch_add(1, Ordering::Relaxed);
             // Sample a quarter of the clients for latency, to keep the vector modest.
-            if i % 4 == 0 && stats.measuring.load(Ordering::Relaxed) {
+            if i.is_multiple_of(4) && stats.measuring.load(Ordering::Relaxed) {
                 if let Some(l) = latency_of(t) {
                     stats
                         .latencies
