@@ -27,23 +27,25 @@ scripts/stack.sh up >/dev/null
 # The sandbox caps open files per process (ulimit -Hn); each side needs one per client.
 echo "open-file limit per process: $(ulimit -n) (hard $(ulimit -Hn))"
 
+port=0
 for n in "${CLIENTS[@]}"; do
     channels=$((n / 10))
+    port=$((port + 1))
     # streampipe publisher (Kafka is not used: channels are registered in Redis
     # directly and updates published to their pub/sub, as reducers do).
     "$R/streampipe-publisher" --brokers 127.0.0.1:1 --pipeline bench --redis-url redis://127.0.0.1:36379 \
-        --listen 127.0.0.1:38080 --log-format text >"$STREAMPIPE_STACK_DIR/publisher.log" 2>&1 &
+        --listen 127.0.0.1:$((38080 + port)) --log-format text >"$STREAMPIPE_STACK_DIR/publisher.log" 2>&1 &
     pub=$!; PIDS+=("$pub")
-    for _ in $(seq 1 50); do curl -sf http://127.0.0.1:38080/readyz >/dev/null && break; sleep 0.1; done
-    "$R/streampipe-bench-publisher" --target streampipe --addr 127.0.0.1:38080 --pid "$pub" \
+    for _ in $(seq 1 50); do curl -sf http://127.0.0.1:$((38080 + port))/readyz >/dev/null && break; sleep 0.1; done
+    "$R/streampipe-bench-publisher" --target streampipe --addr 127.0.0.1:$((38080 + port)) --pid "$pub" \
         --clients "$n" --channels "$channels" --rate "$RATE" --seconds "$SECONDS_LOAD"
-    kill "$pub"; wait "$pub" 2>/dev/null || true
+    kill "$pub" 2>/dev/null || true; wait "$pub" 2>/dev/null || true
 
-    node tests/bench/socketio/server.js --port 33000 --redis redis://127.0.0.1:36379 >"$STREAMPIPE_STACK_DIR/socketio.log" 2>&1 &
+    node tests/bench/socketio/server.js --port $((33000 + port)) --redis redis://127.0.0.1:36379 >"$STREAMPIPE_STACK_DIR/socketio.log" 2>&1 &
     sio=$!; PIDS+=("$sio")
     for _ in $(seq 1 50); do grep -q ready "$STREAMPIPE_STACK_DIR/socketio.log" && break; sleep 0.1; done
-    "$R/streampipe-bench-publisher" --target socketio --addr 127.0.0.1:33000 --pid "$sio" \
+    "$R/streampipe-bench-publisher" --target socketio --addr 127.0.0.1:$((33000 + port)) --pid "$sio" \
         --clients "$n" --channels "$channels" --rate "$RATE" --seconds "$SECONDS_LOAD" \
         --emitter "node tests/bench/socketio/emitter.js --redis redis://127.0.0.1:36379"
-    kill "$sio"; wait "$sio" 2>/dev/null || true
+    kill "$sio" 2>/dev/null || true; wait "$sio" 2>/dev/null || true
 done

@@ -42,9 +42,11 @@ pub const READ_BUFFER: usize = 1024;
 /// How often the server pings: below common proxy idle timeouts (60 s).
 pub const PING_INTERVAL: Duration = Duration::from_secs(20);
 
-/// How long without any frame from the client (pongs included) before the
-/// connection is closed with 4409: three missed pings.
-pub const PONG_TIMEOUT: Duration = Duration::from_secs(60);
+/// Idle timeout: how long without any frame from the client (pongs
+/// included) before the connection is closed with 4409. Three missed pings:
+/// a live browser always answers pings, so this only reaps dead peers
+/// (sleeping laptops, vanished mobiles) whose TCP would linger for minutes.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Minimum time between two `begin`s honoured for one connection: each one
 /// produces a command per market, so a looping client must not flood Kafka.
@@ -334,7 +336,7 @@ async fn run(
                 }
             }
             _ = ping.tick() => {
-                if last_heard.elapsed() > PONG_TIMEOUT {
+                if last_heard.elapsed() > IDLE_TIMEOUT {
                     return close(&mut ws, &ctx, 4409, "heartbeat timeout").await;
                 }
                 if ws.send(Message::Ping(Default::default())).await.is_err() {

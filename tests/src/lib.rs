@@ -634,3 +634,64 @@ impl Drop for ReducerProcess {
 
 /// Keep a producer type in the public API for benchmarks.
 pub type PlainProducer = ThreadedProducer<DefaultProducerContext>;
+
+/// A private Redis that the test can stop and restart on the same port.
+pub struct PrivateRedis {
+    /// Its port.
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    /// Starts `redis-server` on `port` (no persistence) and waits for it.
+    pub fn start(port: u16) -> Self {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        let url = format!("redis://127.0.0.1:{port}");
+        wait_for(Duration::from_secs(10), "private redis", || {
+            redis::Client::open(url.as_str())
+                .ok()?
+                .get_connection()
+                .ok()
+                .map(|_| ())
+        });
+        PrivateRedis { port, child }
+    }
+
+    /// Its URL.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Stored version of a market there.
+    pub fn version(&self, keys: &Keys, market: &str) -> Option<u64> {
+        let mut c = redis::Client::open(self.url())
+            .ok()?
+            .get_connection()
+            .ok()?;
+        redis::cmd("HGET")
+            .arg(keys.market_state(market))
+            .arg("v")
+            .query::<Option<u64>>(&mut c)
+            .ok()?
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

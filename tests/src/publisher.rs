@@ -28,7 +28,12 @@ pub struct InProcess {
 impl InProcess {
     /// Starts a publisher for the pipeline on a free loopback port.
     pub async fn start(p: &Pipeline) -> Self {
-        let mut config = Config::new(&p.broker.bootstrap(), &p.name, &redis_url());
+        Self::start_with_redis(p, &redis_url()).await
+    }
+
+    /// Like [`InProcess::start`], on another Redis.
+    pub async fn start_with_redis(p: &Pipeline, redis: &str) -> Self {
+        let mut config = Config::new(&p.broker.bootstrap(), &p.name, redis);
         config.command_topic = p.config.command_topic.clone();
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let ctx = context(config, Arc::new(Metrics::new()), stopped)

@@ -449,3 +449,86 @@ async fn malformed_requests_and_frames_get_documented_errors() {
     drop(publ);
     blocking(move || reducer.shutdown().unwrap()).await;
 }
+
+/// The pod's Redis connection drops: the hub reconnects, resubscribes the
+/// live channels and tells clients to `begin` again with a `reset`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_loss_resubscribes_and_sends_reset() {
+    use streampipe_tests::{free_port, PrivateRedis};
+    let p = tokio::task::spawn_blocking(|| Arc::new(Pipeline::new(Broker::Dev, 2)))
+        .await
+        .unwrap();
+    let port = free_port();
+    let redis = blocking(move || PrivateRedis::start(port)).await;
+    let url = redis.url();
+    let publ = InProcess::start_with_redis(&p, &url).await;
+    let keys = p.keys();
+    let ch = "reset-test-channel";
+    let register = {
+        let (url, key) = (url.clone(), keys.channel_registry(ch));
+        move || {
+            let mut c = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let _: () = redis::cmd("SADD")
+                .arg(&key)
+                .arg("R1")
+                .query(&mut c)
+                .unwrap();
+        }
+    };
+    let publish = {
+        let (url, name) = (url.clone(), keys.pubsub_channel(ch));
+        move |v: u64| {
+            let mut c = redis::Client::open(url.as_str())
+                .unwrap()
+                .get_connection()
+                .unwrap();
+            let msg =
+                format!(r#"{{"type":"update","market":"R1","version":{v},"ts":1,"payload":{v}}}"#);
+            let n: i64 = redis::cmd("PUBLISH")
+                .arg(&name)
+                .arg(msg)
+                .query(&mut c)
+                .unwrap();
+            n
+        }
+    };
+    blocking(register.clone()).await;
+    let mut ws = ws_connect(publ.addr, ch, "").await;
+    assert!(
+        matches!(ws_next(&mut ws, Duration::from_secs(10)).await, Some(Frame::Json(v)) if v["type"] == "subscribed")
+    );
+    let pb = publish.clone();
+    assert_eq!(blocking(move || pb(1)).await, 1, "one subscriber: the pod");
+    let mut got = Vec::new();
+    read_updates(&mut ws, &mut got, "v1", |g| has(g, "R1", 1)).await;
+
+    // Redis restarts (empty): the pod reconnects, resubscribes, resets the client.
+    drop(redis);
+    let redis = blocking(move || PrivateRedis::start(port)).await;
+    let reset = loop {
+        match ws_next(&mut ws, Duration::from_secs(30)).await {
+            Some(Frame::Json(v)) if v["type"] == "reset" => break v,
+            Some(Frame::Json(_)) => continue,
+            other => panic!("expected reset, got {other:?}"),
+        }
+    };
+    assert!(reset["reason"].as_str().unwrap().contains("redis"));
+    blocking(register).await;
+    let pb = publish.clone();
+    blocking(move || {
+        wait_for(Duration::from_secs(10), "pod resubscribed", || {
+            (pb(2) == 1).then_some(())
+        })
+    })
+    .await;
+    read_updates(&mut ws, &mut got, "v2 after the reconnect", |g| {
+        has(g, "R1", 2)
+    })
+    .await;
+    assert!(publ.ctx.metrics.redis_reconnects.get() >= 1);
+    drop(publ);
+    drop(redis);
+}

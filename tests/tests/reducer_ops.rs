@@ -1,15 +1,15 @@
 //! Operational behaviour of the reducer against the real stack: graceful
 //! leave, health and metrics endpoints, Redis outages, start-up checks.
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use streampipe_contract::{partition_for, CommandKind, Keys};
+use streampipe_contract::{partition_for, CommandKind};
 use streampipe_reducer::{spawn, Error, Metrics};
 use streampipe_tests::{
     free_port, http_request, try_http_request, unique, wait_for, workspace_bin, Broker, Pipeline,
-    ReducerProcess,
+    PrivateRedis, ReducerProcess,
 };
 
 /// SIGTERM makes a reducer finish, commit and leave the group, and the
@@ -139,63 +139,6 @@ fn unequal_partition_counts_are_refused_at_start() {
         }
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("a reducer started on topics that are not co-partitioned"),
-    }
-}
-
-/// A private Redis that the test can stop and restart on the same port.
-struct PrivateRedis {
-    port: u16,
-    child: std::process::Child,
-}
-
-impl PrivateRedis {
-    fn start(port: u16) -> Self {
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server");
-        let url = format!("redis://127.0.0.1:{port}");
-        wait_for(Duration::from_secs(10), "private redis", || {
-            redis::Client::open(url.as_str())
-                .ok()?
-                .get_connection()
-                .ok()
-                .map(|_| ())
-        });
-        PrivateRedis { port, child }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
-    }
-
-    fn version(&self, keys: &Keys, market: &str) -> Option<u64> {
-        let mut c = redis::Client::open(self.url())
-            .ok()?
-            .get_connection()
-            .ok()?;
-        redis::cmd("HGET")
-            .arg(keys.market_state(market))
-            .arg("v")
-            .query::<Option<u64>>(&mut c)
-            .ok()?
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
