@@ -1,6 +1,17 @@
-//! streampipe's Kubernetes operator (skeleton).
+//! streampipe's Kubernetes operator.
 //!
-//! Reconciles `StreamPipeline` custom resources into reducer and publisher
-//! Deployments and autoscales reducers from Kafka consumer lag. Built in the
-//! operator and autoscaling issues; this crate reserves its place in the
-//! workspace layout.
+//! - [`crd`]: the `StreamPipeline` custom resource and its validation.
+//! - [`builders`]: pure functions building the desired children.
+//! - [`controller`]: `reconcile`, the error policy and the controller loop.
+//! - [`metrics`], [`error`].
+
+pub mod builders;
+pub mod controller;
+pub mod crd;
+pub mod error;
+pub mod metrics;
+
+pub use controller::{reconcile, Context, Features};
+pub use crd::StreamPipeline;
+pub use error::{Error, Result};
+pub use metrics::Metrics;

@@ -1,0 +1,465 @@
+//! Desired child objects of a `StreamPipeline`, as pure functions.
+//!
+//! Each builder returns the *partial* object the operator owns, as JSON, for
+//! server-side apply: only the fields we set are sent, so defaults the API
+//! server adds and fields other managers own are left alone. (Typed k8s-openapi
+//! structs would serialise empty required fields such as `spec`, claiming
+//! fields we do not mean to own.) Nothing here talks to a cluster.
+
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+
+use kube::api::ObjectMeta;
+use kube::{Resource, ResourceExt};
+use serde_json::{json, Value};
+
+use crate::crd::{RoleSpec, StreamPipeline, DEFAULT_PUBLISHER_IMAGE, DEFAULT_REDUCER_IMAGE};
+
+/// The field manager of every server-side apply by the operator.
+pub const FIELD_MANAGER: &str = "streampipe-operator";
+
+/// Port of the reducer's `/metrics`, `/healthz`, `/readyz`.
+pub const REDUCER_PORT: i32 = 9090;
+/// Port of the publisher (API, streams, `/metrics`, probes).
+pub const PUBLISHER_PORT: i32 = 8080;
+/// Port of the publisher Service.
+pub const SERVICE_PORT: i32 = 80;
+/// UID the containers run as: the distroless `nonroot` user.
+pub const RUN_AS_USER: i64 = 65532;
+/// Seconds a pod gets to finish its batch and leave the group on SIGTERM:
+/// a batch is milliseconds, a commit and a leave a few round trips.
+pub const TERMINATION_GRACE_SECONDS: i64 = 30;
+
+/// Which child.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Kafka consumer-group members.
+    Reducer,
+    /// Browser edge.
+    Publisher,
+}
+
+impl Role {
+    /// `reducer` / `publisher`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Reducer => "reducer",
+            Role::Publisher => "publisher",
+        }
+    }
+}
+
+/// Name of a role's Deployment (and the publisher Service).
+pub fn child_name(sp: &StreamPipeline, role: Role) -> String {
+    format!("{}-{}", sp.name_any(), role.as_str())
+}
+
+/// Name of the pipeline's ConfigMap.
+pub fn config_name(sp: &StreamPipeline) -> String {
+    format!("{}-config", sp.name_any())
+}
+
+/// Labels selecting a role's pods.
+pub fn selector_labels(sp: &StreamPipeline, role: Role) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "streampipe".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), sp.name_any()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            role.as_str().to_owned(),
+        ),
+    ])
+}
+
+/// The reducer pods' label selector as a string (status `.selector`, for
+/// the scale subresource and an HPA/KEDA).
+pub fn reducer_selector(sp: &StreamPipeline) -> String {
+    selector_labels(sp, Role::Reducer)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn object_labels(sp: &StreamPipeline, role: Option<Role>) -> Value {
+    let mut l = serde_json::Map::new();
+    l.insert("app.kubernetes.io/name".into(), "streampipe".into());
+    l.insert("app.kubernetes.io/instance".into(), sp.name_any().into());
+    l.insert("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.into());
+    if let Some(r) = role {
+        l.insert("app.kubernetes.io/component".into(), r.as_str().into());
+    }
+    Value::Object(l)
+}
+
+fn owner_reference(sp: &StreamPipeline) -> Value {
+    let oref = sp
+        .controller_owner_ref(&())
+        .expect("a StreamPipeline read from the API server has a name and uid");
+    serde_json::to_value(oref).expect("owner reference serialises")
+}
+
+fn metadata(sp: &StreamPipeline, name: String, role: Option<Role>) -> Value {
+    json!({
+        "name": name,
+        "namespace": sp.namespace().unwrap_or_default(),
+        "labels": object_labels(sp, role),
+        "ownerReferences": [owner_reference(sp)],
+    })
+}
+
+/// The pipeline's settings shared by both roles, as environment variables.
+pub fn config_data(sp: &StreamPipeline) -> BTreeMap<String, String> {
+    let k = &sp.spec.kafka;
+    let name = sp.name_any();
+    let mut d = BTreeMap::new();
+    d.insert("STREAMPIPE_PIPELINE".into(), name.clone());
+    d.insert(
+        "STREAMPIPE_KAFKA_BROKERS".into(),
+        k.bootstrap_servers.clone(),
+    );
+    d.insert("STREAMPIPE_DATA_TOPIC".into(), k.data_topic.clone());
+    d.insert("STREAMPIPE_COMMAND_TOPIC".into(), k.command_topic.clone());
+    d.insert(
+        "STREAMPIPE_DEAD_LETTER_TOPIC".into(),
+        k.dead_letter_topic
+            .clone()
+            .unwrap_or_else(|| format!("{}.dead-letter", k.data_topic)),
+    );
+    d.insert(
+        "STREAMPIPE_GROUP".into(),
+        k.consumer_group
+            .clone()
+            .unwrap_or_else(|| format!("{name}.reducers")),
+    );
+    d.insert("STREAMPIPE_LOG_FORMAT".into(), "json".into());
+    d.insert(
+        "STREAMPIPE_ALLOWED_ORIGINS".into(),
+        sp.spec.publisher.allowed_origins.join(","),
+    );
+    d
+}
+
+/// The ConfigMap holding [`config_data`].
+pub fn config_map(sp: &StreamPipeline) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": metadata(sp, config_name(sp), None),
+        "data": config_data(sp),
+    })
+}
+
+/// A stable hash of the configuration, put on the pod template so that a
+/// configuration change rolls the pods (env from a ConfigMap is read at start).
+pub fn config_hash(sp: &StreamPipeline) -> String {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    config_data(sp).hash(&mut h);
+    sp.spec.redis.url_secret.name.hash(&mut h);
+    sp.spec.redis.url_secret.key.hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+fn env(sp: &StreamPipeline, role: &RoleSpec, listen_port: i32) -> Value {
+    let mut env = vec![
+        json!({"name": "STREAMPIPE_LISTEN", "value": format!("0.0.0.0:{listen_port}")}),
+        json!({"name": "STREAMPIPE_REDIS_URL", "valueFrom": {"secretKeyRef": {
+            "name": sp.spec.redis.url_secret.name, "key": sp.spec.redis.url_secret.key}}}),
+    ];
+    if let Some(c) = &sp.spec.kafka.credentials {
+        env.push(json!({"name": "KAFKA_USERNAME", "valueFrom": {"secretKeyRef": {"name": c.secret_name, "key": c.username_key}}}));
+        env.push(json!({"name": "KAFKA_PASSWORD", "valueFrom": {"secretKeyRef": {"name": c.secret_name, "key": c.password_key}}}));
+        // Kubernetes expands $(VAR) from variables defined before this one.
+        env.push(json!({"name": "STREAMPIPE_KAFKA_OPTIONS", "value": format!(
+            "security.protocol=SASL_SSL,sasl.mechanism={},sasl.username=$(KAFKA_USERNAME),sasl.password=$(KAFKA_PASSWORD)",
+            c.mechanism)}));
+    }
+    for e in &role.env {
+        env.push(serde_json::to_value(e).expect("EnvVar serialises"));
+    }
+    Value::Array(env)
+}
+
+fn deployment(sp: &StreamPipeline, role: Role) -> Value {
+    let (spec, image, port) = match role {
+        Role::Reducer => (&sp.spec.reducer, DEFAULT_REDUCER_IMAGE, REDUCER_PORT),
+        Role::Publisher => (
+            &sp.spec.publisher.role,
+            DEFAULT_PUBLISHER_IMAGE,
+            PUBLISHER_PORT,
+        ),
+    };
+    let selector = selector_labels(sp, role);
+    let mut pod_labels = spec.labels.clone();
+    pod_labels.extend(selector.clone());
+    let mut annotations = spec.annotations.clone();
+    annotations.insert("prometheus.io/scrape".into(), "true".into());
+    annotations.insert("prometheus.io/port".into(), port.to_string());
+    annotations.insert("prometheus.io/path".into(), "/metrics".into());
+    annotations.insert("streampipe.dev/config-hash".into(), config_hash(sp));
+    let mut container = json!({
+        "name": role.as_str(),
+        "image": spec.image.clone().unwrap_or_else(|| image.to_owned()),
+        "envFrom": [{"configMapRef": {"name": config_name(sp)}}],
+        "env": env(sp, spec, port),
+        "ports": [{"name": "http", "containerPort": port, "protocol": "TCP"}],
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5, "failureThreshold": 3},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "failureThreshold": 6},
+        "securityContext": {
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "runAsNonRoot": true,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    });
+    if let Some(r) = &spec.resources {
+        container["resources"] = serde_json::to_value(r).expect("resources serialise");
+    }
+    json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata(sp, child_name(sp, role), Some(role)),
+        "spec": {
+            "replicas": spec.replicas,
+            "selector": {"matchLabels": selector},
+            "template": {
+                "metadata": {"labels": pod_labels, "annotations": annotations},
+                "spec": {
+                    "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+                    "securityContext": {
+                        "runAsNonRoot": true,
+                        "runAsUser": RUN_AS_USER,
+                        "runAsGroup": RUN_AS_USER,
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "containers": [container],
+                },
+            },
+        },
+    })
+}
+
+/// The reducer Deployment.
+pub fn reducer_deployment(sp: &StreamPipeline) -> Value {
+    deployment(sp, Role::Reducer)
+}
+
+/// The publisher Deployment.
+pub fn publisher_deployment(sp: &StreamPipeline) -> Value {
+    deployment(sp, Role::Publisher)
+}
+
+/// The publisher Service.
+pub fn publisher_service(sp: &StreamPipeline) -> Value {
+    json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": metadata(sp, child_name(sp, Role::Publisher), Some(Role::Publisher)),
+        "spec": {
+            "type": sp.spec.publisher.service_type.clone().unwrap_or_else(|| "ClusterIP".into()),
+            "selector": selector_labels(sp, Role::Publisher),
+            "ports": [{"name": "http", "port": SERVICE_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    })
+}
+
+/// The publishers' PodDisruptionBudget (`policy/v1`): a voluntary eviction
+/// takes at most one publisher at a time, so browsers reconnect gradually.
+pub fn publisher_pdb(sp: &StreamPipeline) -> Value {
+    json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": metadata(sp, child_name(sp, Role::Publisher), Some(Role::Publisher)),
+        "spec": {
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": selector_labels(sp, Role::Publisher)},
+        },
+    })
+}
+
+/// Metadata helper for tests and the reconciler.
+pub fn meta_of(v: &Value) -> ObjectMeta {
+    serde_json::from_value(v["metadata"].clone()).unwrap_or_default()
+}
+
+/// Whether every field of `desired` is present with the same value in
+/// `live` (arrays element by element, same length). The API server adds
+/// defaults to what we applied; those extra fields do not count as drift.
+pub fn is_subset(desired: &Value, live: &Value) -> bool {
+    match (desired, live) {
+        (Value::Object(d), Value::Object(l)) => d.iter().all(|(k, dv)| match l.get(k) {
+            Some(lv) => is_subset(dv, lv),
+            None => {
+                dv.is_null()
+                    || dv.as_array().is_some_and(|a| a.is_empty())
+                    || dv.as_object().is_some_and(|o| o.is_empty())
+            }
+        }),
+        (Value::Array(d), Value::Array(l)) => {
+            d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b))
+        }
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        (a, b) => a == b,
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::crd::StreamPipelineSpec;
+
+    pub(crate) fn pipeline(spec: serde_json::Value) -> StreamPipeline {
+        let spec: StreamPipelineSpec = serde_json::from_value(spec).unwrap();
+        let mut sp = StreamPipeline::new("odds", spec);
+        sp.metadata.namespace = Some("prod".into());
+        sp.metadata.uid = Some("1234-uid".into());
+        sp.metadata.generation = Some(3);
+        sp
+    }
+
+    pub(crate) fn sample() -> StreamPipeline {
+        pipeline(json!({
+            "kafka": {"bootstrapServers": "kafka:9092", "dataTopic": "odds", "commandTopic": "odds.commands",
+                      "credentials": {"secretName": "kafka-user"}},
+            "redis": {"urlSecret": {"name": "redis", "key": "url"}},
+            "reducer": {"replicas": 4, "image": "example/reducer:1", "env": [{"name": "RUST_LOG", "value": "debug"}],
+                        "labels": {"team": "trading"}},
+            "publisher": {"replicas": 2, "allowedOrigins": ["https://odds.example"]},
+        }))
+    }
+
+    #[test]
+    fn deployments_carry_owner_labels_replicas_and_image() {
+        let sp = sample();
+        let d = reducer_deployment(&sp);
+        assert_eq!(d["metadata"]["name"], "odds-reducer");
+        assert_eq!(d["metadata"]["namespace"], "prod");
+        let owner = &d["metadata"]["ownerReferences"][0];
+        assert_eq!(
+            (
+                owner["kind"].as_str(),
+                owner["uid"].as_str(),
+                owner["controller"].as_bool()
+            ),
+            (Some("StreamPipeline"), Some("1234-uid"), Some(true))
+        );
+        assert_eq!(d["spec"]["replicas"], 4);
+        assert_eq!(
+            d["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"],
+            "reducer"
+        );
+        let tpl = &d["spec"]["template"];
+        assert_eq!(tpl["metadata"]["labels"]["team"], "trading");
+        assert_eq!(
+            tpl["metadata"]["labels"]["app.kubernetes.io/instance"],
+            "odds"
+        );
+        let c = &tpl["spec"]["containers"][0];
+        assert_eq!(c["image"], "example/reducer:1");
+        assert_eq!(
+            publisher_deployment(&sp)["spec"]["template"]["spec"]["containers"][0]["image"],
+            DEFAULT_PUBLISHER_IMAGE
+        );
+        assert_eq!(publisher_deployment(&sp)["spec"]["replicas"], 2);
+    }
+
+    #[test]
+    fn pods_are_locked_down_and_probed() {
+        let d = publisher_deployment(&sample());
+        let pod = &d["spec"]["template"]["spec"];
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(pod["securityContext"]["runAsUser"], RUN_AS_USER);
+        let c = &pod["containers"][0];
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+        let ann = &d["spec"]["template"]["metadata"]["annotations"];
+        assert_eq!(ann["prometheus.io/scrape"], "true");
+        assert_eq!(ann["prometheus.io/port"], PUBLISHER_PORT.to_string());
+    }
+
+    #[test]
+    fn credentials_come_from_secrets() {
+        let d = reducer_deployment(&sample());
+        let env = d["spec"]["template"]["spec"]["containers"][0]["env"]
+            .as_array()
+            .unwrap()
+            .clone();
+        let find = |n: &str| {
+            env.iter()
+                .find(|e| e["name"] == n)
+                .cloned()
+                .unwrap_or_else(|| panic!("no env {n}"))
+        };
+        assert_eq!(
+            find("STREAMPIPE_REDIS_URL")["valueFrom"]["secretKeyRef"],
+            json!({"name": "redis", "key": "url"})
+        );
+        assert_eq!(
+            find("KAFKA_PASSWORD")["valueFrom"]["secretKeyRef"],
+            json!({"name": "kafka-user", "key": "password"})
+        );
+        assert!(find("STREAMPIPE_KAFKA_OPTIONS")["value"]
+            .as_str()
+            .unwrap()
+            .contains("sasl.password=$(KAFKA_PASSWORD)"));
+        assert_eq!(find("RUST_LOG")["value"], "debug", "user env kept");
+        assert!(
+            !serde_json::to_string(&d).unwrap().contains("secret-value"),
+            "no secret values inline"
+        );
+    }
+
+    #[test]
+    fn config_map_and_hash_follow_the_spec() {
+        let sp = sample();
+        let cm = config_map(&sp);
+        assert_eq!(cm["data"]["STREAMPIPE_DATA_TOPIC"], "odds");
+        assert_eq!(cm["data"]["STREAMPIPE_GROUP"], "odds.reducers");
+        assert_eq!(
+            cm["data"]["STREAMPIPE_DEAD_LETTER_TOPIC"],
+            "odds.dead-letter"
+        );
+        assert_eq!(
+            cm["data"]["STREAMPIPE_ALLOWED_ORIGINS"],
+            "https://odds.example"
+        );
+        let mut other = sample();
+        other.spec.kafka.data_topic = "odds2".into();
+        assert_ne!(
+            config_hash(&sp),
+            config_hash(&other),
+            "a config change rolls the pods"
+        );
+        assert_eq!(config_hash(&sp), config_hash(&sample()), "stable");
+    }
+
+    #[test]
+    fn service_and_pdb_select_publishers() {
+        let sp = sample();
+        let s = publisher_service(&sp);
+        assert_eq!(
+            s["spec"]["selector"]["app.kubernetes.io/component"],
+            "publisher"
+        );
+        assert_eq!(s["spec"]["ports"][0]["targetPort"], "http");
+        assert_eq!(s["spec"]["type"], "ClusterIP");
+        assert_eq!(publisher_pdb(&sp)["spec"]["maxUnavailable"], 1);
+        assert_eq!(reducer_selector(&sp), "app.kubernetes.io/component=reducer,app.kubernetes.io/instance=odds,app.kubernetes.io/name=streampipe");
+    }
+
+    #[test]
+    fn subset_ignores_server_defaults_but_sees_drift() {
+        let desired = reducer_deployment(&sample());
+        let mut live = desired.clone();
+        live["metadata"]["resourceVersion"] = json!("42");
+        live["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] =
+            json!("IfNotPresent");
+        live["spec"]["progressDeadlineSeconds"] = json!(600);
+        assert!(is_subset(&desired, &live));
+        live["spec"]["replicas"] = json!(7);
+        assert!(!is_subset(&desired, &live));
+    }
+}

@@ -1,0 +1,543 @@
+//! The reconciler: one `reconcile(Arc<StreamPipeline>, Arc<Context>)`, in
+//! the shape of kube-rs' controller-rs.
+//!
+//! Each pass validates what the schema cannot, applies the children built by
+//! [`crate::builders`] with server-side apply (one field manager, owner
+//! references) *only where the live object differs*, derives the status from
+//! what it observed on the owned Deployments, writes the status only when it
+//! changed, and records an Event for every user-visible decision. A pass on
+//! an unchanged pipeline makes no write at all.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::{json, Value};
+use tracing::{info, warn};
+
+use crate::builders::{self, is_subset, Role, FIELD_MANAGER};
+use crate::crd::{validate, Condition, RoleStatus, StreamPipeline, StreamPipelineStatus};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// Periodic resync: status follows the Deployments even without events.
+pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Backoff after failed reconciles: first and largest delay.
+pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// See [`BACKOFF_MIN`].
+pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// What the API server offers (checked at start).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Features {
+    /// `policy/v1` is served (Kubernetes ≥ 1.21): publishers get a PDB.
+    pub pdb: bool,
+}
+
+/// Shared state of the reconciler.
+pub struct Context {
+    /// API client.
+    pub client: Client,
+    /// Event recorder (events.k8s.io/v1).
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// API server capabilities.
+    pub features: Features,
+    /// Consecutive failures per object, for the error backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context for `client`; `reporter` names this operator instance in Events.
+    pub fn new(
+        client: Client,
+        reporter: Reporter,
+        metrics: Arc<Metrics>,
+        features: Features,
+    ) -> Self {
+        Context {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            metrics,
+            features,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn event(
+        &self,
+        sp: &StreamPipeline,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) {
+        self.event_about(sp, type_, reason, action, note, None)
+            .await
+    }
+
+    /// Records an Event; `secondary` names the child it is about (Events
+    /// about different children are separate series).
+    async fn event_about(
+        &self,
+        sp: &StreamPipeline,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+        secondary: Option<ObjectReference>,
+    ) {
+        let ev = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: action.into(),
+            secondary,
+        };
+        if let Err(e) = self.recorder.publish(&ev, &sp.object_ref(&())).await {
+            warn!(error = %e, reason, "could not record event");
+        }
+    }
+}
+
+/// How a child apply went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Live object already matched.
+    Unchanged,
+    /// Did not exist; created.
+    Created,
+    /// Differed; updated.
+    Updated,
+}
+
+/// Applies `desired` unless the live object already has all its fields;
+/// returns the live object after the call.
+async fn apply_if_changed<K>(api: &Api<K>, desired: &Value) -> Result<(Applied, K)>
+where
+    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
+{
+    let name = desired["metadata"]["name"]
+        .as_str()
+        .ok_or(Error::MissingField("child name"))?;
+    let live = api.get_opt(name).await?;
+    if let Some(live) = &live {
+        if is_subset(desired, &serde_json::to_value(live)?) {
+            return Ok((Applied::Unchanged, live.clone()));
+        }
+    }
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    let after = api.patch(name, &pp, &Patch::Apply(desired)).await?;
+    Ok((
+        if live.is_some() {
+            Applied::Updated
+        } else {
+            Applied::Created
+        },
+        after,
+    ))
+}
+
+fn role_status(desired: i32, d: &Deployment) -> RoleStatus {
+    let ready = d
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    RoleStatus {
+        replicas: desired,
+        ready_replicas: ready,
+        summary: format!("{ready}/{desired}"),
+    }
+}
+
+fn rolling(d: &Deployment) -> bool {
+    let generation = d.metadata.generation.unwrap_or(0);
+    let st = d.status.clone().unwrap_or_default();
+    let desired = d.spec.replicas.unwrap_or(1);
+    st.observed_generation.unwrap_or(0) < generation || st.updated_replicas.unwrap_or(0) < desired
+}
+
+fn now_rfc3339() -> String {
+    jiff::Timestamp::now().to_string()
+}
+
+/// Builds a condition, keeping the previous transition time when the status did not change.
+fn condition(
+    prev: &[Condition],
+    type_: &str,
+    status: bool,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) -> Condition {
+    let status = if status { "True" } else { "False" }.to_owned();
+    let last_transition_time = prev
+        .iter()
+        .find(|c| c.type_ == type_ && c.status == status)
+        .map(|c| c.last_transition_time.clone())
+        .unwrap_or_else(now_rfc3339);
+    Condition {
+        type_: type_.into(),
+        status,
+        reason: reason.into(),
+        message,
+        observed_generation: generation,
+        last_transition_time,
+    }
+}
+
+async fn write_status(
+    api: &Api<StreamPipeline>,
+    sp: &StreamPipeline,
+    status: StreamPipelineStatus,
+) -> Result<()> {
+    if sp.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": "streampipe.dev/v1alpha1",
+        "kind": "StreamPipeline",
+        "status": status,
+    });
+    api.patch_status(
+        &sp.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Reconciles one `StreamPipeline`.
+pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Action> {
+    let started = Instant::now();
+    let res = reconcile_inner(&sp, &ctx).await;
+    ctx.metrics
+        .duration
+        .observe(started.elapsed().as_secs_f64());
+    let key = format!("{}/{}", sp.namespace().unwrap_or_default(), sp.name_any());
+    match &res {
+        Ok(_) => {
+            ctx.failures
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&key);
+        }
+        Err(e) => {
+            ctx.metrics.reconciles.with_label_values(&["error"]).inc();
+            ctx.metrics
+                .failures
+                .with_label_values(&[e.metric_label()])
+                .inc();
+            ctx.event(
+                &sp,
+                EventType::Warning,
+                "ReconcileFailed",
+                "Reconcile",
+                e.to_string(),
+            )
+            .await;
+            // Best effort: say so in the status too.
+            let api: Api<StreamPipeline> =
+                Api::namespaced(ctx.client.clone(), &sp.namespace().unwrap_or_default());
+            let mut status = sp.status.clone().unwrap_or_default();
+            let prev = status.conditions.clone();
+            let g = sp.metadata.generation;
+            status.conditions.retain(|c| c.type_ != "Degraded");
+            status.conditions.push(condition(
+                &prev,
+                "Degraded",
+                true,
+                "ReconcileFailed",
+                e.to_string(),
+                g,
+            ));
+            let _ = write_status(&api, &sp, status).await;
+        }
+    }
+    res
+}
+
+async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
+    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
+    let name = sp.name_any();
+    let generation = sp.metadata.generation;
+    let api: Api<StreamPipeline> = Api::namespaced(ctx.client.clone(), &ns);
+    let prev = sp.status.clone().unwrap_or_default();
+
+    let problems = validate(&sp.spec);
+    if !problems.is_empty() {
+        let message = problems
+            .iter()
+            .map(|p| format!("{}: {}", p.field, p.message))
+            .collect::<Vec<_>>()
+            .join("; ");
+        let mut status = prev.clone();
+        status.observed_generation = generation;
+        status.ready = Some("False".into());
+        let already = prev.conditions.iter().any(|c| {
+            c.type_ == "Degraded"
+                && c.reason == "InvalidSpec"
+                && c.message == message
+                && c.observed_generation == generation
+        });
+        status.conditions = vec![
+            condition(
+                &prev.conditions,
+                "Ready",
+                false,
+                "InvalidSpec",
+                "the spec is invalid; see Degraded".into(),
+                generation,
+            ),
+            condition(
+                &prev.conditions,
+                "Progressing",
+                false,
+                "InvalidSpec",
+                "nothing is rolled out while the spec is invalid".into(),
+                generation,
+            ),
+            condition(
+                &prev.conditions,
+                "Degraded",
+                true,
+                "InvalidSpec",
+                message.clone(),
+                generation,
+            ),
+        ];
+        if !already {
+            for p in &problems {
+                ctx.event(
+                    sp,
+                    EventType::Warning,
+                    "InvalidSpec",
+                    "Validate",
+                    format!("{}: {}", p.field, p.message),
+                )
+                .await;
+            }
+        }
+        write_status(&api, sp, status).await?;
+        ctx.metrics.reconciles.with_label_values(&["invalid"]).inc();
+        info!(%name, %message, "invalid spec; children left as they are");
+        return Ok(Action::await_change());
+    }
+
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let deps: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+
+    // (how, kind, apiVersion, name)
+    let mut changes: Vec<(Applied, &str, &str, String)> = Vec::new();
+    let (a, _) = apply_if_changed(&cms, &builders::config_map(sp)).await?;
+    changes.push((a, "ConfigMap", "v1", builders::config_name(sp)));
+    let old_reducers = deps
+        .get_opt(&builders::child_name(sp, Role::Reducer))
+        .await?
+        .and_then(|d| d.spec.replicas);
+    let (a, reducer) = apply_if_changed(&deps, &builders::reducer_deployment(sp)).await?;
+    changes.push((
+        a,
+        "Deployment",
+        "apps/v1",
+        builders::child_name(sp, Role::Reducer),
+    ));
+    let (a, publisher) = apply_if_changed(&deps, &builders::publisher_deployment(sp)).await?;
+    changes.push((
+        a,
+        "Deployment",
+        "apps/v1",
+        builders::child_name(sp, Role::Publisher),
+    ));
+    let (a, _) = apply_if_changed(&svcs, &builders::publisher_service(sp)).await?;
+    changes.push((
+        a,
+        "Service",
+        "v1",
+        builders::child_name(sp, Role::Publisher),
+    ));
+    if ctx.features.pdb {
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
+        let (a, _) = apply_if_changed(&pdbs, &builders::publisher_pdb(sp)).await?;
+        changes.push((
+            a,
+            "PodDisruptionBudget",
+            "policy/v1",
+            builders::child_name(sp, Role::Publisher),
+        ));
+    }
+    for (applied, kind, api_version, child) in &changes {
+        let (reason, action) = match applied {
+            Applied::Unchanged => continue,
+            Applied::Created => ("Created", "created"),
+            Applied::Updated => ("Updated", "updated"),
+        };
+        ctx.metrics.writes.with_label_values(&[kind, action]).inc();
+        let child_ref = ObjectReference {
+            api_version: Some((*api_version).into()),
+            kind: Some((*kind).into()),
+            name: Some(child.clone()),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        };
+        ctx.event_about(
+            sp,
+            EventType::Normal,
+            reason,
+            "Apply",
+            format!("{kind} {child} {action}"),
+            Some(child_ref),
+        )
+        .await;
+    }
+    let want = sp.spec.reducer.replicas;
+    if let Some(old) = old_reducers.filter(|o| *o != want) {
+        ctx.event(
+            sp,
+            EventType::Normal,
+            "Scaled",
+            "Scale",
+            format!("reducers {old} → {want}"),
+        )
+        .await;
+    }
+
+    // Status from what was observed.
+    let r = role_status(want, &reducer);
+    let p = role_status(sp.spec.publisher.role.replicas, &publisher);
+    let ready = r.ready_replicas >= r.replicas && p.ready_replicas >= p.replicas;
+    let progressing = rolling(&reducer) || rolling(&publisher);
+    let mut status = StreamPipelineStatus {
+        observed_generation: generation,
+        ready: Some(if ready { "True" } else { "False" }.into()),
+        selector: Some(builders::reducer_selector(sp)),
+        partitions: prev.partitions,
+        total_lag: prev.total_lag,
+        conditions: Vec::new(),
+        reducer: r.clone(),
+        publisher: p.clone(),
+    };
+    let summary = format!("reducers {}, publishers {} ready", r.summary, p.summary);
+    status.conditions = vec![
+        condition(
+            &prev.conditions,
+            "Ready",
+            ready,
+            if ready {
+                "AllReplicasReady"
+            } else {
+                "ReplicasNotReady"
+            },
+            summary.clone(),
+            generation,
+        ),
+        condition(
+            &prev.conditions,
+            "Progressing",
+            progressing,
+            if progressing {
+                "RollingOut"
+            } else {
+                "RolledOut"
+            },
+            summary,
+            generation,
+        ),
+        condition(
+            &prev.conditions,
+            "Degraded",
+            false,
+            "AsExpected",
+            "children applied".into(),
+            generation,
+        ),
+    ];
+    // Conditions other controllers (the autoscaler) own are kept.
+    status.conditions.extend(
+        prev.conditions
+            .iter()
+            .filter(|c| !["Ready", "Progressing", "Degraded"].contains(&c.type_.as_str()))
+            .cloned(),
+    );
+    write_status(&api, sp, status).await?;
+    ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Requeues a failed object with exponential backoff (1 s doubling to 5 min).
+pub fn error_policy(sp: Arc<StreamPipeline>, err: &Error, ctx: Arc<Context>) -> Action {
+    let key = format!("{}/{}", sp.namespace().unwrap_or_default(), sp.name_any());
+    let n = {
+        let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
+        let n = f.entry(key.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let delay = (BACKOFF_MIN * 2u32.saturating_pow(n.saturating_sub(1).min(16))).min(BACKOFF_MAX);
+    warn!(%key, error = %err, attempt = n, ?delay, "reconcile failed; backing off");
+    Action::requeue(delay)
+}
+
+/// Checks what the API server serves.
+pub async fn detect_features(client: &Client) -> Features {
+    Features {
+        pdb: client.list_api_group_resources("policy/v1").await.is_ok(),
+    }
+}
+
+/// Runs the controller until `shutdown` resolves.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<String>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (pipelines, deps, cms, svcs): (
+        Api<StreamPipeline>,
+        Api<Deployment>,
+        Api<ConfigMap>,
+        Api<Service>,
+    ) = match &namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+        ),
+    };
+    let owned =
+        watcher::Config::default().labels("app.kubernetes.io/managed-by=streampipe-operator");
+    Controller::new(pipelines, watcher::Config::default())
+        .owns(deps, owned.clone())
+        .owns(cms, owned.clone())
+        .owns(svcs, owned)
+        .graceful_shutdown_on(shutdown)
+        .run(reconcile, error_policy, ctx)
+        .for_each(|res| async move {
+            if let Err(e) = res {
+                warn!(error = %e, "controller event");
+            }
+        })
+        .await;
+}

@@ -1,0 +1,435 @@
+//! The `StreamPipeline` custom resource (`streampipe.dev/v1alpha1`).
+//!
+//! Defined in Rust; `crdgen` writes `crds/streampipeline.yaml` from these
+//! types (a test fails when the committed file differs). The schema carries
+//! what it can check (required fields, `replicas >= 0`, non-empty topics,
+//! Secret name syntax); the rest is checked in reconcile ([`validate`]) and
+//! reported as a `Degraded` condition plus a Warning Event naming the field.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Default container image of the reducer.
+pub const DEFAULT_REDUCER_IMAGE: &str = "ghcr.io/streampipe/streampipe-reducer:0.1.0";
+/// Default container image of the publisher.
+pub const DEFAULT_PUBLISHER_IMAGE: &str = "ghcr.io/streampipe/streampipe-publisher:0.1.0";
+
+/// A streaming pipeline: reducers consuming a partitioned Kafka topic into
+/// Redis, and publishers streaming it to browsers.
+// Several `printcolumn(type_ = ...)` entries look like duplicated attributes to clippy.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "streampipe.dev",
+    version = "v1alpha1",
+    kind = "StreamPipeline",
+    namespaced,
+    shortname = "spl",
+    category = "streampipe",
+    doc = "A streampipe pipeline: Kafka → reducers → Redis → publishers → browsers",
+    status = "StreamPipelineStatus",
+    derive = "PartialEq",
+    scale(
+        spec_replicas_path = ".spec.reducer.replicas",
+        status_replicas_path = ".status.reducer.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready"),
+    printcolumn(
+        name = "Reducers",
+        type_ = "string",
+        json_path = ".status.reducer.summary"
+    ),
+    printcolumn(
+        name = "Publishers",
+        type_ = "string",
+        json_path = ".status.publisher.summary"
+    ),
+    printcolumn(
+        name = "Partitions",
+        type_ = "integer",
+        json_path = ".status.partitions"
+    ),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.totalLag"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamPipelineSpec {
+    /// Where the data and commands are.
+    pub kafka: KafkaSpec,
+    /// Where state and pub/sub live.
+    pub redis: RedisSpec,
+    /// The reducers (Kafka consumer-group members).
+    #[serde(default)]
+    pub reducer: RoleSpec,
+    /// The publishers (browser edge).
+    #[serde(default)]
+    pub publisher: PublisherSpec,
+}
+
+/// Kafka settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// Bootstrap servers, `host:port[,host:port...]`.
+    #[schemars(length(min = 1))]
+    pub bootstrap_servers: String,
+    /// The partitioned data topic (key = market id).
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub data_topic: String,
+    /// The command topic; must have the data topic's partition count.
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub command_topic: String,
+    /// Dead-letter topic for malformed records [default: `<dataTopic>.dead-letter`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
+    pub dead_letter_topic: Option<String>,
+    /// Consumer group of the reducers [default: `<name>.reducers`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 249))]
+    pub consumer_group: Option<String>,
+    /// SASL credentials, from a Secret in the same namespace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials: Option<KafkaCredentials>,
+}
+
+/// SASL credentials by Secret reference.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaCredentials {
+    /// Name of the Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub secret_name: String,
+    /// Key holding the user name.
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    /// Key holding the password.
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+    /// SASL mechanism.
+    #[serde(default = "default_mechanism")]
+    #[schemars(regex(pattern = r"^(PLAIN|SCRAM-SHA-256|SCRAM-SHA-512)$"))]
+    pub mechanism: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+fn default_mechanism() -> String {
+    "SCRAM-SHA-512".into()
+}
+
+/// Redis settings.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RedisSpec {
+    /// The Secret key holding the Redis URL (it may contain a password).
+    pub url_secret: SecretKeyRef,
+}
+
+/// A key of a Secret in the resource's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub name: String,
+    /// Key in the Secret.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// Settings of one role's Deployment.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleSpec {
+    /// Container image [default: the project's image of this version].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Replicas. Reducers beyond the partition count would sit idle.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub replicas: i32,
+    /// Compute resources of the container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Extra labels for the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Extra annotations for the pods.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+fn one() -> i32 {
+    1
+}
+
+impl Default for RoleSpec {
+    fn default() -> Self {
+        RoleSpec {
+            image: None,
+            replicas: 1,
+            resources: None,
+            env: Vec::new(),
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+        }
+    }
+}
+
+/// The publishers: a role plus its Service.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublisherSpec {
+    /// Deployment settings.
+    #[serde(flatten)]
+    pub role: RoleSpec,
+    /// Origins allowed to open streams; empty allows all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allowed_origins: Vec<String>,
+    /// Service type (`ClusterIP`, `NodePort`, `LoadBalancer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(ClusterIP|NodePort|LoadBalancer)$"))]
+    pub service_type: Option<String>,
+}
+
+/// Observed state.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct StreamPipelineStatus {
+    /// The generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `True` / `False`, mirrors the Ready condition (printer column).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+    /// Reducer replicas.
+    #[serde(default)]
+    pub reducer: RoleStatus,
+    /// Publisher replicas.
+    #[serde(default)]
+    pub publisher: RoleStatus,
+    /// Label selector of the reducer pods (scale subresource, HPA/KEDA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Partitions of the data topic (from the autoscaler, when it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<i32>,
+    /// Total consumer lag (from the autoscaler, when it runs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total_lag: Option<i64>,
+    /// Conditions: Ready, Progressing, Degraded.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// Replica counts of a role.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoleStatus {
+    /// Desired replicas.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Ready replicas.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// `ready/desired`, for `kubectl get`.
+    #[serde(default)]
+    pub summary: String,
+}
+
+/// A status condition (the shape of `metav1.Condition`).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// `Ready`, `Progressing`, `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False`, `Unknown`.
+    pub status: String,
+    /// CamelCase reason.
+    pub reason: String,
+    /// For people.
+    pub message: String,
+    /// Generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// When the status last changed (RFC 3339).
+    pub last_transition_time: String,
+}
+
+/// The CRD as YAML, exactly as committed in `crds/streampipeline.yaml`.
+pub fn crd_yaml() -> String {
+    use kube::CustomResourceExt;
+    format!(
+        "# Generated by `cargo run -p streampipe-operator --bin crdgen`; do not edit.\n{}",
+        serde_yaml::to_string(&StreamPipeline::crd()).expect("the CRD serialises")
+    )
+}
+
+/// A problem the schema could not catch, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// JSON path of the field, e.g. `spec.kafka.commandTopic`.
+    pub field: &'static str,
+    /// What is wrong.
+    pub message: String,
+}
+
+/// Checks what the schema cannot express.
+pub fn validate(spec: &StreamPipelineSpec) -> Vec<Invalid> {
+    let mut out = Vec::new();
+    if spec.kafka.data_topic == spec.kafka.command_topic {
+        out.push(Invalid {
+            field: "spec.kafka.commandTopic",
+            message: "must differ from spec.kafka.dataTopic (commands and data are separate co-partitioned topics)".into(),
+        });
+    }
+    if spec.kafka.dead_letter_topic.as_deref() == Some(spec.kafka.data_topic.as_str()) {
+        out.push(Invalid {
+            field: "spec.kafka.deadLetterTopic",
+            message: "must differ from spec.kafka.dataTopic".into(),
+        });
+    }
+    for (i, server) in spec.kafka.bootstrap_servers.split(',').enumerate() {
+        let ok = server
+            .trim()
+            .rsplit_once(':')
+            .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+        if !ok {
+            out.push(Invalid {
+                field: "spec.kafka.bootstrapServers",
+                message: format!("entry {i} ({server:?}) is not host:port"),
+            });
+        }
+    }
+    for (field, role) in [
+        ("spec.reducer.image", &spec.reducer),
+        ("spec.publisher.image", &spec.publisher.role),
+    ] {
+        if let Some(img) = &role.image {
+            if img.trim().is_empty() || img.contains(char::is_whitespace) {
+                out.push(Invalid {
+                    field,
+                    message: format!("{img:?} is not a container image reference"),
+                });
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::CustomResourceExt;
+
+    pub(crate) fn spec() -> StreamPipelineSpec {
+        serde_json::from_value(serde_json::json!({
+            "kafka": {"bootstrapServers": "kafka:9092", "dataTopic": "odds", "commandTopic": "odds.commands"},
+            "redis": {"urlSecret": {"name": "redis", "key": "url"}},
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let s = spec();
+        assert_eq!(s.reducer.replicas, 1);
+        assert_eq!(s.publisher.role.replicas, 1);
+        assert!(validate(&s).is_empty());
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let mut s = spec();
+        s.kafka.command_topic = "odds".into();
+        s.kafka.bootstrap_servers = "kafka:9092,broken".into();
+        let errs = validate(&s);
+        let fields: Vec<&str> = errs.iter().map(|e| e.field).collect();
+        assert_eq!(
+            fields,
+            vec!["spec.kafka.commandTopic", "spec.kafka.bootstrapServers"]
+        );
+        assert!(errs[1].message.contains("broken"));
+    }
+
+    #[test]
+    fn committed_crd_matches_the_types() {
+        let committed = include_str!("../../crds/streampipeline.yaml");
+        assert!(
+            committed == crd_yaml(),
+            "crds/streampipeline.yaml is stale: run `cargo run -p streampipe-operator --bin crdgen > crds/streampipeline.yaml`"
+        );
+    }
+
+    #[test]
+    fn crd_has_subresources_columns_and_schema_rules() {
+        let crd = serde_json::to_value(StreamPipeline::crd()).unwrap();
+        let v = &crd["spec"]["versions"][0];
+        assert_eq!(
+            crd["spec"]["names"]["shortNames"],
+            serde_json::json!(["spl"])
+        );
+        assert_eq!(
+            v["subresources"]["scale"]["specReplicasPath"],
+            ".spec.reducer.replicas"
+        );
+        assert_eq!(
+            v["subresources"]["scale"]["labelSelectorPath"],
+            ".status.selector"
+        );
+        assert!(v["subresources"]["status"].is_object());
+        let cols: Vec<&str> = v["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(
+            cols,
+            vec![
+                "Ready",
+                "Reducers",
+                "Publishers",
+                "Partitions",
+                "Lag",
+                "Age"
+            ]
+        );
+        let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(
+            spec["properties"]["reducer"]["properties"]["replicas"]["minimum"].as_f64(),
+            Some(0.0)
+        );
+        assert_eq!(
+            spec["properties"]["kafka"]["properties"]["dataTopic"]["minLength"].as_u64(),
+            Some(1)
+        );
+        assert!(spec["required"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("kafka")));
+    }
+}

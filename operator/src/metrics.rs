@@ -1,0 +1,84 @@
+//! Prometheus metrics of the operator.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Reconcile metrics.
+pub struct Metrics {
+    registry: Registry,
+    /// Reconciles, by result (`ok`, `invalid`, `error`).
+    pub reconciles: IntCounterVec,
+    /// Failed reconciles, by reason.
+    pub failures: IntCounterVec,
+    /// Reconcile duration.
+    pub duration: Histogram,
+    /// Child objects written, by kind and action (`created`, `updated`).
+    pub writes: IntCounterVec,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers the metrics.
+    pub fn new() -> Self {
+        let r = Registry::new();
+        let reconciles = IntCounterVec::new(
+            Opts::new(
+                "streampipe_operator_reconciles_total",
+                "Reconciles by result",
+            ),
+            &["result"],
+        )
+        .expect("valid");
+        let failures = IntCounterVec::new(
+            Opts::new(
+                "streampipe_operator_reconcile_failures_total",
+                "Failed reconciles by reason",
+            ),
+            &["reason"],
+        )
+        .expect("valid");
+        let duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "streampipe_operator_reconcile_duration_seconds",
+                "Reconcile duration",
+            )
+            .buckets(exponential_buckets(0.001, 2.0, 14).expect("valid")),
+        )
+        .expect("valid");
+        let writes = IntCounterVec::new(
+            Opts::new(
+                "streampipe_operator_child_writes_total",
+                "Child objects written",
+            ),
+            &["kind", "action"],
+        )
+        .expect("valid");
+        r.register(Box::new(reconciles.clone())).expect("unique");
+        r.register(Box::new(failures.clone())).expect("unique");
+        r.register(Box::new(duration.clone())).expect("unique");
+        r.register(Box::new(writes.clone())).expect("unique");
+        Metrics {
+            registry: r,
+            reconciles,
+            failures,
+            duration,
+            writes,
+        }
+    }
+
+    /// Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .expect("text encoding");
+        String::from_utf8(buf).expect("utf-8")
+    }
+}
