@@ -12,6 +12,8 @@ export STREAMPIPE_DEVBROKER_PORT=${STREAMPIPE_TEST_DEVBROKER_PORT:-29092}
 export STREAMPIPE_DEVBROKER_ADMIN_PORT=${STREAMPIPE_TEST_DEVBROKER_ADMIN_PORT:-29093}
 export STREAMPIPE_TANSU_PORT=${STREAMPIPE_TEST_TANSU_PORT:-29192}
 export STREAMPIPE_BROKERS="dev tansu"
+# A private, fresh Kubernetes control plane for the operator's e2e test.
+export STREAMPIPE_KUBE_DIR=$ROOT/.kube-test
 
 started=$(date +%s)
 ensure_test_packages
@@ -29,10 +31,14 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 # A fresh stack for every run: no state from an earlier run leaks in.
 scripts/stack.sh down >/dev/null 2>&1 || true
 rm -rf "$STREAMPIPE_STACK_DIR"
-trap 'scripts/stack.sh down >/dev/null 2>&1 || true' EXIT
+scripts/kube.sh reset >/dev/null 2>&1 || true
+trap 'scripts/stack.sh down >/dev/null 2>&1 || true; scripts/kube.sh down >/dev/null 2>&1 || true' EXIT
 scripts/stack.sh up
 # shellcheck disable=SC1091
 source "$STREAMPIPE_STACK_DIR/env"
+# Builds Kubernetes 1.20.2 from Debian's source package once per machine (cached).
+scripts/kube.sh up
+export STREAMPIPE_TEST_KUBECONFIG=$STREAMPIPE_KUBE_DIR/kubeconfig
 
 log "JS client unit tests (node --test)"
 node --test publisher/static/test/
