@@ -216,7 +216,10 @@ pub struct PublisherSpec {
 
 /// Observed state.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+// No schema defaults in the status (the operator writes it whole), but
+// tolerate missing fields when reading.
+#[serde(rename_all = "camelCase", default)]
+#[schemars(transform = no_defaults)]
 pub struct StreamPipelineStatus {
     /// The generation the status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -225,10 +228,8 @@ pub struct StreamPipelineStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready: Option<String>,
     /// Reducer replicas.
-    #[serde(default)]
     pub reducer: RoleStatus,
     /// Publisher replicas.
-    #[serde(default)]
     pub publisher: RoleStatus,
     /// Label selector of the reducer pods (scale subresource, HPA/KEDA).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -246,17 +247,36 @@ pub struct StreamPipelineStatus {
 
 /// Replica counts of a role.
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[serde(rename_all = "camelCase")]
+#[serde(rename_all = "camelCase", default)]
+#[schemars(transform = no_defaults)]
 pub struct RoleStatus {
     /// Desired replicas.
-    #[serde(default)]
     pub replicas: i32,
     /// Ready replicas.
-    #[serde(default)]
     pub ready_replicas: i32,
     /// `ready/desired`, for `kubectl get`.
-    #[serde(default)]
     pub summary: String,
+}
+
+/// Removes `default` from a schema, recursively. Status is written by the
+/// operator in full, and Kubernetes 1.20 rejects the empty-string defaults
+/// schemars derives from `#[serde(default)]` there.
+fn no_defaults(schema: &mut schemars::Schema) {
+    fn strip(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::Object(m) => {
+                m.remove("default");
+                m.values_mut().for_each(strip);
+            }
+            serde_json::Value::Array(a) => a.iter_mut().for_each(strip),
+            _ => {}
+        }
+    }
+    let mut v = schema.clone().to_value();
+    strip(&mut v);
+    if let Ok(s) = schemars::Schema::try_from(v) {
+        *schema = s;
+    }
 }
 
 /// A status condition (the shape of `metav1.Condition`).

@@ -12,7 +12,10 @@ use serde_json::Value;
 use streampipe_tests::{free_port, try_http_request, unique, wait_for, workspace_bin};
 
 fn repo() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
 }
 
 fn admin_kubeconfig() -> PathBuf {
@@ -27,7 +30,11 @@ fn kubectl(args: &[&str]) -> (bool, String, String) {
         .env("KUBECONFIG", admin_kubeconfig())
         .output()
         .expect("kubectl");
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 fn kubectl_ok(args: &[&str]) -> String {
@@ -49,7 +56,11 @@ fn operator_kubeconfig() -> PathBuf {
     let mut cfg: Value = serde_json::from_str(&raw).unwrap();
     for u in cfg["users"].as_array_mut().unwrap() {
         u["user"]["as"] = "system:serviceaccount:streampipe-system:streampipe-operator".into();
-        u["user"]["as-groups"] = serde_json::json!(["system:serviceaccounts", "system:serviceaccounts:streampipe-system", "system:authenticated"]);
+        u["user"]["as-groups"] = serde_json::json!([
+            "system:serviceaccounts",
+            "system:serviceaccounts:streampipe-system",
+            "system:authenticated"
+        ]);
     }
     let path = std::env::temp_dir().join(format!("streampipe-operator-{}.kubeconfig", unique("k")));
     std::fs::write(&path, serde_json::to_vec(&cfg).unwrap()).unwrap();
@@ -65,24 +76,42 @@ impl Operator {
     fn start(kubeconfig: &PathBuf, identity: &str) -> Self {
         let port = free_port();
         let child = Command::new(workspace_bin("streampipe-operator"))
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--lease-namespace", "streampipe-system", "--identity", identity, "--lease-duration", "6", "--log-format", "text"])
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--lease-namespace",
+                "streampipe-system",
+                "--identity",
+                identity,
+                "--lease-duration",
+                "6",
+                "--log-format",
+                "text",
+            ])
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "warn,streampipe_operator=info")
             .stdin(Stdio::null())
             .spawn()
             .expect("spawn operator");
-        Operator { child, addr: format!("127.0.0.1:{port}") }
+        Operator {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        }
     }
 
     fn leading(&mut self) -> Option<bool> {
         assert!(self.child.try_wait().unwrap().is_none(), "operator exited");
         let m = try_http_request(&self.addr, "GET", "/metrics").ok()?;
-        let line = m.lines().find(|l| l.starts_with("streampipe_operator_leader "))?;
+        let line = m
+            .lines()
+            .find(|l| l.starts_with("streampipe_operator_leader "))?;
         Some(line.ends_with(" 1"))
     }
 
     fn terminate(&mut self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
         let _ = self.child.wait();
     }
 }
@@ -99,11 +128,17 @@ fn get(kind: &str, ns: &str, name: &str) -> Option<Value> {
 }
 
 fn wait_get(what: &str, kind: &str, ns: &str, name: &str, pred: impl Fn(&Value) -> bool) -> Value {
-    wait_for(Duration::from_secs(60), what, || get(kind, ns, name).filter(|v| pred(v)))
+    wait_for(Duration::from_secs(60), what, || {
+        get(kind, ns, name).filter(|v| pred(v))
+    })
 }
 
 fn condition(sp: &Value, t: &str) -> Option<Value> {
-    sp["status"]["conditions"].as_array()?.iter().find(|c| c["type"] == t).cloned()
+    sp["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == t)
+        .cloned()
 }
 
 #[test]
@@ -113,91 +148,223 @@ fn operator_end_to_end_on_a_real_api_server() {
     kubectl_ok(&["apply", "-k", repo().join("manifests").to_str().unwrap()]);
     wait_for(Duration::from_secs(60), "CRD established", || {
         let crd = kubectl_json(&["get", "crd", "streampipelines.streampipe.dev"])?;
-        crd["status"]["conditions"].as_array()?.iter().any(|c| c["type"] == "Established" && c["status"] == "True").then_some(())
+        crd["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Established" && c["status"] == "True")
+            .then_some(())
     });
     let ns = unique("e2e");
     kubectl_ok(&["create", "namespace", &ns]);
 
     let kubeconfig = operator_kubeconfig();
     let mut first = Operator::start(&kubeconfig, "op-a");
-    wait_for(Duration::from_secs(60), "first operator leads", || first.leading().filter(|l| *l));
+    wait_for(Duration::from_secs(60), "first operator leads", || {
+        first.leading().filter(|l| *l)
+    });
     let mut second = Operator::start(&kubeconfig, "op-b");
     std::thread::sleep(Duration::from_secs(3));
-    assert_eq!(second.leading(), Some(false), "the second replica stays passive");
+    assert_eq!(
+        second.leading(),
+        Some(false),
+        "the second replica stays passive"
+    );
 
     // The sample pipeline.
-    let sample = std::fs::read_to_string(repo().join("manifests/sample.yaml")).unwrap().replace("namespace: default", &format!("namespace: {ns}"));
+    let sample = std::fs::read_to_string(repo().join("manifests/sample.yaml"))
+        .unwrap()
+        .replace("namespace: default", &format!("namespace: {ns}"));
     let path = std::env::temp_dir().join(format!("{ns}-sample.yaml"));
     std::fs::write(&path, sample).unwrap();
     kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
 
     // Children exist with owner references.
-    let sp = wait_get("pipeline status", "streampipeline", &ns, "odds", |v| v["status"]["observedGeneration"] == 1);
+    let sp = wait_get("pipeline status", "streampipeline", &ns, "odds", |v| {
+        v["status"]["observedGeneration"] == 1
+    });
     let uid = sp["metadata"]["uid"].as_str().unwrap().to_owned();
-    for (kind, name) in [("deployment", "odds-reducer"), ("deployment", "odds-publisher"), ("service", "odds-publisher"), ("configmap", "odds-config")] {
+    for (kind, name) in [
+        ("deployment", "odds-reducer"),
+        ("deployment", "odds-publisher"),
+        ("service", "odds-publisher"),
+        ("configmap", "odds-config"),
+    ] {
         let obj = wait_get(&format!("{kind} {name}"), kind, &ns, name, |_| true);
-        assert_eq!(obj["metadata"]["ownerReferences"][0]["uid"], uid.as_str(), "{kind} {name} is owned");
+        assert_eq!(
+            obj["metadata"]["ownerReferences"][0]["uid"],
+            uid.as_str(),
+            "{kind} {name} is owned"
+        );
     }
     let dep = get("deployment", &ns, "odds-reducer").unwrap();
     assert_eq!(dep["spec"]["replicas"], 2);
-    assert_eq!(dep["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFilesystem"], true);
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+            ["readOnlyRootFilesystem"],
+        true
+    );
     // Status and printer columns.
     let ready = condition(&sp, "Ready").expect("Ready condition");
     assert_eq!(ready["status"], "False", "no node: pods never become ready");
     assert!(condition(&sp, "Progressing").is_some() && condition(&sp, "Degraded").is_some());
     assert_eq!(sp["status"]["selector"], "app.kubernetes.io/component=reducer,app.kubernetes.io/instance=odds,app.kubernetes.io/name=streampipe");
     let table = kubectl_ok(&["get", "spl", "odds", "-n", &ns]);
-    for col in ["READY", "REDUCERS", "PUBLISHERS", "PARTITIONS", "LAG", "AGE"] {
+    for col in [
+        "READY",
+        "REDUCERS",
+        "PUBLISHERS",
+        "PARTITIONS",
+        "LAG",
+        "AGE",
+    ] {
         assert!(table.contains(col), "printer column {col}:\n{table}");
     }
-    assert!(table.contains("0/2"), "reducers ready/desired shown:\n{table}");
+    assert!(
+        table.contains("0/2"),
+        "reducers ready/desired shown:\n{table}"
+    );
 
     // kubectl scale goes through the scale subresource to the reducers.
     kubectl_ok(&["scale", "spl/odds", "-n", &ns, "--replicas=3"]);
-    wait_get("reducers scaled to 3", "deployment", &ns, "odds-reducer", |d| d["spec"]["replicas"] == 3);
-    let (_, raw, _) = kubectl(&["get", "--raw", &format!("/apis/streampipe.dev/v1alpha1/namespaces/{ns}/streampipelines/odds/scale")]);
+    wait_get(
+        "reducers scaled to 3",
+        "deployment",
+        &ns,
+        "odds-reducer",
+        |d| d["spec"]["replicas"] == 3,
+    );
+    let (_, raw, _) = kubectl(&[
+        "get",
+        "--raw",
+        &format!("/apis/streampipe.dev/v1alpha1/namespaces/{ns}/streampipelines/odds/scale"),
+    ]);
     let scale: Value = serde_json::from_str(&raw).expect("scale subresource JSON");
     assert_eq!(scale["spec"]["replicas"], 3);
-    assert!(scale["status"]["selector"].as_str().unwrap_or_default().contains("component=reducer"), "{scale}");
+    assert!(
+        scale["status"]["selector"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("component=reducer"),
+        "{scale}"
+    );
 
     // A spec edit rolls the child.
-    kubectl_ok(&["patch", "spl", "odds", "-n", &ns, "--type", "merge", "-p", r#"{"spec":{"reducer":{"image":"example/reducer:2"}}}"#]);
-    wait_get("new reducer image", "deployment", &ns, "odds-reducer", |d| d["spec"]["template"]["spec"]["containers"][0]["image"] == "example/reducer:2");
+    kubectl_ok(&[
+        "patch",
+        "spl",
+        "odds",
+        "-n",
+        &ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"reducer":{"image":"example/reducer:2"}}}"#,
+    ]);
+    wait_get(
+        "new reducer image",
+        "deployment",
+        &ns,
+        "odds-reducer",
+        |d| d["spec"]["template"]["spec"]["containers"][0]["image"] == "example/reducer:2",
+    );
 
     // A deleted child comes back.
     let old_uid = get("deployment", &ns, "odds-publisher").unwrap()["metadata"]["uid"].clone();
     kubectl_ok(&["delete", "deployment", "odds-publisher", "-n", &ns]);
-    wait_get("publisher recreated", "deployment", &ns, "odds-publisher", |d| d["metadata"]["uid"] != old_uid);
+    wait_get(
+        "publisher recreated",
+        "deployment",
+        &ns,
+        "odds-publisher",
+        |d| d["metadata"]["uid"] != old_uid,
+    );
 
     // Invalid resources: rejected by the schema, or reported Degraded with an Event.
-    let (ok, _, err) = kubectl(&["patch", "spl", "odds", "-n", &ns, "--type", "merge", "-p", r#"{"spec":{"reducer":{"replicas":-1}}}"#]);
-    assert!(!ok && err.contains("replicas"), "schema rejects replicas < 0: {err}");
-    kubectl_ok(&["patch", "spl", "odds", "-n", &ns, "--type", "merge", "-p", r#"{"spec":{"kafka":{"commandTopic":"odds"}}}"#]);
+    let (ok, _, err) = kubectl(&[
+        "patch",
+        "spl",
+        "odds",
+        "-n",
+        &ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"reducer":{"replicas":-1}}}"#,
+    ]);
+    assert!(
+        !ok && err.contains("replicas"),
+        "schema rejects replicas < 0: {err}"
+    );
+    kubectl_ok(&[
+        "patch",
+        "spl",
+        "odds",
+        "-n",
+        &ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"kafka":{"commandTopic":"odds"}}}"#,
+    ]);
     let bad = wait_get("Degraded InvalidSpec", "streampipeline", &ns, "odds", |v| {
-        condition(v, "Degraded").is_some_and(|c| c["status"] == "True" && c["reason"] == "InvalidSpec")
+        condition(v, "Degraded")
+            .is_some_and(|c| c["status"] == "True" && c["reason"] == "InvalidSpec")
     });
-    assert!(condition(&bad, "Degraded").unwrap()["message"].as_str().unwrap().contains("spec.kafka.commandTopic"));
+    assert!(condition(&bad, "Degraded").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("spec.kafka.commandTopic"));
     wait_for(Duration::from_secs(30), "InvalidSpec Warning event", || {
         let evs = kubectl_json(&["get", "events.events.k8s.io", "-n", &ns])?;
-        evs["items"].as_array()?.iter().any(|e| e["reason"] == "InvalidSpec" && e["type"] == "Warning").then_some(())
+        evs["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["reason"] == "InvalidSpec" && e["type"] == "Warning")
+            .then_some(())
     });
-    kubectl_ok(&["patch", "spl", "odds", "-n", &ns, "--type", "merge", "-p", r#"{"spec":{"kafka":{"commandTopic":"odds.commands"}}}"#]);
-    wait_get("Degraded cleared", "streampipeline", &ns, "odds", |v| condition(v, "Degraded").is_some_and(|c| c["status"] == "False"));
+    kubectl_ok(&[
+        "patch",
+        "spl",
+        "odds",
+        "-n",
+        &ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"kafka":{"commandTopic":"odds.commands"}}}"#,
+    ]);
+    wait_get("Degraded cleared", "streampipeline", &ns, "odds", |v| {
+        condition(v, "Degraded").is_some_and(|c| c["status"] == "False")
+    });
 
     // Leader hand-over: the first stops (releasing the Lease); the second takes over and reconciles.
     first.terminate();
-    wait_for(Duration::from_secs(30), "second operator leads", || second.leading().filter(|l| *l));
+    wait_for(Duration::from_secs(30), "second operator leads", || {
+        second.leading().filter(|l| *l)
+    });
     kubectl_ok(&["scale", "spl/odds", "-n", &ns, "--replicas=1"]);
-    wait_get("the new leader reconciles", "deployment", &ns, "odds-reducer", |d| d["spec"]["replicas"] == 1);
+    wait_get(
+        "the new leader reconciles",
+        "deployment",
+        &ns,
+        "odds-reducer",
+        |d| d["spec"]["replicas"] == 1,
+    );
 
     // Deleting the pipeline garbage-collects its children (the controller-manager's GC).
     kubectl_ok(&["delete", "spl", "odds", "-n", &ns]);
-    wait_for(Duration::from_secs(90), "children garbage-collected", || {
-        let gone = ["odds-reducer", "odds-publisher"].iter().all(|n| get("deployment", &ns, n).is_none())
-            && get("service", &ns, "odds-publisher").is_none()
-            && get("configmap", &ns, "odds-config").is_none();
-        gone.then_some(())
-    });
+    wait_for(
+        Duration::from_secs(90),
+        "children garbage-collected",
+        || {
+            let gone = ["odds-reducer", "odds-publisher"]
+                .iter()
+                .all(|n| get("deployment", &ns, n).is_none())
+                && get("service", &ns, "odds-publisher").is_none()
+                && get("configmap", &ns, "odds-config").is_none();
+            gone.then_some(())
+        },
+    );
     drop(second);
     let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
     let _ = std::fs::remove_file(kubeconfig);
