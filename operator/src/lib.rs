@@ -5,6 +5,7 @@
 //! - [`controller`]: `reconcile`, the error policy and the controller loop.
 //! - [`metrics`], [`error`].
 
+pub mod autoscale;
 pub mod builders;
 pub mod controller;
 pub mod crd;
