@@ -3,6 +3,7 @@
 # in the same run, against Socket.IO 4.8 + @socket.io/redis-adapter (the peer
 # baseline), same workload: clients spread over channels (rooms), R updates/s
 # through Redis. Prints RSS per idle connection, delivered messages/s and
+# (Server ports stay below the ephemeral range 32768+, which the clients use.)
 # emitter → client latency. Each scenario is CLIENTS:CHANNELS:RATE; the
 # arguments replace the default list.
 set -euo pipefail
@@ -37,17 +38,17 @@ for scenario in "${SCENARIOS[@]}"; do
     # streampipe publisher (Kafka is not used: channels are registered in Redis
     # directly and updates published to their pub/sub, as reducers do).
     "$R/streampipe-publisher" --brokers 127.0.0.1:1 --pipeline bench --redis-url redis://127.0.0.1:36379 \
-        --listen 127.0.0.1:$((38080 + port)) --log-format text >"$STREAMPIPE_STACK_DIR/publisher.log" 2>&1 &
+        --listen 127.0.0.1:$((18180 + port)) --log-format text >"$STREAMPIPE_STACK_DIR/publisher.log" 2>&1 &
     pub=$!; PIDS+=("$pub")
-    for _ in $(seq 1 300); do curl -sf http://127.0.0.1:$((38080 + port))/readyz >/dev/null && break; sleep 0.1; done
-    "$R/streampipe-bench-publisher" --target streampipe --addr 127.0.0.1:$((38080 + port)) --pid "$pub" \
+    for _ in $(seq 1 300); do curl -sf http://127.0.0.1:$((18180 + port))/readyz >/dev/null && break; sleep 0.1; done
+    "$R/streampipe-bench-publisher" --target streampipe --addr 127.0.0.1:$((18180 + port)) --pid "$pub" \
         --clients "$n" --channels "$channels" --rate "$RATE" --seconds "$SECONDS_LOAD"
     kill "$pub" 2>/dev/null || true; wait "$pub" 2>/dev/null || true
 
-    node tests/bench/socketio/server.js --port $((33000 + port)) --redis redis://127.0.0.1:36379 >"$STREAMPIPE_STACK_DIR/socketio.log" 2>&1 &
+    node tests/bench/socketio/server.js --port $((13300 + port)) --redis redis://127.0.0.1:36379 >"$STREAMPIPE_STACK_DIR/socketio.log" 2>&1 &
     sio=$!; PIDS+=("$sio")
     for _ in $(seq 1 300); do grep -q ready "$STREAMPIPE_STACK_DIR/socketio.log" && break; sleep 0.1; done
-    "$R/streampipe-bench-publisher" --target socketio --addr 127.0.0.1:$((33000 + port)) --pid "$sio" \
+    "$R/streampipe-bench-publisher" --target socketio --addr 127.0.0.1:$((13300 + port)) --pid "$sio" \
         --clients "$n" --channels "$channels" --rate "$RATE" --seconds "$SECONDS_LOAD" \
         --emitter "node tests/bench/socketio/emitter.js --redis redis://127.0.0.1:36379"
     kill "$sio" 2>/dev/null || true; wait "$sio" 2>/dev/null || true

@@ -10,6 +10,7 @@ pub mod builders;
 pub mod controller;
 pub mod crd;
 pub mod error;
+pub mod lag;
 pub mod metrics;
 
 pub use controller::{reconcile, Context, Features};
