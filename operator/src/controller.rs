@@ -25,9 +25,13 @@ use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
+use crate::autoscale::{Autoscaler, Decision, Limit, Observation, Policy};
 use crate::builders::{self, is_subset, Role, FIELD_MANAGER};
-use crate::crd::{validate, Condition, RoleStatus, StreamPipeline, StreamPipelineStatus};
+use crate::crd::{
+    validate, AutoscalingSpec, Condition, RoleStatus, StreamPipeline, StreamPipelineStatus,
+};
 use crate::error::{Error, Result};
+use crate::lag::{read_lag, LagReport, Uncommitted};
 use crate::metrics::Metrics;
 
 /// Periodic resync: status follows the Deployments even without events.
@@ -57,6 +61,26 @@ pub struct Context {
     pub features: Features,
     /// Consecutive failures per object, for the error backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Autoscaler state per pipeline (stabilization history, last poll).
+    autoscalers: tokio::sync::Mutex<HashMap<String, ScalerState>>,
+}
+
+/// What the autoscaler remembers about one pipeline between reconciles.
+#[derive(Default)]
+struct ScalerState {
+    scaler: Autoscaler,
+    last_poll: Option<Instant>,
+    /// Replicas the autoscaler last wrote (to notice manual scaling).
+    last_written: Option<i32>,
+    last_scale_time: Option<String>,
+    last: Option<(Decision, Option<LagReport>)>,
+}
+
+/// The autoscaler's view for the status.
+struct Scaling {
+    decision: Decision,
+    report: Option<LagReport>,
+    last_scale_time: Option<String>,
 }
 
 impl Context {
@@ -73,6 +97,7 @@ impl Context {
             metrics,
             features,
             failures: Mutex::new(HashMap::new()),
+            autoscalers: tokio::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -271,6 +296,190 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     res
 }
 
+/// librdkafka properties for the pipeline's credentials, read from its Secret.
+async fn kafka_options(sp: &StreamPipeline, ctx: &Context) -> Result<Vec<(String, String)>> {
+    let Some(c) = &sp.spec.kafka.credentials else {
+        return Ok(Vec::new());
+    };
+    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret = secrets.get(&c.secret_name).await?;
+    let field = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
+    };
+    Ok(vec![
+        ("security.protocol".into(), "SASL_SSL".into()),
+        ("sasl.mechanism".into(), c.mechanism.clone()),
+        ("sasl.username".into(), field(&c.username_key)),
+        ("sasl.password".into(), field(&c.password_key)),
+    ])
+}
+
+fn policy_of(a: &AutoscalingSpec) -> Policy {
+    Policy {
+        min_replicas: a.min_replicas,
+        max_replicas: a.max_replicas,
+        lag_threshold: a.lag_threshold,
+        activation_lag_threshold: a.activation_lag_threshold,
+        scale_up_window: Duration::from_secs(a.scale_up_stabilization_seconds.into()),
+        scale_down_window: Duration::from_secs(a.scale_down_stabilization_seconds.into()),
+        even_spread: a.even_partition_spread,
+    }
+}
+
+/// Polls Kafka when due, decides, and writes the reducer replicas through
+/// the scale subresource (as an HPA would). Returns the effective replicas.
+async fn autoscale(
+    sp: &StreamPipeline,
+    a: &AutoscalingSpec,
+    ctx: &Context,
+) -> Result<(i32, Scaling)> {
+    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
+    let name = sp.name_any();
+    let key = format!("{ns}/{name}");
+    let current = sp.spec.reducer.replicas;
+    let interval = Duration::from_secs(a.poll_interval_seconds.max(1).into());
+    let mut all = ctx.autoscalers.lock().await;
+    let state = all.entry(key).or_default();
+    let due = state
+        .last_poll
+        .is_none_or(|t| t.elapsed() + Duration::from_millis(200) >= interval);
+    if !due {
+        if let Some((d, r)) = &state.last {
+            let scaling = Scaling {
+                decision: d.clone(),
+                report: r.clone(),
+                last_scale_time: state.last_scale_time.clone(),
+            };
+            return Ok((current, scaling));
+        }
+    }
+    state.last_poll = Some(Instant::now());
+    let brokers = sp.spec.kafka.bootstrap_servers.clone();
+    let topic = sp.spec.kafka.data_topic.clone();
+    let group = builders::config_data(sp)["STREAMPIPE_GROUP"].clone();
+    let uncommitted = if a.uncommitted_offset_policy == "latest" {
+        Uncommitted::Latest
+    } else {
+        Uncommitted::Earliest
+    };
+    let report = match kafka_options(sp, ctx).await {
+        Ok(options) => tokio::task::spawn_blocking(move || {
+            read_lag(&brokers, &topic, &group, &options, uncommitted)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("lag reader: {e}"))),
+        Err(e) => Err(format!("credentials: {e}")),
+    };
+    let obs = match &report {
+        Ok(r) => Observation::Lag {
+            partitions: r.partitions,
+            total: r.total,
+        },
+        Err(e) => Observation::Unavailable(e.clone()),
+    };
+    let decision = state
+        .scaler
+        .decide(&policy_of(a), Instant::now(), current, &obs);
+    let labels = [ns.as_str(), name.as_str()];
+    if let Ok(r) = &report {
+        ctx.metrics.lag.with_label_values(&labels).set(r.total);
+    }
+    ctx.metrics
+        .desired_replicas
+        .with_label_values(&labels)
+        .set(i64::from(decision.replicas));
+    let mut effective = current;
+    if decision.replicas != current {
+        if let Some(w) = state.last_written.filter(|w| *w != current) {
+            ctx.event(sp, EventType::Normal, "ManualScaleOverridden", "Autoscale", format!(
+                "reducers were set to {current} by hand (autoscaler had {w}); autoscaling is on and sets {}", decision.replicas)).await;
+        }
+        let api: Api<StreamPipeline> = Api::namespaced(ctx.client.clone(), &ns);
+        // A merge patch: server-side apply on /scale crashes Kubernetes 1.20.
+        api.patch_scale(
+            &name,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": decision.replicas}})),
+        )
+        .await?;
+        let inputs = match &report {
+            Ok(r) => format!(
+                "total lag {}, max partition lag {}, {} partitions",
+                r.total, r.max, r.partitions
+            ),
+            Err(e) => e.clone(),
+        };
+        ctx.event(
+            sp,
+            EventType::Normal,
+            "Autoscaled",
+            "Autoscale",
+            format!(
+                "reducers {current} → {}: {} ({inputs})",
+                decision.replicas, decision.reason
+            ),
+        )
+        .await;
+        state.last_written = Some(decision.replicas);
+        state.last_scale_time = Some(now_rfc3339());
+        effective = decision.replicas;
+    } else if state.last_written.is_none() {
+        state.last_written = Some(current);
+    }
+    let report = report.ok();
+    state.last = Some((decision.clone(), report.clone()));
+    Ok((
+        effective,
+        Scaling {
+            decision,
+            report,
+            last_scale_time: state.last_scale_time.clone(),
+        },
+    ))
+}
+
+fn scaling_conditions(prev: &[Condition], s: &Scaling, generation: Option<i64>) -> Vec<Condition> {
+    let d = &s.decision;
+    let active = d.limit != Limit::KafkaUnavailable;
+    let (limited, reason) = match d.limit {
+        Limit::None => (false, "WithinRange"),
+        Limit::Partitions(_) => (true, "CappedAtPartitions"),
+        Limit::Max(_) => (true, "CappedAtMaxReplicas"),
+        Limit::Min(_) => (true, "RaisedToMinReplicas"),
+        Limit::BelowActivation => (true, "BelowActivationThreshold"),
+        Limit::KafkaUnavailable => (true, "KafkaUnavailable"),
+        Limit::Stabilizing => (true, "Stabilizing"),
+    };
+    vec![
+        condition(
+            prev,
+            "ScalingActive",
+            active,
+            if active {
+                "LagRead"
+            } else {
+                "KafkaUnavailable"
+            },
+            d.reason.clone(),
+            generation,
+        ),
+        condition(
+            prev,
+            "ScalingLimited",
+            limited,
+            reason,
+            d.reason.clone(),
+            generation,
+        ),
+    ]
+}
+
 async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
     let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
     let name = sp.name_any();
@@ -337,6 +546,20 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
         info!(%name, %message, "invalid spec; children left as they are");
         return Ok(Action::await_change());
     }
+
+    // Autoscaling first: the Deployment below gets the replicas it decided.
+    let mut scaling = None;
+    let mut effective;
+    let sp = match sp.spec.autoscaling.as_ref().filter(|a| a.enabled) {
+        Some(a) => {
+            let (replicas, s) = autoscale(sp, a, ctx).await?;
+            scaling = Some(s);
+            effective = sp.clone();
+            effective.spec.reducer.replicas = replicas;
+            &effective
+        }
+        None => sp,
+    };
 
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
     let deps: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
@@ -426,12 +649,28 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
         observed_generation: generation,
         ready: Some(if ready { "True" } else { "False" }.into()),
         selector: Some(builders::reducer_selector(sp)),
-        partitions: prev.partitions,
-        total_lag: prev.total_lag,
+        partitions: None,
+        total_lag: None,
+        max_partition_lag: None,
+        desired_replicas: None,
+        last_scale_time: None,
         conditions: Vec::new(),
         reducer: r.clone(),
         publisher: p.clone(),
     };
+    if let Some(s) = &scaling {
+        if let Some(rep) = &s.report {
+            status.partitions = Some(rep.partitions);
+            status.total_lag = Some(rep.total);
+            status.max_partition_lag = Some(rep.max);
+        } else {
+            status.partitions = prev.partitions;
+            status.total_lag = prev.total_lag;
+            status.max_partition_lag = prev.max_partition_lag;
+        }
+        status.desired_replicas = Some(s.decision.replicas);
+        status.last_scale_time = s.last_scale_time.clone().or(prev.last_scale_time.clone());
+    }
     let summary = format!("reducers {}, publishers {} ready", r.summary, p.summary);
     status.conditions = vec![
         condition(
@@ -467,16 +706,19 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
             generation,
         ),
     ];
-    // Conditions other controllers (the autoscaler) own are kept.
-    status.conditions.extend(
-        prev.conditions
-            .iter()
-            .filter(|c| !["Ready", "Progressing", "Degraded"].contains(&c.type_.as_str()))
-            .cloned(),
-    );
+    if let Some(s) = &scaling {
+        status
+            .conditions
+            .extend(scaling_conditions(&prev.conditions, s, generation));
+    }
     write_status(&api, sp, status).await?;
     ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
-    Ok(Action::requeue(RESYNC))
+    match sp.spec.autoscaling.as_ref().filter(|a| a.enabled) {
+        Some(a) => Ok(Action::requeue(Duration::from_secs(
+            a.poll_interval_seconds.max(1).into(),
+        ))),
+        None => Ok(Action::requeue(RESYNC)),
+    }
 }
 
 /// Requeues a failed object with exponential backoff (1 s doubling to 5 min).

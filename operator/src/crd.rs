@@ -73,6 +73,72 @@ pub struct StreamPipelineSpec {
     /// The publishers (browser edge).
     #[serde(default)]
     pub publisher: PublisherSpec,
+    /// Reducer autoscaling from Kafka consumer lag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// Reducer autoscaling from Kafka consumer lag (HPA semantics, capped at the
+/// partition count).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Turns autoscaling on; off, `kubectl scale` sets the reducers.
+    #[serde(default)]
+    pub enabled: bool,
+    /// Fewest reducers (0 allows scale to zero below the activation threshold).
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub min_replicas: i32,
+    /// Most reducers; the partition count caps it further.
+    #[serde(default = "ten")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub max_replicas: i32,
+    /// Target lag (records) per reducer.
+    #[serde(default = "thousand")]
+    #[schemars(range(min = 1))]
+    pub lag_threshold: i64,
+    /// Total lag below which a pipeline with `minReplicas: 0` runs no reducer.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    pub activation_lag_threshold: i64,
+    /// Scale-up stabilization window (seconds).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_up_stabilization_seconds: u32,
+    /// Scale-down stabilization window (seconds).
+    #[serde(default = "three_hundred")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: u32,
+    /// How often lag is read from Kafka (seconds).
+    #[serde(default = "ten_u32")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub poll_interval_seconds: u32,
+    /// Round replicas up to a divisor of the partition count, so every
+    /// reducer owns as many partitions as the others.
+    #[serde(default)]
+    pub even_partition_spread: bool,
+    /// How a partition without a committed offset counts: `earliest` (all
+    /// retained records are lag, as the reducers start there) or `latest` (none).
+    #[serde(default = "earliest")]
+    #[schemars(regex(pattern = r"^(earliest|latest)$"))]
+    pub uncommitted_offset_policy: String,
+}
+
+fn ten() -> i32 {
+    10
+}
+fn thousand() -> i64 {
+    1000
+}
+fn three_hundred() -> u32 {
+    300
+}
+fn ten_u32() -> u32 {
+    10
+}
+fn earliest() -> String {
+    "earliest".into()
 }
 
 /// Kafka settings.
@@ -240,6 +306,15 @@ pub struct StreamPipelineStatus {
     /// Total consumer lag (from the autoscaler, when it runs).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub total_lag: Option<i64>,
+    /// Largest partition lag (autoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_partition_lag: Option<i64>,
+    /// Reducers the autoscaler wants now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// When the autoscaler last changed the replicas (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<String>,
     /// Conditions: Ready, Progressing, Degraded.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
@@ -325,6 +400,14 @@ pub fn validate(spec: &StreamPipelineSpec) -> Vec<Invalid> {
             field: "spec.kafka.commandTopic",
             message: "must differ from spec.kafka.dataTopic (commands and data are separate co-partitioned topics)".into(),
         });
+    }
+    if let Some(a) = &spec.autoscaling {
+        if a.min_replicas > a.max_replicas {
+            out.push(Invalid {
+                field: "spec.autoscaling.minReplicas",
+                message: format!("{} is above maxReplicas {}", a.min_replicas, a.max_replicas),
+            });
+        }
     }
     if spec.kafka.dead_letter_topic.as_deref() == Some(spec.kafka.data_topic.as_str()) {
         out.push(Invalid {

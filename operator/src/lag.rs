@@ -71,7 +71,10 @@ pub fn read_lag(
     let md = c
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
         .map_err(|e| format!("metadata: {e}"))?;
-    let t = md.topics().first().ok_or_else(|| format!("topic {topic:?} not in metadata"))?;
+    let t = md
+        .topics()
+        .first()
+        .ok_or_else(|| format!("topic {topic:?} not in metadata"))?;
     if let Some(err) = t.error() {
         return Err(format!("topic {topic:?}: {err:?}"));
     }
@@ -102,10 +105,20 @@ pub fn read_lag(
             (None, Uncommitted::Latest) => 0,
         }
         .max(0);
-        per_partition.push(PartitionLag { partition: p.id(), high, committed, lag });
+        per_partition.push(PartitionLag {
+            partition: p.id(),
+            high,
+            committed,
+            lag,
+        });
     }
     per_partition.sort_by_key(|p| p.partition);
     let total = per_partition.iter().map(|p| p.lag).sum();
     let max = per_partition.iter().map(|p| p.lag).max().unwrap_or(0);
-    Ok(LagReport { partitions: per_partition.len() as i32, per_partition, total, max })
+    Ok(LagReport {
+        partitions: per_partition.len() as i32,
+        per_partition,
+        total,
+        max,
+    })
 }

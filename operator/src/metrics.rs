@@ -16,6 +16,10 @@ pub struct Metrics {
     pub duration: Histogram,
     /// Child objects written, by kind and action (`created`, `updated`).
     pub writes: IntCounterVec,
+    /// Total consumer lag of a pipeline's reducers (autoscaler).
+    pub lag: prometheus::IntGaugeVec,
+    /// Reducers the autoscaler wants.
+    pub desired_replicas: prometheus::IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -64,12 +68,33 @@ impl Metrics {
         r.register(Box::new(failures.clone())).expect("unique");
         r.register(Box::new(duration.clone())).expect("unique");
         r.register(Box::new(writes.clone())).expect("unique");
+        let lag = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "streampipe_operator_consumer_lag",
+                "Total consumer lag of the reducers",
+            ),
+            &["namespace", "name"],
+        )
+        .expect("valid");
+        let desired_replicas = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "streampipe_operator_desired_reducers",
+                "Reducers the autoscaler wants",
+            ),
+            &["namespace", "name"],
+        )
+        .expect("valid");
+        r.register(Box::new(lag.clone())).expect("unique");
+        r.register(Box::new(desired_replicas.clone()))
+            .expect("unique");
         Metrics {
             registry: r,
             reconciles,
             failures,
             duration,
             writes,
+            lag,
+            desired_replicas,
         }
     }
 
