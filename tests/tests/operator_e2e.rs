@@ -73,21 +73,33 @@ struct Operator {
 }
 
 impl Operator {
-    fn start(kubeconfig: &PathBuf, identity: &str) -> Self {
-        let port = free_port();
-        let child = Command::new(workspace_bin("streampipe-operator"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
+    /// An operator replica watching only `namespace` (tests run side by side).
+    fn start(kubeconfig: &PathBuf, identity: &str, namespace: &str) -> Self {
+        Self::start_with(
+            kubeconfig,
+            &[
                 "--lease-namespace",
                 "streampipe-system",
                 "--identity",
                 identity,
                 "--lease-duration",
                 "6",
+                "--namespace",
+                namespace,
+            ],
+        )
+    }
+
+    fn start_with(kubeconfig: &PathBuf, extra: &[&str]) -> Self {
+        let port = free_port();
+        let child = Command::new(workspace_bin("streampipe-operator"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
                 "--log-format",
                 "text",
             ])
+            .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "warn,streampipe_operator=info")
             .stdin(Stdio::null())
@@ -158,11 +170,11 @@ fn operator_end_to_end_on_a_real_api_server() {
     kubectl_ok(&["create", "namespace", &ns]);
 
     let kubeconfig = operator_kubeconfig();
-    let mut first = Operator::start(&kubeconfig, "op-a");
+    let mut first = Operator::start(&kubeconfig, "op-a", &ns);
     wait_for(Duration::from_secs(60), "first operator leads", || {
         first.leading().filter(|l| *l)
     });
-    let mut second = Operator::start(&kubeconfig, "op-b");
+    let mut second = Operator::start(&kubeconfig, "op-b", &ns);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         second.leading(),
@@ -369,4 +381,168 @@ fn operator_end_to_end_on_a_real_api_server() {
     let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
     let _ = std::fs::remove_file(kubeconfig);
     eprintln!("operator e2e took {:?}", t0.elapsed());
+}
+
+/// Autoscaling end to end: lag created in the real (dev) broker makes the
+/// operator raise the reducer Deployment's replicas within one poll
+/// interval, never above the partition count; status and Events say why.
+#[test]
+fn autoscaling_follows_kafka_lag_on_a_real_api_server() {
+    use rdkafka::producer::Producer as _;
+    use streampipe_tests::Broker;
+    kubectl_ok(&["apply", "-k", repo().join("manifests").to_str().unwrap()]);
+    wait_for(Duration::from_secs(60), "CRD established", || {
+        let crd = kubectl_json(&["get", "crd", "streampipelines.streampipe.dev"])?;
+        crd["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Established" && c["status"] == "True")
+            .then_some(())
+    });
+    let ns = unique("e2e-scale");
+    kubectl_ok(&["create", "namespace", &ns]);
+    let base = unique("lag");
+    let (data, commands, group) = (
+        format!("{base}.data"),
+        format!("{base}.commands"),
+        format!("{base}.reducers"),
+    );
+    let broker = Broker::Dev;
+    broker.create_topics(&[(&data, 4), (&commands, 4)]);
+    let poll = 2u64;
+    let sp = format!(
+        r#"{{"apiVersion":"streampipe.dev/v1alpha1","kind":"StreamPipeline","metadata":{{"name":"lag","namespace":"{ns}"}},
+        "spec":{{"kafka":{{"bootstrapServers":"{}","dataTopic":"{data}","commandTopic":"{commands}","consumerGroup":"{group}"}},
+        "redis":{{"urlSecret":{{"name":"redis","key":"url"}}}},
+        "reducer":{{"replicas":1}},
+        "autoscaling":{{"enabled":true,"minReplicas":1,"maxReplicas":10,"lagThreshold":100,"pollIntervalSeconds":{poll}}}}}}}"#,
+        broker.bootstrap()
+    );
+    let path = std::env::temp_dir().join(format!("{ns}.json"));
+    std::fs::write(&path, sp).unwrap();
+    let kubeconfig = operator_kubeconfig();
+    let _op = Operator::start_with(
+        &kubeconfig,
+        &["--leader-election=false", "--namespace", &ns],
+    );
+    // The API server publishes an updated CRD schema a moment after the apply.
+    wait_for(Duration::from_secs(30), "pipeline accepted", || {
+        kubectl(&["apply", "-f", path.to_str().unwrap()])
+            .0
+            .then_some(())
+    });
+    let st = wait_get(
+        "autoscaler active with no lag",
+        "streampipeline",
+        &ns,
+        "lag",
+        |v| {
+            v["status"]["totalLag"] == 0
+                && condition(v, "ScalingActive").is_some_and(|c| c["status"] == "True")
+        },
+    );
+    assert_eq!(st["status"]["partitions"], 4);
+    assert_eq!(st["status"]["desiredReplicas"], 1);
+    wait_get("one reducer", "deployment", &ns, "lag-reducer", |d| {
+        d["spec"]["replicas"] == 1
+    });
+
+    // 1000 records of lag: 10 reducers wanted, capped at the 4 partitions.
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", broker.bootstrap())
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
+    for i in 0..1000 {
+        let key = format!("m{i}");
+        producer
+            .send(
+                rdkafka::producer::BaseRecord::to(&data)
+                    .key(&key)
+                    .payload(r#"{"payload":1}"#),
+            )
+            .unwrap();
+        producer.poll(Duration::ZERO);
+    }
+    producer.flush(Duration::from_secs(10)).unwrap();
+    let lag_at = Instant::now();
+    let mut max_seen = 0;
+    let dep = wait_for(Duration::from_secs(30), "reducers scaled up", || {
+        let d = get("deployment", &ns, "lag-reducer")?;
+        let n = d["spec"]["replicas"].as_i64()?;
+        max_seen = max_seen.max(n);
+        (n == 4).then_some(d)
+    });
+    let reaction = lag_at.elapsed();
+    eprintln!("autoscaling reaction (lag produced → Deployment patched): {reaction:?} with a {poll} s poll interval");
+    assert!(
+        reaction <= Duration::from_secs(poll) + Duration::from_secs(3),
+        "reacted in {reaction:?}, poll interval {poll} s"
+    );
+    assert_eq!(dep["spec"]["replicas"], 4);
+    std::thread::sleep(Duration::from_secs(poll + 1));
+    let sp = get("streampipeline", &ns, "lag").unwrap();
+    assert_eq!(
+        sp["spec"]["reducer"]["replicas"], 4,
+        "written through the scale path"
+    );
+    assert!(
+        max_seen <= 4 && get("deployment", &ns, "lag-reducer").unwrap()["spec"]["replicas"] == 4,
+        "never above the partition count"
+    );
+    assert_eq!(sp["status"]["totalLag"], 1000);
+    let limited = condition(&sp, "ScalingLimited").unwrap();
+    assert_eq!(
+        (limited["status"].as_str(), limited["reason"].as_str()),
+        (Some("True"), Some("CappedAtPartitions"))
+    );
+    assert!(limited["message"]
+        .as_str()
+        .unwrap()
+        .contains("capped at 4 partitions"));
+    wait_for(Duration::from_secs(20), "Autoscaled event", || {
+        let evs = kubectl_json(&["get", "events.events.k8s.io", "-n", &ns])?;
+        evs["items"]
+            .as_array()?
+            .iter()
+            .any(|e| {
+                e["reason"] == "Autoscaled" && e["note"].as_str().unwrap_or("").contains("1 → 4")
+            })
+            .then_some(())
+    });
+    let table = kubectl_ok(&["get", "spl", "lag", "-n", &ns]);
+    assert!(table.contains("1000"), "lag column shows the lag:\n{table}");
+
+    // Kafka unreachable: replicas held, the status says so.
+    kubectl_ok(&[
+        "patch",
+        "spl",
+        "lag",
+        "-n",
+        &ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"kafka":{"bootstrapServers":"127.0.0.1:1"}}}"#,
+    ]);
+    let held = wait_get(
+        "Kafka unreachable reported",
+        "streampipeline",
+        &ns,
+        "lag",
+        |v| {
+            condition(v, "ScalingActive")
+                .is_some_and(|c| c["status"] == "False" && c["reason"] == "KafkaUnavailable")
+        },
+    );
+    assert!(condition(&held, "ScalingActive").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("holding 4 replicas"));
+    assert_eq!(
+        get("deployment", &ns, "lag-reducer").unwrap()["spec"]["replicas"],
+        4
+    );
+    let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
+    let _ = std::fs::remove_file(kubeconfig);
 }
