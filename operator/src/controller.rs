@@ -74,7 +74,12 @@ struct ScalerState {
     last_written: Option<i32>,
     last_scale_time: Option<String>,
     last: Option<(Decision, Option<LagReport>)>,
+    /// Consecutive failed Kafka reads: the next read backs off.
+    kafka_failures: u32,
 }
+
+/// Longest pause between Kafka reads while Kafka is unreachable.
+pub const KAFKA_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// The autoscaler's view for the status.
 struct Scaling {
@@ -346,9 +351,16 @@ async fn autoscale(
     let interval = Duration::from_secs(a.poll_interval_seconds.max(1).into());
     let mut all = ctx.autoscalers.lock().await;
     let state = all.entry(key).or_default();
+    // Unreachable Kafka is retried with backoff: interval × 2^failures, ≤ 60 s.
+    let wait = if state.kafka_failures == 0 {
+        interval
+    } else {
+        (interval * 2u32.saturating_pow(state.kafka_failures.min(10)))
+            .min(KAFKA_BACKOFF_MAX.max(interval))
+    };
     let due = state
         .last_poll
-        .is_none_or(|t| t.elapsed() + Duration::from_millis(200) >= interval);
+        .is_none_or(|t| t.elapsed() + Duration::from_millis(200) >= wait);
     if !due {
         if let Some((d, r)) = &state.last {
             let scaling = Scaling {
@@ -377,11 +389,28 @@ async fn autoscale(
         Err(e) => Err(format!("credentials: {e}")),
     };
     let obs = match &report {
-        Ok(r) => Observation::Lag {
-            partitions: r.partitions,
-            total: r.total,
-        },
-        Err(e) => Observation::Unavailable(e.clone()),
+        Ok(r) => {
+            state.kafka_failures = 0;
+            Observation::Lag {
+                partitions: r.partitions,
+                total: r.total,
+            }
+        }
+        Err(e) => {
+            state.kafka_failures += 1;
+            if state.kafka_failures == 1 {
+                let note = format!("cannot read lag: {e}; holding {current} reducers");
+                ctx.event(
+                    sp,
+                    EventType::Warning,
+                    "KafkaUnavailable",
+                    "Autoscale",
+                    note,
+                )
+                .await;
+            }
+            Observation::Unavailable(e.clone())
+        }
     };
     let decision = state
         .scaler

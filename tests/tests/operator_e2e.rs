@@ -513,6 +513,25 @@ fn autoscaling_follows_kafka_lag_on_a_real_api_server() {
     let table = kubectl_ok(&["get", "spl", "lag", "-n", &ns]);
     assert!(table.contains("1000"), "lag column shows the lag:\n{table}");
 
+    // With autoscaling on, a manual scale is overridden, and an Event says so.
+    kubectl_ok(&["scale", "spl/lag", "-n", &ns, "--replicas=2"]);
+    wait_for(Duration::from_secs(20), "manual scale overridden", || {
+        let evs = kubectl_json(&["get", "events.events.k8s.io", "-n", &ns])?;
+        let overridden = evs["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["reason"] == "ManualScaleOverridden");
+        let back = get("streampipeline", &ns, "lag")?["spec"]["reducer"]["replicas"] == 4;
+        (overridden && back).then_some(())
+    });
+    wait_get(
+        "deployment back at 4",
+        "deployment",
+        &ns,
+        "lag-reducer",
+        |d| d["spec"]["replicas"] == 4,
+    );
+
     // Kafka unreachable: replicas held, the status says so.
     kubectl_ok(&[
         "patch",
