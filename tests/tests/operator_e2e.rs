@@ -135,6 +135,25 @@ impl Drop for Operator {
     }
 }
 
+/// `kubectl apply -k manifests/` (the whole install) and wait for the CRD,
+/// once per test binary: concurrent first applies would race to create.
+fn install() {
+    static INSTALLED: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    INSTALLED.get_or_init(install_now);
+}
+
+fn install_now() {
+    kubectl_ok(&["apply", "-k", repo().join("manifests").to_str().unwrap()]);
+    wait_for(Duration::from_secs(60), "CRD established", || {
+        let crd = kubectl_json(&["get", "crd", "streampipelines.streampipe.dev"])?;
+        crd["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Established" && c["status"] == "True")
+            .then_some(())
+    });
+}
+
 fn get(kind: &str, ns: &str, name: &str) -> Option<Value> {
     kubectl_json(&["get", kind, name, "-n", ns])
 }
@@ -157,15 +176,7 @@ fn condition(sp: &Value, t: &str) -> Option<Value> {
 fn operator_end_to_end_on_a_real_api_server() {
     let t0 = Instant::now();
     // The whole install, as a user would do it (the operator Deployment stays Pending: no node).
-    kubectl_ok(&["apply", "-k", repo().join("manifests").to_str().unwrap()]);
-    wait_for(Duration::from_secs(60), "CRD established", || {
-        let crd = kubectl_json(&["get", "crd", "streampipelines.streampipe.dev"])?;
-        crd["status"]["conditions"]
-            .as_array()?
-            .iter()
-            .any(|c| c["type"] == "Established" && c["status"] == "True")
-            .then_some(())
-    });
+    install();
     let ns = unique("e2e");
     kubectl_ok(&["create", "namespace", &ns]);
 
@@ -390,15 +401,7 @@ fn operator_end_to_end_on_a_real_api_server() {
 fn autoscaling_follows_kafka_lag_on_a_real_api_server() {
     use rdkafka::producer::Producer as _;
     use streampipe_tests::Broker;
-    kubectl_ok(&["apply", "-k", repo().join("manifests").to_str().unwrap()]);
-    wait_for(Duration::from_secs(60), "CRD established", || {
-        let crd = kubectl_json(&["get", "crd", "streampipelines.streampipe.dev"])?;
-        crd["status"]["conditions"]
-            .as_array()?
-            .iter()
-            .any(|c| c["type"] == "Established" && c["status"] == "True")
-            .then_some(())
-    });
+    install();
     let ns = unique("e2e-scale");
     kubectl_ok(&["create", "namespace", &ns]);
     let base = unique("lag");
