@@ -357,6 +357,31 @@ mod tests {
     }
 
     #[test]
+    fn a_one_poll_spike_does_not_flap() {
+        // With a scale-up window, a spike seen in one poll only is ignored.
+        let p = Policy {
+            scale_up_window: Duration::from_secs(30),
+            ..policy()
+        };
+        let out = timeline(
+            &p,
+            2,
+            &[lag(200), lag(800), lag(200), lag(200), lag(200)],
+            Duration::from_secs(10),
+        );
+        assert_eq!(out, vec![2, 2, 2, 2, 2]);
+        // A sustained rise still scales up once it fills the window.
+        let out = timeline(
+            &p,
+            2,
+            &[lag(200), lag(800), lag(800), lag(800), lag(800), lag(800)],
+            Duration::from_secs(10),
+        );
+        assert_eq!(out[..4], [2, 2, 2, 2], "{out:?}");
+        assert_eq!(*out.last().unwrap(), 8, "{out:?}");
+    }
+
+    #[test]
     fn kafka_errors_hold_replicas() {
         let p = policy();
         let out = timeline(
