@@ -48,6 +48,17 @@ impl Keys {
         format!("{}{{c:{channel}}}:reg", self.prefix)
     }
 
+    /// Sorted set of channel ids scored by when a stream was last open on
+    /// them (Unix seconds); publishers expire channels idle for too long.
+    pub fn channel_leases(&self) -> String {
+        format!("{}channels", self.prefix)
+    }
+
+    /// Lock taken by the one publisher that sweeps expired channels.
+    pub fn janitor_lock(&self) -> String {
+        format!("{}janitor", self.prefix)
+    }
+
     /// Set of markets of data partition `partition` that have at least one
     /// subscriber; a new owner loads a partition's subscriptions from it.
     pub fn partition_markets(&self, partition: i32) -> String {

@@ -180,6 +180,8 @@ async fn create_channel(
             take_tokens(&ctx, markets.len())?;
             let id = uuid::Uuid::new_v4().to_string();
             ctx.registry.add(&id, &markets).await?;
+            // The channel's idle clock starts now (see `janitor`).
+            ctx.registry.touch(std::slice::from_ref(&id)).await?;
             if let Err(e) = ctx
                 .commands
                 .send(CommandKind::Subscribe, &id, &markets, &ctx.metrics)

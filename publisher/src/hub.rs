@@ -229,6 +229,11 @@ impl Hub {
             .unwrap_or(0)
     }
 
+    /// Channel ids with at least one stream on this pod.
+    pub fn live_channels(&self) -> Vec<String> {
+        self.channels().keys().map(|c| c.to_string()).collect()
+    }
+
     /// Number of members of all channels (connections) known to the hub.
     pub fn member_count(&self) -> usize {
         self.channels().values().map(|c| c.members.len()).sum()

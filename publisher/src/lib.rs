@@ -15,6 +15,7 @@ pub mod api;
 pub mod commands;
 pub mod error;
 pub mod hub;
+pub mod janitor;
 pub mod metrics;
 pub mod outbox;
 pub mod registry;
@@ -52,7 +53,18 @@ pub struct Config {
     pub allowed_origins: Vec<String>,
     /// Markets the demo page shows (`GET /v1/demo/markets`).
     pub demo_markets: Vec<String>,
+    /// A channel with no stream for this long is closed.
+    pub channel_idle_ttl: std::time::Duration,
+    /// How often pods mark live channels and one of them sweeps idle ones.
+    pub janitor_interval: std::time::Duration,
 }
+
+/// Default channel TTL: a tab left closed for a day does not come back to
+/// the same channel; one that does gets 4404 and makes a new one.
+pub const DEFAULT_CHANNEL_IDLE_TTL: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
+
+/// Default janitor period: marks cost one ZADD per pod per period.
+pub const DEFAULT_JANITOR_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
 
 impl Config {
     /// Defaults for a pipeline.
@@ -65,6 +77,8 @@ impl Config {
             kafka_options: Vec::new(),
             allowed_origins: Vec::new(),
             demo_markets: Vec::new(),
+            channel_idle_ttl: DEFAULT_CHANNEL_IDLE_TTL,
+            janitor_interval: DEFAULT_JANITOR_INTERVAL,
         }
     }
 }
@@ -152,7 +166,7 @@ pub async fn context(
         &config.kafka_options,
     )?;
     let hub = hub::Hub::start(&config.redis_url, keys, metrics.clone())?;
-    Ok(Arc::new(Context {
+    let ctx = Arc::new(Context {
         config,
         registry,
         commands,
@@ -160,7 +174,9 @@ pub async fn context(
         metrics,
         limiter: api::RateLimiter::new(api::MAX_COMMANDS_PER_SECOND),
         shutdown,
-    }))
+    });
+    janitor::spawn(ctx.clone());
+    Ok(ctx)
 }
 
 const INDEX_HTML: &str = include_str!("../static/index.html");

@@ -48,6 +48,9 @@ struct Args {
     /// Markets the demo page shows (comma-separated).
     #[arg(long, env = "STREAMPIPE_DEMO_MARKETS", value_delimiter = ',')]
     demo_markets: Vec<String>,
+    /// Close channels with no stream for this many seconds (and unsubscribe their markets).
+    #[arg(long, env = "STREAMPIPE_CHANNEL_IDLE_TTL_SECONDS", default_value_t = streampipe_publisher::DEFAULT_CHANNEL_IDLE_TTL.as_secs())]
+    channel_idle_ttl_seconds: u64,
     /// Extra librdkafka property, `key=value` (repeatable).
     #[arg(long = "kafka-option", env = "STREAMPIPE_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_kv)]
     kafka_options: Vec<(String, String)>,

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Commands produced to Kafka, by type.
     pub commands: IntCounterVec,
+    /// Channels closed because no stream used them for the channel TTL.
+    pub channels_expired: IntCounter,
     /// Producer timestamp → the update reached this pod from Redis.
     pub update_latency: Histogram,
 }
@@ -157,6 +159,14 @@ impl Metrics {
                     "Rejected requests and frames",
                     &["reason"]
                 )
+            ),
+            channels_expired: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_channels_expired_total",
+                    "Channels expired after the idle TTL"
+                )
+                .expect("valid")
             ),
             commands: reg!(
                 r,

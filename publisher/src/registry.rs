@@ -88,6 +88,10 @@ impl Registry {
             .cmd("DEL")
             .arg(self.keys.channel_registry(channel))
             .ignore()
+            .cmd("ZREM")
+            .arg(self.keys.channel_leases())
+            .arg(channel)
+            .ignore()
             .cmd("PUBLISH")
             .arg(self.keys.pubsub_channel(channel))
             .arg(CLOSED_MESSAGE)
@@ -95,6 +99,71 @@ impl Registry {
             .query_async(&mut c)
             .await?;
         Ok(())
+    }
+
+    /// Marks channels as in use now (their idle clock restarts).
+    pub async fn touch(&self, channels: &[String]) -> Result<()> {
+        if channels.is_empty() {
+            return Ok(());
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut c = self.conn.clone();
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(self.keys.channel_leases());
+        for ch in channels {
+            cmd.arg(now).arg(ch);
+        }
+        let _: () = cmd.query_async(&mut c).await?;
+        Ok(())
+    }
+
+    /// Up to `limit` channels not in use since `before` (Unix seconds).
+    pub async fn idle_since(&self, before: u64, limit: usize) -> Result<Vec<String>> {
+        let mut c = self.conn.clone();
+        let v: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(self.keys.channel_leases())
+            .arg("-inf")
+            .arg(before)
+            .arg("LIMIT")
+            .arg(0)
+            .arg(limit)
+            .query_async(&mut c)
+            .await?;
+        Ok(v)
+    }
+
+    /// Markets a channel is subscribed to, from the registry and from the
+    /// reducers' channel→markets map (an expired channel may have lost either).
+    pub async fn all_markets(&self, channel: &str) -> Result<Vec<String>> {
+        let mut c = self.conn.clone();
+        let (mut a, b): (Vec<String>, Vec<String>) = redis::pipe()
+            .cmd("SMEMBERS")
+            .arg(self.keys.channel_registry(channel))
+            .cmd("SMEMBERS")
+            .arg(self.keys.channel_markets(channel))
+            .query_async(&mut c)
+            .await?;
+        a.extend(b);
+        a.sort();
+        a.dedup();
+        Ok(a)
+    }
+
+    /// Takes the janitor lock for `ttl` if nobody holds it.
+    pub async fn try_lock(&self, token: &str, ttl: std::time::Duration) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let r: Option<String> = redis::cmd("SET")
+            .arg(self.keys.janitor_lock())
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut c)
+            .await?;
+        Ok(r.is_some())
     }
 
     /// The stored state message of each market (`None` where there is none).

@@ -35,6 +35,11 @@ impl InProcess {
     pub async fn start_with_redis(p: &Pipeline, redis: &str) -> Self {
         let mut config = Config::new(&p.broker.bootstrap(), &p.name, redis);
         config.command_topic = p.config.command_topic.clone();
+        Self::start_with_config(config).await
+    }
+
+    /// A publisher with this configuration.
+    pub async fn start_with_config(config: Config) -> Self {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let ctx = context(config, Arc::new(Metrics::new()), stopped)
             .await

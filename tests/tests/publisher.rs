@@ -532,3 +532,68 @@ async fn redis_loss_resubscribes_and_sends_reset() {
     drop(publ);
     drop(redis);
 }
+
+/// A channel nobody streams for longer than the channel TTL is closed by the
+/// janitor: its markets are unsubscribed and nothing of it stays in Redis;
+/// a channel with an open stream is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abandoned_channels_expire() {
+    let (p, reducer) = tokio::task::spawn_blocking(|| {
+        let p = Pipeline::new(Broker::Dev, 2);
+        let r = spawn(p.config.clone(), Arc::new(Metrics::new())).unwrap();
+        (Arc::new(p), r)
+    })
+    .await
+    .unwrap();
+    let mut publ = InProcess::start(&p).await;
+    // Restart with a short TTL: the janitor uses the context's config.
+    drop(publ);
+    let mut config = streampipe_publisher::Config::new(
+        &p.broker.bootstrap(),
+        &p.name,
+        &streampipe_tests::redis_url(),
+    );
+    config.command_topic = p.config.command_topic.clone();
+    config.channel_idle_ttl = Duration::from_secs(2);
+    config.janitor_interval = Duration::from_millis(500);
+    publ = InProcess::start_with_config(config).await;
+
+    let abandoned = create_channel(publ.addr, &["J1", "J2"]).await;
+    let kept = create_channel(publ.addr, &["J1"]).await;
+    let mut ws = ws_connect(publ.addr, &kept, "").await;
+    assert!(
+        matches!(ws_next(&mut ws, Duration::from_secs(10)).await, Some(Frame::Json(v)) if v["type"] == "subscribed")
+    );
+    let (pc, a) = (p.clone(), abandoned.clone());
+    blocking(move || ["J1", "J2"].iter().for_each(|m| pc.wait_subscribed(&a, m))).await;
+
+    let (pc, a, k) = (p.clone(), abandoned.clone(), kept.clone());
+    blocking(move || {
+        wait_for(Duration::from_secs(30), "abandoned channel expired", || {
+            let tag = format!("{{c:{a}}}");
+            let left = pc.all_keys().into_iter().any(|key| key.contains(&tag));
+            let in_m2c = ["J1", "J2"]
+                .iter()
+                .any(|m| pc.smembers(&pc.keys().market_channels(m)).contains(&a));
+            (!left && !in_m2c).then_some(())
+        });
+        // The channel with a live stream stays subscribed.
+        assert!(
+            pc.smembers(&pc.keys().market_channels("J1")).contains(&k),
+            "a live channel must not expire"
+        );
+    })
+    .await;
+    assert!(publ.ctx.metrics.channels_expired.get() >= 1);
+    let r = http(
+        publ.addr,
+        "POST",
+        &format!("/v1/channels/{abandoned}/begin"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 404, "an expired channel is unknown");
+    drop(ws);
+    drop(publ);
+    blocking(move || reducer.shutdown().unwrap()).await;
+}

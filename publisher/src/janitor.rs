@@ -1,0 +1,88 @@
+//! Expires abandoned channels.
+//!
+//! A browser that goes away without closing its channel would leave its
+//! subscriptions in the reducers forever. Every pod periodically marks the
+//! channels it has streams for as in use (a sorted set scored by time);
+//! one pod at a time (a Redis lock) closes channels idle for longer than
+//! the channel TTL exactly as `DELETE /v1/channels/<id>` does: unsubscribe
+//! every market, delete the registry, close any stream. A client coming back
+//! later gets 4404 and creates a new channel (the JS client does so).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use streampipe_contract::CommandKind;
+use tracing::{info, warn};
+
+use crate::Context;
+
+/// Channels closed per sweep at most: bounds one sweep's Kafka burst.
+pub const SWEEP_LIMIT: usize = 500;
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// One round: mark this pod's live channels, then sweep if we get the lock.
+/// Returns how many channels were expired.
+pub async fn round(ctx: &Context, token: &str) -> crate::Result<usize> {
+    let live = ctx.hub.live_channels();
+    for chunk in live.chunks(1000) {
+        ctx.registry.touch(chunk).await?;
+    }
+    if !ctx
+        .registry
+        .try_lock(token, ctx.config.janitor_interval)
+        .await?
+    {
+        return Ok(0);
+    }
+    let ttl = ctx.config.channel_idle_ttl.as_secs();
+    let idle = ctx
+        .registry
+        .idle_since(now_secs().saturating_sub(ttl), SWEEP_LIMIT)
+        .await?;
+    let mut expired = 0;
+    for channel in idle {
+        // A stream opened on another pod since its last mark keeps it alive.
+        if ctx.hub.live_channels().contains(&channel) {
+            continue;
+        }
+        let markets = ctx.registry.all_markets(&channel).await?;
+        if !markets.is_empty() {
+            ctx.commands
+                .send(CommandKind::Unsubscribe, &channel, &markets, &ctx.metrics)
+                .await?;
+        }
+        ctx.registry.delete(&channel).await?;
+        ctx.metrics.channels_expired.inc();
+        expired += 1;
+    }
+    if expired > 0 {
+        info!(expired, "expired idle channels");
+    }
+    Ok(expired)
+}
+
+/// Runs rounds every `janitor_interval` until shutdown.
+pub fn spawn(ctx: Arc<Context>) {
+    let token = uuid::Uuid::new_v4().to_string();
+    tokio::spawn(async move {
+        let mut shutdown = ctx.shutdown.clone();
+        let mut tick =
+            tokio::time::interval(ctx.config.janitor_interval.max(Duration::from_millis(100)));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = round(&ctx, &token).await {
+                        warn!(error = %e, "channel janitor round failed");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+}
