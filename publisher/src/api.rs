@@ -118,7 +118,7 @@ fn validate_markets(markets: Vec<String>) -> Result<Vec<String>, Error> {
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(markets.len());
     for m in markets {
-        validate_market_id(&m).map_err(|e| bad("invalid_market", e.to_string()))?;
+        check_market(&m)?;
         if seen.insert(m.clone()) {
             out.push(m);
         }
@@ -139,8 +139,28 @@ fn check_channel(id: &str) -> Result<(), Error> {
     validate_channel_id(id).map_err(|e| bad("invalid_channel", e.to_string()))
 }
 
-fn unknown_channel() -> Error {
-    Error::invalid(StatusCode::NOT_FOUND, "unknown_channel", "unknown channel")
+/// The markets of a known channel; 404 `unknown_channel` otherwise.
+async fn channel_markets(ctx: &Context, id: &str) -> Result<Vec<String>, Error> {
+    ctx.registry
+        .markets(id)
+        .await?
+        .ok_or_else(|| Error::invalid(StatusCode::NOT_FOUND, "unknown_channel", "unknown channel"))
+}
+
+fn check_market(id: &str) -> Result<(), Error> {
+    validate_market_id(id).map_err(|e| bad("invalid_market", e.to_string()))
+}
+
+/// Closes a channel: unsubscribes `markets` first (if that fails the channel
+/// still exists and the close can be retried), then deletes the registry and
+/// tells every pod's streams. Shared by `DELETE /v1/channels/<id>` and the janitor.
+pub(crate) async fn close(ctx: &Context, id: &str, markets: &[String]) -> Result<(), Error> {
+    if !markets.is_empty() {
+        ctx.commands
+            .send(CommandKind::Unsubscribe, id, markets, &ctx.metrics)
+            .await?;
+    }
+    ctx.registry.delete(id).await
 }
 
 fn take_tokens(ctx: &Context, n: usize) -> Result<(), Error> {
@@ -215,11 +235,7 @@ async fn add_markets(
         async {
             check_channel(&id)?;
             let markets = validate_markets(body.markets)?;
-            let existing = ctx
-                .registry
-                .markets(&id)
-                .await?
-                .ok_or_else(unknown_channel)?;
+            let existing = channel_markets(&ctx, &id).await?;
             let new: Vec<String> = markets
                 .into_iter()
                 .filter(|m| !existing.contains(m))
@@ -256,11 +272,8 @@ async fn remove_market(
         &ctx,
         async {
             check_channel(&id)?;
-            validate_market_id(&market).map_err(|e| bad("invalid_market", e.to_string()))?;
-            ctx.registry
-                .markets(&id)
-                .await?
-                .ok_or_else(unknown_channel)?;
+            check_market(&market)?;
+            channel_markets(&ctx, &id).await?;
             if !ctx.registry.remove(&id, &market).await? {
                 return Err(Error::invalid(
                     StatusCode::NOT_FOUND,
@@ -288,11 +301,7 @@ async fn begin(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, R
         &ctx,
         async {
             check_channel(&id)?;
-            let markets = ctx
-                .registry
-                .markets(&id)
-                .await?
-                .ok_or_else(unknown_channel)?;
+            let markets = channel_markets(&ctx, &id).await?;
             take_tokens(&ctx, markets.len())?;
             ctx.commands
                 .send(CommandKind::Begin, &id, &markets, &ctx.metrics)
@@ -308,17 +317,8 @@ async fn close_channel(id: String, ctx: Arc<Context>) -> Result<warp::reply::Res
         &ctx,
         async {
             check_channel(&id)?;
-            let markets = ctx
-                .registry
-                .markets(&id)
-                .await?
-                .ok_or_else(unknown_channel)?;
-            // Unsubscribes first: if they fail, the channel still exists and the
-            // close can be retried.
-            ctx.commands
-                .send(CommandKind::Unsubscribe, &id, &markets, &ctx.metrics)
-                .await?;
-            ctx.registry.delete(&id).await?;
+            let markets = channel_markets(&ctx, &id).await?;
+            close(&ctx, &id, &markets).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         .await,
@@ -329,7 +329,7 @@ async fn market(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, 
     reply(
         &ctx,
         async {
-            validate_market_id(&id).map_err(|e| bad("invalid_market", e.to_string()))?;
+            check_market(&id)?;
             match ctx
                 .registry
                 .states(std::slice::from_ref(&id))
@@ -378,7 +378,7 @@ async fn markets(q: IdsQuery, ctx: Arc<Context>) -> Result<warp::reply::Response
                 ));
             }
             for id in &ids {
-                validate_market_id(id).map_err(|e| bad("invalid_market", e.to_string()))?;
+                check_market(id)?;
             }
             let states = ctx.registry.states(&ids).await?;
             let mut map = serde_json::Map::new();

@@ -8,10 +8,10 @@
 //! every market, delete the registry, close any stream. A client coming back
 //! later gets 4404 and creates a new channel (the JS client does so).
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use streampipe_contract::CommandKind;
 use tracing::{info, warn};
 
 use crate::Context;
@@ -45,19 +45,12 @@ pub async fn round(ctx: &Context, token: &str) -> crate::Result<usize> {
         .registry
         .idle_since(now_secs().saturating_sub(ttl), SWEEP_LIMIT)
         .await?;
+    // Streams opened on this pod since the marks above keep their channel.
+    let live: HashSet<String> = ctx.hub.live_channels().into_iter().collect();
     let mut expired = 0;
-    for channel in idle {
-        // A stream opened on another pod since its last mark keeps it alive.
-        if ctx.hub.live_channels().contains(&channel) {
-            continue;
-        }
+    for channel in idle.into_iter().filter(|c| !live.contains(c)) {
         let markets = ctx.registry.all_markets(&channel).await?;
-        if !markets.is_empty() {
-            ctx.commands
-                .send(CommandKind::Unsubscribe, &channel, &markets, &ctx.metrics)
-                .await?;
-        }
-        ctx.registry.delete(&channel).await?;
+        crate::api::close(ctx, &channel, &markets).await?;
         ctx.metrics.channels_expired.inc();
         expired += 1;
     }
