@@ -154,8 +154,8 @@ pub enum Applied {
 }
 
 /// Applies `desired` unless the live object already has all its fields;
-/// returns the live object after the call.
-async fn apply_if_changed<K>(api: &Api<K>, desired: &Value) -> Result<(Applied, K)>
+/// returns how, the live object before (if it existed) and after the call.
+async fn apply_if_changed<K>(api: &Api<K>, desired: &Value) -> Result<(Applied, Option<K>, K)>
 where
     K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
@@ -165,7 +165,7 @@ where
     let live = api.get_opt(name).await?;
     if let Some(live) = &live {
         if is_subset(desired, &serde_json::to_value(live)?) {
-            return Ok((Applied::Unchanged, live.clone()));
+            return Ok((Applied::Unchanged, Some(live.clone()), live.clone()));
         }
     }
     let pp = PatchParams::apply(FIELD_MANAGER).force();
@@ -176,6 +176,7 @@ where
         } else {
             Applied::Created
         },
+        live,
         after,
     ))
 }
@@ -596,27 +597,24 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
 
     // (how, kind, apiVersion, name)
     let mut changes: Vec<(Applied, &str, &str, String)> = Vec::new();
-    let (a, _) = apply_if_changed(&cms, &builders::config_map(sp)).await?;
+    let (a, _, _) = apply_if_changed(&cms, &builders::config_map(sp)).await?;
     changes.push((a, "ConfigMap", "v1", builders::config_name(sp)));
-    let old_reducers = deps
-        .get_opt(&builders::child_name(sp, Role::Reducer))
-        .await?
-        .and_then(|d| d.spec.replicas);
-    let (a, reducer) = apply_if_changed(&deps, &builders::reducer_deployment(sp)).await?;
+    let (a, before, reducer) = apply_if_changed(&deps, &builders::reducer_deployment(sp)).await?;
+    let old_reducers = before.and_then(|d| d.spec.replicas);
     changes.push((
         a,
         "Deployment",
         "apps/v1",
         builders::child_name(sp, Role::Reducer),
     ));
-    let (a, publisher) = apply_if_changed(&deps, &builders::publisher_deployment(sp)).await?;
+    let (a, _, publisher) = apply_if_changed(&deps, &builders::publisher_deployment(sp)).await?;
     changes.push((
         a,
         "Deployment",
         "apps/v1",
         builders::child_name(sp, Role::Publisher),
     ));
-    let (a, _) = apply_if_changed(&svcs, &builders::publisher_service(sp)).await?;
+    let (a, _, _) = apply_if_changed(&svcs, &builders::publisher_service(sp)).await?;
     changes.push((
         a,
         "Service",
@@ -625,7 +623,7 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
     ));
     if ctx.features.pdb {
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
-        let (a, _) = apply_if_changed(&pdbs, &builders::publisher_pdb(sp)).await?;
+        let (a, _, _) = apply_if_changed(&pdbs, &builders::publisher_pdb(sp)).await?;
         changes.push((
             a,
             "PodDisruptionBudget",
