@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 
-use kube::api::ObjectMeta;
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
@@ -275,11 +274,6 @@ pub fn publisher_pdb(sp: &StreamPipeline) -> Value {
             "selector": {"matchLabels": selector_labels(sp, Role::Publisher)},
         },
     })
-}
-
-/// Metadata helper for tests and the reconciler.
-pub fn meta_of(v: &Value) -> ObjectMeta {
-    serde_json::from_value(v["metadata"].clone()).unwrap_or_default()
 }
 
 /// Whether every field of `desired` is present with the same value in

@@ -27,11 +27,6 @@ impl Registry {
         Ok(Registry { conn, keys })
     }
 
-    /// The key schema.
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
-
     /// Checks Redis answers.
     pub async fn ping(&self) -> Result<()> {
         let mut c = self.conn.clone();

@@ -87,11 +87,6 @@ impl RedisStore {
         })
     }
 
-    /// The key schema in use.
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
-
     fn conn(&mut self) -> Result<&mut Connection> {
         if self.conn.is_none() {
             let mut c = self.client.get_connection_with_timeout(REDIS_TIMEOUT)?;

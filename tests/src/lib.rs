@@ -22,7 +22,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use streampipe_contract::{encode_command, Command as Cmd, CommandKind, Keys, PublishedUpdate};
@@ -132,11 +132,41 @@ pub fn http_request(addr: &str, method: &str, path: &str) -> String {
 
 /// Like [`http_request`], but returns connection errors instead of panicking.
 pub fn try_http_request(addr: &str, method: &str, path: &str) -> std::io::Result<String> {
+    use std::io::BufRead;
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    // Read the head, then exactly Content-Length bytes when given (some
+    // servers, e.g. Chromium's DevTools endpoint, keep the connection open),
+    // else until the server closes.
+    let mut r = std::io::BufReader::new(s);
     let mut out = String::new();
-    s.read_to_string(&mut out)?;
+    let mut len = None;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(out);
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            if k.eq_ignore_ascii_case("content-length") {
+                len = v.trim().parse::<usize>().ok();
+            }
+        }
+        out.push_str(&line);
+        if line == "\r\n" {
+            break;
+        }
+    }
+    match len {
+        Some(n) => {
+            let mut body = vec![0u8; n];
+            r.read_exact(&mut body)?;
+            out.push_str(&String::from_utf8_lossy(&body));
+        }
+        None => {
+            r.read_to_string(&mut out)?;
+        }
+    }
     Ok(out)
 }
 
@@ -631,9 +661,6 @@ impl Drop for ReducerProcess {
         let _ = self.child.wait();
     }
 }
-
-/// Keep a producer type in the public API for benchmarks.
-pub type PlainProducer = ThreadedProducer<DefaultProducerContext>;
 
 /// A private Redis that the test can stop and restart on the same port.
 pub struct PrivateRedis {
