@@ -87,7 +87,8 @@ impl Browser {
             .to_owned();
         // The page target opened with about:blank.
         let list = crate::wait_for(Duration::from_secs(10), "a page target", || {
-            let body = devtools_get(&host, "/json/list").ok()?;
+            let resp = crate::try_http_request(&host, "GET", "/json/list").ok()?;
+            let body = resp.split_once("\r\n\r\n")?.1.to_owned();
             let v: serde_json::Value = serde_json::from_str(&body).ok()?;
             v.as_array()?
                 .iter()
@@ -179,33 +180,6 @@ impl Browser {
             .expect("base64 PNG");
         std::fs::write(path, png).expect("write screenshot");
     }
-}
-
-/// GET from the DevTools HTTP endpoint, which keeps connections open: read
-/// exactly `Content-Length` bytes instead of waiting for the close.
-fn devtools_get(host: &str, path: &str) -> std::io::Result<String> {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(host)?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n")?;
-    let mut r = BufReader::new(s);
-    let mut len = 0usize;
-    loop {
-        let mut line = String::new();
-        r.read_line(&mut line)?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':') {
-            if k.eq_ignore_ascii_case("content-length") {
-                len = v.trim().parse().unwrap_or(0);
-            }
-        }
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body)?;
-    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
 impl Drop for Browser {

@@ -135,6 +135,19 @@ impl Drop for Operator {
     }
 }
 
+/// `kubectl patch spl NAME --type merge -p PATCH`: (success, stdout, stderr).
+fn patch_spl(ns: &str, name: &str, patch: &str) -> (bool, String, String) {
+    kubectl(&[
+        "patch", "spl", name, "-n", ns, "--type", "merge", "-p", patch,
+    ])
+}
+
+/// [`patch_spl`] that must succeed.
+fn patch_spl_ok(ns: &str, name: &str, patch: &str) {
+    let (ok, _, err) = patch_spl(ns, name, patch);
+    assert!(ok, "kubectl patch spl {name} {patch}: {err}");
+}
+
 /// `kubectl apply -k manifests/` (the whole install) and wait for the CRD,
 /// once per test binary: concurrent first applies would race to create.
 fn install() {
@@ -272,17 +285,11 @@ fn operator_end_to_end_on_a_real_api_server() {
     );
 
     // A spec edit rolls the child.
-    kubectl_ok(&[
-        "patch",
-        "spl",
-        "odds",
-        "-n",
+    patch_spl_ok(
         &ns,
-        "--type",
-        "merge",
-        "-p",
+        "odds",
         r#"{"spec":{"reducer":{"image":"example/reducer:2"}}}"#,
-    ]);
+    );
     wait_get(
         "new reducer image",
         "deployment",
@@ -303,32 +310,12 @@ fn operator_end_to_end_on_a_real_api_server() {
     );
 
     // Invalid resources: rejected by the schema, or reported Degraded with an Event.
-    let (ok, _, err) = kubectl(&[
-        "patch",
-        "spl",
-        "odds",
-        "-n",
-        &ns,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"reducer":{"replicas":-1}}}"#,
-    ]);
+    let (ok, _, err) = patch_spl(&ns, "odds", r#"{"spec":{"reducer":{"replicas":-1}}}"#);
     assert!(
         !ok && err.contains("replicas"),
         "schema rejects replicas < 0: {err}"
     );
-    kubectl_ok(&[
-        "patch",
-        "spl",
-        "odds",
-        "-n",
-        &ns,
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"kafka":{"commandTopic":"odds"}}}"#,
-    ]);
+    patch_spl_ok(&ns, "odds", r#"{"spec":{"kafka":{"commandTopic":"odds"}}}"#);
     let bad = wait_get("Degraded InvalidSpec", "streampipeline", &ns, "odds", |v| {
         condition(v, "Degraded")
             .is_some_and(|c| c["status"] == "True" && c["reason"] == "InvalidSpec")
@@ -345,17 +332,11 @@ fn operator_end_to_end_on_a_real_api_server() {
             .any(|e| e["reason"] == "InvalidSpec" && e["type"] == "Warning")
             .then_some(())
     });
-    kubectl_ok(&[
-        "patch",
-        "spl",
-        "odds",
-        "-n",
+    patch_spl_ok(
         &ns,
-        "--type",
-        "merge",
-        "-p",
+        "odds",
         r#"{"spec":{"kafka":{"commandTopic":"odds.commands"}}}"#,
-    ]);
+    );
     wait_get("Degraded cleared", "streampipeline", &ns, "odds", |v| {
         condition(v, "Degraded").is_some_and(|c| c["status"] == "False")
     });
@@ -536,17 +517,11 @@ fn autoscaling_follows_kafka_lag_on_a_real_api_server() {
     );
 
     // Kafka unreachable: replicas held, the status says so.
-    kubectl_ok(&[
-        "patch",
-        "spl",
-        "lag",
-        "-n",
+    patch_spl_ok(
         &ns,
-        "--type",
-        "merge",
-        "-p",
+        "lag",
         r#"{"spec":{"kafka":{"bootstrapServers":"127.0.0.1:1"}}}"#,
-    ]);
+    );
     let held = wait_get(
         "Kafka unreachable reported",
         "streampipeline",
