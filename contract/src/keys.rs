@@ -65,15 +65,41 @@ impl Keys {
         format!("{}p2m:{partition}", self.prefix)
     }
 
-    /// The Redis pub/sub channel on which updates for `channel` are published.
-    pub fn pubsub_channel(&self, channel: &str) -> String {
-        format!("{}ch:{channel}", self.prefix)
+    /// The pub/sub topic of `market`: every update of a watched market is
+    /// published here **once**, whatever the number of watchers. It carries
+    /// the market's hash tag, so on Redis Cluster the state write and the
+    /// (sharded) publish stay in one slot and one script.
+    pub fn market_topic(&self, market: &str) -> String {
+        format!("{}{{m:{market}}}:up", self.prefix)
     }
 
-    /// Recovers the channel id from a pub/sub channel name of this pipeline.
-    pub fn channel_from_pubsub<'a>(&self, name: &'a str) -> Option<&'a str> {
-        name.strip_prefix(self.prefix.as_str())?.strip_prefix("ch:")
+    /// The pub/sub topic of `channel`, for what concerns that channel alone:
+    /// `closed`, `markets` (its market set changed) and state replays asked
+    /// for through `POST /v1/channels/<id>/begin`.
+    pub fn channel_topic(&self, channel: &str) -> String {
+        format!("{}{{c:{channel}}}:ch", self.prefix)
     }
+
+    /// Which topic of this pipeline `name` is, if any.
+    pub fn parse_topic<'a>(&self, name: &'a str) -> Option<Topic<'a>> {
+        let rest = name.strip_prefix(self.prefix.as_str())?;
+        if let Some(m) = rest.strip_prefix("{m:").and_then(|r| r.strip_suffix("}:up")) {
+            return Some(Topic::Market(m));
+        }
+        rest.strip_prefix("{c:")
+            .and_then(|r| r.strip_suffix("}:ch"))
+            .map(Topic::Channel)
+    }
+}
+
+/// A pub/sub topic of a pipeline, as named by [`Keys::market_topic`] or
+/// [`Keys::channel_topic`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Topic<'a> {
+    /// Updates of one market.
+    Market(&'a str),
+    /// Messages for one channel.
+    Channel(&'a str),
 }
 
 #[cfg(test)]
@@ -90,10 +116,18 @@ mod tests {
     }
 
     #[test]
-    fn pubsub_names_round_trip() {
+    fn topics_round_trip_and_share_their_hash_tag() {
         let k = Keys::new("odds");
-        let name = k.pubsub_channel("abc-123");
-        assert_eq!(k.channel_from_pubsub(&name), Some("abc-123"));
-        assert_eq!(k.channel_from_pubsub("sp:other:ch:abc"), None);
+        let m = k.market_topic("M1");
+        assert_eq!(m, "sp:odds:{m:M1}:up");
+        assert_eq!(k.parse_topic(&m), Some(Topic::Market("M1")));
+        let c = k.channel_topic("abc-123");
+        assert_eq!(c, "sp:odds:{c:abc-123}:ch");
+        assert_eq!(k.parse_topic(&c), Some(Topic::Channel("abc-123")));
+        assert_eq!(k.parse_topic("sp:other:{m:M1}:up"), None);
+        assert_eq!(k.parse_topic("sp:odds:{m:M1}:state"), None);
+        // The topic and the state hash of a market hash to one slot.
+        let tag = |s: &str| s[s.find('{').unwrap()..=s.find('}').unwrap()].to_owned();
+        assert_eq!(tag(&m), tag(&k.market_state("M1")));
     }
 }

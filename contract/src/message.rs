@@ -276,6 +276,61 @@ pub fn decode_published(bytes: &[u8]) -> Result<PublishedUpdate, ContractError> 
     serde_json::from_slice(bytes).map_err(|e| ContractError::Json(e.to_string()))
 }
 
+/// The part of a published update a router needs: parsed once per message
+/// (borrowing the market id), the payload left unread.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct UpdateHead<'a> {
+    /// Market id.
+    #[serde(borrow)]
+    pub market: &'a str,
+    /// The market's version.
+    pub version: u64,
+    /// Producer's timestamp in ms, if present.
+    #[serde(default)]
+    pub ts: Option<i64>,
+}
+
+/// Reads the head of a published update (or stored state message) without
+/// decoding its payload.
+pub fn peek_update(bytes: &[u8]) -> Result<UpdateHead<'_>, ContractError> {
+    check_encoding(bytes)?;
+    let head: UpdateHead<'_> =
+        serde_json::from_slice(bytes).map_err(|e| ContractError::Json(e.to_string()))?;
+    validate_market_id(head.market)?;
+    if head.version == 0 || head.version > MAX_VERSION {
+        return Err(ContractError::VersionOutOfRange(head.version));
+    }
+    Ok(head)
+}
+
+/// A message on a channel's topic (see `Keys::channel_topic`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelMessage<'a> {
+    /// The channel was closed through the API: close its streams (4410).
+    Closed,
+    /// The channel's market set changed: re-read it from the registry.
+    MarketsChanged,
+    /// A market's state replayed for this channel only (a REST `begin`).
+    Update(UpdateHead<'a>),
+}
+
+/// Published on a channel's topic when the channel is closed.
+pub const CHANNEL_CLOSED: &str = r#"{"type":"closed"}"#;
+
+/// Published on a channel's topic when markets were added or removed.
+pub const CHANNEL_MARKETS_CHANGED: &str = r#"{"type":"markets"}"#;
+
+/// Decodes a message received on a channel's topic.
+pub fn decode_channel_message(bytes: &[u8]) -> Result<ChannelMessage<'_>, ContractError> {
+    if bytes == CHANNEL_CLOSED.as_bytes() {
+        return Ok(ChannelMessage::Closed);
+    }
+    if bytes == CHANNEL_MARKETS_CHANGED.as_bytes() {
+        return Ok(ChannelMessage::MarketsChanged);
+    }
+    peek_update(bytes).map(ChannelMessage::Update)
+}
+
 /// What a command asks the owning reducer to do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -284,8 +339,6 @@ pub enum CommandKind {
     Subscribe,
     /// Stop sending `market`'s updates to `channel`.
     Unsubscribe,
-    /// Publish `market`'s current state to `channel` now.
-    Begin,
 }
 
 impl CommandKind {
@@ -294,7 +347,6 @@ impl CommandKind {
         match self {
             CommandKind::Subscribe => "subscribe",
             CommandKind::Unsubscribe => "unsubscribe",
-            CommandKind::Begin => "begin",
         }
     }
 }
@@ -455,6 +507,41 @@ mod tests {
             decode_command(None, bad).unwrap_err().kind(),
             "invalid_json"
         );
+    }
+
+    #[test]
+    fn update_heads_and_channel_messages() {
+        let u = decode_update(Some(b"M1"), br#"{"version":3,"ts":9,"payload":{"a":1}}"#, None, POS)
+            .unwrap();
+        let bytes = u.encode();
+        let head = peek_update(&bytes).unwrap();
+        assert_eq!((head.market, head.version, head.ts), ("M1", 3, Some(9)));
+        assert_eq!(
+            decode_channel_message(&bytes).unwrap(),
+            ChannelMessage::Update(head)
+        );
+        assert_eq!(
+            decode_channel_message(CHANNEL_CLOSED.as_bytes()).unwrap(),
+            ChannelMessage::Closed
+        );
+        assert_eq!(
+            decode_channel_message(CHANNEL_MARKETS_CHANGED.as_bytes()).unwrap(),
+            ChannelMessage::MarketsChanged
+        );
+        for (bad, kind) in [
+            (&b"nope"[..], "unsupported_encoding"),
+            (br#"{"market":"M1"}"#, "invalid_json"),
+            (br#"{"market":"a b","version":1}"#, "invalid_market"),
+            (br#"{"market":"M1","version":0}"#, "version_out_of_range"),
+        ] {
+            assert_eq!(peek_update(bad).unwrap_err().kind(), kind);
+        }
+    }
+
+    #[test]
+    fn begin_is_no_longer_a_command() {
+        let old = br#"{"v":1,"type":"begin","channel":"c","market":"M1"}"#;
+        assert_eq!(decode_command(None, old).unwrap_err().kind(), "invalid_json");
     }
 
     #[test]
