@@ -12,7 +12,8 @@
 //! The consumer runs on its own thread with librdkafka's blocking poll, so
 //! the rebalance callback (which librdkafka runs inside `poll`) can flush and
 //! commit synchronously before partitions are taken away, and load a new
-//! partition's subscriptions from Redis before its first record is handed out.
+//! partition's subscriptions from Redis, and announce its watched markets,
+//! before its first record is handed out.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,6 +75,11 @@ const METADATA_WAIT: Duration = Duration::from_secs(60);
 
 /// Timeout of the synchronous commit on revoke and shutdown.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Most announces per pipeline when a partition is assigned: a partition may
+/// hold 100 000s of watched markets, and one pipeline per chunk bounds the
+/// reply buffers on both sides while still costing few round trips.
+const ASSIGN_ANNOUNCE_CHUNK: usize = 10_000;
 
 /// Reducer settings (the binary fills them from flags and environment).
 #[derive(Debug, Clone)]
@@ -381,6 +387,8 @@ impl Inner {
         }
     }
 
+    /// Sets the gauges that mirror the core. Every read is O(1) (the core
+    /// keeps counters), so this runs after every batch, not only on rebalances.
     fn update_gauges(&self) {
         self.metrics
             .owned_partitions
@@ -388,6 +396,12 @@ impl Inner {
         self.metrics
             .subscriptions
             .set(self.core.subscription_count() as i64);
+        self.metrics
+            .watched_markets
+            .set(self.core.watched_market_count() as i64);
+        self.metrics
+            .max_market_channels
+            .set(self.core.max_market_channels() as i64);
     }
 
     /// Sleeps for `backoff` and doubles it; false when shutdown cut the retries short.
@@ -416,13 +430,15 @@ impl Inner {
                         markets = subscriptions.len(),
                         "subscriptions loaded"
                     );
+                    let mut announces = Vec::new();
                     self.core.apply(
                         Event::Assigned {
                             partition,
                             subscriptions,
                         },
-                        &mut Vec::new(),
+                        &mut announces,
                     );
+                    self.announce(partition, &announces);
                     return;
                 }
                 Err(e) => {
@@ -448,6 +464,44 @@ impl Inner {
                     }
                 }
             }
+        }
+    }
+
+    /// Carries out the announces of a newly assigned partition, on the
+    /// loader's connection and retrying like the load, so they are in Redis
+    /// before the partition's first record is handed out (and so before any
+    /// of its updates). They are not tied to any offset: an announce only
+    /// republishes stored state, which is always safe to repeat.
+    fn announce(&mut self, partition: i32, effects: &[Effect]) {
+        for chunk in effects.chunks(ASSIGN_ANNOUNCE_CHUNK) {
+            let mut backoff = RETRY_BACKOFF_MIN;
+            let mut attempts = 0;
+            loop {
+                match self.loader.execute(chunk) {
+                    Ok(outcome) => {
+                        self.metrics.publishes.inc_by(outcome.published);
+                        break;
+                    }
+                    Err(e) => {
+                        attempts += 1;
+                        self.metrics.redis_errors.inc();
+                        self.health.ready.store(false, Ordering::SeqCst);
+                        warn!(partition, error = %e, attempts, "announcing watched markets failed; retrying");
+                        if !self.backoff(&mut backoff, attempts) {
+                            // Shutting down: the partition is about to go, and
+                            // its next owner announces again.
+                            return;
+                        }
+                    }
+                }
+            }
+        }
+        if !effects.is_empty() {
+            debug!(
+                partition,
+                markets = effects.len(),
+                "watched markets announced"
+            );
         }
     }
 
@@ -526,9 +580,6 @@ impl Inner {
                             .commands
                             .with_label_values(&["unsubscribe"])
                             .inc(),
-                        Effect::Begin { .. } => {
-                            self.metrics.commands.with_label_values(&["begin"]).inc()
-                        }
                         _ => {}
                     }
                     self.batch.effects.push(e);
@@ -586,6 +637,8 @@ impl Inner {
             dead_letters: batch.dead_letters,
             records: batch.records,
         });
+        // The core already holds the batch's subscription changes.
+        self.update_gauges();
         Ok(())
     }
 
@@ -749,7 +802,7 @@ impl Runner {
         let keys = Keys::new(&config.pipeline);
         let loader = RedisStore::new(&config.redis_url, keys.clone())?;
         let writer = Writer::start(
-            RedisStore::new(&config.redis_url, keys.clone())?,
+            RedisStore::new(&config.redis_url, keys)?,
             metrics.clone(),
             health.clone(),
             shutdown.clone(),
@@ -804,7 +857,7 @@ impl Runner {
         }
         drop(probe);
 
-        let core = Core::new(keys, data_parts);
+        let core = Core::new(data_parts);
         let data_topic = config.data_topic.clone();
         let command_topic = config.command_topic.clone();
         let inner = Arc::new(Mutex::new(Inner {

@@ -1,8 +1,8 @@
 //! streampipe's reducer: a Kafka consumer-group member that keeps the
 //! market↔channel maps of the partitions it owns, stores each market's
-//! latest state in Redis and publishes every update to the Redis pub/sub
-//! channel of each subscribed channel, committing offsets only after Redis
-//! has the data.
+//! latest state in Redis and publishes every update of a watched market
+//! (one with at least one subscribed channel) once to the market's Redis
+//! pub/sub topic, committing offsets only after Redis has the data.
 //!
 //! - [`core`]: the pure state machine (`apply(state, event) -> effects`).
 //! - [`store`]: the Redis adapter that carries out effects.

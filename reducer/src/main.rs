@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use clap::Parser;
 use streampipe_reducer::{http, spawn, Config, Metrics};
 
-/// Consumes a pipeline's data and command topics and publishes each market
-/// update to the Redis pub/sub channel of every subscribed channel.
+/// Consumes a pipeline's data and command topics, stores each market's state
+/// in Redis and publishes every update of a watched market once to its topic.
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {

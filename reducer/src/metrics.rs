@@ -16,7 +16,7 @@ pub struct Metrics {
     pub updates_applied: IntCounter,
     /// Updates dropped because Redis already had that or a newer version.
     pub updates_stale: IntCounter,
-    /// Messages published to Redis pub/sub channels.
+    /// Messages published to market topics (updates of watched markets and announces).
     pub publishes: IntCounter,
     /// Malformed or misrouted records, by topic and reason.
     pub malformed: IntCounterVec,
@@ -42,6 +42,10 @@ pub struct Metrics {
     pub owned_partitions: IntGauge,
     /// (market, channel) pairs held in memory.
     pub subscriptions: IntGauge,
+    /// Markets with at least one subscribed channel (their updates are published).
+    pub watched_markets: IntGauge,
+    /// The largest number of channels subscribed to one market.
+    pub max_market_channels: IntGauge,
     /// Kafka client errors reported by librdkafka.
     pub kafka_errors: IntCounter,
     /// Time to load a newly assigned partition's subscriptions from Redis.
@@ -109,7 +113,7 @@ impl Metrics {
             publishes: counter(
                 &r,
                 "streampipe_reducer_publishes_total",
-                "Messages published to channels",
+                "Messages published to market topics (updates of watched markets, announces)",
             ),
             malformed: counter_vec(
                 &r,
@@ -182,7 +186,17 @@ impl Metrics {
             subscriptions: gauge(
                 &r,
                 "streampipe_reducer_subscriptions",
-                "Subscriptions held in memory",
+                "Subscriptions (market, channel) held in memory",
+            ),
+            watched_markets: gauge(
+                &r,
+                "streampipe_reducer_watched_markets",
+                "Markets with at least one subscribed channel",
+            ),
+            max_market_channels: gauge(
+                &r,
+                "streampipe_reducer_max_market_channels",
+                "Largest number of channels subscribed to one market",
             ),
             kafka_errors: counter(
                 &r,

@@ -1,16 +1,20 @@
 //! The Redis adapter: carries out the core's effects and loads subscriptions.
 //!
 //! A whole batch of effects goes to Redis as one pipeline (one round trip).
-//! Consecutive updates are grouped into one call of the update script, which
-//! compares versions and writes state and publishes atomically inside Redis,
-//! so a redelivered or late record can never move a market's state backwards
-//! and never republishes an old version. Everything in a batch is idempotent
-//! (set adds/removes, version-guarded writes, begin replays), so a failed
+//! Consecutive updates are grouped into calls of the update script, which
+//! compares versions, writes state and (for a watched market) publishes the
+//! update once to the market's topic, atomically inside Redis, so a
+//! redelivered or late record can never move a market's state backwards and
+//! never republishes an old version. Every script touches the keys of one
+//! market only besides its topic, which carries the same hash tag, so each
+//! call stays single-slot per market (Redis Cluster, later, with
+//! `SPUBLISH`). Everything in a batch is idempotent (set adds/removes,
+//! version-guarded writes, announces of the stored state), so a failed
 //! pipeline is simply sent again.
 
 use std::time::Duration;
 
-use redis::{Client, Connection, Script, Value};
+use redis::{Client, Connection, Pipeline, Script, Value};
 use streampipe_contract::Keys;
 
 use crate::core::Effect;
@@ -24,36 +28,58 @@ pub const UPDATE_SCRIPT_CHUNK: usize = 128;
 /// a full batch, short enough to notice a dead one and retry.
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// KEYS[i]: state hash of update i. ARGV per update: version, ts, message,
-/// target count, targets... Writes and publishes only if newer than stored.
+/// KEYS[i]: state hash of update i. ARGV[1]: the publish command; then per
+/// update: version, ts, message, topic ('' when the market is unwatched).
+/// Writes (and publishes, if a topic is given) only if newer than stored.
 const UPDATE_SCRIPT: &str = r#"
-local applied, published, a = 0, 0, 1
+local pub, applied, published = ARGV[1], 0, 0
 for i = 1, #KEYS do
-  local v = tonumber(ARGV[a])
-  local n = tonumber(ARGV[a + 3])
+  local a = 4 * i - 2
   local cur = redis.call('HGET', KEYS[i], 'v')
-  if (not cur) or tonumber(cur) < v then
+  if (not cur) or tonumber(cur) < tonumber(ARGV[a]) then
     redis.call('HSET', KEYS[i], 'v', ARGV[a], 'ts', ARGV[a + 1], 'msg', ARGV[a + 2])
-    for j = 1, n do
-      redis.call('PUBLISH', ARGV[a + 3 + j], ARGV[a + 2])
-    end
     applied = applied + 1
-    published = published + n
+    if ARGV[a + 3] ~= '' then
+      redis.call(pub, ARGV[a + 3], ARGV[a + 2])
+      published = published + 1
+    end
   end
-  a = a + 4 + n
 end
 return {applied, published}
 "#;
 
-/// KEYS[1]: state hash; ARGV[1]: pub/sub channel. Replays the current state.
-const BEGIN_SCRIPT: &str = r#"
+/// KEYS[1]: state hash, KEYS[2]: the market's topic; ARGV[1]: the publish
+/// command. Publishes the stored state, if any (an announce).
+const ANNOUNCE_SCRIPT: &str = r#"
 local m = redis.call('HGET', KEYS[1], 'msg')
 if m then
-  redis.call('PUBLISH', ARGV[1], m)
+  redis.call(ARGV[1], KEYS[2], m)
   return 1
 end
 return 0
 "#;
+
+/// The Redis command that publishes to a market's topic.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PublishCommand {
+    /// Classic pub/sub: every message reaches every node's subscribers
+    /// (standalone Redis).
+    #[default]
+    Publish,
+    /// Sharded pub/sub (Redis ≥ 7): the message stays in the topic's slot,
+    /// for Redis Cluster, where classic `PUBLISH` is broadcast cluster-wide.
+    SPublish,
+}
+
+impl PublishCommand {
+    /// The command's name, as passed to the scripts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PublishCommand::Publish => "PUBLISH",
+            PublishCommand::SPublish => "SPUBLISH",
+        }
+    }
+}
 
 /// What a batch did in Redis.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -62,7 +88,8 @@ pub struct Outcome {
     pub applied: u64,
     /// Updates not newer than the stored state, dropped.
     pub stale: u64,
-    /// Messages published (updates × subscribers, plus begin replays).
+    /// Messages published: applied updates of watched markets plus
+    /// announces that found a stored state (one per market, never per channel).
     pub published: u64,
 }
 
@@ -71,8 +98,17 @@ pub struct RedisStore {
     client: Client,
     conn: Option<Connection>,
     keys: Keys,
+    publish: PublishCommand,
     update: Script,
-    begin: Script,
+    announce: Script,
+}
+
+/// One queued command whose reply the outcome needs.
+enum Reply {
+    /// An update script call over this many updates.
+    Updates(u64),
+    /// An announce script call.
+    Announce,
 }
 
 impl RedisStore {
@@ -82,9 +118,16 @@ impl RedisStore {
             client: Client::open(url)?,
             conn: None,
             keys,
+            publish: PublishCommand::default(),
             update: Script::new(UPDATE_SCRIPT),
-            begin: Script::new(BEGIN_SCRIPT),
+            announce: Script::new(ANNOUNCE_SCRIPT),
         })
+    }
+
+    /// Chooses the publish command (`PUBLISH` unless told otherwise).
+    pub fn with_publish_command(mut self, publish: PublishCommand) -> Self {
+        self.publish = publish;
+        self
     }
 
     fn conn(&mut self) -> Result<&mut Connection> {
@@ -94,7 +137,7 @@ impl RedisStore {
             c.set_write_timeout(Some(REDIS_TIMEOUT))?;
             // Load scripts on every new connection: a restarted Redis forgot them.
             self.update.prepare_invoke().load(&mut c)?;
-            self.begin.prepare_invoke().load(&mut c)?;
+            self.announce.prepare_invoke().load(&mut c)?;
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().expect("just set"))
@@ -118,57 +161,72 @@ impl RedisStore {
         self.with_conn(|c| redis::cmd("PING").query::<String>(c).map(|_| ()))
     }
 
+    /// Queues one update script call over `updates` (all `Effect::Update`).
+    fn queue_updates(&self, pipe: &mut Pipeline, updates: &[&Effect], replies: &mut Vec<Reply>) {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.update.get_hash()).arg(updates.len());
+        for e in updates {
+            if let Effect::Update { market, .. } = e {
+                cmd.arg(self.keys.market_state(market));
+            }
+        }
+        cmd.arg(self.publish.as_str());
+        for e in updates {
+            if let Effect::Update {
+                market,
+                version,
+                ts,
+                message,
+                watched,
+            } = e
+            {
+                cmd.arg(*version).arg(*ts).arg(message.as_slice());
+                if *watched {
+                    cmd.arg(self.keys.market_topic(market));
+                } else {
+                    cmd.arg("");
+                }
+            }
+        }
+        pipe.add_command(cmd);
+        replies.push(Reply::Updates(updates.len() as u64));
+    }
+
+    /// Queues an announce of `market`'s stored state to its topic.
+    fn queue_announce(&self, pipe: &mut Pipeline, market: &str, replies: &mut Vec<Reply>) {
+        pipe.cmd("EVALSHA")
+            .arg(self.announce.get_hash())
+            .arg(2)
+            .arg(self.keys.market_state(market))
+            .arg(self.keys.market_topic(market))
+            .arg(self.publish.as_str());
+        replies.push(Reply::Announce);
+    }
+
     /// Carries out `effects` in order, in one pipeline. Dead-letter and
     /// skip effects are not Redis' business and are ignored here.
     pub fn execute(&mut self, effects: &[Effect]) -> Result<Outcome> {
         let mut pipe = redis::pipe();
-        // (kind, count) per queued command, to read the replies back.
         let mut replies: Vec<Reply> = Vec::new();
         let mut i = 0;
         while i < effects.len() {
             match &effects[i] {
                 Effect::Update { .. } => {
-                    let mut cmd = redis::cmd("EVALSHA");
                     let start = i;
-                    while i < effects.len()
-                        && i - start < UPDATE_SCRIPT_CHUNK
-                        && matches!(effects[i], Effect::Update { .. })
-                    {
+                    while i < effects.len() && matches!(effects[i], Effect::Update { .. }) {
                         i += 1;
                     }
-                    let chunk = &effects[start..i];
-                    cmd.arg(self.update.get_hash()).arg(chunk.len());
-                    for e in chunk {
-                        if let Effect::Update { market, .. } = e {
-                            cmd.arg(self.keys.market_state(market));
-                        }
+                    let run: Vec<&Effect> = effects[start..i].iter().collect();
+                    for chunk in update_calls(&run) {
+                        self.queue_updates(&mut pipe, chunk, &mut replies);
                     }
-                    for e in chunk {
-                        if let Effect::Update {
-                            version,
-                            ts,
-                            message,
-                            targets,
-                            ..
-                        } = e
-                        {
-                            cmd.arg(*version)
-                                .arg(*ts)
-                                .arg(message.as_slice())
-                                .arg(targets.len());
-                            for t in targets.iter() {
-                                cmd.arg(&**t);
-                            }
-                        }
-                    }
-                    pipe.add_command(cmd);
-                    replies.push(Reply::Updates(chunk.len() as u64));
                     continue;
                 }
                 Effect::Subscribe {
                     partition,
                     market,
                     channel,
+                    market_now_watched,
                 } => {
                     pipe.cmd("SADD")
                         .arg(self.keys.market_channels(market))
@@ -182,6 +240,12 @@ impl RedisStore {
                         .arg(self.keys.partition_markets(*partition))
                         .arg(&**market)
                         .ignore();
+                    // Updates stored while nobody watched were not published;
+                    // a publisher that read the state before this point must
+                    // still get the latest one, so publish it now.
+                    if *market_now_watched {
+                        self.queue_announce(&mut pipe, market, &mut replies);
+                    }
                 }
                 Effect::Unsubscribe {
                     partition,
@@ -206,13 +270,8 @@ impl RedisStore {
                             .ignore();
                     }
                 }
-                Effect::Begin { market, target } => {
-                    pipe.cmd("EVALSHA")
-                        .arg(self.begin.get_hash())
-                        .arg(1)
-                        .arg(self.keys.market_state(market))
-                        .arg(&**target);
-                    replies.push(Reply::Begin);
+                Effect::Announce { market } => {
+                    self.queue_announce(&mut pipe, market, &mut replies);
                 }
                 Effect::DeadLetter { .. } | Effect::Skipped(_) => {}
             }
@@ -232,7 +291,7 @@ impl RedisStore {
                     out.stale += n - applied;
                     out.published += published;
                 }
-                Reply::Begin => {
+                Reply::Announce => {
                     let n: u64 = redis::from_redis_value(value).map_err(redis::RedisError::from)?;
                     out.published += n;
                 }
@@ -259,7 +318,14 @@ impl RedisStore {
     }
 }
 
-enum Reply {
-    Updates(u64),
-    Begin,
+/// Splits a run of consecutive updates into script calls of at most
+/// [`UPDATE_SCRIPT_CHUNK`] updates, keeping their order.
+///
+/// On standalone Redis any updates may share a call. On Redis Cluster a call
+/// must stay within one hash slot; that mode would first group the run by
+/// the slot of each market's tag (a stable partition, so one market's
+/// updates keep their order; different markets are independent) and chunk
+/// each group here.
+fn update_calls<'a, 'e>(run: &'a [&'e Effect]) -> impl Iterator<Item = &'a [&'e Effect]> {
+    run.chunks(UPDATE_SCRIPT_CHUNK)
 }
