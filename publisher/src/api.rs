@@ -252,6 +252,9 @@ async fn add_markets(
                 ctx.commands
                     .send(CommandKind::Subscribe, &id, &new, &ctx.metrics)
                     .await?;
+                // Pods holding the channel's streams subscribe to the new
+                // markets' topics and send their state.
+                ctx.registry.notify_markets_changed(&id).await?;
             }
             let all = ctx.registry.markets(&id).await?.unwrap_or_default();
             Ok(
@@ -290,6 +293,7 @@ async fn remove_market(
                     &ctx.metrics,
                 )
                 .await?;
+            ctx.registry.notify_markets_changed(&id).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         .await,
@@ -303,9 +307,17 @@ async fn begin(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, R
             check_channel(&id)?;
             let markets = channel_markets(&ctx, &id).await?;
             take_tokens(&ctx, markets.len())?;
-            ctx.commands
-                .send(CommandKind::Begin, &id, &markets, &ctx.metrics)
-                .await?;
+            // The streams of the channel already receive its markets' topics
+            // (they joined before this call), so replaying the stored state
+            // on the channel's own topic leaves no gap.
+            let states: Vec<_> = ctx
+                .registry
+                .states(&markets)
+                .await?
+                .into_iter()
+                .flatten()
+                .collect();
+            ctx.registry.replay(&id, &states).await?;
             Ok(StatusCode::ACCEPTED.into_response())
         }
         .await,

@@ -21,9 +21,12 @@ pub enum Error {
         /// For people.
         message: String,
     },
-    /// An I/O error (binding sockets).
+    /// An I/O error (sockets).
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// A setting cannot work (an unsupported Redis address, refused credentials).
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 impl Error {
@@ -40,7 +43,7 @@ impl Error {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Error::Invalid { status, code, .. } => (*status, code),
-            Error::Kafka(_) | Error::Redis(_) | Error::Io(_) => {
+            Error::Kafka(_) | Error::Redis(_) | Error::Io(_) | Error::Config(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }
         }

@@ -1,64 +1,89 @@
-//! The pod's one multiplexed Redis pub/sub connection.
+//! The pod's multiplexed Redis subscription and its fan-out.
 //!
-//! Every stream connection of the pod *joins* its channel here; the hub keeps
-//! one Redis subscription per channel with at least one member and fans each
-//! message out to the members' [`Outbox`]es (parsed once, shared by all).
-//! Pushing into an outbox never waits, so one slow browser cannot delay any
-//! other, nor the Redis connection.
+//! Reducers publish each update of a watched market **once**, to the
+//! market's topic. The hub subscribes a market's topic while a local channel
+//! holds the market (see [`Table`]) and routes each update to the local
+//! connections watching it, so Redis does one delivery per pod, not one per
+//! watcher. A channel's own topic carries what concerns that channel alone
+//! (`closed`, `markets` changed, REST `begin` replays).
 //!
-//! Subscription changes go through one task in order, which reconciles Redis
-//! with the membership map (a channel is subscribed exactly while it has
-//! members), so a leave racing a join can never unsubscribe a live channel.
-//! When the Redis connection is lost, the task reconnects with backoff,
-//! resubscribes every live channel and sends each member a `reset`, telling
-//! the client to `begin` again: updates published meanwhile were missed.
+//! Every hop is bounded: the socket is read by our own RESP reader
+//! ([`SubConn`]) only as fast as the pod consumes; market updates wait in a
+//! conflating [`Ingest`] queue (one entry per market, latest version wins,
+//! counted); each connection has its conflating [`Outbox`]. If the pod cannot
+//! even read fast enough, Redis' pub/sub output-buffer limit closes the
+//! connection, and the hub reconnects, resubscribes and sends every client a
+//! `reset` — staleness is never silent.
+//!
+//! Gap-free joins: a stream is acknowledged, and a `begin` reads market
+//! state, only after Redis confirmed the subscriptions it needs (a `PING`
+//! barrier after the `SUBSCRIBE`s). An update stored after that read is
+//! published to a topic we already receive; one stored while the market was
+//! still unwatched is republished by the reducer when the market becomes
+//! watched (its "announce"). Subscription changes go through one task that
+//! reconciles Redis with the table, so a leave racing a join never drops a
+//! topic that is still wanted.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::StreamExt;
-use redis::aio::PubSubSink;
-use serde::Deserialize;
-use streampipe_contract::Keys;
-use tokio::sync::{mpsc, watch};
+use streampipe_contract::{decode_channel_message, peek_update, ChannelMessage, Keys, Topic};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
+use crate::ingest::{Ingest, Ingested};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed, Update};
-use crate::registry::CLOSED_MESSAGE;
+use crate::pubsub::{Flavour, SubConn, Target};
+use crate::registry::Registry;
+use crate::resp::Push;
+use crate::table::{Table, TopicRef};
 
 /// Pending subscription changes, at most: joins wait for room, so a burst of
 /// connections cannot grow this queue.
 pub const HUB_COMMAND_QUEUE: usize = 4096;
 
-/// How long a join waits for its Redis subscription before the connection
-/// is refused with 1011: Redis answers in milliseconds when it is up.
+/// How long a join (or begin) waits for its Redis subscriptions before the
+/// connection is refused: Redis answers in milliseconds when it is up.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Channels per SUBSCRIBE command when resubscribing after a reconnect:
-/// keeps each command's size and Redis' time per command small.
+/// Topics per (UN)SUBSCRIBE command: keeps each command's size and Redis'
+/// time per command small after a reconnect.
 const SUBSCRIBE_CHUNK: usize = 1000;
 
-/// Reconnect backoff bounds.
+/// Queued subscription changes applied per round: one round's commands are
+/// written in one go, then the socket is read again.
+const COMMANDS_PER_ROUND: usize = 1024;
+
+/// Markets fanned out per dispatch round before the task yields, so the
+/// runtime's other tasks (the connections writing) keep running.
+pub const DISPATCH_BATCH: usize = 64;
+
+/// Reconnect backoff bounds: fast after a blip, gentle on a Redis that is down.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
 const RECONNECT_MAX: Duration = Duration::from_secs(5);
 
-#[derive(Debug)]
-struct Chan {
-    members: HashMap<u64, Arc<Outbox>>,
-    /// Becomes true once Redis confirmed the subscription.
-    ready: watch::Sender<bool>,
+/// Sent to every client after the subscription was re-established.
+const RESET: &[u8] =
+    br#"{"type":"reset","reason":"redis subscription re-established; updates may have been missed"}"#;
+
+struct Reconcile {
+    topics: Vec<TopicRef>,
+    /// Completed once Redis confirmed every subscription queued before it.
+    barrier: Option<oneshot::Sender<()>>,
 }
 
 struct Inner {
     keys: Keys,
     metrics: Arc<Metrics>,
-    channels: Mutex<HashMap<Arc<str>, Chan>>,
-    commands: mpsc::Sender<Arc<str>>,
+    registry: Registry,
+    table: Mutex<Table>,
+    ingest: Ingest,
+    commands: mpsc::Sender<Reconcile>,
     next_id: AtomicU64,
     connected: watch::Sender<bool>,
 }
@@ -82,40 +107,52 @@ impl Drop for Membership {
     }
 }
 
-#[derive(Deserialize)]
-struct UpdateHead<'a> {
-    #[serde(borrow)]
-    market: &'a str,
-    version: u64,
-    #[serde(default)]
-    ts: Option<i64>,
+/// What a sync of a channel with the registry found.
+struct Synced {
+    /// The channel's markets; `None` when the registry does not know it.
+    markets: Option<Vec<String>>,
+    /// Markets this pod did not hold for the channel before.
+    added: Vec<Arc<str>>,
 }
 
 impl Hub {
-    /// Starts the hub and its Redis task.
-    pub fn start(redis_url: &str, keys: Keys, metrics: Arc<Metrics>) -> Result<Self> {
-        let client = redis::Client::open(redis_url)?;
+    /// Starts the hub: its Redis task and its dispatcher.
+    pub fn start(
+        redis_url: &str,
+        keys: Keys,
+        registry: Registry,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self> {
+        let target = Target::from_url(redis_url)?;
         let (tx, rx) = mpsc::channel(HUB_COMMAND_QUEUE);
         let (connected, _) = watch::channel(false);
         let hub = Hub {
             inner: Arc::new(Inner {
                 keys,
                 metrics,
-                channels: Mutex::new(HashMap::new()),
+                registry,
+                table: Mutex::new(Table::default()),
+                ingest: Ingest::default(),
                 commands: tx,
                 next_id: AtomicU64::new(1),
                 connected,
             }),
         };
-        tokio::spawn(run(hub.clone(), client, rx));
+        let driver = Driver {
+            hub: hub.clone(),
+            target,
+            commands: rx,
+            token: 0,
+            barriers: Vec::new(),
+            epoch: 0,
+        };
+        tokio::spawn(driver.run());
+        tokio::spawn(dispatch(hub.clone()));
         Ok(hub)
     }
 
-    fn channels(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Chan>> {
-        self.inner
-            .channels
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.inner.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether the Redis pub/sub connection is up.
@@ -123,317 +160,506 @@ impl Hub {
         *self.inner.connected.borrow()
     }
 
-    /// Joins `channel`: returns once the pod's Redis subscription for it is
-    /// active, so nothing published afterwards is missed.
-    pub async fn join(&self, channel: &str, outbox: Arc<Outbox>) -> Result<Membership> {
+    /// Joins `channel`: returns once this pod receives the channel's topic and
+    /// every one of its markets' topics, with the channel's markets; an
+    /// unknown channel is a 404 `unknown_channel`.
+    pub async fn join(
+        &self,
+        channel: &str,
+        outbox: Arc<Outbox>,
+    ) -> Result<(Membership, Vec<String>)> {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let (name, mut ready, new) = {
-            let mut chans = self.channels();
-            let new = !chans.contains_key(channel);
-            let (name, chan) = match chans.get_key_value(channel) {
-                Some((k, _)) => {
-                    let k = k.clone();
-                    let c = chans.get_mut(&k).expect("just found");
-                    (k, c)
-                }
-                None => {
-                    let k: Arc<str> = channel.into();
-                    let (ready, _) = watch::channel(false);
-                    chans.insert(
-                        k.clone(),
-                        Chan {
-                            members: HashMap::new(),
-                            ready,
-                        },
-                    );
-                    let c = chans.get_mut(&k).expect("just inserted");
-                    (k, c)
-                }
-            };
-            chan.members.insert(id, outbox);
-            (name, chan.ready.subscribe(), new)
-        };
+        self.table().join(channel, id, outbox);
         let membership = Membership {
             hub: self.clone(),
-            channel: name.clone(),
+            channel: channel.into(),
             id,
         };
-        if new {
-            self.inner
-                .commands
-                .send(name)
-                .await
-                .map_err(|_| redis::RedisError::from(std::io::Error::other("hub stopped")))?;
-        }
-        let confirmed = matches!(
-            tokio::time::timeout(JOIN_TIMEOUT, ready.wait_for(|r| *r))
-                .await
-                .map(|r| r.is_ok()),
-            Ok(true)
-        );
-        match confirmed {
-            true => Ok(membership),
-            false => Err(Error::Redis(redis::RedisError::from(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                "redis subscription not confirmed in time",
-            )))),
+        match self.sync(channel).await? {
+            Some(Synced {
+                markets: Some(markets),
+                ..
+            }) => Ok((membership, markets)),
+            _ => Err(unknown_channel()),
         }
     }
 
-    fn leave(&self, channel: &Arc<str>, id: u64) {
-        let emptied = {
-            let mut chans = self.channels();
-            match chans.get_mut(channel) {
-                Some(c) => {
-                    c.members.remove(&id);
-                    if c.members.is_empty() {
-                        chans.remove(channel);
-                        true
-                    } else {
-                        false
-                    }
-                }
-                None => false,
-            }
+    /// Brings this pod's view of `channel`'s markets in line with the
+    /// registry and waits until Redis delivers every topic the channel needs.
+    /// `None` when the channel has no connection here.
+    async fn sync(&self, channel: &str) -> Result<Option<Synced>> {
+        let Some(lock) = self.table().sync_lock(channel) else {
+            return Ok(None);
         };
-        if emptied {
-            // The task reconciles against the map, so order does not matter;
-            // when the queue is full, hand the send to a task.
-            if let Err(mpsc::error::TrySendError::Full(name)) =
-                self.inner.commands.try_send(channel.clone())
-            {
-                let tx = self.inner.commands.clone();
-                tokio::spawn(async move {
-                    let _ = tx.send(name).await;
-                });
+        let _serialized = lock.lock().await;
+        let read = self.inner.registry.markets(channel).await?;
+        let (mut topics, added) = {
+            let mut t = self.table();
+            let Some(diff) = t.apply_markets(channel, read.as_deref().unwrap_or(&[])) else {
+                return Ok(None);
+            };
+            // Everything the channel needs, not only what changed: a topic
+            // another sync asked for a moment ago may still be unconfirmed.
+            let mut topics = t.topics_of(channel);
+            topics.extend(diff.topics);
+            (topics, diff.added)
+        };
+        topics.dedup();
+        self.reconcile(topics, true).await?;
+        Ok(Some(Synced {
+            markets: read,
+            added,
+        }))
+    }
+
+    /// Sends the change to the Redis task; with `wait`, returns once Redis
+    /// confirmed it.
+    async fn reconcile(&self, topics: Vec<TopicRef>, wait: bool) -> Result<()> {
+        let (barrier, confirmed) = match wait {
+            true => {
+                let (tx, rx) = oneshot::channel();
+                (Some(tx), Some(rx))
+            }
+            false => (None, None),
+        };
+        let sent = tokio::time::timeout(
+            JOIN_TIMEOUT,
+            self.inner.commands.send(Reconcile { topics, barrier }),
+        )
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            return Err(not_confirmed());
+        }
+        if let Some(rx) = confirmed {
+            match tokio::time::timeout(JOIN_TIMEOUT, rx).await {
+                Ok(Ok(())) => {}
+                _ => return Err(not_confirmed()),
             }
         }
+        Ok(())
+    }
+
+    fn leave(&self, channel: &str, id: u64) {
+        let topics = self.table().leave(channel, id);
+        if topics.is_empty() {
+            return;
+        }
+        // The task reconciles against the table, so order does not matter;
+        // when the queue is full, hand the send to a task.
+        let cmd = Reconcile {
+            topics,
+            barrier: None,
+        };
+        if let Err(mpsc::error::TrySendError::Full(cmd)) = self.inner.commands.try_send(cmd) {
+            let tx = self.inner.commands.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(cmd).await;
+            });
+        }
+    }
+
+    /// A `begin` for one connection: its channel's markets are synced with
+    /// the registry (markets added since it connected are picked up), then
+    /// their current state is read and queued for the connection. The read
+    /// happens after Redis confirmed the market topics, so nothing newer can
+    /// fall between the state and the live updates. Returns the states queued.
+    pub async fn begin(&self, channel: &str, outbox: &Outbox) -> Result<usize> {
+        let markets = match self.sync(channel).await? {
+            Some(Synced {
+                markets: Some(m), ..
+            }) => m,
+            _ => return Ok(0),
+        };
+        let states = self.inner.registry.states(&markets).await?;
+        let mut queued = 0;
+        for u in states.into_iter().flatten().filter_map(state_update) {
+            queued += usize::from(self.count(outbox.push_update(&u)));
+        }
+        Ok(queued)
+    }
+
+    /// Another pod changed `channel`'s markets: sync, then send the
+    /// channel's connections here the state of the markets they gained.
+    async fn refresh(&self, channel: &str) {
+        let added = match self.sync(channel).await {
+            Ok(Some(s)) => s.added,
+            Ok(None) => return,
+            Err(e) => {
+                warn!(error = %e, channel, "refreshing a channel's markets failed");
+                return;
+            }
+        };
+        if added.is_empty() {
+            return;
+        }
+        let names: Vec<String> = added.iter().map(|m| m.to_string()).collect();
+        let states = match self.inner.registry.states(&names).await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(error = %e, channel, "reading added markets' state failed");
+                return;
+            }
+        };
+        let t = self.table();
+        for u in states.into_iter().flatten().filter_map(state_update) {
+            t.for_each_member(channel, |o| {
+                self.count(o.push_update(&u));
+            });
+        }
+    }
+
+    /// Counts a push in the metrics; true when it was queued.
+    fn count(&self, p: Pushed) -> bool {
+        let m = &self.inner.metrics;
+        match p {
+            Pushed::Queued => return true,
+            Pushed::Closed => {}
+            Pushed::Conflated => m.conflated.inc(),
+            Pushed::Duplicate => m.duplicates.inc(),
+            Pushed::TooSlow => m.slow_closed.inc(),
+        }
+        false
     }
 
     /// Closes every connection of every channel (shutdown), with `code`.
     pub fn close_all(&self, code: u16, reason: &'static str) {
-        for chan in self.channels().values() {
-            for o in chan.members.values() {
-                o.close(code, reason);
-            }
-        }
+        self.table().for_each_connection(|o| o.close(code, reason));
     }
 
-    /// The most bytes queued in any member's outbox (diagnostics and tests).
+    /// The most bytes queued in any connection's outbox (diagnostics and tests).
     pub fn max_outbox_bytes(&self) -> usize {
-        self.channels()
-            .values()
-            .flat_map(|c| c.members.values())
-            .map(|o| o.queued_bytes())
-            .max()
-            .unwrap_or(0)
+        let mut max = 0;
+        self.table()
+            .for_each_connection(|o| max = max.max(o.queued_bytes()));
+        max
     }
 
     /// Channel ids with at least one stream on this pod.
     pub fn live_channels(&self) -> Vec<String> {
-        self.channels().keys().map(|c| c.to_string()).collect()
+        self.table().channel_ids()
     }
 
-    /// Number of members of all channels (connections) known to the hub.
+    /// Connections known to the hub.
     pub fn member_count(&self) -> usize {
-        self.channels().values().map(|c| c.members.len()).sum()
+        self.table().counts().0
     }
 
-    fn dispatch(&self, channel_name: &str, payload: &[u8]) {
+    fn topic_name(&self, t: &TopicRef) -> String {
+        match t {
+            TopicRef::Market(m) => self.inner.keys.market_topic(m),
+            TopicRef::Channel(c) => self.inner.keys.channel_topic(c),
+        }
+    }
+
+    fn set_gauges(&self) {
+        let (_, channels, markets) = self.table().counts();
+        let m = &self.inner.metrics;
+        m.topics
+            .with_label_values(&["channel"])
+            .set(channels as i64);
+        m.topics.with_label_values(&["market"]).set(markets as i64);
+    }
+
+    /// One message from Redis.
+    fn on_message(&self, topic: &[u8], payload: &[u8]) {
         let m = &self.inner.metrics;
         m.redis_messages.inc();
-        let Some(channel) = self.inner.keys.channel_from_pubsub(channel_name) else {
-            return;
+        let bad = |why: &str| {
+            m.rejected.with_label_values(&["bad_pubsub_message"]).inc();
+            debug!(why, "unreadable pub/sub message dropped");
         };
-        if payload == CLOSED_MESSAGE.as_bytes() {
-            if let Some(c) = self.channels().get(channel) {
-                for o in c.members.values() {
-                    o.close(4410, "channel closed");
+        let Some(topic) = std::str::from_utf8(topic)
+            .ok()
+            .and_then(|t| self.inner.keys.parse_topic(t))
+        else {
+            return bad("unknown topic");
+        };
+        match topic {
+            Topic::Market(market) => {
+                let head = match peek_update(payload) {
+                    Ok(h) if h.market == market => h,
+                    Ok(_) => return bad("market does not match its topic"),
+                    Err(_) => return bad("not an update"),
+                };
+                observe_latency(m, head.ts);
+                // A copy of its own: a slice of the read buffer would pin the
+                // whole buffer for as long as any outbox holds the update.
+                let bytes = Bytes::copy_from_slice(payload);
+                match self
+                    .inner
+                    .ingest
+                    .push(market, head.version, bytes, Instant::now())
+                {
+                    Ingested::Queued => {}
+                    Ingested::Conflated => m.hub_conflated.inc(),
+                    Ingested::Stale => m.duplicates.inc(),
                 }
             }
-            return;
-        }
-        let head: UpdateHead<'_> = match serde_json::from_slice(payload) {
-            Ok(h) => h,
-            Err(e) => {
-                m.rejected.with_label_values(&["bad_pubsub_message"]).inc();
-                debug!(error = %e, "unreadable pub/sub message dropped");
-                return;
-            }
-        };
-        if let Some(ts) = head.ts {
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_millis() as i64)
-                .unwrap_or(0);
-            m.update_latency.observe((now - ts).max(0) as f64 / 1000.0);
-        }
-        let update = Update {
-            market: head.market.into(),
-            version: head.version,
-            bytes: Bytes::copy_from_slice(payload),
-        };
-        let chans = self.channels();
-        if let Some(c) = chans.get(channel) {
-            for o in c.members.values() {
-                match o.push_update(&update) {
-                    Pushed::Queued | Pushed::Closed => {}
-                    Pushed::Conflated => m.conflated.inc(),
-                    Pushed::Duplicate => m.duplicates.inc(),
-                    Pushed::TooSlow => m.slow_closed.inc(),
+            Topic::Channel(channel) => match decode_channel_message(payload) {
+                Ok(ChannelMessage::Closed) => {
+                    self.table()
+                        .for_each_member(channel, |o| o.close(4410, "channel closed"));
                 }
-            }
+                Ok(ChannelMessage::MarketsChanged) => {
+                    let (hub, channel) = (self.clone(), channel.to_owned());
+                    tokio::spawn(async move { hub.refresh(&channel).await });
+                }
+                Ok(ChannelMessage::Update(head)) => {
+                    let u = Update {
+                        market: head.market.into(),
+                        version: head.version,
+                        bytes: Bytes::copy_from_slice(payload),
+                    };
+                    let t = self.table();
+                    if t.holds(channel, head.market) {
+                        t.for_each_member(channel, |o| {
+                            self.count(o.push_update(&u));
+                        });
+                    }
+                }
+                Err(_) => bad("not a channel message"),
+            },
         }
+    }
+
+    /// After a reconnect: every client may have missed updates.
+    fn reset_all(&self) {
+        let reset = Bytes::from_static(RESET);
+        self.table().for_each_connection(|o| {
+            o.forget_sent();
+            o.push_message("reset", reset.clone());
+        });
     }
 }
 
-/// The Redis task: (re)connects, reconciles subscriptions, dispatches.
-async fn run(hub: Hub, client: redis::Client, mut commands: mpsc::Receiver<Arc<str>>) {
-    let mut backoff = RECONNECT_MIN;
-    let mut epoch = 0u64;
+fn unknown_channel() -> Error {
+    Error::invalid(
+        warp::http::StatusCode::NOT_FOUND,
+        "unknown_channel",
+        "unknown channel",
+    )
+}
+
+fn not_confirmed() -> Error {
+    Error::Io(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "redis subscription not confirmed in time",
+    ))
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn observe_latency(m: &Metrics, ts: Option<i64>) {
+    if let Some(ts) = ts {
+        m.update_latency
+            .observe((now_ms() - ts).max(0) as f64 / 1000.0);
+    }
+}
+
+/// A stored state message as an update for an outbox.
+fn state_update(bytes: Bytes) -> Option<Update> {
+    let head = peek_update(&bytes).ok()?;
+    Some(Update {
+        market: head.market.into(),
+        version: head.version,
+        bytes: bytes.clone(),
+    })
+}
+
+/// Fans market updates out from the ingest queue to the connections.
+async fn dispatch(hub: Hub) {
+    let m = hub.inner.metrics.clone();
     loop {
-        let pubsub = match client.get_async_pubsub().await {
-            Ok(p) => p,
-            Err(e) => {
-                warn!(error = %e, "redis pub/sub connect failed; retrying");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(RECONNECT_MAX);
-                continue;
-            }
-        };
-        let (mut sink, mut stream) = pubsub.split();
-        let mut subscribed: HashSet<Arc<str>> = HashSet::new();
-        // Resubscribe every live channel.
-        let live: Vec<Arc<str>> = hub.channels().keys().cloned().collect();
-        if let Err(e) = subscribe_all(&hub, &mut sink, &live, &mut subscribed).await {
-            warn!(error = %e, "resubscribing failed; reconnecting");
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(RECONNECT_MAX);
+        let batch = hub.inner.ingest.take(DISPATCH_BATCH);
+        if batch.is_empty() {
+            m.hub_pending.set(0);
+            hub.inner.ingest.notified().await;
             continue;
         }
-        backoff = RECONNECT_MIN;
-        hub.inner.connected.send_replace(true);
-        if epoch > 0 {
-            hub.inner.metrics.redis_reconnects.inc();
-            info!(
-                channels = live.len(),
-                "redis pub/sub reconnected; sending reset to clients"
-            );
-            let reset = Bytes::from_static(br#"{"type":"reset","reason":"redis subscription re-established; updates may have been missed"}"#);
-            for chan in hub.channels().values() {
-                for o in chan.members.values() {
-                    o.forget_sent();
-                    o.push_message("reset", reset.clone());
-                }
+        let now = Instant::now();
+        let (mut conflated, mut duplicates, mut slow) = (0u64, 0u64, 0u64);
+        {
+            let t = hub.table();
+            for item in &batch {
+                m.hub_lag
+                    .observe(now.duration_since(item.since).as_secs_f64());
+                let n = t.for_each_watcher(&item.update.market, |o| {
+                    match o.push_update(&item.update) {
+                        Pushed::Queued | Pushed::Closed => {}
+                        Pushed::Conflated => conflated += 1,
+                        Pushed::Duplicate => duplicates += 1,
+                        Pushed::TooSlow => slow += 1,
+                    }
+                });
+                m.fanout.observe(n as f64);
             }
         }
-        for chan in hub.channels().values() {
-            chan.ready.send_replace(true);
-        }
-        epoch += 1;
+        m.conflated.inc_by(conflated);
+        m.duplicates.inc_by(duplicates);
+        m.slow_closed.inc_by(slow);
+        m.hub_pending.set(hub.inner.ingest.len() as i64);
+        tokio::task::yield_now().await;
+    }
+}
 
+/// The Redis task: (re)connects, reconciles subscriptions, reads messages.
+struct Driver {
+    hub: Hub,
+    target: Target,
+    commands: mpsc::Receiver<Reconcile>,
+    /// Last `PING` token sent.
+    token: u64,
+    /// Barriers waiting for the pong of their token; kept across reconnects.
+    barriers: Vec<(u64, oneshot::Sender<()>)>,
+    /// Completed (re)subscriptions; above 0 a new one means a reconnect.
+    epoch: u64,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut backoff = RECONNECT_MIN;
         loop {
+            let before = self.epoch;
+            match self.session().await {
+                Ok(()) => return, // the hub is gone
+                Err(e) => warn!(error = %e, "redis pub/sub connection lost; reconnecting"),
+            }
+            self.hub.inner.connected.send_replace(false);
+            if self.epoch > before {
+                backoff = RECONNECT_MIN;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(RECONNECT_MAX);
+        }
+    }
+
+    /// One connection's life; `Ok` only when the hub was dropped.
+    async fn session(&mut self) -> Result<()> {
+        let mut conn = SubConn::connect(&self.target, Flavour::Classic).await?;
+        // Everything wanted now; barriers left from a lost connection are
+        // confirmed by this resubscription's pong.
+        let names: HashSet<String> = {
+            let t = self.hub.table();
+            t.all_topics()
+                .iter()
+                .map(|t| self.hub.topic_name(t))
+                .collect()
+        };
+        let list: Vec<String> = names.iter().cloned().collect();
+        for chunk in list.chunks(SUBSCRIBE_CHUNK) {
+            conn.subscribe(chunk);
+        }
+        let mut subscribed = names;
+        self.token += 1;
+        let resync = self.token;
+        for b in &mut self.barriers {
+            b.0 = resync;
+        }
+        conn.ping(resync);
+        conn.flush().await?;
+        loop {
+            while let Some(push) = conn.try_next()? {
+                self.on_push(push, resync);
+            }
             tokio::select! {
-                msg = stream.next() => match msg {
-                    Some(msg) => hub.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
-                    None => {
-                        warn!("redis pub/sub connection lost; reconnecting");
-                        break;
+                r = conn.fill() => r?,
+                cmd = self.commands.recv() => {
+                    let Some(first) = cmd else { return Ok(()) };
+                    let mut cmds = vec![first];
+                    while cmds.len() < COMMANDS_PER_ROUND {
+                        match self.commands.try_recv() {
+                            Ok(c) => cmds.push(c),
+                            Err(_) => break,
+                        }
                     }
-                },
-                cmd = commands.recv() => {
-                    let Some(first) = cmd else { return };
-                    let mut names = vec![first];
-                    while let Ok(n) = commands.try_recv() {
-                        names.push(n);
-                    }
-                    if let Err(e) = reconcile(&hub, &mut sink, names, &mut subscribed).await {
-                        warn!(error = %e, "redis subscribe failed; reconnecting");
-                        break;
-                    }
-                }
-            }
-        }
-        hub.inner.connected.send_replace(false);
-        for chan in hub.channels().values() {
-            chan.ready.send_replace(false);
-        }
-        hub.inner.metrics.redis_channels.set(0);
-    }
-}
-
-async fn subscribe_all(
-    hub: &Hub,
-    sink: &mut PubSubSink,
-    channels: &[Arc<str>],
-    subscribed: &mut HashSet<Arc<str>>,
-) -> redis::RedisResult<()> {
-    for chunk in channels.chunks(SUBSCRIBE_CHUNK) {
-        let names: Vec<String> = chunk
-            .iter()
-            .map(|c| hub.inner.keys.pubsub_channel(c))
-            .collect();
-        sink.subscribe(&names).await?;
-        subscribed.extend(chunk.iter().cloned());
-    }
-    hub.inner
-        .metrics
-        .redis_channels
-        .set(subscribed.len() as i64);
-    Ok(())
-}
-
-/// Brings Redis in line with the membership map for `names`.
-async fn reconcile(
-    hub: &Hub,
-    sink: &mut PubSubSink,
-    names: Vec<Arc<str>>,
-    subscribed: &mut HashSet<Arc<str>>,
-) -> redis::RedisResult<()> {
-    let (mut add, mut remove) = (Vec::new(), Vec::new());
-    {
-        let chans = hub.channels();
-        let mut seen = HashSet::new();
-        for n in names {
-            if !seen.insert(n.clone()) {
-                continue;
-            }
-            let wanted = chans.contains_key(&n);
-            let have = subscribed.contains(&n);
-            if wanted && !have {
-                add.push(n);
-            } else if !wanted && have {
-                remove.push(n);
-            } else if wanted {
-                // Already subscribed (a rejoin): just confirm.
-                if let Some(c) = chans.get(&n) {
-                    c.ready.send_replace(true);
+                    self.apply(&mut conn, &mut subscribed, cmds);
+                    conn.flush().await?;
                 }
             }
         }
     }
-    if !add.is_empty() {
-        subscribe_all(hub, sink, &add, subscribed).await?;
-        let chans = hub.channels();
-        for n in &add {
-            if let Some(c) = chans.get(n) {
-                c.ready.send_replace(true);
+
+    fn on_push(&mut self, push: Push, resync: u64) {
+        match push {
+            Push::Message { topic, payload } => self.hub.on_message(&topic, &payload),
+            Push::Pong(token) => {
+                let Some(token) = std::str::from_utf8(&token)
+                    .ok()
+                    .and_then(|t| t.parse::<u64>().ok())
+                else {
+                    return;
+                };
+                let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.barriers)
+                    .into_iter()
+                    .partition(|(t, _)| *t <= token);
+                self.barriers = waiting;
+                for (_, tx) in done {
+                    let _ = tx.send(());
+                }
+                if token == resync {
+                    self.hub.inner.connected.send_replace(true);
+                    self.hub.set_gauges();
+                    if self.epoch > 0 {
+                        self.hub.inner.metrics.redis_reconnects.inc();
+                        info!("redis pub/sub re-established; sending reset to clients");
+                        self.hub.reset_all();
+                    }
+                    self.epoch += 1;
+                }
+            }
+            Push::Error(e) => {
+                warn!(error = %String::from_utf8_lossy(&e), "redis pub/sub error reply");
+            }
+            Push::Subscription { .. } | Push::Other(_) => {}
+        }
+    }
+
+    fn apply(
+        &mut self,
+        conn: &mut SubConn,
+        subscribed: &mut HashSet<String>,
+        cmds: Vec<Reconcile>,
+    ) {
+        let (mut add, mut remove, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
+        {
+            let t = self.hub.table();
+            let mut seen = HashSet::new();
+            for cmd in cmds {
+                for topic in cmd.topics {
+                    if !seen.insert(topic.clone()) {
+                        continue;
+                    }
+                    let name = self.hub.topic_name(&topic);
+                    match (t.wants(&topic), subscribed.contains(&name)) {
+                        (true, false) => add.push(name),
+                        (false, true) => remove.push(name),
+                        _ => {}
+                    }
+                }
+                barriers.extend(cmd.barrier);
             }
         }
-    }
-    if !remove.is_empty() {
-        let names: Vec<String> = remove
-            .iter()
-            .map(|c| hub.inner.keys.pubsub_channel(c))
-            .collect();
-        sink.unsubscribe(&names).await?;
-        for n in &remove {
-            subscribed.remove(n);
+        for chunk in add.chunks(SUBSCRIBE_CHUNK) {
+            conn.subscribe(chunk);
         }
-        hub.inner
-            .metrics
-            .redis_channels
-            .set(subscribed.len() as i64);
+        for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
+            conn.unsubscribe(chunk);
+        }
+        for name in &remove {
+            subscribed.remove(name);
+        }
+        subscribed.extend(add);
+        if !barriers.is_empty() {
+            self.token += 1;
+            conn.ping(self.token);
+            self.barriers
+                .extend(barriers.into_iter().map(|b| (self.token, b)));
+        }
+        self.hub.set_gauges();
     }
-    Ok(())
 }

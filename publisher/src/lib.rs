@@ -3,9 +3,11 @@
 //! - [`api`]: the REST control API (channels, markets, begin, close) that
 //!   turns requests into Kafka commands, plus market snapshots.
 //! - [`ws`] and [`sse`]: the streams; each connection joins its channel on
-//!   the pod's one multiplexed Redis subscription ([`hub`]) and drains its
-//!   own bounded, conflating [`outbox`].
-//! - [`registry`], [`commands`]: Redis and Kafka adapters.
+//!   the pod's multiplexed Redis subscription ([`hub`]: per-market topics,
+//!   routed by the [`table`] through the bounded [`ingest`] queue) and drains
+//!   its own bounded, conflating [`outbox`].
+//! - [`registry`], [`commands`]: Redis and Kafka adapters; [`pubsub`] and
+//!   [`resp`]: our own bounded subscribed-mode Redis connection.
 //! - The live odds page and the JS client are embedded static files.
 
 // warp's composed filter types are deep; release builds need a higher limit.
@@ -15,11 +17,15 @@ pub mod api;
 pub mod commands;
 pub mod error;
 pub mod hub;
+pub mod ingest;
 pub mod janitor;
 pub mod metrics;
 pub mod outbox;
+pub mod pubsub;
 pub mod registry;
+pub mod resp;
 pub mod sse;
+pub mod table;
 pub mod ws;
 
 use std::collections::HashMap;
@@ -165,7 +171,7 @@ pub async fn context(
         &config.command_topic,
         &config.kafka_options,
     )?;
-    let hub = hub::Hub::start(&config.redis_url, keys, metrics.clone())?;
+    let hub = hub::Hub::start(&config.redis_url, keys, registry.clone(), metrics.clone())?;
     let ctx = Arc::new(Context {
         config,
         registry,

@@ -14,8 +14,17 @@ pub struct Metrics {
     pub connections_total: IntCounterVec,
     /// Stream connections closed, by close code.
     pub closes: IntCounterVec,
-    /// Channels this pod is subscribed to in Redis.
-    pub redis_channels: IntGauge,
+    /// Topics this pod receives from Redis, by kind (`market`, `channel`).
+    pub topics: prometheus::IntGaugeVec,
+    /// Market updates replaced in the hub's queue by a newer version
+    /// before they were fanned out (the pod was behind).
+    pub hub_conflated: IntCounter,
+    /// Markets waiting in the hub's queue after a dispatch round.
+    pub hub_pending: IntGauge,
+    /// Time an update waited in the hub's queue: the pod's lag behind Redis.
+    pub hub_lag: Histogram,
+    /// Local connections an update was fanned out to.
+    pub fanout: Histogram,
     /// Messages received from Redis pub/sub.
     pub redis_messages: IntCounter,
     /// Messages written to clients, by transport.
@@ -88,11 +97,52 @@ impl Metrics {
                     &["code"]
                 )
             ),
-            redis_channels: reg!(
+            topics: reg!(
+                r,
+                prometheus::IntGaugeVec::new(
+                    Opts::new(
+                        "streampipe_publisher_topics",
+                        "Redis pub/sub topics this pod receives, by kind"
+                    ),
+                    &["kind"]
+                )
+                .expect("valid")
+            ),
+            hub_conflated: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_hub_conflated_total",
+                    "Market updates replaced by a newer version while waiting for fan-out"
+                )
+                .expect("valid")
+            ),
+            hub_pending: reg!(
                 r,
                 IntGauge::new(
-                    "streampipe_publisher_redis_channels",
-                    "Channels subscribed in Redis by this pod"
+                    "streampipe_publisher_hub_pending",
+                    "Markets waiting in the hub queue for fan-out"
+                )
+                .expect("valid")
+            ),
+            hub_lag: reg!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "streampipe_publisher_hub_lag_seconds",
+                        "Time a market update waited in the hub queue before fan-out"
+                    )
+                    .buckets(exponential_buckets(0.0001, 2.0, 16).expect("valid"))
+                )
+                .expect("valid")
+            ),
+            fanout: reg!(
+                r,
+                Histogram::with_opts(
+                    HistogramOpts::new(
+                        "streampipe_publisher_fanout",
+                        "Local connections one market update was fanned out to"
+                    )
+                    .buckets(exponential_buckets(1.0, 4.0, 10).expect("valid"))
                 )
                 .expect("valid")
             ),

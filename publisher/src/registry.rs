@@ -8,7 +8,7 @@
 
 use bytes::Bytes;
 use redis::aio::ConnectionManager;
-use streampipe_contract::Keys;
+use streampipe_contract::{Keys, CHANNEL_CLOSED, CHANNEL_MARKETS_CHANGED};
 
 use crate::error::Result;
 
@@ -88,11 +88,39 @@ impl Registry {
             .arg(channel)
             .ignore()
             .cmd("PUBLISH")
-            .arg(self.keys.pubsub_channel(channel))
-            .arg(CLOSED_MESSAGE)
+            .arg(self.keys.channel_topic(channel))
+            .arg(CHANNEL_CLOSED)
             .ignore()
             .query_async(&mut c)
             .await?;
+        Ok(())
+    }
+
+    /// Tells every pod holding streams of `channel` that its markets changed
+    /// (they re-read the registry and subscribe to what it gained).
+    pub async fn notify_markets_changed(&self, channel: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = redis::cmd("PUBLISH")
+            .arg(self.keys.channel_topic(channel))
+            .arg(CHANNEL_MARKETS_CHANGED)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Publishes stored state messages on `channel`'s topic only (a REST
+    /// `begin`): every pod delivers them to that channel's streams.
+    pub async fn replay(&self, channel: &str, states: &[Bytes]) -> Result<()> {
+        if states.is_empty() {
+            return Ok(());
+        }
+        let topic = self.keys.channel_topic(channel);
+        let mut pipe = redis::pipe();
+        for s in states {
+            pipe.cmd("PUBLISH").arg(&topic).arg(&s[..]).ignore();
+        }
+        let mut c = self.conn.clone();
+        let _: () = pipe.query_async(&mut c).await?;
         Ok(())
     }
 
@@ -172,7 +200,3 @@ impl Registry {
         Ok(v.into_iter().map(|o| o.map(Bytes::from)).collect())
     }
 }
-
-/// Published on a channel's pub/sub when the channel is closed through the
-/// API; every pod closes its connections of that channel with 4410.
-pub const CLOSED_MESSAGE: &str = r#"{"type":"closed"}"#;

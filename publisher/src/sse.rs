@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream;
-use streampipe_contract::{validate_channel_id, CommandKind};
+use streampipe_contract::validate_channel_id;
 use warp::http::StatusCode;
 use warp::sse::Event;
 use warp::Reply;
@@ -67,31 +67,20 @@ pub async fn handle(
             ));
         }
     };
-    let markets = match ctx.registry.markets(&channel).await {
-        Ok(Some(ms)) => ms,
-        Ok(None) => {
-            m.rejected.with_label_values(&["unknown_channel"]).inc();
-            return Ok(api::error_response(
-                StatusCode::NOT_FOUND,
-                "unknown_channel",
-                "unknown channel",
-            ));
-        }
-        Err(e) => return Ok(api::error_from(&e)),
-    };
     let outbox = Arc::new(Outbox::new(since));
-    let membership = match ctx.hub.join(&channel, outbox.clone()).await {
-        Ok(mem) => mem,
-        Err(e) => return Ok(api::error_from(&e)),
+    let (membership, markets) = match ctx.hub.join(&channel, outbox.clone()).await {
+        Ok(joined) => joined,
+        Err(e) => {
+            if matches!(e, crate::Error::Invalid { .. }) {
+                m.rejected.with_label_values(&["unknown_channel"]).inc();
+            }
+            return Ok(api::error_from(&e));
+        }
     };
     m.connections_total.with_label_values(&["sse"]).inc();
     let gauge = GaugeGuard::inc(m.connections.with_label_values(&["sse"]));
     if params.begin {
-        if let Err(e) = ctx
-            .commands
-            .send(CommandKind::Begin, &channel, &markets, m)
-            .await
-        {
+        if let Err(e) = ctx.hub.begin(&channel, &outbox).await {
             return Ok(api::error_from(&e));
         }
     }
