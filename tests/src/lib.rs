@@ -25,7 +25,9 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::producer::{DeliveryResult, ProducerContext};
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use streampipe_contract::{encode_command, Command as Cmd, CommandKind, Keys, PublishedUpdate};
+use streampipe_contract::{
+    encode_command, Command as Cmd, CommandKind, Keys, PublishedUpdate, Topic,
+};
 use streampipe_reducer::Config;
 
 /// Redis URL of the stack.
@@ -492,8 +494,9 @@ pub fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// A Redis pub/sub listener on its own thread, collecting every message of
-/// the channels it was given.
+/// A Redis pub/sub listener on its own thread, collecting every update
+/// published to the topics of the markets it was given (as a publisher pod
+/// subscribes to the markets its connections watch).
 pub struct Listener {
     messages: Arc<Mutex<Vec<(String, PublishedUpdate)>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -501,9 +504,10 @@ pub struct Listener {
 }
 
 impl Listener {
-    /// Subscribes to the pub/sub channels of `channels` and returns once subscribed.
-    pub fn start(keys: &Keys, channels: &[&str]) -> Self {
-        let names: Vec<String> = channels.iter().map(|c| keys.pubsub_channel(c)).collect();
+    /// Subscribes to the topics of `markets` (`Keys::market_topic`) and
+    /// returns once Redis confirmed the subscriptions.
+    pub fn start(keys: &Keys, markets: &[&str]) -> Self {
+        let names: Vec<String> = markets.iter().map(|m| keys.market_topic(m)).collect();
         let messages = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
@@ -523,14 +527,19 @@ impl Listener {
             while !s.load(std::sync::atomic::Ordering::SeqCst) {
                 match ps.get_message() {
                     Ok(msg) => {
-                        let ch = k
-                            .channel_from_pubsub(msg.get_channel_name())
-                            .unwrap_or_default()
-                            .to_owned();
+                        let topic = msg.get_channel_name().to_owned();
+                        let market = match k.parse_topic(&topic) {
+                            Some(Topic::Market(market)) => market.to_owned(),
+                            other => panic!("message on {topic:?} ({other:?}), not a market topic"),
+                        };
                         let payload: Vec<u8> = msg.get_payload().unwrap();
                         let u = streampipe_contract::decode_published(&payload)
                             .expect("published update decodes");
-                        m.lock().unwrap().push((ch, u));
+                        assert_eq!(
+                            u.market, market,
+                            "update published on another market's topic"
+                        );
+                        m.lock().unwrap().push((market, u));
                     }
                     Err(e) if e.is_timeout() => {}
                     Err(e) => panic!("pubsub: {e}"),
@@ -547,9 +556,18 @@ impl Listener {
         }
     }
 
-    /// Every (channel, update) received so far, in arrival order.
+    /// Every (market, update) received so far, in arrival order.
     pub fn messages(&self) -> Vec<(String, PublishedUpdate)> {
         self.messages.lock().unwrap().clone()
+    }
+
+    /// The versions received for `market`, in arrival order.
+    pub fn versions(&self, market: &str) -> Vec<u64> {
+        self.messages()
+            .into_iter()
+            .filter(|(m, _)| m == market)
+            .map(|(_, u)| u.version)
+            .collect()
     }
 
     /// Waits until `pred` holds for the messages received.

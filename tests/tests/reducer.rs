@@ -27,18 +27,18 @@ macro_rules! on_both_brokers {
 }
 
 on_both_brokers!(
-    subscribe_and_update_reach_the_channel,
+    subscribe_and_update_reach_the_market_topic,
     unsubscribe_leaves_nothing_behind,
-    begin_publishes_current_state,
+    subscribe_announces_current_state,
     malformed_records_are_dead_lettered_and_skipped,
     redelivery_never_moves_versions_backwards,
 );
 
-fn subscribe_and_update_reach_the_channel(broker: Broker) {
+fn subscribe_and_update_reach_the_market_topic(broker: Broker) {
     let p = Pipeline::new(broker, 4);
     let keys = p.keys();
     let reducer = spawn(p.config.clone(), Arc::new(Metrics::new())).unwrap();
-    let listener = Listener::start(&keys, &["c1"]);
+    let listener = Listener::start(&keys, &["M1", "M2"]);
 
     p.command(CommandKind::Subscribe, "c1", "M1");
     p.flush();
@@ -50,17 +50,17 @@ fn subscribe_and_update_reach_the_channel(broker: Broker) {
     p.update("M1", 2, r#"{"home":1.6}"#);
     p.update("M2", 1, r#"{"home":3.0}"#); // nobody subscribed: stored, not published
     p.flush();
-    listener.wait("two updates of M1 on c1", |m| m.len() >= 2);
+    listener.wait("two updates of M1 on its topic", |m| m.len() >= 2);
     wait_for(Duration::from_secs(10), "M2 state stored", || {
         (p.state_version("M2") == 1).then_some(())
     });
+    // The update script publishes in the same call that stores, so an M2
+    // publish would have reached the listener by now; allow for transit.
+    std::thread::sleep(Duration::from_millis(300));
     let got = listener.messages();
-    assert_eq!(got.len(), 2, "only M1's updates reach c1: {got:?}");
-    assert!(got.iter().all(|(c, u)| c == "c1" && u.market == "M1"));
-    assert_eq!(
-        got.iter().map(|(_, u)| u.version).collect::<Vec<_>>(),
-        vec![1, 2]
-    );
+    assert_eq!(got.len(), 2, "only the watched M1 is published: {got:?}");
+    assert!(got.iter().all(|(m, u)| m == "M1" && u.market == "M1"));
+    assert_eq!(listener.versions("M1"), vec![1, 2]);
     assert_eq!(got[1].1.payload, serde_json::json!({"home": 1.6}));
     assert_eq!(p.state_version("M1"), 2);
     reducer.shutdown().unwrap();
@@ -80,7 +80,7 @@ fn unsubscribe_leaves_nothing_behind(broker: Broker) {
     }
     p.wait_subscribed("c2", "M1");
 
-    let listener = Listener::start(&keys, &["c1", "c2"]);
+    let listener = Listener::start(&keys, &["M1", "M2", "M3"]);
     for m in ["M1", "M2", "M3"] {
         p.command(CommandKind::Unsubscribe, "c1", m);
     }
@@ -109,24 +109,36 @@ fn unsubscribe_leaves_nothing_behind(broker: Broker) {
             "index {part}: {idx:?}"
         );
     }
-    // M1 keeps c2 only, and updates still reach c2 but not c1.
+    // M1 keeps c2 only, so it is still watched and its updates are
+    // published; M2 and M3 lost their last channel: stored, not published.
     assert_eq!(p.smembers(&keys.market_channels("M1")), vec!["c2"]);
-    p.update("M1", 10, "1");
+    for m in ["M2", "M3", "M1"] {
+        p.update(m, 10, "1");
+    }
     p.flush();
-    listener.wait("update on c2", |m| m.iter().any(|(c, _)| c == "c2"));
+    listener.wait("update of M1", |m| m.iter().any(|(m, _)| m == "M1"));
+    wait_for(Duration::from_secs(10), "M2, M3 stored", || {
+        (p.state_version("M2") == 10 && p.state_version("M3") == 10).then_some(())
+    });
     std::thread::sleep(Duration::from_millis(300));
     assert!(
-        listener.messages().iter().all(|(c, _)| c == "c2"),
+        listener.messages().iter().all(|(m, _)| m == "M1"),
         "{:?}",
         listener.messages()
     );
+    assert_eq!(listener.versions("M1"), vec![10]);
     reducer.shutdown().unwrap();
 }
 
-fn begin_publishes_current_state(broker: Broker) {
+/// The publisher reads a market's state straight from Redis once its topic
+/// subscription is active; updates stored while nobody watched the market
+/// were not published, so the first subscribe publishes the stored state.
+fn subscribe_announces_current_state(broker: Broker) {
     let p = Pipeline::new(broker, 4);
     let keys = p.keys();
-    let reducer = spawn(p.config.clone(), Arc::new(Metrics::new())).unwrap();
+    let metrics = Arc::new(Metrics::new());
+    let reducer = spawn(p.config.clone(), metrics.clone()).unwrap();
+    let listener = Listener::start(&keys, &["M7", "M8"]);
     p.update("M7", 41, r#"{"draw":3.25}"#);
     p.update("M7", 42, r#"{"draw":3.3}"#);
     p.flush();
@@ -134,26 +146,56 @@ fn begin_publishes_current_state(broker: Broker) {
         (p.state_version("M7") == 42).then_some(())
     });
 
-    let listener = Listener::start(&keys, &["cb"]);
     p.command(CommandKind::Subscribe, "cb", "M7");
-    p.command(CommandKind::Begin, "cb", "M7");
     p.flush();
-    listener.wait("begin replay", |m| !m.is_empty());
-    let (ch, u) = &listener.messages()[0];
-    assert_eq!(ch, "cb");
+    listener.wait("announce of M7", |m| !m.is_empty());
+    // Messages arrive in publish order, so had v41 or v42 been published
+    // while M7 was unwatched they would come first: the announce is the only one.
+    let got = listener.messages();
+    assert_eq!(got.len(), 1, "{got:?}");
+    let (m, u) = &got[0];
+    assert_eq!(m, "M7");
     assert_eq!((u.market.as_str(), u.version), ("M7", 42));
     assert_eq!(u.payload, serde_json::json!({"draw": 3.3}));
-    // A begin for a channel that is not subscribed publishes nothing.
-    let other = Listener::start(&keys, &["stranger"]);
-    p.command(CommandKind::Begin, "stranger", "M7");
+
+    // A second channel does not make M7 any more watched: no announce.
+    p.command(CommandKind::Subscribe, "cb2", "M7");
+    p.flush();
+    p.wait_subscribed("cb2", "M7");
+    // The old `begin` command is no command any more: dead-lettered, no publish.
+    p.produce(
+        &p.config.command_topic,
+        Some(b"M7"),
+        br#"{"v":1,"type":"begin","channel":"cb","market":"M7"}"#,
+    );
     p.update("M7", 43, "1");
+    p.update("M8", 1, "1"); // unwatched: stored, never published
     p.flush();
     listener.wait("next live update", |m| {
         m.iter().any(|(_, u)| u.version == 43)
     });
+    wait_for(
+        Duration::from_secs(10),
+        "M8 stored and begin rejected",
+        || {
+            (p.state_version("M8") == 1
+                && metrics
+                    .malformed
+                    .with_label_values(&["command", "invalid_json"])
+                    .get()
+                    == 1)
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        listener.versions("M7"),
+        vec![42, 43],
+        "one announce, then live"
+    );
     assert!(
-        other.messages().is_empty(),
-        "begin leaked to an unsubscribed channel"
+        listener.versions("M8").is_empty(),
+        "unwatched M8 was published"
     );
     reducer.shutdown().unwrap();
 }
@@ -163,7 +205,7 @@ fn malformed_records_are_dead_lettered_and_skipped(broker: Broker) {
     let keys = p.keys();
     let metrics = Arc::new(Metrics::new());
     let reducer = spawn(p.config.clone(), metrics.clone()).unwrap();
-    let listener = Listener::start(&keys, &["c1"]);
+    let listener = Listener::start(&keys, &["M1"]);
 
     // Bad command, then a good one for the same market (same partition).
     p.produce(
@@ -262,7 +304,8 @@ fn redelivery_never_moves_versions_backwards(broker: Broker) {
             p.rewind_group();
         }
     }
-    let listener = Listener::start(&keys, &["cr"]);
+    let names: Vec<&str> = markets.iter().map(String::as_str).collect();
+    let listener = Listener::start(&keys, &names);
     let metrics = Arc::new(Metrics::new());
     let reducer = spawn(p.config.clone(), metrics.clone()).unwrap();
     wait_for(Duration::from_secs(30), "everything reprocessed", || {
@@ -279,8 +322,19 @@ fn redelivery_never_moves_versions_backwards(broker: Broker) {
     p.update("R0", 21, "21");
     p.flush();
     listener.wait("v21", |m| m.iter().any(|(_, u)| u.version == 21));
-    let versions: Vec<u64> = listener.messages().iter().map(|(_, u)| u.version).collect();
-    assert_eq!(versions, vec![21], "only the newer update was published");
+    // The assignment announced every watched market's stored state (v20);
+    // besides those, only the newer update was published: no redelivered
+    // version and not the stale v3.
+    for m in &markets {
+        let mut v = listener.versions(m);
+        if m == "R0" {
+            assert_eq!(v.pop(), Some(21), "R0: {:?}", listener.versions(m));
+        }
+        assert!(
+            !v.is_empty() && v.iter().all(|&x| x == 20),
+            "{m}: the assignment's announce of v20 and nothing else: {v:?}"
+        );
+    }
     assert_eq!(p.state_version("R0"), 21);
     reducer.shutdown().unwrap();
 }
@@ -357,7 +411,8 @@ fn failover_after_sigkill_restores_subscriptions() {
     });
 
     b.kill();
-    let listener = Listener::start(&keys, &["cf"]);
+    let names: Vec<&str> = markets.iter().map(String::as_str).collect();
+    let listener = Listener::start(&keys, &names);
     wait_for(
         Duration::from_secs(60),
         "survivor owns all partitions",
@@ -406,4 +461,141 @@ fn failover_after_sigkill_restores_subscriptions() {
         markets.iter().all(|m| latest[m] == 2),
         "final state holds version 2: {latest:?}"
     );
+}
+
+/// The Redis adapter on its own (no broker): an applied update of a watched
+/// market is published once, whatever its channel count; unwatched and stale
+/// updates are not; a 0 → 1 subscribe and an `Announce` publish the stored
+/// state; calls are chunked without losing any update.
+#[test]
+fn store_publishes_once_per_update_and_announces() {
+    use streampipe_reducer::core::Effect;
+    use streampipe_reducer::store::{Outcome, PublishCommand, RedisStore, UPDATE_SCRIPT_CHUNK};
+
+    let name = streampipe_tests::unique("tstore");
+    let keys = streampipe_contract::Keys::new(&name);
+    let mut store = RedisStore::new(&streampipe_tests::redis_url(), keys.clone()).unwrap();
+    let listener = Listener::start(&keys, &["S1", "S2"]);
+    let update = |market: &str, version: u64, watched: bool| {
+        Effect::Update {
+        market: market.into(),
+        version,
+        ts: 7,
+        message: format!(
+            r#"{{"type":"update","market":"{market}","version":{version},"ts":7,"payload":{version}}}"#
+        )
+        .into_bytes(),
+        watched,
+    }
+    };
+    let subscribe = |channel: &str, market_now_watched: bool| Effect::Subscribe {
+        partition: 0,
+        market: "S1".into(),
+        channel: channel.into(),
+        market_now_watched,
+    };
+    let outcome = |applied, stale, published| Outcome {
+        applied,
+        stale,
+        published,
+    };
+
+    // Stored while unwatched: not published.
+    assert_eq!(
+        store.execute(&[update("S1", 1, false)]).unwrap(),
+        outcome(1, 0, 0)
+    );
+    // The first subscriber announces the stored state; the second does not.
+    assert_eq!(
+        store
+            .execute(&[subscribe("c1", true), subscribe("c2", false)])
+            .unwrap(),
+        outcome(0, 0, 1)
+    );
+    // Once per applied update, none for the duplicate and the stale one.
+    assert_eq!(
+        store
+            .execute(&[
+                update("S1", 2, true),
+                update("S1", 2, true),
+                update("S1", 1, true)
+            ])
+            .unwrap(),
+        outcome(1, 2, 1)
+    );
+    // Announces publish the stored state, and nothing for a market without state.
+    assert_eq!(
+        store
+            .execute(&[
+                Effect::Announce {
+                    market: "S1".into()
+                },
+                Effect::Announce {
+                    market: "S2".into()
+                }
+            ])
+            .unwrap(),
+        outcome(0, 0, 1)
+    );
+    // A run longer than one script call: every update lands, in order.
+    let run: Vec<Effect> = (1..=3 * UPDATE_SCRIPT_CHUNK as u64 + 5)
+        .map(|v| update("S2", v, v % 2 == 0))
+        .collect();
+    let n = run.len() as u64;
+    assert_eq!(store.execute(&run).unwrap(), outcome(n, 0, n / 2));
+
+    listener.wait("every publish", |m| m.len() as u64 == 3 + n / 2);
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(listener.versions("S1"), vec![1, 2, 2]);
+    let s2 = listener.versions("S2");
+    assert_eq!(s2.len() as u64, n / 2);
+    assert!(s2.windows(2).all(|w| w[0] < w[1]) && s2.iter().all(|v| v % 2 == 0));
+    assert_eq!(stored_version(&keys, "S2"), Some(n));
+    let m2c: Vec<String> = {
+        let mut c = redis::Client::open(streampipe_tests::redis_url())
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let mut v: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(keys.market_channels("S1"))
+            .query(&mut c)
+            .unwrap();
+        v.sort();
+        v
+    };
+    assert_eq!(m2c, vec!["c1", "c2"]);
+
+    // Sharded pub/sub (for Redis Cluster later) runs the same scripts.
+    let mut sharded = RedisStore::new(&streampipe_tests::redis_url(), keys.clone())
+        .unwrap()
+        .with_publish_command(PublishCommand::SPublish);
+    assert_eq!(
+        sharded
+            .execute(&[
+                update("S1", 3, true),
+                Effect::Announce {
+                    market: "S1".into()
+                }
+            ])
+            .unwrap(),
+        outcome(1, 0, 2)
+    );
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(
+        listener.versions("S1"),
+        vec![1, 2, 2],
+        "SPUBLISH does not reach classic subscribers"
+    );
+}
+
+fn stored_version(keys: &streampipe_contract::Keys, market: &str) -> Option<u64> {
+    let mut c = redis::Client::open(streampipe_tests::redis_url())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    redis::cmd("HGET")
+        .arg(keys.market_state(market))
+        .arg("v")
+        .query(&mut c)
+        .unwrap()
 }

@@ -100,10 +100,52 @@ fn health_and_metrics_endpoints() {
         "streampipe_reducer_record_to_publish_seconds_bucket",
         "streampipe_reducer_batch_records_count",
         "streampipe_reducer_rebalances_total{kind=\"assign\"}",
+        "streampipe_reducer_subscriptions 0",
+        "streampipe_reducer_watched_markets 0",
+        "streampipe_reducer_max_market_channels 0",
     ] {
         assert!(metrics.contains(name), "missing {name} in\n{metrics}");
     }
     assert!(http_request(&addr, "GET", "/nope").starts_with("HTTP/1.1 404"));
+}
+
+/// The subscription gauges follow commands as they are applied, not only
+/// rebalances (they once read 0 while 77k subscriptions were held).
+#[test]
+fn subscription_gauges_follow_commands() {
+    let p = Pipeline::new(Broker::Dev, 2);
+    let metrics = Arc::new(Metrics::new());
+    let reducer = spawn(p.config.clone(), metrics.clone()).unwrap();
+    let gauges = || {
+        (
+            metrics.subscriptions.get(),
+            metrics.watched_markets.get(),
+            metrics.max_market_channels.get(),
+        )
+    };
+    for c in ["a", "b", "c"] {
+        p.command(CommandKind::Subscribe, c, "W1");
+    }
+    p.command(CommandKind::Subscribe, "a", "W2");
+    p.flush();
+    wait_for(Duration::from_secs(30), "gauges after subscribes", || {
+        (gauges() == (4, 2, 3)).then_some(())
+    });
+    for c in ["a", "b"] {
+        p.command(CommandKind::Unsubscribe, c, "W1");
+    }
+    p.flush();
+    wait_for(Duration::from_secs(30), "gauges after unsubscribes", || {
+        (gauges() == (2, 2, 1)).then_some(())
+    });
+    p.command(CommandKind::Unsubscribe, "a", "W2");
+    p.flush();
+    wait_for(
+        Duration::from_secs(30),
+        "gauges after the last one of W2",
+        || (gauges() == (1, 1, 1)).then_some(()),
+    );
+    reducer.shutdown().unwrap();
 }
 
 #[test]

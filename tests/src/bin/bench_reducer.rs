@@ -1,14 +1,21 @@
-//! `streampipe-bench-reducer`: drives updates for K markets with M
-//! subscriptions each through a real Kafka-protocol broker into one reducer
-//! and prints updates/s, publishes/s, CPU per update and record→publish
-//! latency. Not a timed test: `scripts/bench-reducer.sh` runs it next to a
-//! `redis-benchmark` PUBLISH ceiling on the same machine.
+//! `streampipe-bench-reducer`: drives records through a real Kafka-protocol
+//! broker into one reducer. Not a timed test: `scripts/bench-reducer.sh` runs
+//! it next to a `redis-benchmark` PUBLISH ceiling on the same machine.
 //!
+//! `--mode updates` (default): K markets with M subscribed channels each.
 //! Phase 1 (throughput): N records are produced while no reducer runs, then
 //! one reducer drains them; the figure is records / drain time, and records
-//! per CPU-second of the reducer's threads (consumer + librdkafka).
-//! Phase 2 (latency): records are produced at a fixed rate while the reducer
-//! runs; a Redis subscriber measures producer-send → pub/sub-receive.
+//! per CPU-second of the reducer's threads (consumer + librdkafka). Every
+//! update of a watched market is published once to its market topic,
+//! whatever M is. Phase 2 (latency): records are produced at a fixed rate
+//! while the reducer runs; a Redis subscriber on every market topic (as a
+//! publisher pod would be) measures producer-send → pub/sub-receive.
+//!
+//! `--mode subscribe`: S subscribe commands applied by one reducer, twice:
+//! S channels on ONE market, then S channels on S markets (one each). The
+//! commands are produced before the reducer starts; the figures are
+//! commands/s from the first command applied until the core holds all of
+//! them, and until Redis has all of them (its sets are polled).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -22,9 +29,24 @@ use streampipe_contract::{encode_command, Command, CommandKind, Keys};
 use streampipe_reducer::{spawn, Config, Metrics};
 use streampipe_tests::{http_request, unique, wait_for};
 
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Mode {
+    /// Update throughput (backlog drain) and latency (steady rate).
+    Updates,
+    /// Subscribe-command throughput: one hot market vs. spread markets.
+    Subscribe,
+}
+
 /// Reducer throughput and latency benchmark.
 #[derive(Debug, Parser)]
 struct Args {
+    /// What to measure.
+    #[arg(long, value_enum, default_value_t = Mode::Updates)]
+    mode: Mode,
+    /// Subscribe commands per scenario (`--mode subscribe`).
+    #[arg(long, default_value_t = 100_000)]
+    subscribes: usize,
     /// Kafka bootstrap (the dev broker).
     #[arg(long, default_value = "127.0.0.1:39092")]
     brokers: String,
@@ -142,8 +164,8 @@ fn percentile(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-/// Subscribes to every channel on one connection (as a publisher pod would),
-/// counts messages and records latencies of payloads carrying `sent_us`.
+/// Subscribes to every market topic on one connection (as a publisher pod
+/// would), counts messages and records latencies of payloads carrying `sent_us`.
 fn subscriber(
     redis_url: String,
     names: Vec<String>,
@@ -188,8 +210,9 @@ fn subscriber(
         .unwrap()
 }
 
-fn main() -> anyhow::Result<()> {
-    let a = Args::parse();
+/// A fresh pipeline on the dev broker: reducer configuration with the
+/// bench's settings, topics created.
+fn new_pipeline(a: &Args) -> anyhow::Result<Config> {
     let pipeline = unique("bench");
     let mut config = Config::new(&a.brokers, &pipeline, &a.redis_url);
     config.dead_letter_topic = None;
@@ -207,45 +230,171 @@ fn main() -> anyhow::Result<()> {
         let r = http_request(&a.admin, "POST", &format!("/topics/{t}?partitions={n}"));
         anyhow::ensure!(r.starts_with("HTTP/1.1 201"), "creating {t}: {r}");
     }
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    Ok(config)
+}
+
+/// The bench's producer. `compression` matters for commands to one market:
+/// they all land on one partition, and the dev broker keeps ~5 MiB per
+/// partition (lz4 shrinks 100 000 near-identical commands well below that).
+fn producer(
+    a: &Args,
+    compression: &str,
+) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+    Ok(ClientConfig::new()
         .set("bootstrap.servers", &a.brokers)
         .set("partitioner", "murmur2_random")
         .set("linger.ms", "5")
         .set("batch.num.messages", "10000")
         .set("queue.buffering.max.messages", "1000000")
-        .set("compression.codec", "none")
-        .create()?;
-    let send = |topic: &str, key: &str, value: &[u8]| {
-        let mut rec = BaseRecord::<str, [u8]>::to(topic).key(key).payload(value);
-        loop {
-            match producer.send(rec) {
-                Ok(()) => return,
-                Err((_, r)) => {
-                    rec = r;
-                    std::thread::sleep(Duration::from_millis(1));
+        .set("compression.codec", compression)
+        .create()?)
+}
+
+/// Sends a record, waiting while the producer's queue is full.
+fn send(producer: &ThreadedProducer<DefaultProducerContext>, topic: &str, key: &str, value: &[u8]) {
+    let mut rec = BaseRecord::<str, [u8]>::to(topic).key(key).payload(value);
+    loop {
+        match producer.send(rec) {
+            Ok(()) => return,
+            Err((_, r)) => {
+                rec = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+}
+
+fn subscribe_command(channel: String, market: String) -> Vec<u8> {
+    encode_command(&Command {
+        kind: CommandKind::Subscribe,
+        channel,
+        market,
+    })
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = Args::parse();
+    match a.mode {
+        Mode::Updates => updates(&a),
+        Mode::Subscribe => {
+            let n = a.subscribes;
+            println!(
+                "== subscribe: {n} subscribe commands applied by one reducer, {} partitions",
+                a.partitions
+            );
+            println!("scenario                         applied in core          in Redis");
+            subscribes(&a, "one market", |i| {
+                (format!("ch{i}"), "hot.market".into())
+            })?;
+            subscribes(&a, "spread over as many markets", |i| {
+                (format!("ch{i}"), format!("mkt.{i}"))
+            })?;
+            Ok(())
+        }
+    }
+}
+
+/// Produces `a.subscribes` subscribe commands (`pair(i)` = channel, market),
+/// lets a fresh reducer apply them, and prints commands/s until the core
+/// held them and until Redis had them.
+fn subscribes(
+    a: &Args,
+    scenario: &str,
+    pair: impl Fn(usize) -> (String, String),
+) -> anyhow::Result<()> {
+    let config = new_pipeline(a)?;
+    let keys = Keys::new(&config.pipeline);
+    let producer = producer(a, "lz4")?;
+    let mut markets = std::collections::HashSet::new();
+    for i in 0..a.subscribes {
+        let (channel, market) = pair(i);
+        send(
+            &producer,
+            &config.command_topic,
+            &market,
+            &subscribe_command(channel, market.clone()),
+        );
+        markets.insert(market);
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let one_market = (markets.len() == 1).then(|| markets.into_iter().next().expect("one"));
+
+    // Redis has them all when the market set holds every channel (one
+    // market) or the partition index holds every market (spread).
+    let mut redis = redis::Client::open(a.redis_url.as_str())?.get_connection()?;
+    let mut in_redis = || -> u64 {
+        let mut pipe = redis::pipe();
+        match &one_market {
+            Some(m) => {
+                pipe.cmd("SCARD").arg(keys.market_channels(m));
+            }
+            None => {
+                for p in 0..a.partitions {
+                    pipe.cmd("SCARD").arg(keys.partition_markets(p));
                 }
             }
         }
+        pipe.query::<Vec<u64>>(&mut redis)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0)
     };
+
+    let metrics = Arc::new(Metrics::new());
+    let applied = || metrics.commands.with_label_values(&["subscribe"]).get();
+    let cpu_before = thread_cpu(&["reducer-", "rdk:"]);
+    let redis_before = process_cpu("redis-server");
+    let reducer = spawn(config.clone(), metrics.clone())?;
+    let start = wait_for(Duration::from_secs(60), "first command applied", || {
+        (applied() > 0).then(Instant::now)
+    });
+    let want = a.subscribes as u64;
+    let mut core_done = None;
+    wait_for(Duration::from_secs(600), "subscriptions in Redis", || {
+        if core_done.is_none() && applied() >= want {
+            core_done = Some(start.elapsed());
+        }
+        (in_redis() >= want).then_some(())
+    });
+    let redis_done = start.elapsed();
+    let core_done = core_done.unwrap_or(redis_done);
+    let cpu = thread_cpu(&["reducer-", "rdk:"]) - cpu_before;
+    let redis_cpu = process_cpu("redis-server") - redis_before;
+    let rate = |d: Duration| want as f64 / d.as_secs_f64();
+    println!(
+        "{scenario:<32} {:>8.0} /s ({:>6.2} s)  {:>8.0} /s ({:>6.2} s)",
+        rate(core_done),
+        core_done.as_secs_f64(),
+        rate(redis_done),
+        redis_done.as_secs_f64()
+    );
+    println!(
+        "    CPU: reducer threads {cpu:.2} s ({:.0} commands per CPU-second), redis-server {redis_cpu:.2} s; gauges: subscriptions {}, watched markets {}, largest market {}",
+        want as f64 / cpu,
+        metrics.subscriptions.get(),
+        metrics.watched_markets.get(),
+        metrics.max_market_channels.get()
+    );
+    reducer.shutdown()?;
+    Ok(())
+}
+
+/// `--mode updates`: backlog drain throughput, then steady-rate latency.
+fn updates(a: &Args) -> anyhow::Result<()> {
+    let config = new_pipeline(a)?;
+    let producer = producer(a, "none")?;
+    let send = |topic: &str, key: &str, value: &[u8]| send(&producer, topic, key, value);
 
     let markets: Vec<String> = (0..a.markets).map(|i| format!("mkt.{i}")).collect();
     let channels = a.markets.max(1);
-    let keys = Keys::new(&pipeline);
-    let mut channel_names = Vec::new();
+    let keys = Keys::new(&config.pipeline);
     for (i, m) in markets.iter().enumerate() {
         for j in 0..a.subscribers {
             let ch = format!("ch{}", (i + j * 7919) % channels);
-            let value = encode_command(&Command {
-                kind: CommandKind::Subscribe,
-                channel: ch.clone(),
-                market: m.clone(),
-            });
-            send(&config.command_topic, m, &value);
+            send(&config.command_topic, m, &subscribe_command(ch, m.clone()));
         }
     }
-    for c in 0..channels {
-        channel_names.push(keys.pubsub_channel(&format!("ch{c}")));
-    }
+    // A publisher pod subscribes to the topics of the markets it serves.
+    let topic_names: Vec<String> = markets.iter().map(|m| keys.market_topic(m)).collect();
     producer.flush(Duration::from_secs(60))?;
 
     // Subscriptions go through the real command path.
@@ -268,7 +417,7 @@ fn main() -> anyhow::Result<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel();
     let sub = subscriber(
         a.redis_url.clone(),
-        channel_names,
+        topic_names,
         stop.clone(),
         received.clone(),
         record_latency.clone(),
