@@ -42,7 +42,7 @@ for scenario in "${SCENARIOS[@]}"; do
     pub=$!; PIDS+=("$pub")
     for _ in $(seq 1 300); do curl -sf http://127.0.0.1:$((18180 + port))/readyz >/dev/null && break; sleep 0.1; done
     "$R/streampipe-bench-publisher" --target streampipe --addr 127.0.0.1:$((18180 + port)) --pid "$pub" \
-        --clients "$n" --channels "$channels" --rate "$RATE" --seconds "$SECONDS_LOAD"
+        --clients "$n" --channels "$channels" --markets "$channels" --rate "$RATE" --seconds "$SECONDS_LOAD"
     kill "$pub" 2>/dev/null || true; wait "$pub" 2>/dev/null || true
 
     node tests/bench/socketio/server.js --port $((13300 + port)) --redis redis://127.0.0.1:36379 >"$STREAMPIPE_STACK_DIR/socketio.log" 2>&1 &

@@ -83,7 +83,10 @@ impl Keys {
     /// Which topic of this pipeline `name` is, if any.
     pub fn parse_topic<'a>(&self, name: &'a str) -> Option<Topic<'a>> {
         let rest = name.strip_prefix(self.prefix.as_str())?;
-        if let Some(m) = rest.strip_prefix("{m:").and_then(|r| r.strip_suffix("}:up")) {
+        if let Some(m) = rest
+            .strip_prefix("{m:")
+            .and_then(|r| r.strip_suffix("}:up"))
+        {
             return Some(Topic::Market(m));
         }
         rest.strip_prefix("{c:")

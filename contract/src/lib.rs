@@ -9,12 +9,14 @@
 pub mod keys;
 pub mod message;
 pub mod partitioner;
+pub mod slot;
 
 pub use keys::{Keys, Topic};
 pub use message::{
     decode_channel_message, decode_command, decode_published, decode_update, encode_command,
     peek_update, validate_channel_id, validate_market_id, ChannelMessage, Command, CommandKind,
-    ContractError, DerivedVersion, MarketUpdate, PublishedUpdate, UpdateHead,
-    CHANNEL_CLOSED, CHANNEL_MARKETS_CHANGED, MAX_ID_LEN, MAX_VERSION, PROTOCOL_VERSION,
+    ContractError, DerivedVersion, MarketUpdate, PublishedUpdate, UpdateHead, CHANNEL_CLOSED,
+    CHANNEL_MARKETS_CHANGED, MAX_ID_LEN, MAX_VERSION, PROTOCOL_VERSION,
 };
 pub use partitioner::{murmur2, partition_for};
+pub use slot::slot;

@@ -511,8 +511,13 @@ mod tests {
 
     #[test]
     fn update_heads_and_channel_messages() {
-        let u = decode_update(Some(b"M1"), br#"{"version":3,"ts":9,"payload":{"a":1}}"#, None, POS)
-            .unwrap();
+        let u = decode_update(
+            Some(b"M1"),
+            br#"{"version":3,"ts":9,"payload":{"a":1}}"#,
+            None,
+            POS,
+        )
+        .unwrap();
         let bytes = u.encode();
         let head = peek_update(&bytes).unwrap();
         assert_eq!((head.market, head.version, head.ts), ("M1", 3, Some(9)));
@@ -541,7 +546,10 @@ mod tests {
     #[test]
     fn begin_is_no_longer_a_command() {
         let old = br#"{"v":1,"type":"begin","channel":"c","market":"M1"}"#;
-        assert_eq!(decode_command(None, old).unwrap_err().kind(), "invalid_json");
+        assert_eq!(
+            decode_command(None, old).unwrap_err().kind(),
+            "invalid_json"
+        );
     }
 
     #[test]

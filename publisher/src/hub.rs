@@ -339,6 +339,11 @@ impl Hub {
         self.table().channel_ids()
     }
 
+    /// Whether `channel`'s streams here receive `market` (diagnostics and tests).
+    pub fn holds(&self, channel: &str, market: &str) -> bool {
+        self.table().holds(channel, market)
+    }
+
     /// Connections known to the hub.
     pub fn member_count(&self) -> usize {
         self.table().counts().0

@@ -1,14 +1,16 @@
 //! The pod's bounded, conflating queue between Redis and the fan-out.
 //!
-//! The Redis reader parses each market update once and parks it here; the
-//! dispatcher takes markets in arrival order and fans them out to the local
-//! connections. While the dispatcher keeps up, every version passes through.
-//! When it does not (a hot market watched by many connections at a high
-//! rate), a newer version of a market that is still waiting replaces the
-//! waiting one: latest version wins, the replacement is counted, and the
-//! queue never holds more than one entry per subscribed market. So no offered
-//! load can grow it, and a waiting entry is never older than one dispatch
-//! round. Pure bookkeeping plus a wake-up; no I/O.
+//! The Redis reader parses each market update once and queues it here; the
+//! dispatcher takes updates in arrival order and fans them out to the local
+//! connections. While less than [`CONFLATE_AFTER_BYTES`] wait, every version
+//! passes through, so bursts reach clients intact. Past that the dispatcher
+//! is behind (a hot market watched by many connections at a high rate): a
+//! newer version of a market that is already queued replaces the queued one
+//! in place (latest version wins, counted), and only markets not yet queued
+//! are appended. So the queue never holds more than the threshold plus one
+//! entry per subscribed market, whatever the offered load, and nothing
+//! waits longer than one pass over the queue. Pure bookkeeping plus a
+//! wake-up; no I/O.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -19,14 +21,19 @@ use tokio::sync::Notify;
 
 use crate::outbox::Update;
 
+/// Queued bytes from which updates of an already-queued market conflate:
+/// several thousand updates, far more than a healthy pod ever has waiting,
+/// so conflation means the pod is behind, not that a burst arrived.
+pub const CONFLATE_AFTER_BYTES: usize = 1024 * 1024;
+
 /// What a push did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ingested {
     /// Queued behind the others.
     Queued,
-    /// Replaced a waiting older version of the same market.
+    /// Replaced a queued older version of the same market.
     Conflated,
-    /// Not newer than the version already waiting; dropped.
+    /// Not newer than the version already queued; dropped.
     Stale,
 }
 
@@ -35,61 +42,81 @@ pub enum Ingested {
 pub struct Taken {
     /// The update.
     pub update: Update,
-    /// When its market entered the queue (the first, not the conflated, version).
+    /// When its entry was queued (for a conflated entry: the first version's time).
     pub since: Instant,
-}
-
-#[derive(Debug)]
-struct Slot {
-    version: u64,
-    bytes: Bytes,
-    since: Instant,
 }
 
 #[derive(Debug, Default)]
 struct State {
-    pending: HashMap<Arc<str>, Slot>,
-    order: VecDeque<Arc<str>>,
+    queue: VecDeque<Taken>,
+    /// Sequence number of `queue[0]`.
+    front_seq: u64,
+    /// market → sequence number of its newest queued entry.
+    newest: HashMap<Arc<str>, u64>,
     bytes: usize,
 }
 
 /// The queue; share it between the reader (producer) and the dispatcher.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Ingest {
     state: Mutex<State>,
     notify: Notify,
+    conflate_after: usize,
+}
+
+impl Default for Ingest {
+    fn default() -> Self {
+        Self::with_threshold(CONFLATE_AFTER_BYTES)
+    }
 }
 
 impl Ingest {
+    /// A queue conflating past `conflate_after` bytes.
+    pub fn with_threshold(conflate_after: usize) -> Self {
+        Ingest {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            conflate_after,
+        }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Parks an update of `market`.
+    /// Queues an update of `market`.
     pub fn push(&self, market: &str, version: u64, bytes: Bytes, now: Instant) -> Ingested {
         let mut g = self.lock();
         let st = &mut *g;
-        if let Some(slot) = st.pending.get_mut(market) {
-            if slot.version >= version {
+        if let Some(&seq) = st.newest.get(market) {
+            let idx = (seq - st.front_seq) as usize;
+            let queued = &mut st.queue[idx];
+            if queued.update.version >= version {
                 return Ingested::Stale;
             }
-            st.bytes = st.bytes - slot.bytes.len() + bytes.len();
-            slot.version = version;
-            slot.bytes = bytes;
-            return Ingested::Conflated;
+            if st.bytes >= self.conflate_after {
+                st.bytes = st.bytes - queued.update.bytes.len() + bytes.len();
+                queued.update.version = version;
+                queued.update.bytes = bytes;
+                return Ingested::Conflated;
+            }
         }
-        let key: Arc<str> = market.into();
+        let key: Arc<str> = match st.newest.get_key_value(market) {
+            Some((k, _)) => k.clone(),
+            None => market.into(),
+        };
+        let seq = st.front_seq + st.queue.len() as u64;
         st.bytes += bytes.len();
-        st.pending.insert(
-            key.clone(),
-            Slot {
+        st.newest.insert(key.clone(), seq);
+        st.queue.push_back(Taken {
+            update: Update {
+                market: key,
                 version,
                 bytes,
-                since: now,
             },
-        );
-        st.order.push_back(key);
-        let was_empty = st.order.len() == 1;
+            since: now,
+        });
+        let was_empty = st.queue.len() == 1;
         drop(g);
         if was_empty {
             self.notify.notify_one();
@@ -97,24 +124,21 @@ impl Ingest {
         Ingested::Queued
     }
 
-    /// Takes up to `max` markets' updates, oldest first.
+    /// Takes up to `max` updates, oldest first.
     pub fn take(&self, max: usize) -> Vec<Taken> {
         let mut g = self.lock();
         let st = &mut *g;
-        let n = max.min(st.order.len());
+        let n = max.min(st.queue.len());
         let mut out = Vec::with_capacity(n);
-        for market in st.order.drain(..n) {
-            if let Some(slot) = st.pending.remove(&market) {
-                st.bytes -= slot.bytes.len();
-                out.push(Taken {
-                    update: Update {
-                        market,
-                        version: slot.version,
-                        bytes: slot.bytes,
-                    },
-                    since: slot.since,
-                });
+        for _ in 0..n {
+            let t = st.queue.pop_front().expect("n <= len");
+            let seq = st.front_seq;
+            st.front_seq += 1;
+            st.bytes -= t.update.bytes.len();
+            if st.newest.get(&t.update.market) == Some(&seq) {
+                st.newest.remove(&t.update.market);
             }
+            out.push(t);
         }
         out
     }
@@ -124,9 +148,9 @@ impl Ingest {
         self.notify.notified().await
     }
 
-    /// Markets waiting.
+    /// Updates waiting.
     pub fn len(&self) -> usize {
-        self.lock().order.len()
+        self.lock().queue.len()
     }
 
     /// Whether nothing waits.
@@ -137,15 +161,6 @@ impl Ingest {
     /// Bytes waiting.
     pub fn bytes(&self) -> usize {
         self.lock().bytes
-    }
-
-    /// Drops everything waiting (the connection that fed it was lost; the
-    /// clients get a `reset` instead).
-    pub fn clear(&self) {
-        let mut g = self.lock();
-        g.pending.clear();
-        g.order.clear();
-        g.bytes = 0;
     }
 }
 
@@ -158,57 +173,69 @@ mod tests {
     }
 
     #[test]
-    fn every_version_passes_while_the_dispatcher_keeps_up() {
+    fn a_burst_below_the_threshold_passes_every_version() {
         let q = Ingest::default();
         let now = Instant::now();
-        for v in 1..=100 {
+        for v in 1..=1000 {
             assert_eq!(q.push("a", v, b("x"), now), Ingested::Queued);
-            let t = q.take(10);
-            assert_eq!(t.len(), 1);
-            assert_eq!(t[0].update.version, v);
         }
+        assert_eq!(q.push("a", 1000, b("x"), now), Ingested::Stale);
+        let t = q.take(2000);
+        assert_eq!(
+            t.iter().map(|t| t.update.version).collect::<Vec<_>>(),
+            (1..=1000).collect::<Vec<_>>()
+        );
         assert!(q.is_empty());
+        assert_eq!(q.bytes(), 0);
     }
 
     #[test]
-    fn a_flood_keeps_one_entry_per_market_latest_version_in_arrival_order() {
-        let q = Ingest::default();
+    fn a_flood_is_bounded_by_the_threshold_plus_one_entry_per_market() {
+        let q = Ingest::with_threshold(100);
         let now = Instant::now();
+        let mut conflated = 0;
         for v in 1..=10_000u64 {
             for m in ["a", "b", "c"] {
-                let r = q.push(m, v, b(&format!("{m}{v}")), now);
-                assert_eq!(
-                    r,
-                    if v == 1 {
-                        Ingested::Queued
-                    } else {
-                        Ingested::Conflated
-                    }
-                );
+                match q.push(m, v, b(&format!("{m}{v:05}")), now) {
+                    Ingested::Conflated => conflated += 1,
+                    Ingested::Queued => {}
+                    Ingested::Stale => panic!("nothing stale was offered"),
+                }
             }
         }
-        assert_eq!(q.len(), 3);
-        assert_eq!(q.bytes(), 3 * "a10000".len());
-        assert_eq!(q.push("b", 5, b("old"), now), Ingested::Stale);
-        let t = q.take(2);
-        assert_eq!(
-            t.iter()
-                .map(|t| (&*t.update.market, t.update.version))
-                .collect::<Vec<_>>(),
-            vec![("a", 10_000), ("b", 10_000)]
-        );
-        assert_eq!(&t[0].update.bytes[..], b"a10000");
-        assert_eq!(q.take(10).len(), 1);
-        assert_eq!(q.bytes(), 0);
+        assert!(conflated > 29_000, "{conflated}");
+        assert!(q.bytes() <= 100 + 3 * 6, "{} bytes", q.bytes());
+        assert!(q.len() <= 100 / 6 + 1 + 3, "{} entries", q.len());
+        let t = q.take(usize::MAX);
+        for m in ["a", "b", "c"] {
+            let vs: Vec<u64> = t
+                .iter()
+                .filter(|t| &*t.update.market == m)
+                .map(|t| t.update.version)
+                .collect();
+            assert!(vs.windows(2).all(|w| w[0] < w[1]), "{m}: {vs:?}");
+            assert_eq!(vs.last(), Some(&10_000), "{m}: latest kept");
+        }
+        let last_a = t.iter().rev().find(|t| &*t.update.market == "a").unwrap();
+        assert_eq!(&last_a.update.bytes[..], b"a10000");
     }
 
     #[test]
-    fn clear_forgets_everything() {
-        let q = Ingest::default();
-        q.push("a", 1, b("x"), Instant::now());
-        q.clear();
-        assert!(q.is_empty());
-        assert_eq!(q.bytes(), 0);
-        assert_eq!(q.push("a", 1, b("x"), Instant::now()), Ingested::Queued);
+    fn taking_part_of_the_queue_keeps_conflation_consistent() {
+        let q = Ingest::with_threshold(0);
+        let now = Instant::now();
+        q.push("a", 1, b("1"), now);
+        q.push("b", 1, b("1"), now);
+        assert_eq!(q.take(1)[0].update.market.as_ref(), "a");
+        // "a" is no longer queued: a new version is appended, "b" conflates.
+        assert_eq!(q.push("a", 2, b("2"), now), Ingested::Queued);
+        assert_eq!(q.push("b", 2, b("2"), now), Ingested::Conflated);
+        let t = q.take(10);
+        assert_eq!(
+            t.iter()
+                .map(|t| (t.update.market.to_string(), t.update.version))
+                .collect::<Vec<_>>(),
+            vec![("b".to_string(), 2), ("a".to_string(), 2)]
+        );
     }
 }

@@ -451,7 +451,7 @@ async fn malformed_requests_and_frames_get_documented_errors() {
 }
 
 /// The pod's Redis connection drops: the hub reconnects, resubscribes the
-/// live channels and tells clients to `begin` again with a `reset`.
+/// live channels' market topics and tells clients to `begin` again with a `reset`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_loss_resubscribes_and_sends_reset() {
     use streampipe_tests::{free_port, PrivateRedis};
@@ -479,7 +479,7 @@ async fn redis_loss_resubscribes_and_sends_reset() {
         }
     };
     let publish = {
-        let (url, name) = (url.clone(), keys.pubsub_channel(ch));
+        let (url, name) = (url.clone(), keys.market_topic("R1"));
         move |v: u64| {
             let mut c = redis::Client::open(url.as_str())
                 .unwrap()

@@ -314,8 +314,9 @@ async fn main() -> anyhow::Result<()> {
             }
             let mut pipe = redis::pipe();
             for _ in 0..batch {
-                let c = (sent % a.channels as u64) as usize;
-                let m = c % a.markets;
+                // One update per market in turn: it reaches every channel
+                // holding the market (channel c holds market c % markets).
+                let m = (sent % a.markets as u64) as usize;
                 versions[m] += 1;
                 let msg = format!(
                     r#"{{"type":"update","market":"m{m}","version":{},"ts":{},"payload":{{"sent_us":{},"home":1.95,"draw":3.4,"away":4.2}}}}"#,
@@ -324,7 +325,7 @@ async fn main() -> anyhow::Result<()> {
                     now_us()
                 );
                 pipe.cmd("PUBLISH")
-                    .arg(keys.pubsub_channel(&format!("bench-ch{c}")))
+                    .arg(keys.market_topic(&format!("m{m}")))
                     .arg(msg)
                     .ignore();
                 sent += 1;
@@ -353,7 +354,8 @@ async fn main() -> anyhow::Result<()> {
     let elapsed = t.elapsed().as_secs_f64();
     let delivered = stats.received.load(Ordering::Relaxed) - received0;
     let cpu = cpu_secs(a.pid) - cpu0;
-    let expected = sent * (a.clients / a.channels) as u64;
+    // Clients spread evenly over channels, channels over markets.
+    let expected = sent * (a.clients / a.markets) as u64;
     let mut lat = std::mem::take(&mut *stats.latencies.lock().unwrap());
     lat.sort_unstable();
     println!("updates sent: {sent} in {send_secs:.1} s ({:.0}/s); messages delivered: {delivered} of {expected} expected", sent as f64 / send_secs);
