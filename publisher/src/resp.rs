@@ -182,7 +182,8 @@ pub enum Push {
         /// The topic.
         topic: Bytes,
     },
-    /// The answer to a `PING <token>` in subscribed mode.
+    /// The answer to a `PING <token>`: `["pong", token]` in subscribed
+    /// mode, the bulk string `token` before the first subscription.
     Pong(Bytes),
     /// An error reply (`-ERR ...`, `-MOVED ...`).
     Error(Bytes),
@@ -195,6 +196,9 @@ impl Push {
     pub fn from_frame(f: Frame) -> Push {
         match f {
             Frame::Error(e) => Push::Error(e),
+            // The only bulk reply a connection of ours gets outside
+            // subscribed mode is its PING's echo.
+            Frame::Bulk(Some(token)) => Push::Pong(token),
             Frame::Array(Some(items)) => {
                 let mut it = items.into_iter();
                 let kind = match it.next() {
@@ -270,6 +274,11 @@ mod tests {
 
     #[test]
     fn classifies_subscribed_mode_replies() {
+        let mut unsubscribed = buf(b"$2\r\n42\r\n");
+        assert_eq!(
+            Push::from_frame(parse(&mut unsubscribed).unwrap().unwrap()),
+            Push::Pong(Bytes::from_static(b"42"))
+        );
         let mut b = buf(b"*3\r\n$10\r\nssubscribe\r\n$1\r\nt\r\n:1\r\n*2\r\n$4\r\npong\r\n$2\r\n42\r\n-MOVED 1 x\r\n+OK\r\n");
         let f: Vec<Push> =
             std::iter::from_fn(|| parse(&mut b).unwrap().map(Push::from_frame)).collect();

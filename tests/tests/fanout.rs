@@ -194,6 +194,12 @@ async fn markets_changed_on_another_pod_reach_live_streams() {
     .await;
     let a = InProcess::start(&p).await;
     let b = InProcess::start(&p).await;
+    // A pod with no stream yet is ready as soon as its pub/sub connection is.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !(a.ctx.hub.is_connected() && b.ctx.hub.is_connected()) {
+        assert!(Instant::now() < deadline, "an idle pod never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     p.update("X2", 7, r#"{"x":7}"#);
     p.flush();
     let pc = p.clone();
