@@ -86,6 +86,9 @@ struct Inner {
     commands: mpsc::Sender<Reconcile>,
     next_id: AtomicU64,
     connected: watch::Sender<bool>,
+    /// Channels with a refresh queued but not started: a burst of `markets`
+    /// messages for one channel costs one refresh, not one task each.
+    refreshing: Mutex<HashSet<Arc<str>>>,
 }
 
 /// Handle to the hub; cheap to clone.
@@ -136,6 +139,7 @@ impl Hub {
                 commands: tx,
                 next_id: AtomicU64::new(1),
                 connected,
+                refreshing: Mutex::new(HashSet::new()),
             }),
         };
         let driver = Driver {
@@ -281,6 +285,11 @@ impl Hub {
     /// Another pod changed `channel`'s markets: sync, then send the
     /// channel's connections here the state of the markets they gained.
     async fn refresh(&self, channel: &str) {
+        self.inner
+            .refreshing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(channel);
         let added = match self.sync(channel).await {
             Ok(Some(s)) => s.added,
             Ok(None) => return,
@@ -406,8 +415,16 @@ impl Hub {
                         .for_each_member(channel, |o| o.close(4410, "channel closed"));
                 }
                 Ok(ChannelMessage::MarketsChanged) => {
-                    let (hub, channel) = (self.clone(), channel.to_owned());
-                    tokio::spawn(async move { hub.refresh(&channel).await });
+                    let queued = self
+                        .inner
+                        .refreshing
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(channel.into());
+                    if queued {
+                        let (hub, channel) = (self.clone(), channel.to_owned());
+                        tokio::spawn(async move { hub.refresh(&channel).await });
+                    }
                 }
                 Ok(ChannelMessage::Update(head)) => {
                     let u = Update {
