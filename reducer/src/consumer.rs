@@ -94,8 +94,11 @@ pub struct Config {
     pub dead_letter_topic: Option<String>,
     /// The consumer group all reducers of the pipeline share.
     pub group: String,
-    /// Redis URL.
+    /// Redis URL; with `redis_cluster`, a comma-separated seed list.
     pub redis_url: String,
+    /// Whether `redis_url` names a Redis Cluster (keys routed by slot,
+    /// `SPUBLISH`, `WAIT` for a replica after each batch).
+    pub redis_cluster: bool,
     /// Pipeline name, the Redis key prefix.
     pub pipeline: String,
     /// Most records per batch.
@@ -120,6 +123,7 @@ impl Config {
             dead_letter_topic: Some(format!("{pipeline}.dead-letter")),
             group: format!("{pipeline}.reducers"),
             redis_url: redis_url.into(),
+            redis_cluster: false,
             pipeline: pipeline.into(),
             batch_max_records: DEFAULT_BATCH_MAX_RECORDS,
             batch_max_delay: DEFAULT_BATCH_MAX_DELAY,
@@ -800,9 +804,16 @@ impl Runner {
         health: Arc<Health>,
     ) -> Result<Self> {
         let keys = Keys::new(&config.pipeline);
-        let loader = RedisStore::new(&config.redis_url, keys.clone())?;
+        let open = |keys: Keys| {
+            if config.redis_cluster {
+                RedisStore::new_cluster(&config.redis_url, keys)
+            } else {
+                RedisStore::new(&config.redis_url, keys)
+            }
+        };
+        let loader = open(keys.clone())?;
         let writer = Writer::start(
-            RedisStore::new(&config.redis_url, keys)?,
+            open(keys)?,
             metrics.clone(),
             health.clone(),
             shutdown.clone(),

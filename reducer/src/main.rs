@@ -36,13 +36,17 @@ struct Args {
     /// Consumer group [default: <pipeline>.reducers].
     #[arg(long, env = "STREAMPIPE_GROUP")]
     group: Option<String>,
-    /// Redis URL.
+    /// Redis URL; with --redis-cluster, a comma-separated list of seed nodes.
     #[arg(
         long,
         env = "STREAMPIPE_REDIS_URL",
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
+    /// Redis is a Redis Cluster (keys routed by hash slot, SPUBLISH, WAIT
+    /// for a replica after each batch).
+    #[arg(long, env = "STREAMPIPE_REDIS_CLUSTER", default_value_t = false)]
+    redis_cluster: bool,
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "STREAMPIPE_LISTEN", default_value = "0.0.0.0:9090")]
     listen: SocketAddr,
@@ -108,6 +112,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(g) = args.group {
         config.group = g;
     }
+    config.redis_cluster = args.redis_cluster;
     config.batch_max_records = args.batch_max_records;
     config.batch_max_delay = Duration::from_millis(args.batch_max_delay_ms);
     config.session_timeout = Duration::from_millis(args.session_timeout_ms);

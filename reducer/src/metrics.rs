@@ -34,6 +34,9 @@ pub struct Metrics {
     pub record_to_publish_seconds: Histogram,
     /// Failed Redis round trips (each is retried).
     pub redis_errors: IntCounter,
+    /// Batches a Redis Cluster master accepted without a replica
+    /// acknowledging them in time (counted per master).
+    pub redis_unreplicated: IntCounter,
     /// Rebalance events, by kind (`assign` / `revoke`).
     pub rebalances: IntCounterVec,
     /// Consumer lag per topic partition, from librdkafka statistics.
@@ -159,6 +162,11 @@ impl Metrics {
                 &r,
                 "streampipe_reducer_redis_errors_total",
                 "Failed Redis round trips (retried)",
+            ),
+            redis_unreplicated: counter(
+                &r,
+                "streampipe_reducer_redis_unreplicated_total",
+                "Batches a cluster master accepted without a replica acknowledging (per master)",
             ),
             rebalances: counter_vec(
                 &r,

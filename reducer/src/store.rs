@@ -7,15 +7,25 @@
 //! redelivered or late record can never move a market's state backwards and
 //! never republishes an old version. Every script touches the keys of one
 //! market only besides its topic, which carries the same hash tag, so each
-//! call stays single-slot per market (Redis Cluster, later, with
-//! `SPUBLISH`). Everything in a batch is idempotent (set adds/removes,
-//! version-guarded writes, announces of the stored state), so a failed
-//! pipeline is simply sent again.
+//! call stays single-slot per market. Everything in a batch is idempotent
+//! (set adds/removes, version-guarded writes, announces of the stored
+//! state), so a failed pipeline is simply sent again.
+//!
+//! On Redis Cluster ([`RedisStore::new_cluster`]) the same commands go
+//! through redis-rs' cluster connection, which routes each by its key: update
+//! script calls are grouped by the hash slot of their markets (a call must
+//! stay within one slot), topics are published with `SPUBLISH`, and after
+//! every batch a `WAIT` on each master the batch touched makes sure a replica
+//! has the writes before the batch counts as written (see
+//! [`REPLICA_WAIT_TIMEOUT`] for what happens when none answers).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use redis::{Client, Connection, Pipeline, Script, Value};
-use streampipe_contract::Keys;
+use redis::cluster::{ClusterClient, ClusterConnection};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::{Client, Cmd, Connection, Script, Value};
+use streampipe_contract::{slot, Keys};
 
 use crate::core::Effect;
 use crate::error::Result;
@@ -27,6 +37,13 @@ pub const UPDATE_SCRIPT_CHUNK: usize = 128;
 /// Connect and I/O timeout for Redis: long enough for a busy Redis to answer
 /// a full batch, short enough to notice a dead one and retry.
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long `WAIT 1` may block on a cluster master after a batch: a healthy
+/// replica acknowledges within milliseconds; a master without a live replica
+/// (its replica died, or it is a freshly promoted one) costs this much per
+/// batch that touches it, and the batch is then accepted unreplicated
+/// (availability over durability while a replica is missing).
+pub const REPLICA_WAIT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// KEYS[i]: state hash of update i. ARGV[1]: the publish command; then per
 /// update: version, ts, message, topic ('' when the market is unwatched).
@@ -91,12 +108,44 @@ pub struct Outcome {
     /// Messages published: applied updates of watched markets plus
     /// announces that found a stored state (one per market, never per channel).
     pub published: u64,
+    /// Cluster masters whose `WAIT` saw no replica acknowledge the batch in
+    /// [`REPLICA_WAIT_TIMEOUT`] (the batch was accepted anyway).
+    pub unreplicated: u64,
+}
+
+/// Where the store talks to: one Redis, or a Redis Cluster.
+enum Backend {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
+/// An open connection of either kind.
+enum Conn {
+    Single(Connection),
+    Cluster {
+        /// Boxed: it is several times the size of a single connection.
+        conn: Box<ClusterConnection>,
+        /// Slot ranges `(first, last, master node id)`, to send one `WAIT`
+        /// per master rather than per slot; read at connect time (a failover
+        /// keeps the ranges, it only renames their master, and any error
+        /// reconnects and rereads them).
+        ranges: Vec<(u16, u16, String)>,
+    },
+}
+
+impl Conn {
+    fn as_like(&mut self) -> &mut dyn redis::ConnectionLike {
+        match self {
+            Conn::Single(c) => c,
+            Conn::Cluster { conn, .. } => conn.as_mut(),
+        }
+    }
 }
 
 /// A Redis connection plus the pipeline's key schema and scripts.
 pub struct RedisStore {
-    client: Client,
-    conn: Option<Connection>,
+    backend: Backend,
+    conn: Option<Conn>,
     keys: Keys,
     publish: PublishCommand,
     update: Script,
@@ -114,14 +163,43 @@ enum Reply {
 impl RedisStore {
     /// Opens a store; the connection itself is made lazily and remade after errors.
     pub fn new(url: &str, keys: Keys) -> Result<Self> {
-        Ok(RedisStore {
-            client: Client::open(url)?,
+        Ok(Self::with_backend(
+            Backend::Single(Client::open(url)?),
+            keys,
+        ))
+    }
+
+    /// Opens a store on a Redis Cluster; `seeds` is a comma-separated list of
+    /// node URLs (any reachable one is enough to discover the rest). Topics
+    /// are published with `SPUBLISH`.
+    pub fn new_cluster(seeds: &str, keys: Keys) -> Result<Self> {
+        let nodes: Vec<&str> = seeds
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .collect();
+        let client = ClusterClient::builder(nodes)
+            .connection_timeout(REDIS_TIMEOUT)
+            .response_timeout(REDIS_TIMEOUT)
+            .build()?;
+        Ok(Self::with_backend(Backend::Cluster(client), keys)
+            .with_publish_command(PublishCommand::SPublish))
+    }
+
+    fn with_backend(backend: Backend, keys: Keys) -> Self {
+        RedisStore {
+            backend,
             conn: None,
             keys,
             publish: PublishCommand::default(),
             update: Script::new(UPDATE_SCRIPT),
             announce: Script::new(ANNOUNCE_SCRIPT),
-        })
+        }
+    }
+
+    /// Whether this store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.backend, Backend::Cluster(_))
     }
 
     /// Chooses the publish command (`PUBLISH` unless told otherwise).
@@ -130,14 +208,28 @@ impl RedisStore {
         self
     }
 
-    fn conn(&mut self) -> Result<&mut Connection> {
+    fn conn(&mut self) -> Result<&mut Conn> {
         if self.conn.is_none() {
-            let mut c = self.client.get_connection_with_timeout(REDIS_TIMEOUT)?;
-            c.set_read_timeout(Some(REDIS_TIMEOUT))?;
-            c.set_write_timeout(Some(REDIS_TIMEOUT))?;
-            // Load scripts on every new connection: a restarted Redis forgot them.
-            self.update.prepare_invoke().load(&mut c)?;
-            self.announce.prepare_invoke().load(&mut c)?;
+            let mut c = match &self.backend {
+                Backend::Single(client) => {
+                    let c = client.get_connection_with_timeout(REDIS_TIMEOUT)?;
+                    c.set_read_timeout(Some(REDIS_TIMEOUT))?;
+                    c.set_write_timeout(Some(REDIS_TIMEOUT))?;
+                    Conn::Single(c)
+                }
+                Backend::Cluster(client) => {
+                    let mut conn = Box::new(client.get_connection()?);
+                    let ranges = master_ranges(&mut conn)?;
+                    Conn::Cluster { conn, ranges }
+                }
+            };
+            // Load scripts on every new connection: a restarted Redis forgot
+            // them. On a cluster redis-rs sends SCRIPT LOAD to every master;
+            // a replica promoted later does not have them, so its NOSCRIPT
+            // fails the batch, which drops this connection, and the retry
+            // reconnects and loads them again.
+            self.update.prepare_invoke().load(c.as_like())?;
+            self.announce.prepare_invoke().load(c.as_like())?;
             self.conn = Some(c);
         }
         Ok(self.conn.as_mut().expect("just set"))
@@ -145,10 +237,7 @@ impl RedisStore {
 
     /// Runs `f` on the connection; on any error the connection is dropped so
     /// the next call reconnects (and reloads the scripts).
-    fn with_conn<T>(
-        &mut self,
-        f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>,
-    ) -> Result<T> {
+    fn with_conn<T>(&mut self, f: impl FnOnce(&mut Conn) -> redis::RedisResult<T>) -> Result<T> {
         let res = f(self.conn()?);
         if res.is_err() {
             self.conn = None;
@@ -158,16 +247,26 @@ impl RedisStore {
 
     /// Checks that Redis answers (for readiness).
     pub fn ping(&mut self) -> Result<()> {
-        self.with_conn(|c| redis::cmd("PING").query::<String>(c).map(|_| ()))
+        self.with_conn(|c| match c {
+            Conn::Single(c) => redis::cmd("PING").query::<String>(c).map(|_| ()),
+            Conn::Cluster { conn, .. } => conn
+                .route_command(
+                    &redis::cmd("PING"),
+                    RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+                )
+                .map(|_| ()),
+        })
     }
 
     /// Queues one update script call over `updates` (all `Effect::Update`).
-    fn queue_updates(&self, pipe: &mut Pipeline, updates: &[&Effect], replies: &mut Vec<Reply>) {
+    fn queue_updates(&self, batch: &mut Batch, updates: &[&Effect]) {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.update.get_hash()).arg(updates.len());
         for e in updates {
             if let Effect::Update { market, .. } = e {
-                cmd.arg(self.keys.market_state(market));
+                let key = self.keys.market_state(market);
+                batch.touch(&key);
+                cmd.arg(key);
             }
         }
         cmd.arg(self.publish.as_str());
@@ -188,26 +287,35 @@ impl RedisStore {
                 }
             }
         }
-        pipe.add_command(cmd);
-        replies.push(Reply::Updates(updates.len() as u64));
+        batch.push(cmd, Some(Reply::Updates(updates.len() as u64)));
     }
 
     /// Queues an announce of `market`'s stored state to its topic.
-    fn queue_announce(&self, pipe: &mut Pipeline, market: &str, replies: &mut Vec<Reply>) {
-        pipe.cmd("EVALSHA")
-            .arg(self.announce.get_hash())
+    fn queue_announce(&self, batch: &mut Batch, market: &str) {
+        let key = self.keys.market_state(market);
+        batch.touch(&key);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.announce.get_hash())
             .arg(2)
-            .arg(self.keys.market_state(market))
+            .arg(key)
             .arg(self.keys.market_topic(market))
             .arg(self.publish.as_str());
-        replies.push(Reply::Announce);
+        batch.push(cmd, Some(Reply::Announce));
+    }
+
+    /// Queues a single-key set command whose reply does not matter.
+    fn queue_set(batch: &mut Batch, op: &str, key: String, member: &str) {
+        batch.touch(&key);
+        let mut cmd = redis::cmd(op);
+        cmd.arg(key).arg(member);
+        batch.push(cmd, None);
     }
 
     /// Carries out `effects` in order, in one pipeline. Dead-letter and
     /// skip effects are not Redis' business and are ignored here.
     pub fn execute(&mut self, effects: &[Effect]) -> Result<Outcome> {
-        let mut pipe = redis::pipe();
-        let mut replies: Vec<Reply> = Vec::new();
+        let cluster = self.is_cluster();
+        let mut batch = Batch::default();
         let mut i = 0;
         while i < effects.len() {
             match &effects[i] {
@@ -217,8 +325,8 @@ impl RedisStore {
                         i += 1;
                     }
                     let run: Vec<&Effect> = effects[start..i].iter().collect();
-                    for chunk in update_calls(&run) {
-                        self.queue_updates(&mut pipe, chunk, &mut replies);
+                    for call in update_calls(&run, &self.keys, cluster) {
+                        self.queue_updates(&mut batch, &call);
                     }
                     continue;
                 }
@@ -228,23 +336,15 @@ impl RedisStore {
                     channel,
                     market_now_watched,
                 } => {
-                    pipe.cmd("SADD")
-                        .arg(self.keys.market_channels(market))
-                        .arg(&**channel)
-                        .ignore();
-                    pipe.cmd("SADD")
-                        .arg(self.keys.channel_markets(channel))
-                        .arg(&**market)
-                        .ignore();
-                    pipe.cmd("SADD")
-                        .arg(self.keys.partition_markets(*partition))
-                        .arg(&**market)
-                        .ignore();
+                    let k = &self.keys;
+                    Self::queue_set(&mut batch, "SADD", k.market_channels(market), channel);
+                    Self::queue_set(&mut batch, "SADD", k.channel_markets(channel), market);
+                    Self::queue_set(&mut batch, "SADD", k.partition_markets(*partition), market);
                     // Updates stored while nobody watched were not published;
                     // a publisher that read the state before this point must
                     // still get the latest one, so publish it now.
                     if *market_now_watched {
-                        self.queue_announce(&mut pipe, market, &mut replies);
+                        self.queue_announce(&mut batch, market);
                     }
                 }
                 Effect::Unsubscribe {
@@ -255,34 +355,34 @@ impl RedisStore {
                 } => {
                     // Redis deletes a set when its last member goes, so no
                     // empty key is ever left behind for the channel or market.
-                    pipe.cmd("SREM")
-                        .arg(self.keys.market_channels(market))
-                        .arg(&**channel)
-                        .ignore();
-                    pipe.cmd("SREM")
-                        .arg(self.keys.channel_markets(channel))
-                        .arg(&**market)
-                        .ignore();
+                    let k = &self.keys;
+                    Self::queue_set(&mut batch, "SREM", k.market_channels(market), channel);
+                    Self::queue_set(&mut batch, "SREM", k.channel_markets(channel), market);
                     if *market_now_empty {
-                        pipe.cmd("SREM")
-                            .arg(self.keys.partition_markets(*partition))
-                            .arg(&**market)
-                            .ignore();
+                        Self::queue_set(
+                            &mut batch,
+                            "SREM",
+                            k.partition_markets(*partition),
+                            market,
+                        );
                     }
                 }
                 Effect::Announce { market } => {
-                    self.queue_announce(&mut pipe, market, &mut replies);
+                    self.queue_announce(&mut batch, market);
                 }
                 Effect::DeadLetter { .. } | Effect::Skipped(_) => {}
             }
             i += 1;
         }
-        if replies.is_empty() && pipe.is_empty() {
+        if batch.cmds.is_empty() {
             return Ok(Outcome::default());
         }
-        let values: Vec<Value> = self.with_conn(|c| pipe.query(c))?;
-        let mut out = Outcome::default();
-        for (reply, value) in replies.iter().zip(values) {
+        let (values, unreplicated) = self.with_conn(|c| batch.run(c))?;
+        let mut out = Outcome {
+            unreplicated,
+            ..Outcome::default()
+        };
+        for (reply, value) in batch.replies.iter().zip(values) {
             match reply {
                 Reply::Updates(n) => {
                     let (applied, published): (u64, u64) =
@@ -305,27 +405,279 @@ impl RedisStore {
     pub fn load_partition(&mut self, partition: i32) -> Result<Vec<(String, Vec<String>)>> {
         let index = self.keys.partition_markets(partition);
         let markets: Vec<String> =
-            self.with_conn(|c| redis::cmd("SMEMBERS").arg(&index).query(c))?;
+            self.with_conn(|c| redis::cmd("SMEMBERS").arg(&index).query(c.as_like()))?;
         if markets.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
-        for m in &markets {
-            pipe.cmd("SMEMBERS").arg(self.keys.market_channels(m));
-        }
-        let channels: Vec<Vec<String>> = self.with_conn(|c| pipe.query(c))?;
+        let cmds: Vec<Cmd> = markets
+            .iter()
+            .map(|m| {
+                let mut cmd = redis::cmd("SMEMBERS");
+                cmd.arg(self.keys.market_channels(m));
+                cmd
+            })
+            .collect();
+        // On a cluster each SMEMBERS goes to its market's master; the
+        // pipeline sends one sub-pipeline per node.
+        let channels: Vec<Vec<String>> = self.with_conn(|c| match c {
+            Conn::Single(c) => {
+                let mut pipe = redis::pipe();
+                cmds.into_iter().for_each(|cmd| {
+                    pipe.add_command(cmd);
+                });
+                pipe.query(c)
+            }
+            Conn::Cluster { conn, .. } => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                cmds.into_iter().for_each(|cmd| {
+                    pipe.add_command(cmd);
+                });
+                pipe.query(conn)
+            }
+        })?;
         Ok(markets.into_iter().zip(channels).collect())
     }
 }
 
+/// The commands of one batch, the replies the outcome needs, and the hash
+/// slots of every key written (for the cluster's `WAIT`s).
+#[derive(Default)]
+struct Batch {
+    cmds: Vec<Cmd>,
+    /// Per command: whether its reply is wanted (in order with `replies`).
+    wanted: Vec<bool>,
+    replies: Vec<Reply>,
+    slots: BTreeSet<u16>,
+}
+
+impl Batch {
+    fn push(&mut self, cmd: Cmd, reply: Option<Reply>) {
+        self.wanted.push(reply.is_some());
+        self.replies.extend(reply);
+        self.cmds.push(cmd);
+    }
+
+    fn touch(&mut self, key: &str) {
+        self.slots.insert(slot(key.as_bytes()));
+    }
+
+    /// Sends the batch as one pipeline; on a cluster then waits for a
+    /// replica of each master written to. Returns the wanted replies and the
+    /// number of masters no replica acknowledged in time.
+    fn run(&self, conn: &mut Conn) -> redis::RedisResult<(Vec<Value>, u64)> {
+        match conn {
+            Conn::Single(c) => {
+                let mut pipe = redis::pipe();
+                for (cmd, wanted) in self.cmds.iter().zip(&self.wanted) {
+                    pipe.add_command(cmd.clone());
+                    if !wanted {
+                        pipe.ignore();
+                    }
+                }
+                Ok((pipe.query(c)?, 0))
+            }
+            Conn::Cluster { conn, ranges } => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for (cmd, wanted) in self.cmds.iter().zip(&self.wanted) {
+                    pipe.add_command(cmd.clone());
+                    if !wanted {
+                        pipe.ignore();
+                    }
+                }
+                let values: Vec<Value> = pipe.query(conn)?;
+                // WAIT counts the writes of this client connection, which is
+                // the one the pipeline used for that master. Routed by slot,
+                // so after a failover it reaches the promoted replica.
+                let mut unreplicated = 0;
+                for s in one_slot_per_master(&self.slots, ranges) {
+                    let replicas: i64 = redis::from_redis_value(
+                        conn.route_command(
+                            redis::cmd("WAIT")
+                                .arg(1)
+                                .arg(REPLICA_WAIT_TIMEOUT.as_millis() as u64),
+                            RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(
+                                Route::new(s, SlotAddr::Master),
+                            )),
+                        )?,
+                    )?;
+                    if replicas < 1 {
+                        unreplicated += 1;
+                    }
+                }
+                Ok((values, unreplicated))
+            }
+        }
+    }
+}
+
+/// Reads `CLUSTER SLOTS`: `(first, last, master node id)` per slot range.
+fn master_ranges(conn: &mut ClusterConnection) -> redis::RedisResult<Vec<(u16, u16, String)>> {
+    let value = conn.route_command(
+        &redis::cmd("CLUSTER").arg("SLOTS").to_owned(),
+        RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary),
+    )?;
+    // Each entry: [first, last, [host, port, id, ...], replicas...].
+    let entries: Vec<Vec<Value>> = redis::from_redis_value(value)?;
+    let mut ranges = Vec::with_capacity(entries.len());
+    for e in entries {
+        if e.len() < 3 {
+            continue;
+        }
+        let first: u16 = redis::from_redis_value(e[0].clone())?;
+        let last: u16 = redis::from_redis_value(e[1].clone())?;
+        let master: Vec<Value> = redis::from_redis_value(e[2].clone())?;
+        let id = match master.get(2) {
+            Some(v) => redis::from_redis_value::<String>(v.clone())?,
+            // Old servers without ids: the address names the master.
+            None => format!("{:?}", master),
+        };
+        ranges.push((first, last, id));
+    }
+    Ok(ranges)
+}
+
+/// One slot per master among `slots`, so a batch sends one `WAIT` per master
+/// it touched. Slots outside every known range (a topology change) each get
+/// their own `WAIT`: slower, never wrong.
+fn one_slot_per_master(slots: &BTreeSet<u16>, ranges: &[(u16, u16, String)]) -> Vec<u16> {
+    let mut by_master: BTreeMap<&str, u16> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for &s in slots {
+        match ranges.iter().find(|(a, b, _)| (*a..=*b).contains(&s)) {
+            Some((_, _, id)) => {
+                by_master.entry(id.as_str()).or_insert(s);
+            }
+            None => unknown.push(s),
+        }
+    }
+    by_master.into_values().chain(unknown).collect()
+}
+
 /// Splits a run of consecutive updates into script calls of at most
-/// [`UPDATE_SCRIPT_CHUNK`] updates, keeping their order.
+/// [`UPDATE_SCRIPT_CHUNK`] updates.
 ///
-/// On standalone Redis any updates may share a call. On Redis Cluster a call
-/// must stay within one hash slot; that mode would first group the run by
-/// the slot of each market's tag (a stable partition, so one market's
-/// updates keep their order; different markets are independent) and chunk
-/// each group here.
-fn update_calls<'a, 'e>(run: &'a [&'e Effect]) -> impl Iterator<Item = &'a [&'e Effect]> {
-    run.chunks(UPDATE_SCRIPT_CHUNK)
+/// On standalone Redis any updates may share a call, in order. On Redis
+/// Cluster a call must stay within one hash slot, so the run is first
+/// grouped by the slot of each market's state key (a stable partition: one
+/// market's updates keep their order; different markets are independent),
+/// then each group is chunked.
+fn update_calls<'e>(run: &[&'e Effect], keys: &Keys, cluster: bool) -> Vec<Vec<&'e Effect>> {
+    if !cluster {
+        return run
+            .chunks(UPDATE_SCRIPT_CHUNK)
+            .map(<[&Effect]>::to_vec)
+            .collect();
+    }
+    let mut groups: BTreeMap<u16, Vec<&'e Effect>> = BTreeMap::new();
+    for e in run {
+        if let Effect::Update { market, .. } = e {
+            groups
+                .entry(slot(keys.market_state(market).as_bytes()))
+                .or_default()
+                .push(e);
+        }
+    }
+    groups
+        .into_values()
+        .flat_map(|g| {
+            g.chunks(UPDATE_SCRIPT_CHUNK)
+                .map(<[&Effect]>::to_vec)
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(market: &str, version: u64) -> Effect {
+        Effect::Update {
+            market: market.into(),
+            version,
+            ts: 0,
+            message: Vec::new(),
+            watched: false,
+        }
+    }
+
+    fn summary(calls: &[Vec<&Effect>]) -> Vec<Vec<(String, u64)>> {
+        calls
+            .iter()
+            .map(|c| {
+                c.iter()
+                    .map(|e| match e {
+                        Effect::Update {
+                            market, version, ..
+                        } => (market.to_string(), *version),
+                        _ => unreachable!(),
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn standalone_calls_keep_the_run_in_order_and_chunk_it() {
+        let keys = Keys::new("t");
+        let effects: Vec<Effect> = (0..300).map(|i| update(&format!("m{i}"), 1)).collect();
+        let run: Vec<&Effect> = effects.iter().collect();
+        let calls = update_calls(&run, &keys, false);
+        assert_eq!(
+            calls.iter().map(Vec::len).collect::<Vec<_>>(),
+            [
+                UPDATE_SCRIPT_CHUNK,
+                UPDATE_SCRIPT_CHUNK,
+                300 - 2 * UPDATE_SCRIPT_CHUNK
+            ]
+        );
+        let flat: Vec<_> = summary(&calls).concat();
+        assert_eq!(flat[0].0, "m0");
+        assert_eq!(flat[299].0, "m299");
+    }
+
+    #[test]
+    fn cluster_calls_are_single_slot_chunked_and_keep_each_markets_order() {
+        let keys = Keys::new("t");
+        // 1000 updates over 50 markets, each market's versions rising.
+        let effects: Vec<Effect> = (0..1000)
+            .map(|i| update(&format!("m{}", i % 50), i as u64))
+            .collect();
+        let run: Vec<&Effect> = effects.iter().collect();
+        let calls = update_calls(&run, &keys, true);
+        let slot_of = |m: &str| slot(keys.market_state(m).as_bytes());
+        let mut seen = 0;
+        let mut last: BTreeMap<String, u64> = BTreeMap::new();
+        for call in summary(&calls) {
+            assert!(!call.is_empty() && call.len() <= UPDATE_SCRIPT_CHUNK);
+            let s = slot_of(&call[0].0);
+            assert!(
+                call.iter().all(|(m, _)| slot_of(m) == s),
+                "one slot per call"
+            );
+            for (m, v) in call {
+                let prev = last.insert(m.clone(), v);
+                assert!(prev.is_none_or(|p| p < v), "{m}: order kept");
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, 1000);
+        // A slot group bigger than a chunk is split: one market, 300 updates.
+        let effects: Vec<Effect> = (0..300).map(|i| update("hot", i)).collect();
+        let run: Vec<&Effect> = effects.iter().collect();
+        assert_eq!(update_calls(&run, &keys, true).len(), 3);
+    }
+
+    #[test]
+    fn one_wait_per_master() {
+        let ranges = vec![
+            (0, 5460, "a".to_string()),
+            (5461, 10922, "b".to_string()),
+            (10923, 16383, "c".to_string()),
+        ];
+        let slots: BTreeSet<u16> = [1, 2, 6000, 7000, 16000].into_iter().collect();
+        assert_eq!(one_slot_per_master(&slots, &ranges), [1, 6000, 16000]);
+        // Unknown topology: every slot waits on its own.
+        assert_eq!(one_slot_per_master(&slots, &[]), [1, 2, 6000, 7000, 16000]);
+    }
 }

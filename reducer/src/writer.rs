@@ -37,6 +37,11 @@ pub const RETRY_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// given up (its records are then redelivered to the next owner).
 pub const SHUTDOWN_RETRIES: u32 = 3;
 
+/// Shortest time between two warnings about unreplicated batches: a dead
+/// replica makes every batch on its master unreplicated, and one line a
+/// minute (plus the metric) says so without flooding the log.
+pub const UNREPLICATED_LOG_INTERVAL: Duration = Duration::from_secs(60);
+
 /// One batch for Redis.
 pub struct Job {
     /// Submission sequence number.
@@ -88,6 +93,7 @@ impl Writer {
             .name("reducer-redis".into())
             .spawn(move || {
                 let mut poisoned = false;
+                let mut last_unreplicated_log: Option<Instant> = None;
                 for job in jobs_rx {
                     let done = if poisoned {
                         Done::Failed {
@@ -97,6 +103,21 @@ impl Writer {
                     } else {
                         execute(&mut store, job, &metrics, &health, &shutdown)
                     };
+                    if let Done::Written { outcome, .. } = &done {
+                        if outcome.unreplicated > 0 {
+                            metrics.redis_unreplicated.inc_by(outcome.unreplicated);
+                            if last_unreplicated_log
+                                .is_none_or(|t| t.elapsed() >= UNREPLICATED_LOG_INTERVAL)
+                            {
+                                last_unreplicated_log = Some(Instant::now());
+                                warn!(
+                                    masters = outcome.unreplicated,
+                                    "a redis cluster master has no replica acknowledging writes; \
+                                     accepting batches unreplicated (a failover now would lose them)"
+                                );
+                            }
+                        }
+                    }
                     poisoned |= matches!(done, Done::Failed { .. });
                     if done_tx.send(done).is_err() {
                         return;

@@ -740,3 +740,220 @@ impl Drop for PrivateRedis {
         let _ = self.child.wait();
     }
 }
+
+/// A private Redis Cluster (3 masters + 3 replicas) run by
+/// `scripts/redis-cluster.sh` on `base_port..base_port+5`; `Drop` stops it.
+pub struct PrivateCluster {
+    /// The first node's port.
+    pub base_port: u16,
+    dir: PathBuf,
+}
+
+/// Nodes of a [`PrivateCluster`]: three masters, one replica each.
+pub const CLUSTER_NODES: u16 = 6;
+
+/// How long a failover may take: the script sets cluster-node-timeout to
+/// 2 s, the vote and promotion add about as much, and a loaded machine more.
+const CLUSTER_FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
+
+impl PrivateCluster {
+    fn script() -> PathBuf {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/redis-cluster.sh")
+    }
+
+    fn run_script(action: &str, dir: &std::path::Path, base_port: u16) -> bool {
+        Command::new("bash")
+            .arg(Self::script())
+            .arg(action)
+            .arg(dir)
+            .arg(base_port.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+
+    /// Starts the cluster and waits until every node says `cluster_state:ok`.
+    pub fn start(base_port: u16) -> Self {
+        let dir = std::env::temp_dir().join(unique("streampipe-cluster"));
+        let cluster = PrivateCluster { base_port, dir };
+        assert!(
+            Self::run_script("up", &cluster.dir, base_port),
+            "scripts/redis-cluster.sh up {} {base_port} failed",
+            cluster.dir.display()
+        );
+        cluster
+    }
+
+    /// The seed list the script wrote (`redis://…,redis://…`).
+    pub fn url(&self) -> String {
+        std::fs::read_to_string(self.dir.join("url"))
+            .expect("cluster url file")
+            .trim()
+            .to_owned()
+    }
+
+    /// A cluster-aware connection.
+    pub fn connection(&self) -> redis::cluster::ClusterConnection {
+        let url = self.url();
+        redis::cluster::ClusterClient::builder(url.split(','))
+            .connection_timeout(Duration::from_secs(5))
+            .response_timeout(Duration::from_secs(5))
+            .build()
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Ports of the nodes whose process is alive.
+    pub fn live_ports(&self) -> Vec<u16> {
+        (self.base_port..self.base_port + CLUSTER_NODES)
+            .filter(|p| {
+                self.pid(*p).is_some_and(|pid| {
+                    Command::new("kill")
+                        .args(["-0", &pid.to_string()])
+                        .stderr(Stdio::null())
+                        .status()
+                        .is_ok_and(|s| s.success())
+                })
+            })
+            .collect()
+    }
+
+    fn pid(&self, port: u16) -> Option<u32> {
+        std::fs::read_to_string(self.dir.join(format!("{port}.pid")))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// A plain connection to one node.
+    pub fn node(&self, port: u16) -> redis::RedisResult<redis::Connection> {
+        let c = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
+            .get_connection_with_timeout(Duration::from_secs(2))?;
+        c.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(c)
+    }
+
+    /// `(port, slot ranges)` of every master that is not failed, as a live
+    /// node sees it in `CLUSTER NODES`.
+    pub fn masters(&self) -> Vec<(u16, Vec<(u16, u16)>)> {
+        for port in self.live_ports() {
+            let Ok(mut c) = self.node(port) else { continue };
+            let Ok(nodes) = redis::cmd("CLUSTER").arg("NODES").query::<String>(&mut c) else {
+                continue;
+            };
+            let mut out = Vec::new();
+            for line in nodes.lines() {
+                // <id> <ip:port@cport> <flags> <master> <ping> <pong> <epoch> <link> <slot>...
+                let f: Vec<&str> = line.split_whitespace().collect();
+                if f.len() < 8 || !f[2].contains("master") || f[2].contains("fail") {
+                    continue;
+                }
+                let Some(p) = f[1]
+                    .split('@')
+                    .next()
+                    .and_then(|a| a.rsplit(':').next())
+                    .and_then(|p| p.parse().ok())
+                else {
+                    continue;
+                };
+                let ranges = f[8..]
+                    .iter()
+                    .filter(|r| !r.starts_with('['))
+                    .filter_map(|r| match r.split_once('-') {
+                        Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                        None => r.parse().ok().map(|s| (s, s)),
+                    })
+                    .collect();
+                out.push((p, ranges));
+            }
+            return out;
+        }
+        Vec::new()
+    }
+
+    /// The port of the master serving `key`'s slot (per a live node).
+    pub fn master_of(&self, key: &str) -> Option<u16> {
+        let s = streampipe_contract::slot(key.as_bytes());
+        self.masters()
+            .into_iter()
+            .find(|(_, ranges)| ranges.iter().any(|(a, b)| (*a..=*b).contains(&s)))
+            .map(|(p, _)| p)
+    }
+
+    /// Whether every live node reports `cluster_state:ok`.
+    pub fn is_ok(&self) -> bool {
+        self.live_ports().into_iter().all(|p| {
+            self.node(p)
+                .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
+                .is_ok_and(|i| i.contains("cluster_state:ok"))
+        })
+    }
+
+    /// SIGKILLs the master of `key`'s slot, then waits until a replica took
+    /// its slots over and the cluster is ok again. Returns the killed port
+    /// and the new master's.
+    pub fn kill_master_of(&self, key: &str) -> (u16, u16) {
+        let old = self.master_of(key).expect("a master for the key");
+        let pid = self.pid(old).expect("pid file of the master");
+        Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        wait_for(CLUSTER_FAILOVER_TIMEOUT, "node process gone", || {
+            (!self.live_ports().contains(&old)).then_some(())
+        });
+        let new = wait_for(
+            CLUSTER_FAILOVER_TIMEOUT,
+            "replica promoted and cluster ok",
+            || {
+                let new = self.master_of(key).filter(|p| *p != old)?;
+                self.is_ok().then_some(new)
+            },
+        );
+        (old, new)
+    }
+
+    /// Stored version of a market, read through a cluster-aware client.
+    pub fn version(&self, keys: &Keys, market: &str) -> Option<u64> {
+        redis::cmd("HGET")
+            .arg(keys.market_state(market))
+            .arg("v")
+            .query::<Option<u64>>(&mut self.connection())
+            .ok()?
+    }
+
+    /// Members of a set, read through a cluster-aware client.
+    pub fn smembers(&self, key: &str) -> Vec<String> {
+        let mut v: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(key)
+            .query(&mut self.connection())
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    /// `SPUBLISH` calls summed over the live masters (`INFO commandstats`).
+    pub fn spublish_calls(&self) -> u64 {
+        self.masters()
+            .into_iter()
+            .filter_map(|(p, _)| {
+                let info: String = redis::cmd("INFO")
+                    .arg("commandstats")
+                    .query(&mut self.node(p).ok()?)
+                    .ok()?;
+                info.lines()
+                    .find_map(|l| l.strip_prefix("cmdstat_spublish:calls="))
+                    .and_then(|r| r.split(',').next()?.parse::<u64>().ok())
+            })
+            .sum()
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        Self::run_script("down", &self.dir, self.base_port);
+    }
+}

@@ -498,6 +498,7 @@ fn store_publishes_once_per_update_and_announces() {
         applied,
         stale,
         published,
+        unreplicated: 0,
     };
 
     // Stored while unwatched: not published.
