@@ -32,15 +32,15 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use streampipe_contract::{decode_channel_message, peek_update, ChannelMessage, Keys, Topic};
 use tokio::sync::{mpsc, oneshot, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use crate::error::{Error, Result};
 use crate::ingest::{Ingest, Ingested};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed, Update};
-use crate::pubsub::{Flavour, SubConn, Target};
+use crate::pubsub::Target;
 use crate::registry::Registry;
-use crate::resp::Push;
+use crate::subscriber::{Driver, Reconcile};
 use crate::table::{Table, TopicRef};
 
 /// Pending subscription changes, at most: joins wait for room, so a burst of
@@ -51,31 +51,13 @@ pub const HUB_COMMAND_QUEUE: usize = 4096;
 /// connection is refused: Redis answers in milliseconds when it is up.
 pub const JOIN_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Topics per (UN)SUBSCRIBE command: keeps each command's size and Redis'
-/// time per command small after a reconnect.
-const SUBSCRIBE_CHUNK: usize = 1000;
-
-/// Queued subscription changes applied per round: one round's commands are
-/// written in one go, then the socket is read again.
-const COMMANDS_PER_ROUND: usize = 1024;
-
 /// Markets fanned out per dispatch round before the task yields, so the
 /// runtime's other tasks (the connections writing) keep running.
 pub const DISPATCH_BATCH: usize = 64;
 
-/// Reconnect backoff bounds: fast after a blip, gentle on a Redis that is down.
-const RECONNECT_MIN: Duration = Duration::from_millis(100);
-const RECONNECT_MAX: Duration = Duration::from_secs(5);
-
 /// Sent to every client after the subscription was re-established.
 const RESET: &[u8] =
     br#"{"type":"reset","reason":"redis subscription re-established; updates may have been missed"}"#;
-
-struct Reconcile {
-    topics: Vec<TopicRef>,
-    /// Completed once Redis confirmed every subscription queued before it.
-    barrier: Option<oneshot::Sender<()>>,
-}
 
 struct Inner {
     keys: Keys,
@@ -142,20 +124,12 @@ impl Hub {
                 refreshing: Mutex::new(HashSet::new()),
             }),
         };
-        let driver = Driver {
-            hub: hub.clone(),
-            target,
-            commands: rx,
-            token: 0,
-            barriers: Vec::new(),
-            epoch: 0,
-        };
-        tokio::spawn(driver.run());
+        tokio::spawn(Driver::new(hub.clone(), target, rx).run());
         tokio::spawn(dispatch(hub.clone()));
         Ok(hub)
     }
 
-    fn table(&self) -> std::sync::MutexGuard<'_, Table> {
+    pub(crate) fn table(&self) -> std::sync::MutexGuard<'_, Table> {
         self.inner.table.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -358,14 +332,18 @@ impl Hub {
         self.table().counts().0
     }
 
-    fn topic_name(&self, t: &TopicRef) -> String {
+    pub(crate) fn topic_name(&self, t: &TopicRef) -> String {
         match t {
             TopicRef::Market(m) => self.inner.keys.market_topic(m),
             TopicRef::Channel(c) => self.inner.keys.channel_topic(c),
         }
     }
 
-    fn set_gauges(&self) {
+    pub(crate) fn set_connected(&self, up: bool) {
+        self.inner.connected.send_replace(up);
+    }
+
+    pub(crate) fn set_gauges(&self) {
         let (_, channels, markets) = self.table().counts();
         let m = &self.inner.metrics;
         m.topics
@@ -375,7 +353,7 @@ impl Hub {
     }
 
     /// One message from Redis.
-    fn on_message(&self, topic: &[u8], payload: &[u8]) {
+    pub(crate) fn on_message(&self, topic: &[u8], payload: &[u8]) {
         let m = &self.inner.metrics;
         m.redis_messages.inc();
         let bad = |why: &str| {
@@ -445,7 +423,8 @@ impl Hub {
     }
 
     /// After a reconnect: every client may have missed updates.
-    fn reset_all(&self) {
+    pub(crate) fn reset_all(&self) {
+        self.inner.metrics.redis_reconnects.inc();
         let reset = Bytes::from_static(RESET);
         self.table().for_each_connection(|o| {
             o.forget_sent();
@@ -526,162 +505,5 @@ async fn dispatch(hub: Hub) {
         m.slow_closed.inc_by(slow);
         m.hub_pending.set(hub.inner.ingest.len() as i64);
         tokio::task::yield_now().await;
-    }
-}
-
-/// The Redis task: (re)connects, reconciles subscriptions, reads messages.
-struct Driver {
-    hub: Hub,
-    target: Target,
-    commands: mpsc::Receiver<Reconcile>,
-    /// Last `PING` token sent.
-    token: u64,
-    /// Barriers waiting for the pong of their token; kept across reconnects.
-    barriers: Vec<(u64, oneshot::Sender<()>)>,
-    /// Completed (re)subscriptions; above 0 a new one means a reconnect.
-    epoch: u64,
-}
-
-impl Driver {
-    async fn run(mut self) {
-        let mut backoff = RECONNECT_MIN;
-        loop {
-            let before = self.epoch;
-            match self.session().await {
-                Ok(()) => return, // the hub is gone
-                Err(e) => warn!(error = %e, "redis pub/sub connection lost; reconnecting"),
-            }
-            self.hub.inner.connected.send_replace(false);
-            if self.epoch > before {
-                backoff = RECONNECT_MIN;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(RECONNECT_MAX);
-        }
-    }
-
-    /// One connection's life; `Ok` only when the hub was dropped.
-    async fn session(&mut self) -> Result<()> {
-        let mut conn = SubConn::connect(&self.target, Flavour::Classic).await?;
-        // Everything wanted now; barriers left from a lost connection are
-        // confirmed by this resubscription's pong.
-        let names: HashSet<String> = {
-            let t = self.hub.table();
-            t.all_topics()
-                .iter()
-                .map(|t| self.hub.topic_name(t))
-                .collect()
-        };
-        let list: Vec<String> = names.iter().cloned().collect();
-        for chunk in list.chunks(SUBSCRIBE_CHUNK) {
-            conn.subscribe(chunk);
-        }
-        let mut subscribed = names;
-        self.token += 1;
-        let resync = self.token;
-        for b in &mut self.barriers {
-            b.0 = resync;
-        }
-        conn.ping(resync);
-        conn.flush().await?;
-        loop {
-            while let Some(push) = conn.try_next()? {
-                self.on_push(push, resync);
-            }
-            tokio::select! {
-                r = conn.fill() => r?,
-                cmd = self.commands.recv() => {
-                    let Some(first) = cmd else { return Ok(()) };
-                    let mut cmds = vec![first];
-                    while cmds.len() < COMMANDS_PER_ROUND {
-                        match self.commands.try_recv() {
-                            Ok(c) => cmds.push(c),
-                            Err(_) => break,
-                        }
-                    }
-                    self.apply(&mut conn, &mut subscribed, cmds);
-                    conn.flush().await?;
-                }
-            }
-        }
-    }
-
-    fn on_push(&mut self, push: Push, resync: u64) {
-        match push {
-            Push::Message { topic, payload } => self.hub.on_message(&topic, &payload),
-            Push::Pong(token) => {
-                let Some(token) = std::str::from_utf8(&token)
-                    .ok()
-                    .and_then(|t| t.parse::<u64>().ok())
-                else {
-                    return;
-                };
-                let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.barriers)
-                    .into_iter()
-                    .partition(|(t, _)| *t <= token);
-                self.barriers = waiting;
-                for (_, tx) in done {
-                    let _ = tx.send(());
-                }
-                if token == resync {
-                    self.hub.inner.connected.send_replace(true);
-                    self.hub.set_gauges();
-                    if self.epoch > 0 {
-                        self.hub.inner.metrics.redis_reconnects.inc();
-                        info!("redis pub/sub re-established; sending reset to clients");
-                        self.hub.reset_all();
-                    }
-                    self.epoch += 1;
-                }
-            }
-            Push::Error(e) => {
-                warn!(error = %String::from_utf8_lossy(&e), "redis pub/sub error reply");
-            }
-            Push::Subscription { .. } | Push::Other(_) => {}
-        }
-    }
-
-    fn apply(
-        &mut self,
-        conn: &mut SubConn,
-        subscribed: &mut HashSet<String>,
-        cmds: Vec<Reconcile>,
-    ) {
-        let (mut add, mut remove, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
-        {
-            let t = self.hub.table();
-            let mut seen = HashSet::new();
-            for cmd in cmds {
-                for topic in cmd.topics {
-                    if !seen.insert(topic.clone()) {
-                        continue;
-                    }
-                    let name = self.hub.topic_name(&topic);
-                    match (t.wants(&topic), subscribed.contains(&name)) {
-                        (true, false) => add.push(name),
-                        (false, true) => remove.push(name),
-                        _ => {}
-                    }
-                }
-                barriers.extend(cmd.barrier);
-            }
-        }
-        for chunk in add.chunks(SUBSCRIBE_CHUNK) {
-            conn.subscribe(chunk);
-        }
-        for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
-            conn.unsubscribe(chunk);
-        }
-        for name in &remove {
-            subscribed.remove(name);
-        }
-        subscribed.extend(add);
-        if !barriers.is_empty() {
-            self.token += 1;
-            conn.ping(self.token);
-            self.barriers
-                .extend(barriers.into_iter().map(|b| (self.token, b)));
-        }
-        self.hub.set_gauges();
     }
 }

@@ -4,7 +4,8 @@
 //!   turns requests into Kafka commands, plus market snapshots.
 //! - [`ws`] and [`sse`]: the streams; each connection joins its channel on
 //!   the pod's multiplexed Redis subscription ([`hub`]: per-market topics,
-//!   routed by the [`table`] through the bounded [`ingest`] queue) and drains
+//!   kept by the [`subscriber`] task, routed by the [`table`] through the
+//!   bounded [`ingest`] queue) and drains
 //!   its own bounded, conflating [`outbox`].
 //! - [`registry`], [`commands`]: Redis and Kafka adapters; [`pubsub`] and
 //!   [`resp`]: our own bounded subscribed-mode Redis connection.
@@ -25,6 +26,7 @@ pub mod pubsub;
 pub mod registry;
 pub mod resp;
 pub mod sse;
+pub mod subscriber;
 pub mod table;
 pub mod ws;
 
