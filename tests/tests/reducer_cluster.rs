@@ -123,6 +123,37 @@ fn updates_and_subscriptions_on_a_cluster() {
         metrics.redis_errors.get()
     );
     reducer.shutdown().unwrap();
+
+    // A new reducer loads the subscriptions from the cluster (p2m, then m2c
+    // per market through the cluster pipeline), announces every watched
+    // market once and publishes its next update.
+    let before = cluster.spublish_calls();
+    let metrics = Arc::new(Metrics::new());
+    let reducer = spawn(p.config.clone(), metrics.clone()).unwrap();
+    wait_for(Duration::from_secs(60), "subscriptions loaded", || {
+        (metrics.subscriptions.get() == MARKETS as i64).then_some(())
+    });
+    for m in markets() {
+        p.update(&m, VERSIONS + 1, r#"{"v":"next"}"#);
+    }
+    p.flush();
+    wait_for(
+        Duration::from_secs(60),
+        "every market at the next version",
+        || {
+            markets()
+                .iter()
+                .all(|m| cluster.version(&keys, m) == Some(VERSIONS + 1))
+                .then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        cluster.spublish_calls() - before,
+        2 * MARKETS as u64,
+        "one announce and one update per market"
+    );
+    reducer.shutdown().unwrap();
 }
 
 #[test]
