@@ -24,6 +24,10 @@ NODES=6
 # Milliseconds before a silent master is declared failed and its replica
 # promoted: short, so failover tests finish in seconds.
 NODE_TIMEOUT_MS=2000
+# Starts of one node before giving up, 2 s apart: a port inside the
+# ephemeral range (32768-60999 on Linux) can be held by a client socket in
+# TIME-WAIT for 60 s, which makes redis-server's bind fail.
+START_ATTEMPTS=35
 PORTS=()
 for i in $(seq 0 $((NODES - 1))); do PORTS+=($((BASE_PORT + i))); done
 
@@ -60,7 +64,8 @@ node_answers() { # port: waits up to 10 s while the process lives
     local pid _
     pid=$(cat "$DIR/$1.pid")
     for _ in $(seq 1 100); do
-        redis-cli -h 127.0.0.1 -p "$1" ping >/dev/null 2>&1 && return 0
+        # Our process, not someone else's server on the same port.
+        redis-cli -h 127.0.0.1 -p "$1" info server 2>/dev/null | grep -q "^process_id:$pid" && return 0
         kill -0 "$pid" 2>/dev/null || return 1
         sleep 0.1
     done
@@ -69,7 +74,7 @@ node_answers() { # port: waits up to 10 s while the process lives
 
 start_node() { # port
     local p=$1 attempt
-    for attempt in 1 2 3 4 5; do
+    for attempt in $(seq 1 "$START_ATTEMPTS"); do
         # --daemonize no + nohup: the pid in the file is redis-server itself.
         nohup redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
             --cluster-config-file "$DIR/nodes-$p.conf" --cluster-node-timeout "$NODE_TIMEOUT_MS" \
@@ -80,12 +85,11 @@ start_node() { # port
             log "redis $p started (pid $(cat "$DIR/$p.pid"), log $DIR/$p.log)"
             return 0
         fi
-        # A port (or its bus port, +10000) briefly held by someone else's
-        # socket makes redis-server exit at once; inside the ephemeral port
-        # range that happens on a busy machine, so try again.
+        # The port (or its bus port, +10000) held by another socket makes
+        # redis-server exit at once (see START_ATTEMPTS): try again.
         kill -KILL "$(cat "$DIR/$p.pid")" 2>/dev/null || true
-        tail -1 "$DIR/$p.log" >&2
-        sleep 0.5
+        log "redis $p: attempt $attempt: $(tail -1 "$DIR/$p.log")"
+        sleep 2
     done
     rm -f "$DIR/$p.pid"
     log "redis $p did not start"; return 1
@@ -117,9 +121,8 @@ down() {
     [ -d "$DIR" ] || return 0
     local p pid
     for p in "${PORTS[@]}"; do
-        [ -f "$DIR/$p.pid" ] || continue
-        pid=$(cat "$DIR/$p.pid")
-        if kill -0 "$pid" 2>/dev/null; then
+        pid=$(cat "$DIR/$p.pid" 2>/dev/null || true)
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
             kill -TERM "$pid" 2>/dev/null || true
             for _ in $(seq 1 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
             kill -KILL "$pid" 2>/dev/null || true

@@ -1,7 +1,7 @@
 //! The reducer on a real Redis Cluster (3 masters + 3 replicas started by
 //! `scripts/redis-cluster.sh`) with the dev broker of the stack
 //! (`scripts/stack.sh up`). Each test starts its own cluster on
-//! `STREAMPIPE_TEST_CLUSTER_PORT` (default 47100) plus an offset.
+//! `STREAMPIPE_TEST_CLUSTER_PORT` (default [`DEFAULT_BASE_PORT`]) plus an offset.
 
 use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -18,13 +18,19 @@ const MARKETS: usize = 200;
 /// Partitions of the test topics.
 const PARTITIONS: i32 = 4;
 
+/// Default first port: nodes on 21100..21115 and their bus ports
+/// (+10000) on 31100..31115 are all below Linux' ephemeral range
+/// (32768-60999), where a busy machine's client sockets (and their 60 s
+/// TIME-WAIT) can make a node's bind fail.
+const DEFAULT_BASE_PORT: u16 = 21100;
+
 /// First port of the test clusters; each test adds its own offset so tests
 /// of this file run in parallel.
 fn base_port(offset: u16) -> u16 {
     std::env::var("STREAMPIPE_TEST_CLUSTER_PORT")
         .ok()
         .and_then(|p| p.parse().ok())
-        .unwrap_or(47100)
+        .unwrap_or(DEFAULT_BASE_PORT)
         + offset
 }
 
