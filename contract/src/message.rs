@@ -464,15 +464,20 @@ mod tests {
         assert_eq!(err.kind(), "invalid_market");
     }
 
-    #[test]
-    fn published_encoding_round_trips() {
-        let u = decode_update(
+    /// M1 at version 3, ts 9, payload `{"a":1}`.
+    fn sample_update() -> MarketUpdate {
+        decode_update(
             Some(b"M1"),
             br#"{"version":3,"ts":9,"payload":{"a":1}}"#,
             None,
             POS,
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn published_encoding_round_trips() {
+        let u = sample_update();
         let p = decode_published(&u.encode()).unwrap();
         assert_eq!(p.kind, "update");
         assert_eq!(p.market, "M1");
@@ -511,13 +516,7 @@ mod tests {
 
     #[test]
     fn update_heads_and_channel_messages() {
-        let u = decode_update(
-            Some(b"M1"),
-            br#"{"version":3,"ts":9,"payload":{"a":1}}"#,
-            None,
-            POS,
-        )
-        .unwrap();
+        let u = sample_update();
         let bytes = u.encode();
         let head = peek_update(&bytes).unwrap();
         assert_eq!((head.market, head.version, head.ts), ("M1", 3, Some(9)));

@@ -64,6 +64,12 @@ async fn read_until(
     }
 }
 
+/// One command on a fresh connection to `url`; `None` on any error (for polling).
+fn query<T: redis::FromRedisValue>(url: &str, cmd: &redis::Cmd) -> Option<T> {
+    let mut c = redis::Client::open(url).ok()?.get_connection().ok()?;
+    cmd.query(&mut c).ok()
+}
+
 fn commandstat(url: &str, cmd: &str) -> u64 {
     let mut c = redis::Client::open(url).unwrap().get_connection().unwrap();
     let info: String = redis::cmd("INFO")
@@ -104,11 +110,7 @@ async fn hot_market_costs_redis_one_publish_per_update() {
         let (u, k) = (url.clone(), keys.market_state("HOT"));
         blocking(move || {
             wait_for(Duration::from_secs(30), "HOT v1 stored", || {
-                let mut c = redis::Client::open(u.as_str())
-                    .ok()?
-                    .get_connection()
-                    .ok()?;
-                let v: Option<u64> = redis::cmd("HGET").arg(&k).arg("v").query(&mut c).ok()?;
+                let v: Option<u64> = query(&u, redis::cmd("HGET").arg(&k).arg("v"))?;
                 (v == Some(1)).then_some(())
             })
         })
@@ -126,11 +128,7 @@ async fn hot_market_costs_redis_one_publish_per_update() {
         let (u, k) = (url.clone(), keys.market_channels("HOT"));
         blocking(move || {
             wait_for(Duration::from_secs(60), "all subscriptions applied", || {
-                let mut c = redis::Client::open(u.as_str())
-                    .ok()?
-                    .get_connection()
-                    .ok()?;
-                let n: usize = redis::cmd("SCARD").arg(&k).query(&mut c).ok()?;
+                let n: usize = query(&u, redis::cmd("SCARD").arg(&k))?;
                 (n == WATCHERS).then_some(())
             })
         })
