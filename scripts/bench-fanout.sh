@@ -111,6 +111,13 @@ done
 status=0
 wait "$BENCH" || status=$?
 
+# The publishers' own counters over the whole run (all steps): updates the
+# hub's ingest queue conflated, frames the outboxes conflated, closes, slow
+# clients closed, pub/sub reconnects. Scraped after the swarm stopped, so
+# closes include the teardown.
+for a in "${ADDRS[@]}"; do
+    echo "publisher $a: $(curl -sf "http://$a/metrics" | grep -E '^streampipe_publisher_(hub_conflated_total|conflated_total|closes_total|redis_reconnects_total|slow_clients_closed_total|redis_messages_total)' | tr '\n' ' ')"
+done
 # What the servers logged about the pub/sub connection.
 echo "redis.log: $(grep -c 'output buffer limits' "$STREAMPIPE_STACK_DIR/redis.log" || true) client(s) closed for overcoming output buffer limits"
 for f in "$STREAMPIPE_STACK_DIR"/publisher-*.log; do

@@ -61,6 +61,11 @@ struct Args {
     /// Command that emits the Socket.IO load (run with --rooms/--rate/--seconds/--markets appended).
     #[arg(long)]
     emitter: Option<String>,
+    /// During the load and its 2 s tail, print the server's RSS every N
+    /// seconds (streampipe: also its conflation, close and reconnect
+    /// counters from `/metrics`), then RSS at start / middle / end; 0 = off.
+    #[arg(long, default_value_t = 0)]
+    rss_every: u64,
 }
 
 fn now_us() -> u64 {
@@ -81,6 +86,34 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
+/// `GET /metrics` of the publisher (HTTP/1.0, so the body ends with the connection).
+async fn scrape_metrics(addr: SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let get = async {
+        let mut s = tokio::net::TcpStream::connect(addr).await?;
+        s.write_all(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
+            .await?;
+        let mut body = Vec::new();
+        s.read_to_end(&mut body).await?;
+        anyhow::Ok(String::from_utf8_lossy(&body).into_owned())
+    };
+    match tokio::time::timeout(Duration::from_secs(2), get).await {
+        Ok(Ok(body)) => body,
+        _ => String::new(),
+    }
+}
+
+/// Sum of a metric's samples over all its label sets (0 if absent).
+fn metric(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|r| r.starts_with(' ') || r.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .fold(0.0, |sum, v| sum + v) // not sum(): an empty f64 sum is -0
+}
+
 fn cpu_secs(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
@@ -99,6 +132,10 @@ struct Stats {
     ready: AtomicU64,
     received: AtomicU64,
     failed: AtomicU64,
+    /// `reset` frames received.
+    resets: AtomicU64,
+    /// Connections that ended before the benchmark stopped them.
+    closed: AtomicU64,
     measuring: AtomicBool,
     latencies: Mutex<Vec<u32>>,
 }
@@ -195,6 +232,10 @@ async fn client(i: usize, a: Arc<Args>, stats: Arc<Stats>, stop: Arc<AtomicBool>
             stats.ready.fetch_add(1, Ordering::Relaxed);
             continue;
         }
+        if !socketio && t.contains("\"reset\"") {
+            stats.resets.fetch_add(1, Ordering::Relaxed);
+            continue;
+        }
         if t.contains("update") {
             stats.received.fetch_add(1, Ordering::Relaxed);
             // Sample a quarter of the clients for latency, to keep the vector modest.
@@ -209,8 +250,11 @@ async fn client(i: usize, a: Arc<Args>, stats: Arc<Stats>, stop: Arc<AtomicBool>
             }
         }
         if stop.load(Ordering::Relaxed) {
-            break;
+            return;
         }
+    }
+    if !stop.load(Ordering::Relaxed) {
+        stats.closed.fetch_add(1, Ordering::Relaxed);
     }
 }
 
@@ -300,6 +344,44 @@ async fn main() -> anyhow::Result<()> {
     let cpu0 = cpu_secs(a.pid);
     stats.measuring.store(true, Ordering::Relaxed);
     let t = Instant::now();
+    let sampling = Arc::new(AtomicBool::new(true));
+    let sampler = (a.rss_every > 0).then(|| {
+        let (a, sampling, stats) = (a.clone(), sampling.clone(), stats.clone());
+        tokio::spawn(async move {
+            let mut samples = Vec::new();
+            let every = Duration::from_secs(a.rss_every);
+            let mut next = t;
+            while sampling.load(Ordering::Relaxed) {
+                let rss = rss_kb(a.pid);
+                samples.push(rss);
+                let counters = if streampipe {
+                    let m = scrape_metrics(a.addr).await;
+                    format!(
+                        ", hub_conflated {}, conflated {}, hub_pending {}, closes {}, slow closed {}, redis reconnects {}",
+                        metric(&m, "streampipe_publisher_hub_conflated_total"),
+                        metric(&m, "streampipe_publisher_conflated_total"),
+                        metric(&m, "streampipe_publisher_hub_pending"),
+                        metric(&m, "streampipe_publisher_closes_total"),
+                        metric(&m, "streampipe_publisher_slow_clients_closed_total"),
+                        metric(&m, "streampipe_publisher_redis_reconnects_total"),
+                    )
+                } else {
+                    String::new()
+                };
+                println!(
+                    "  t={:>4.1} s RSS {:>6.1} MB, received {}, resets {}, closed {}{counters}",
+                    t.elapsed().as_secs_f64(),
+                    rss as f64 / 1024.0,
+                    stats.received.load(Ordering::Relaxed),
+                    stats.resets.load(Ordering::Relaxed),
+                    stats.closed.load(Ordering::Relaxed),
+                );
+                next += every;
+                tokio::time::sleep_until(next.into()).await;
+            }
+            samples
+        })
+    });
     let mut sent = 0u64;
     if streampipe {
         let interval = Duration::from_secs_f64(1.0 / a.rate as f64);
@@ -352,6 +434,20 @@ async fn main() -> anyhow::Result<()> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     stats.measuring.store(false, Ordering::Relaxed);
     let elapsed = t.elapsed().as_secs_f64();
+    sampling.store(false, Ordering::Relaxed);
+    if let Some(sampler) = sampler {
+        let rss = sampler.await?;
+        if let (Some(first), Some(last)) = (rss.first(), rss.last()) {
+            println!(
+                "server RSS during load: start {:.1} MB, middle {:.1} MB, end {:.1} MB, max {:.1} MB ({} samples)",
+                *first as f64 / 1024.0,
+                rss[rss.len() / 2] as f64 / 1024.0,
+                *last as f64 / 1024.0,
+                rss.iter().max().copied().unwrap_or(0) as f64 / 1024.0,
+                rss.len()
+            );
+        }
+    }
     let delivered = stats.received.load(Ordering::Relaxed) - received0;
     let cpu = cpu_secs(a.pid) - cpu0;
     // Clients spread evenly over channels, channels over markets.
@@ -374,6 +470,11 @@ async fn main() -> anyhow::Result<()> {
         "server CPU during load: {:.2} s ({:.0}% of one core)",
         cpu,
         100.0 * cpu / elapsed
+    );
+    println!(
+        "client side: {} resets, {} connections closed by the server",
+        stats.resets.load(Ordering::Relaxed),
+        stats.closed.load(Ordering::Relaxed)
     );
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
