@@ -103,12 +103,11 @@ struct Synced {
 impl Hub {
     /// Starts the hub: its Redis task and its dispatcher.
     pub fn start(
-        redis_url: &str,
+        target: Target,
         keys: Keys,
         registry: Registry,
         metrics: Arc<Metrics>,
     ) -> Result<Self> {
-        let target = Target::from_url(redis_url)?;
         let (tx, rx) = mpsc::channel(HUB_COMMAND_QUEUE);
         let (connected, _) = watch::channel(false);
         let hub = Hub {

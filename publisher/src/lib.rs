@@ -49,8 +49,10 @@ pub use metrics::Metrics;
 pub struct Config {
     /// Pipeline name (Redis prefix).
     pub pipeline: String,
-    /// Redis URL.
+    /// Redis URL (with `redis_cluster`: comma-separated seed node URLs).
     pub redis_url: String,
+    /// Redis is a Redis Cluster: sharded topics, one subscription per master.
+    pub redis_cluster: bool,
     /// Kafka bootstrap servers.
     pub brokers: String,
     /// The command topic.
@@ -80,6 +82,7 @@ impl Config {
         Config {
             pipeline: pipeline.into(),
             redis_url: redis_url.into(),
+            redis_cluster: false,
             brokers: brokers.into(),
             command_topic: format!("{pipeline}.commands"),
             kafka_options: Vec::new(),
@@ -167,13 +170,15 @@ pub async fn context(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Arc<Context>> {
     let keys = Keys::new(&config.pipeline);
-    let registry = registry::Registry::connect(&config.redis_url, keys.clone()).await?;
+    let registry =
+        registry::Registry::connect(&config.redis_url, keys.clone(), config.redis_cluster).await?;
     let commands = commands::Commands::new(
         &config.brokers,
         &config.command_topic,
         &config.kafka_options,
     )?;
-    let hub = hub::Hub::start(&config.redis_url, keys, registry.clone(), metrics.clone())?;
+    let target = pubsub::Target::from_url(&config.redis_url, config.redis_cluster)?;
+    let hub = hub::Hub::start(target, keys, registry.clone(), metrics.clone())?;
     let ctx = Arc::new(Context {
         config,
         registry,

@@ -39,6 +39,9 @@ struct Args {
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
+    /// Redis is a Redis Cluster (the URL may then list several seed nodes, comma-separated).
+    #[arg(long, env = "STREAMPIPE_REDIS_CLUSTER", default_value_t = false)]
+    redis_cluster: bool,
     /// Address to serve on (API, streams, page, /metrics, /healthz, /readyz).
     #[arg(long, env = "STREAMPIPE_LISTEN", default_value = "0.0.0.0:8080")]
     listen: SocketAddr,
@@ -82,6 +85,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(&args.log_format);
     let mut config = Config::new(&args.brokers, &args.pipeline, &args.redis_url);
+    config.redis_cluster = args.redis_cluster;
     if let Some(t) = args.command_topic {
         config.command_topic = t;
     }

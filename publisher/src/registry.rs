@@ -7,24 +7,86 @@
 //! Reducers own the `m2c`/`c2m` maps; this module never writes them.
 
 use bytes::Bytes;
+use futures_util::future::join_all;
 use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
 use streampipe_contract::{Keys, CHANNEL_CLOSED, CHANNEL_MARKETS_CHANGED};
 
 use crate::error::Result;
 
+/// A connection to one Redis or to a Redis Cluster (which routes every
+/// command by its key, and follows failovers by itself).
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
 /// Redis access of the control API. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
-    conn: ConnectionManager,
+    conn: Conn,
     keys: Keys,
+    /// `PUBLISH`, or `SPUBLISH` on a cluster (channel topics are sharded there).
+    publish: &'static str,
 }
 
 impl Registry {
-    /// Connects (the manager reconnects by itself after errors).
-    pub async fn connect(url: &str, keys: Keys) -> Result<Self> {
-        let client = redis::Client::open(url)?;
-        let conn = ConnectionManager::new(client).await?;
-        Ok(Registry { conn, keys })
+    /// Connects (the connection reconnects by itself after errors). With
+    /// `cluster`, `url` is a comma-separated list of seed node URLs.
+    pub async fn connect(url: &str, keys: Keys, cluster: bool) -> Result<Self> {
+        let (conn, publish) = if cluster {
+            let seeds: Vec<&str> = url
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .collect();
+            let client = redis::cluster::ClusterClient::new(seeds)?;
+            (
+                Conn::Cluster(client.get_async_connection().await?),
+                "SPUBLISH",
+            )
+        } else {
+            let client = redis::Client::open(url)?;
+            (
+                Conn::Single(ConnectionManager::new(client).await?),
+                "PUBLISH",
+            )
+        };
+        Ok(Registry {
+            conn,
+            keys,
+            publish,
+        })
     }
 
     /// Checks Redis answers.
@@ -78,29 +140,51 @@ impl Registry {
     /// Deletes the registry and tells every pod's connections of the channel
     /// that it is closed (a control message on the channel's pub/sub).
     pub async fn delete(&self, channel: &str) -> Result<()> {
-        let mut c = self.conn.clone();
-        let _: () = redis::pipe()
-            .cmd("DEL")
-            .arg(self.keys.channel_registry(channel))
-            .ignore()
-            .cmd("ZREM")
-            .arg(self.keys.channel_leases())
-            .arg(channel)
-            .ignore()
-            .cmd("PUBLISH")
+        let mut del = redis::cmd("DEL");
+        del.arg(self.keys.channel_registry(channel));
+        let mut zrem = redis::cmd("ZREM");
+        zrem.arg(self.keys.channel_leases()).arg(channel);
+        let mut closed = redis::cmd(self.publish);
+        closed
             .arg(self.keys.channel_topic(channel))
-            .arg(CHANNEL_CLOSED)
-            .ignore()
-            .query_async(&mut c)
-            .await?;
+            .arg(CHANNEL_CLOSED);
+        let _: Vec<redis::Value> = self.run_all(vec![del, zrem, closed]).await?;
         Ok(())
+    }
+
+    /// Runs `cmds` and returns their replies in order: one pipeline on a
+    /// single Redis; on a cluster, which refuses a pipeline across slots,
+    /// each command on its own, concurrently.
+    async fn run_all<T: redis::FromRedisValue>(&self, cmds: Vec<Cmd>) -> Result<Vec<T>> {
+        if cmds.is_empty() {
+            return Ok(Vec::new());
+        }
+        match &self.conn {
+            Conn::Single(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd);
+                }
+                Ok(pipe.query_async(&mut c.clone()).await?)
+            }
+            Conn::Cluster(c) => {
+                let replies = join_all(cmds.iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { cmd.query_async::<T>(&mut c).await }
+                }))
+                .await;
+                Ok(replies
+                    .into_iter()
+                    .collect::<redis::RedisResult<Vec<T>>>()?)
+            }
+        }
     }
 
     /// Tells every pod holding streams of `channel` that its markets changed
     /// (they re-read the registry and subscribe to what it gained).
     pub async fn notify_markets_changed(&self, channel: &str) -> Result<()> {
         let mut c = self.conn.clone();
-        let _: () = redis::cmd("PUBLISH")
+        let _: () = redis::cmd(self.publish)
             .arg(self.keys.channel_topic(channel))
             .arg(CHANNEL_MARKETS_CHANGED)
             .query_async(&mut c)
@@ -117,7 +201,7 @@ impl Registry {
         let topic = self.keys.channel_topic(channel);
         let mut pipe = redis::pipe();
         for s in states {
-            pipe.cmd("PUBLISH").arg(&topic).arg(&s[..]).ignore();
+            pipe.cmd(self.publish).arg(&topic).arg(&s[..]).ignore();
         }
         let mut c = self.conn.clone();
         let _: () = pipe.query_async(&mut c).await?;
@@ -191,12 +275,15 @@ impl Registry {
 
     /// The stored state message of each market (`None` where there is none).
     pub async fn states(&self, markets: &[String]) -> Result<Vec<Option<Bytes>>> {
-        let mut c = self.conn.clone();
-        let mut pipe = redis::pipe();
-        for m in markets {
-            pipe.cmd("HGET").arg(self.keys.market_state(m)).arg("msg");
-        }
-        let v: Vec<Option<Vec<u8>>> = pipe.query_async(&mut c).await?;
+        let cmds = markets
+            .iter()
+            .map(|m| {
+                let mut c = redis::cmd("HGET");
+                c.arg(self.keys.market_state(m)).arg("msg");
+                c
+            })
+            .collect();
+        let v: Vec<Option<Vec<u8>>> = self.run_all(cmds).await?;
         Ok(v.into_iter().map(|o| o.map(Bytes::from)).collect())
     }
 }

@@ -1,21 +1,29 @@
-//! The hub's Redis task: owns the pod's subscribed-mode connection.
+//! The hub's Redis task: owns the pod's subscribed-mode connections.
 //!
-//! It (re)connects with backoff, resubscribes every topic the routing table
-//! wants, reconciles Redis with the table on request (so a leave racing a
-//! join never drops a topic that is still wanted), confirms subscriptions
-//! with `PING <token>` barriers (Redis answers in order), and hands every
-//! message it reads to the hub. After a reconnect it tells the hub to send
-//! every client `reset`.
+//! One connection to a standalone Redis, or one per master of a Redis
+//! Cluster (topics are sharded: each lives on its hash slot's master, and
+//! `SSUBSCRIBE` takes the topics of one slot at a time). The task
+//! (re)connects with backoff (re-reading the cluster's slot map), resubscribes
+//! every topic the routing table wants, reconciles Redis with the table on
+//! request (so a leave racing a join never drops a topic that is still
+//! wanted), confirms subscriptions with `PING <token>` barriers (each
+//! connection answers in order; a barrier holds once every connection
+//! answered its token), and hands every message it reads to the hub. A lost
+//! connection, a `MOVED` or a slot moved away ends the whole session: every
+//! connection is rebuilt from a fresh slot map, and the hub sends every
+//! client `reset`.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
+use futures_util::future::select_all;
+use streampipe_contract::slot;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::hub::Hub;
-use crate::pubsub::{Flavour, SubConn, Target};
+use crate::pubsub::{SubConn, Target};
 use crate::resp::Push;
 use crate::table::TopicRef;
 
@@ -38,6 +46,125 @@ pub(crate) struct Reconcile {
     pub(crate) barrier: Option<oneshot::Sender<()>>,
 }
 
+/// The session's connections and which slots each serves.
+struct Links {
+    conns: Vec<SubConn>,
+    /// `(first slot, last slot, connection index)`.
+    ranges: Vec<(u16, u16, usize)>,
+    /// Highest `PING` token each connection answered.
+    acked: Vec<u64>,
+    cluster: bool,
+}
+
+impl Links {
+    /// Connects to the Redis, or to every master of the cluster (slot map
+    /// from the first seed that answers).
+    async fn connect(target: &Target) -> Result<Links> {
+        if !target.cluster {
+            let conn = SubConn::connect(target, &target.seeds[0]).await?;
+            return Ok(Links {
+                conns: vec![conn],
+                ranges: vec![(0, streampipe_contract::slot::SLOTS - 1, 0)],
+                acked: vec![0],
+                cluster: false,
+            });
+        }
+        let mut last_error = None;
+        let mut map = None;
+        for seed in &target.seeds {
+            match SubConn::connect(target, seed).await {
+                Ok(mut c) => match c.cluster_slots().await {
+                    Ok(m) => {
+                        map = Some(m);
+                        break;
+                    }
+                    Err(e) => last_error = Some(e),
+                },
+                Err(e) => last_error = Some(e),
+            }
+        }
+        let Some(map) = map else {
+            return Err(last_error.unwrap_or_else(|| Error::Config("no cluster seed".into())));
+        };
+        let mut nodes = Vec::new();
+        let mut ranges = Vec::new();
+        for r in map {
+            let i = match nodes.iter().position(|n| *n == r.node) {
+                Some(i) => i,
+                None => {
+                    nodes.push(r.node.clone());
+                    nodes.len() - 1
+                }
+            };
+            ranges.push((r.first, r.last, i));
+        }
+        let mut conns = Vec::with_capacity(nodes.len());
+        for n in &nodes {
+            conns.push(SubConn::connect(target, n).await?);
+        }
+        Ok(Links {
+            acked: vec![0; conns.len()],
+            conns,
+            ranges,
+            cluster: true,
+        })
+    }
+
+    /// The connection serving topic `name`, and its slot (0 outside a cluster,
+    /// where one command may take topics of any slot).
+    fn route(&self, name: &str) -> Result<(usize, u16)> {
+        if !self.cluster {
+            return Ok((0, 0));
+        }
+        let s = slot(name.as_bytes());
+        self.ranges
+            .iter()
+            .find(|r| r.0 <= s && s <= r.1)
+            .map(|r| (r.2, s))
+            .ok_or_else(|| Error::Config(format!("slot {s} is served by no master")))
+    }
+
+    /// Queues (un)subscriptions, one command per connection and slot.
+    fn queue(&mut self, names: Vec<String>, subscribe: bool) -> Result<()> {
+        let mut groups: BTreeMap<(usize, u16), Vec<String>> = BTreeMap::new();
+        for n in names {
+            let key = self.route(&n)?;
+            groups.entry(key).or_default().push(n);
+        }
+        for ((i, _), names) in groups {
+            for chunk in names.chunks(SUBSCRIBE_CHUNK) {
+                match subscribe {
+                    true => self.conns[i].subscribe(chunk),
+                    false => self.conns[i].unsubscribe(chunk),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn ping_all(&mut self, token: u64) {
+        self.conns.iter_mut().for_each(|c| c.ping(token));
+    }
+
+    /// The token every connection has answered.
+    fn confirmed(&self) -> u64 {
+        self.acked.iter().copied().min().unwrap_or(0)
+    }
+
+    async fn flush_all(&mut self) -> Result<()> {
+        for c in &mut self.conns {
+            c.flush().await?;
+        }
+        Ok(())
+    }
+
+    /// Reads more from whichever connection has data. Cancel-safe.
+    async fn fill_any(&mut self) -> Result<()> {
+        let reads = self.conns.iter_mut().map(|c| Box::pin(c.fill()));
+        select_all(reads).await.0
+    }
+}
+
 /// The Redis task: (re)connects, reconciles subscriptions, reads messages.
 pub(crate) struct Driver {
     hub: Hub,
@@ -45,7 +172,7 @@ pub(crate) struct Driver {
     commands: mpsc::Receiver<Reconcile>,
     /// Last `PING` token sent.
     token: u64,
-    /// Barriers waiting for the pong of their token; kept across reconnects.
+    /// Barriers waiting for their token; kept across reconnects.
     barriers: Vec<(u64, oneshot::Sender<()>)>,
     /// Completed (re)subscriptions; above 0 a new one means a reconnect.
     epoch: u64,
@@ -82,36 +209,45 @@ impl Driver {
         }
     }
 
-    /// One connection's life; `Ok` only when the hub was dropped.
+    /// One session's life; `Ok` only when the hub was dropped.
     async fn session(&mut self) -> Result<()> {
-        let mut conn = SubConn::connect(&self.target, Flavour::Classic).await?;
-        // Everything wanted now; barriers left from a lost connection are
-        // confirmed by this resubscription's pong.
-        let names: HashSet<String> = {
+        let mut links = Links::connect(&self.target).await?;
+        // Everything wanted now; barriers left from a lost session are
+        // confirmed by this resubscription's pongs.
+        let mut subscribed: HashSet<String> = {
             let t = self.hub.table();
             t.all_topics()
                 .iter()
                 .map(|t| self.hub.topic_name(t))
                 .collect()
         };
-        let list: Vec<String> = names.iter().cloned().collect();
-        for chunk in list.chunks(SUBSCRIBE_CHUNK) {
-            conn.subscribe(chunk);
-        }
-        let mut subscribed = names;
+        links.queue(subscribed.iter().cloned().collect(), true)?;
         self.token += 1;
         let resync = self.token;
         for b in &mut self.barriers {
             b.0 = resync;
         }
-        conn.ping(resync);
-        conn.flush().await?;
+        links.ping_all(resync);
+        links.flush_all().await?;
+        let mut synced = false;
         loop {
-            while let Some(push) = conn.try_next()? {
-                self.on_push(push, resync);
+            for i in 0..links.conns.len() {
+                while let Some(push) = links.conns[i].try_next()? {
+                    self.on_push(&mut links, i, push, &subscribed)?;
+                }
+            }
+            if !synced && links.confirmed() >= resync {
+                synced = true;
+                self.hub.set_connected(true);
+                self.hub.set_gauges();
+                if self.epoch > 0 {
+                    info!("redis pub/sub re-established; sending reset to clients");
+                    self.hub.reset_all();
+                }
+                self.epoch += 1;
             }
             tokio::select! {
-                r = conn.fill() => r?,
+                r = links.fill_any() => r?,
                 cmd = self.commands.recv() => {
                     let Some(first) = cmd else { return Ok(()) };
                     let mut cmds = vec![first];
@@ -121,14 +257,20 @@ impl Driver {
                             Err(_) => break,
                         }
                     }
-                    self.apply(&mut conn, &mut subscribed, cmds);
-                    conn.flush().await?;
+                    self.apply(&mut links, &mut subscribed, cmds)?;
+                    links.flush_all().await?;
                 }
             }
         }
     }
 
-    fn on_push(&mut self, push: Push, resync: u64) {
+    fn on_push(
+        &mut self,
+        links: &mut Links,
+        conn: usize,
+        push: Push,
+        subscribed: &HashSet<String>,
+    ) -> Result<()> {
         match push {
             Push::Message { topic, payload } => self.hub.on_message(&topic, &payload),
             Push::Pong(token) => {
@@ -136,38 +278,51 @@ impl Driver {
                     .ok()
                     .and_then(|t| t.parse::<u64>().ok())
                 else {
-                    return;
+                    return Ok(());
                 };
+                links.acked[conn] = links.acked[conn].max(token);
+                let confirmed = links.confirmed();
                 let (done, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.barriers)
                     .into_iter()
-                    .partition(|(t, _)| *t <= token);
+                    .partition(|(t, _)| *t <= confirmed);
                 self.barriers = waiting;
                 for (_, tx) in done {
                     let _ = tx.send(());
                 }
-                if token == resync {
-                    self.hub.set_connected(true);
-                    self.hub.set_gauges();
-                    if self.epoch > 0 {
-                        info!("redis pub/sub re-established; sending reset to clients");
-                        self.hub.reset_all();
-                    }
-                    self.epoch += 1;
-                }
             }
             Push::Error(e) => {
-                warn!(error = %String::from_utf8_lossy(&e), "redis pub/sub error reply");
+                let text = String::from_utf8_lossy(&e).into_owned();
+                // The slot map changed under us: rebuild every connection.
+                if ["MOVED", "ASK", "CLUSTERDOWN", "TRYAGAIN"]
+                    .iter()
+                    .any(|p| text.starts_with(p))
+                {
+                    return Err(Error::Config(format!("redis cluster changed: {text}")));
+                }
+                warn!(error = %text, "redis pub/sub error reply");
             }
-            Push::Subscription { .. } | Push::Other(_) => {}
+            Push::Subscription { kind, topic } => {
+                // Redis drops a sharded subscription whose slot moved away; a
+                // topic we still hold that Redis unsubscribed is such a case.
+                if &kind[..] == b"sunsubscribe"
+                    && subscribed.contains(String::from_utf8_lossy(&topic).as_ref())
+                {
+                    return Err(Error::Config(
+                        "redis cluster moved a subscribed slot".into(),
+                    ));
+                }
+            }
+            Push::Other(_) => {}
         }
+        Ok(())
     }
 
     fn apply(
         &mut self,
-        conn: &mut SubConn,
+        links: &mut Links,
         subscribed: &mut HashSet<String>,
         cmds: Vec<Reconcile>,
-    ) {
+    ) -> Result<()> {
         let (mut add, mut remove, mut barriers) = (Vec::new(), Vec::new(), Vec::new());
         {
             let t = self.hub.table();
@@ -187,22 +342,19 @@ impl Driver {
                 barriers.extend(cmd.barrier);
             }
         }
-        for chunk in add.chunks(SUBSCRIBE_CHUNK) {
-            conn.subscribe(chunk);
-        }
-        for chunk in remove.chunks(SUBSCRIBE_CHUNK) {
-            conn.unsubscribe(chunk);
-        }
         for name in &remove {
             subscribed.remove(name);
         }
-        subscribed.extend(add);
+        subscribed.extend(add.iter().cloned());
+        links.queue(add, true)?;
+        links.queue(remove, false)?;
         if !barriers.is_empty() {
             self.token += 1;
-            conn.ping(self.token);
+            links.ping_all(self.token);
             self.barriers
                 .extend(barriers.into_iter().map(|b| (self.token, b)));
         }
         self.hub.set_gauges();
+        Ok(())
     }
 }

@@ -116,7 +116,9 @@ pub struct Outcome {
 /// Where the store talks to: one Redis, or a Redis Cluster.
 enum Backend {
     Single(Client),
-    Cluster(ClusterClient),
+    /// Boxed: with redis-rs' async cluster support compiled in (the
+    /// publisher's), the client is several times a single one's size.
+    Cluster(Box<ClusterClient>),
 }
 
 /// An open connection of either kind.
@@ -182,7 +184,7 @@ impl RedisStore {
             .connection_timeout(REDIS_TIMEOUT)
             .response_timeout(REDIS_TIMEOUT)
             .build()?;
-        Ok(Self::with_backend(Backend::Cluster(client), keys)
+        Ok(Self::with_backend(Backend::Cluster(Box::new(client)), keys)
             .with_publish_command(PublishCommand::SPublish))
     }
 

@@ -1,0 +1,170 @@
+//! Reducer and publisher on a real Redis Cluster (3 masters + 3 replicas
+//! from `scripts/redis-cluster.sh`), dev broker from the stack, WebSocket
+//! clients: sharded market topics reach every client, markets added through
+//! the API on a cluster reach the stream, and a master killed with `kill -9`
+//! costs the clients a `reset`, after which every market flows again.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::join_all;
+use streampipe_reducer::{spawn, Metrics};
+use streampipe_tests::publisher::{
+    create_channel, http, ws_connect, ws_next, ws_send, Frame, InProcess, Ws,
+};
+use streampipe_tests::{Broker, Pipeline, PrivateCluster};
+
+/// Markets: enough to land on every master.
+const MARKETS: usize = 24;
+
+/// Streams, each watching every market.
+const CLIENTS: usize = 6;
+
+/// First port of this file's cluster (the reducer's cluster tests use
+/// 21100 and 21110): below Linux' ephemeral range, bus ports +10000.
+fn base_port() -> u16 {
+    std::env::var("STREAMPIPE_TEST_CLUSTER_PORT")
+        .ok()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or(21100)
+        + 20
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.unwrap()
+}
+
+/// Opens a stream, waits for `subscribed`, sends `begin`.
+async fn open(addr: std::net::SocketAddr, ch: &str) -> Ws {
+    let mut ws = ws_connect(addr, ch, "").await;
+    match ws_next(&mut ws, Duration::from_secs(20)).await {
+        Some(Frame::Json(v)) if v["type"] == "subscribed" => {}
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+    ws_send(&mut ws, r#"{"type":"begin"}"#).await;
+    ws
+}
+
+/// Reads until every market in `want` reached its version; a `reset`
+/// makes the client send `begin` again (as the JS client does).
+async fn read_until(ws: &mut Ws, want: &HashMap<String, u64>, resets: &mut usize) {
+    let mut have: HashMap<String, u64> = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while want
+        .iter()
+        .any(|(m, v)| have.get(m).copied().unwrap_or(0) < *v)
+    {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ws_next(ws, left).await {
+            Some(Frame::Json(v)) if v["type"] == "update" => {
+                let m = v["market"].as_str().unwrap().to_owned();
+                let ver = v["version"].as_u64().unwrap();
+                let e = have.entry(m.clone()).or_default();
+                assert!(ver > *e, "{m}: version {ver} after {e}");
+                *e = ver;
+            }
+            Some(Frame::Json(v)) if v["type"] == "reset" => {
+                *resets += 1;
+                ws_send(ws, r#"{"type":"begin"}"#).await;
+            }
+            other => panic!("got {other:?}; have {have:?}, want {want:?}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_a_master_failover_on_a_cluster() {
+    let cluster = blocking(|| Arc::new(PrivateCluster::start(base_port()))).await;
+    let url = cluster.url();
+    let (p, reducer) = {
+        let url = url.clone();
+        blocking(move || {
+            let mut p = Pipeline::new(Broker::Dev, 4);
+            p.config.redis_url = url;
+            p.config.redis_cluster = true;
+            let r = spawn(p.config.clone(), Arc::new(Metrics::new())).unwrap();
+            (Arc::new(p), r)
+        })
+        .await
+    };
+    let mut config = streampipe_publisher::Config::new(&p.broker.bootstrap(), &p.name, &url);
+    config.command_topic = p.config.command_topic.clone();
+    config.redis_cluster = true;
+    let publ = InProcess::start_with_config(config).await;
+
+    let markets: Vec<String> = (0..MARKETS).map(|i| format!("c{i}")).collect();
+    let refs: Vec<&str> = markets.iter().map(String::as_str).collect();
+    for m in &markets {
+        p.update(m, 1, "1");
+    }
+    p.flush();
+    let channels = join_all((0..CLIENTS).map(|_| create_channel(publ.addr, &refs))).await;
+    let mut streams = join_all(channels.iter().map(|c| open(publ.addr, c))).await;
+    let mut resets = 0;
+    let want =
+        |v: u64| -> HashMap<String, u64> { markets.iter().map(|m| (m.clone(), v)).collect() };
+    for ws in streams.iter_mut() {
+        read_until(ws, &want(1), &mut resets).await;
+    }
+    for m in &markets {
+        p.update(m, 2, "2");
+    }
+    p.flush();
+    for ws in streams.iter_mut() {
+        read_until(ws, &want(2), &mut resets).await;
+    }
+    assert_eq!(resets, 0, "no reset while the cluster is healthy");
+
+    // A market added through the API reaches the stream (sharded channel topic).
+    let body = serde_json::json!({"markets": ["extra"]}).to_string();
+    let r = http(
+        publ.addr,
+        "POST",
+        &format!("/v1/channels/{}/markets", channels[0]),
+        Some(&body),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (c, ch0, key) = (
+        cluster.clone(),
+        channels[0].clone(),
+        p.keys().market_channels("extra"),
+    );
+    blocking(move || {
+        streampipe_tests::wait_for(Duration::from_secs(30), "extra subscribed", || {
+            c.smembers(&key).contains(&ch0).then_some(())
+        })
+    })
+    .await;
+    p.update("extra", 5, "5");
+    p.flush();
+    read_until(
+        &mut streams[0],
+        &HashMap::from([("extra".to_string(), 5)]),
+        &mut resets,
+    )
+    .await;
+
+    // kill -9 the master of the first market's slot.
+    let key = p.keys().market_state(&markets[0]);
+    let c = cluster.clone();
+    let (old, new) = blocking(move || c.kill_master_of(&key)).await;
+    assert_ne!(old, new);
+    for m in &markets {
+        p.update(m, 3, "3");
+    }
+    p.flush();
+    for ws in streams.iter_mut() {
+        read_until(ws, &want(3), &mut resets).await;
+    }
+    assert!(
+        publ.ctx.metrics.redis_reconnects.get() >= 1,
+        "the pod rebuilt its subscriptions after the failover"
+    );
+    eprintln!("failover {old} -> {new}: {resets} resets over {CLIENTS} clients");
+    drop(streams);
+    drop(publ);
+    blocking(move || reducer.shutdown().unwrap()).await;
+    drop(cluster);
+}
