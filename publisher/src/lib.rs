@@ -108,6 +108,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Command rate limit.
     pub limiter: api::RateLimiter,
+    /// Bytes queued in all of this pod's outboxes (see [`outbox::Budget`]).
+    pub outbox_budget: Arc<outbox::Budget>,
     /// Becomes true when the publisher shuts down.
     pub shutdown: watch::Receiver<bool>,
 }
@@ -186,6 +188,7 @@ pub async fn context(
         hub,
         metrics,
         limiter: api::RateLimiter::new(api::MAX_COMMANDS_PER_SECOND),
+        outbox_budget: Arc::default(),
         shutdown,
     });
     janitor::spawn(ctx.clone());

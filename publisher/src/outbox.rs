@@ -12,11 +12,20 @@
 //! slowed. A client that accepts nothing for [`SLOW_CLIENT_TIMEOUT`] while
 //! messages wait is hopelessly behind and is closed with 4408.
 //!
+//! A per-connection bound alone still lets thousands of connections that
+//! fall behind together (one hot market, a pod short of CPU) hold gigabytes
+//! between them. So every outbox of a pod also shares a [`Budget`]: once all
+//! of them together hold more than [`POD_OUTBOX_BUDGET`], every outbox
+//! conflates at once, whatever its own size — then each connection holds at
+//! most one entry per market, and the pod's memory and its clients'
+//! staleness stay bounded under any offered load.
+//!
 //! The outbox also drops versions that are not newer than what the
 //! connection already sent (or than its `since` resume point), so a `begin`
 //! replay or a reconnect never sends a client something it has.
 
 use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -33,6 +42,51 @@ pub const CONFLATE_AFTER_BYTES: usize = 256 * 1024;
 /// closed as hopelessly behind (4408): long enough for a phone switching
 /// networks, short enough not to hold memory for dead peers.
 pub const SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Bytes all outboxes of a pod may hold together before every one of them
+/// conflates: absorbs a burst for thousands of clients while keeping the pod
+/// far below a typical memory limit.
+pub const POD_OUTBOX_BUDGET: usize = 64 * 1024 * 1024;
+
+/// The bytes queued in all outboxes of a pod.
+#[derive(Debug)]
+pub struct Budget {
+    queued: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    /// A budget of `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Budget {
+            queued: AtomicUsize::new(0),
+            limit,
+        }
+    }
+
+    /// Bytes queued in all outboxes now.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    fn over(&self) -> bool {
+        self.queued() >= self.limit
+    }
+
+    fn add(&self, n: usize) {
+        self.queued.fetch_add(n, Ordering::Relaxed);
+    }
+
+    fn sub(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+    }
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Budget::new(POD_OUTBOX_BUDGET)
+    }
+}
 
 /// One update as the hub dispatches it: parsed once, shared by every
 /// connection of the channel.
@@ -106,23 +160,36 @@ struct Inner {
 pub struct Outbox {
     inner: Mutex<Inner>,
     notify: Notify,
+    budget: Arc<Budget>,
 }
 
 impl Default for Outbox {
     fn default() -> Self {
-        Self::new(HashMap::new())
+        Self::new(HashMap::new(), Arc::default())
+    }
+}
+
+impl Drop for Outbox {
+    fn drop(&mut self) {
+        self.budget.sub(self.lock().bytes);
     }
 }
 
 impl Outbox {
-    /// An outbox resuming after `since` (market → last version the client has).
-    pub fn new(since: HashMap<Arc<str>, u64>) -> Self {
-        Self::with_threshold(since, CONFLATE_AFTER_BYTES)
+    /// An outbox resuming after `since` (market → last version the client
+    /// has), sharing the pod's `budget`.
+    pub fn new(since: HashMap<Arc<str>, u64>, budget: Arc<Budget>) -> Self {
+        Self::with_threshold(since, CONFLATE_AFTER_BYTES, budget)
     }
 
     /// Like [`Outbox::new`] with another conflation threshold (in bytes).
-    pub fn with_threshold(since: HashMap<Arc<str>, u64>, conflate_after: usize) -> Self {
+    pub fn with_threshold(
+        since: HashMap<Arc<str>, u64>,
+        conflate_after: usize,
+        budget: Arc<Budget>,
+    ) -> Self {
         Outbox {
+            budget,
             inner: Mutex::new(Inner {
                 queue: VecDeque::new(),
                 bytes: 0,
@@ -174,7 +241,7 @@ impl Outbox {
             kind: "update",
             bytes: u.bytes.clone(),
         };
-        if g.bytes >= g.conflate_after {
+        if g.bytes >= g.conflate_after || self.budget.over() {
             if let Some(&seq) = g.queued.get(&u.market) {
                 let idx = (seq - g.front_seq) as usize;
                 let old_len = match &g.queue[idx] {
@@ -185,6 +252,8 @@ impl Outbox {
                     e => item_len(&e.item),
                 };
                 g.bytes = g.bytes - old_len + u.bytes.len();
+                self.budget.add(u.bytes.len());
+                self.budget.sub(old_len);
                 let entry = &mut g.queue[idx];
                 entry.item = item;
                 entry.update = Some((u.market.clone(), u.version));
@@ -199,6 +268,7 @@ impl Outbox {
         }
         let seq = g.front_seq + g.queue.len() as u64;
         g.bytes += u.bytes.len();
+        self.budget.add(u.bytes.len());
         g.queue.push_back(Entry {
             item,
             update: Some((u.market.clone(), u.version)),
@@ -219,6 +289,7 @@ impl Outbox {
             g.last_progress = Instant::now();
         }
         g.bytes += bytes.len();
+        self.budget.add(bytes.len());
         g.queue.push_back(Entry {
             item: Item::Message { kind, bytes },
             update: None,
@@ -241,6 +312,7 @@ impl Outbox {
         }
         g.closed = true;
         g.queue.clear();
+        self.budget.sub(g.bytes);
         g.bytes = 0;
         g.queued.clear();
         g.queue.push_back(Entry {
@@ -256,6 +328,7 @@ impl Outbox {
         let mut g = self.lock();
         let entry = g.queue.pop_front()?;
         g.bytes -= item_len(&entry.item);
+        self.budget.sub(item_len(&entry.item));
         let seq = g.front_seq;
         g.front_seq += 1;
         g.last_progress = Instant::now();
@@ -335,7 +408,7 @@ mod tests {
 
     #[test]
     fn a_slow_client_gets_the_latest_version_of_every_market_in_bounded_memory() {
-        let o = Outbox::with_threshold(HashMap::new(), 100);
+        let o = Outbox::with_threshold(HashMap::new(), 100, Arc::default());
         // 5 markets, 1000 updates each, nothing read.
         for v in 1..=1000 {
             for m in ["a", "b", "c", "d", "e"] {
@@ -369,7 +442,7 @@ mod tests {
     fn duplicates_and_resume_points_are_dropped() {
         let mut since = HashMap::new();
         since.insert(Arc::from("a"), 5u64);
-        let o = Outbox::new(since);
+        let o = Outbox::new(since, Arc::default());
         assert_eq!(o.push_update(&upd("a", 5)), Pushed::Duplicate);
         assert_eq!(o.push_update(&upd("a", 6)), Pushed::Queued);
         assert_eq!(o.push_update(&upd("a", 6)), Pushed::Duplicate);
@@ -401,7 +474,7 @@ mod tests {
 
     #[test]
     fn control_messages_are_never_conflated() {
-        let o = Outbox::with_threshold(HashMap::new(), 100);
+        let o = Outbox::with_threshold(HashMap::new(), 100, Arc::default());
         for v in 1..=100 {
             o.push_update(&upd("a", v));
         }
@@ -413,5 +486,34 @@ mod tests {
             "queued after the updates, kept"
         );
         assert!(got.contains(&"a@100".to_string()));
+    }
+
+    #[test]
+    fn a_pod_over_its_budget_conflates_every_outbox() {
+        let budget = Arc::new(Budget::new(1000));
+        let big = Outbox::new(HashMap::new(), budget.clone());
+        let small = Outbox::new(HashMap::new(), budget.clone());
+        // Each outbox far below its own threshold, together over the budget.
+        // Distinct markets: nothing of `big` can conflate with itself.
+        for i in 0..200 {
+            assert_eq!(big.push_update(&upd(&format!("m{i}"), 1)), Pushed::Queued);
+        }
+        assert_eq!(budget.queued(), big.queued_bytes());
+        assert!(budget.queued() >= 1000);
+        assert_eq!(small.push_update(&upd("x", 1)), Pushed::Queued);
+        assert_eq!(small.push_update(&upd("x", 2)), Pushed::Conflated);
+        assert_eq!(big.push_update(&upd("m5", 2)), Pushed::Conflated);
+        assert_eq!(drain(&small), vec!["x@2"]);
+        // Memory goes back to the budget on pop, close and drop.
+        drain(&big);
+        assert_eq!(budget.queued(), 0);
+        small.push_update(&upd("x", 3));
+        small.close(1000, "bye");
+        assert_eq!(budget.queued(), 0);
+        let gone = Outbox::new(HashMap::new(), budget.clone());
+        gone.push_update(&upd("y", 1));
+        drop(gone);
+        assert_eq!(budget.queued(), 0);
+        assert_eq!(small.push_update(&upd("x", 4)), Pushed::Closed);
     }
 }

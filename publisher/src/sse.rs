@@ -67,7 +67,7 @@ pub async fn handle(
             ));
         }
     };
-    let outbox = Arc::new(Outbox::new(since));
+    let outbox = Arc::new(Outbox::new(since, ctx.outbox_budget.clone()));
     let (membership, markets) = match ctx.hub.join(&channel, outbox.clone()).await {
         Ok(joined) => joined,
         Err(e) => {

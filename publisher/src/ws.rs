@@ -233,7 +233,7 @@ async fn run(
         m.rejected.with_label_values(&["origin_not_allowed"]).inc();
         return close(&mut ws, &ctx, 4403, "origin not allowed").await;
     }
-    let outbox = Arc::new(Outbox::new(since));
+    let outbox = Arc::new(Outbox::new(since, ctx.outbox_budget.clone()));
     let (_membership, markets) = match ctx.hub.join(&channel, outbox.clone()).await {
         Ok(joined) => joined,
         Err(Error::Invalid { .. }) => {
