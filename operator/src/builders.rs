@@ -133,6 +133,10 @@ pub fn config_data(sp: &StreamPipeline) -> BTreeMap<String, String> {
     );
     d.insert("STREAMPIPE_LOG_FORMAT".into(), "json".into());
     d.insert(
+        "STREAMPIPE_REDIS_CLUSTER".into(),
+        sp.spec.redis.cluster.to_string(),
+    );
+    d.insert(
         "STREAMPIPE_ALLOWED_ORIGINS".into(),
         sp.spec.publisher.allowed_origins.join(","),
     );
@@ -355,6 +359,24 @@ pub(crate) mod tests {
             DEFAULT_PUBLISHER_IMAGE
         );
         assert_eq!(publisher_deployment(&sp)["spec"]["replicas"], 2);
+    }
+
+    #[test]
+    fn redis_cluster_mode_reaches_both_roles_and_rolls_them() {
+        let standalone = sample();
+        assert_eq!(
+            config_data(&standalone)["STREAMPIPE_REDIS_CLUSTER"],
+            "false"
+        );
+        let mut cluster = sample();
+        cluster.spec.redis.cluster = true;
+        assert_eq!(config_data(&cluster)["STREAMPIPE_REDIS_CLUSTER"], "true");
+        assert_ne!(config_hash(&standalone), config_hash(&cluster));
+        // Both roles read the ConfigMap.
+        for d in [reducer_deployment(&cluster), publisher_deployment(&cluster)] {
+            let c = &d["spec"]["template"]["spec"]["containers"][0];
+            assert_eq!(c["envFrom"][0]["configMapRef"]["name"], "odds-config");
+        }
     }
 
     #[test]

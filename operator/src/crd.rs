@@ -203,8 +203,14 @@ fn default_mechanism() -> String {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RedisSpec {
-    /// The Secret key holding the Redis URL (it may contain a password).
+    /// The Secret key holding the Redis URL (it may contain a password);
+    /// for a Redis Cluster, a comma-separated list of seed node URLs.
     pub url_secret: SecretKeyRef,
+    /// The Redis is a Redis Cluster (≥ 7): reducers group their scripts by
+    /// hash slot and publish with `SPUBLISH`, publishers hold one sharded
+    /// subscription per master. Standalone Redis when absent.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub cluster: bool,
 }
 
 /// A key of a Secret in the resource's namespace.
