@@ -303,13 +303,33 @@ pub fn routes(
         .with(log)
 }
 
+/// Pending connections the kernel queues before `accept`: a reconnect storm
+/// after a pod restart arrives in bursts of thousands.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// The listening socket. `TCP_NODELAY` set on it is inherited by every
+/// accepted connection (Linux): without it, Nagle's algorithm holds a small
+/// update frame back until the client ACKs the previous one, and delayed
+/// ACKs turn that into tens of milliseconds of latency per update. The hub
+/// and the write buffer already coalesce what can be coalesced.
+fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(addr)?;
+    Ok(socket.listen(LISTEN_BACKLOG)?)
+}
+
 /// Serves the publisher on `addr` until `shutdown` turns true; returns the
 /// bound address and the server task.
 pub async fn serve(
     addr: SocketAddr,
     ctx: Arc<Context>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let listener = listen(addr)?;
     let local = listener.local_addr()?;
     let mut shutdown = ctx.shutdown.clone();
     let server = warp::serve(routes(ctx))
