@@ -486,6 +486,26 @@ impl Pipeline {
     }
 }
 
+/// CPU seconds (user + system) from a `/proc/<pid>/stat` or
+/// `/proc/<pid>/task/<tid>/stat` file; 0 when unreadable.
+pub fn stat_cpu_secs(path: &std::path::Path) -> f64 {
+    const USER_HZ: f64 = 100.0;
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the ")" that closes the command name.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    if f.len() > 13 {
+        (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / USER_HZ
+    } else {
+        0.0
+    }
+}
+
+/// CPU seconds a process has used.
+pub fn proc_cpu_secs(pid: u32) -> f64 {
+    stat_cpu_secs(std::path::Path::new(&format!("/proc/{pid}/stat")))
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()

@@ -250,3 +250,19 @@ pub async fn ws_close_code(ws: &mut Ws, timeout: Duration) -> u16 {
 pub async fn ws_send(ws: &mut Ws, text: &str) {
     ws.send(Message::text(text.to_owned())).await.expect("send");
 }
+
+/// Opens `/v1/stream/<channel>`, waits for `subscribed`, sends `begin`.
+pub async fn open_stream(addr: SocketAddr, channel: &str) -> Ws {
+    let mut ws = ws_connect(addr, channel, "").await;
+    match ws_next(&mut ws, Duration::from_secs(20)).await {
+        Some(Frame::Json(v)) if v["type"] == "subscribed" => {}
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+    ws_send(&mut ws, r#"{"type":"begin"}"#).await;
+    ws
+}
+
+/// Runs blocking work (Redis checks, producing) off the runtime's threads.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f).await.expect("blocking task")
+}

@@ -19,24 +19,9 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use streampipe_reducer::{spawn, Metrics};
 use streampipe_tests::publisher::{
-    create_channel, http, ws_connect, ws_next, ws_send, Frame, InProcess, Ws,
+    blocking, create_channel, http, open_stream, ws_next, Frame, InProcess, Ws,
 };
 use streampipe_tests::{free_port, now_ms, wait_for, Broker, Pipeline, PrivateRedis};
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.unwrap()
-}
-
-/// Opens a stream, waits for `subscribed`, sends `begin`.
-async fn open(addr: std::net::SocketAddr, ch: &str) -> Ws {
-    let mut ws = ws_connect(addr, ch, "").await;
-    match ws_next(&mut ws, Duration::from_secs(20)).await {
-        Some(Frame::Json(v)) if v["type"] == "subscribed" => {}
-        other => panic!("expected subscribed, got {other:?}"),
-    }
-    ws_send(&mut ws, r#"{"type":"begin"}"#).await;
-    ws
-}
 
 /// Reads updates into `seen` (market → versions) until `done` holds.
 async fn read_until(
@@ -117,7 +102,7 @@ async fn hot_market_costs_redis_one_publish_per_update() {
         .await;
     }
     let channels = join_all((0..WATCHERS).map(|_| create_channel(publ.addr, &["HOT"]))).await;
-    let mut streams = join_all(channels.iter().map(|c| open(publ.addr, c))).await;
+    let mut streams = join_all(channels.iter().map(|c| open_stream(publ.addr, c))).await;
     // Everyone has the state (v1) before the live updates start.
     let mut seen: Vec<HashMap<String, Vec<u64>>> = vec![HashMap::new(); WATCHERS];
     for (ws, s) in streams.iter_mut().zip(seen.iter_mut()) {
@@ -208,7 +193,7 @@ async fn markets_changed_on_another_pod_reach_live_streams() {
     })
     .await;
     let ch = create_channel(a.addr, &["X1"]).await;
-    let mut ws = open(a.addr, &ch).await;
+    let mut ws = open_stream(a.addr, &ch).await;
     p.update("X1", 1, "1");
     p.flush();
     let mut seen = HashMap::new();
@@ -240,7 +225,7 @@ async fn markets_changed_on_another_pod_reach_live_streams() {
     // A second channel keeps X1 watched; removing X1 from ours through pod B
     // must stop X1 on our stream although its topic still flows.
     let other = create_channel(a.addr, &["X1"]).await;
-    let mut ws2 = open(a.addr, &other).await;
+    let mut ws2 = open_stream(a.addr, &other).await;
     let mut seen2 = HashMap::new();
     read_until(&mut ws2, &mut seen2, "X1 on the other channel", |s| {
         s.contains_key("X1")
@@ -315,7 +300,7 @@ async fn a_flood_is_conflated_in_the_hub_not_queued() {
         })
         .await;
     }
-    let mut streams = join_all(channels.iter().map(|c| open(publ.addr, c))).await;
+    let mut streams = join_all(channels.iter().map(|c| open_stream(publ.addr, c))).await;
     let (u, k, ms) = (url.clone(), keys.clone(), markets.clone());
     let started = Instant::now();
     blocking(move || {

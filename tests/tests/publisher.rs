@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use streampipe_reducer::{spawn, Metrics, ReducerHandle};
 use streampipe_tests::publisher::{
-    create_channel, http, ws_close_code, ws_connect, ws_next, ws_send, Frame, InProcess, Ws,
+    blocking, create_channel, http, ws_close_code, ws_connect, ws_next, ws_send, Frame, InProcess,
+    Ws,
 };
 use streampipe_tests::{wait_for, Broker, Pipeline};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -22,11 +23,6 @@ async fn setup(partitions: i32) -> (Arc<Pipeline>, ReducerHandle, InProcess) {
     .unwrap();
     let publisher = InProcess::start(&p).await;
     (p, reducer, publisher)
-}
-
-/// Blocking Redis checks off the runtime's threads.
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.unwrap()
 }
 
 /// Reads updates until `pred` holds on everything read so far.

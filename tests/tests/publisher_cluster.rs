@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::join_all;
 use streampipe_reducer::{spawn, Metrics};
 use streampipe_tests::publisher::{
-    create_channel, http, ws_connect, ws_next, ws_send, Frame, InProcess, Ws,
+    blocking, create_channel, http, open_stream, ws_next, ws_send, Frame, InProcess, Ws,
 };
 use streampipe_tests::{Broker, Pipeline, PrivateCluster};
 
@@ -29,21 +29,6 @@ fn base_port() -> u16 {
         .and_then(|p| p.parse().ok())
         .unwrap_or(21100)
         + 20
-}
-
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    tokio::task::spawn_blocking(f).await.unwrap()
-}
-
-/// Opens a stream, waits for `subscribed`, sends `begin`.
-async fn open(addr: std::net::SocketAddr, ch: &str) -> Ws {
-    let mut ws = ws_connect(addr, ch, "").await;
-    match ws_next(&mut ws, Duration::from_secs(20)).await {
-        Some(Frame::Json(v)) if v["type"] == "subscribed" => {}
-        other => panic!("expected subscribed, got {other:?}"),
-    }
-    ws_send(&mut ws, r#"{"type":"begin"}"#).await;
-    ws
 }
 
 /// Reads until every market in `want` reached its version; a `reset`
@@ -100,7 +85,7 @@ async fn streams_survive_a_master_failover_on_a_cluster() {
     }
     p.flush();
     let channels = join_all((0..CLIENTS).map(|_| create_channel(publ.addr, &refs))).await;
-    let mut streams = join_all(channels.iter().map(|c| open(publ.addr, c))).await;
+    let mut streams = join_all(channels.iter().map(|c| open_stream(publ.addr, c))).await;
     let mut resets = 0;
     let want =
         |v: u64| -> HashMap<String, u64> { markets.iter().map(|m| (m.clone(), v)).collect() };

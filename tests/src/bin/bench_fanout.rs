@@ -868,18 +868,6 @@ fn describe_commands(delta: &[(String, u64, u64)], top: usize) -> String {
         .join(", ")
 }
 
-/// CPU seconds of a process (utime + stime).
-fn proc_cpu(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if f.len() > 13 {
-        (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / 100.0
-    } else {
-        0.0
-    }
-}
-
 /// What the pub/sub connections looked like during a step.
 #[derive(Debug, Default, Clone)]
 struct PubsubSample {
@@ -1258,12 +1246,18 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
                 let s = pids
                     .iter()
                     .filter(|(m, _)| m == n)
-                    .map(|(_, p)| proc_cpu(*p))
+                    .map(|(_, p)| streampipe_tests::proc_cpu_secs(*p))
                     .sum();
                 (n.clone(), s)
             })
             .collect();
-        out.push(("swarm".into(), swarm.iter().map(|p| proc_cpu(*p)).sum()));
+        out.push((
+            "swarm".into(),
+            swarm
+                .iter()
+                .map(|p| streampipe_tests::proc_cpu_secs(*p))
+                .sum(),
+        ));
         out
     };
 

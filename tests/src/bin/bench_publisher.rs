@@ -114,17 +114,6 @@ fn metric(body: &str, name: &str) -> f64 {
         .fold(0.0, |sum, v| sum + v) // not sum(): an empty f64 sum is -0
 }
 
-fn cpu_secs(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if f.len() > 13 {
-        (f[11].parse::<f64>().unwrap_or(0.0) + f[12].parse::<f64>().unwrap_or(0.0)) / 100.0
-    } else {
-        0.0
-    }
-}
-
 /// Shared counters of all clients.
 #[derive(Default)]
 struct Stats {
@@ -341,7 +330,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Load.
     let received0 = stats.received.load(Ordering::Relaxed);
-    let cpu0 = cpu_secs(a.pid);
+    let cpu0 = streampipe_tests::proc_cpu_secs(a.pid);
     stats.measuring.store(true, Ordering::Relaxed);
     let t = Instant::now();
     let sampling = Arc::new(AtomicBool::new(true));
@@ -449,7 +438,7 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let delivered = stats.received.load(Ordering::Relaxed) - received0;
-    let cpu = cpu_secs(a.pid) - cpu0;
+    let cpu = streampipe_tests::proc_cpu_secs(a.pid) - cpu0;
     // Clients spread evenly over channels, channels over markets.
     let expected = sent * (a.clients / a.markets) as u64;
     let mut lat = std::mem::take(&mut *stats.latencies.lock().unwrap());

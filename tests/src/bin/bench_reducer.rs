@@ -90,22 +90,6 @@ fn now_us() -> u64 {
         .as_micros() as u64
 }
 
-/// CPU seconds (user + system) from a `/proc/.../stat` file.
-fn stat_cpu(path: &std::path::Path) -> f64 {
-    let tick = 100.0; // USER_HZ on Linux
-    let stat = std::fs::read_to_string(path).unwrap_or_default();
-    // Fields after the ")" that closes the command name.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    if f.len() > 13 {
-        let ut: f64 = f[11].parse().unwrap_or(0.0);
-        let st: f64 = f[12].parse().unwrap_or(0.0);
-        (ut + st) / tick
-    } else {
-        0.0
-    }
-}
-
 /// CPU seconds of this process's threads, by thread name (numbers folded).
 fn threads_cpu() -> HashMap<String, f64> {
     let mut out = HashMap::new();
@@ -117,7 +101,8 @@ fn threads_cpu() -> HashMap<String, f64> {
                 .chars()
                 .filter(|c| !c.is_ascii_digit())
                 .collect();
-            *out.entry(name).or_insert(0.0) += stat_cpu(&t.path().join("stat"));
+            *out.entry(name).or_insert(0.0) +=
+                streampipe_tests::stat_cpu_secs(&t.path().join("stat"));
         }
     }
     out
@@ -130,7 +115,7 @@ fn process_cpu(prefix: &str) -> f64 {
         for p in dir.flatten() {
             let comm = std::fs::read_to_string(p.path().join("comm")).unwrap_or_default();
             if comm.trim().starts_with(prefix) {
-                total += stat_cpu(&p.path().join("stat"));
+                total += streampipe_tests::stat_cpu_secs(&p.path().join("stat"));
             }
         }
     }
