@@ -7,14 +7,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::collections::HashMap;
+use std::time::Instant;
+
 use futures_util::{SinkExt, StreamExt};
 use streampipe_publisher::{context, serve, Config, Context, Metrics};
+use streampipe_reducer::ReducerHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::{free_port, redis_url, workspace_bin, Pipeline};
+use crate::{free_port, redis_url, workspace_bin, Broker, Pipeline};
 
 /// A publisher running in this process.
 pub struct InProcess {
@@ -265,4 +269,57 @@ pub async fn open_stream(addr: SocketAddr, channel: &str) -> Ws {
 /// Runs blocking work (Redis checks, producing) off the runtime's threads.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     tokio::task::spawn_blocking(f).await.expect("blocking task")
+}
+
+/// A pipeline on the dev broker with an in-process reducer and publisher.
+pub async fn setup(partitions: i32) -> (Arc<Pipeline>, ReducerHandle, InProcess) {
+    let (p, reducer) = tokio::task::spawn_blocking(move || {
+        let p = Pipeline::new(Broker::Dev, partitions);
+        let r = streampipe_reducer::spawn(
+            p.config.clone(),
+            Arc::new(streampipe_reducer::Metrics::new()),
+        )
+        .unwrap();
+        (Arc::new(p), r)
+    })
+    .await
+    .unwrap();
+    let publisher = InProcess::start(&p).await;
+    (p, reducer, publisher)
+}
+
+/// Reads updates until `pred` holds on everything read so far.
+pub async fn read_updates(
+    ws: &mut Ws,
+    got: &mut Vec<serde_json::Value>,
+    what: &str,
+    pred: impl Fn(&[serde_json::Value]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !pred(got) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match ws_next(ws, left).await {
+            Some(Frame::Json(v)) if v["type"] == "update" => got.push(v),
+            Some(Frame::Json(_)) => {}
+            other => panic!("waiting for {what}: got {other:?} after {got:?}"),
+        }
+    }
+}
+
+/// Whether `got` holds `market` at `version`.
+pub fn has(got: &[serde_json::Value], market: &str, version: u64) -> bool {
+    got.iter()
+        .any(|u| u["market"] == market && u["version"] == version)
+}
+
+/// Versions never go backwards per market in `got`.
+pub fn assert_increasing(got: &[serde_json::Value]) {
+    let mut last: HashMap<String, u64> = HashMap::new();
+    for u in got {
+        let m = u["market"].as_str().unwrap().to_owned();
+        let v = u["version"].as_u64().unwrap();
+        if let Some(prev) = last.insert(m.clone(), v) {
+            assert!(v > prev, "{m}: version {v} after {prev}: {got:?}");
+        }
+    }
 }
