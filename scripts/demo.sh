@@ -54,8 +54,8 @@ cat <<INFO
     publisher: http://127.0.0.1:$PUBLISHER_PORT/metrics (log: $STACK_DIR/publisher.log)
     reducers:  http://127.0.0.1:9101/metrics  http://127.0.0.1:9102/metrics
     feed:      200 markets, 500 updates/s (log: $STACK_DIR/feed.log)
-    raw pub/sub of the channel "demo":
-      redis-cli -p ${STREAMPIPE_REDIS_PORT:-16379} subscribe sp:streampipe:ch:demo
+    raw pub/sub of the first market (one message per update while a page watches it):
+      redis-cli -p ${STREAMPIPE_REDIS_PORT:-16379} subscribe 'sp:streampipe:{m:${DEMO_MARKETS%%,*}}:up'
 
 INFO
 wait "${pids[@]}"
