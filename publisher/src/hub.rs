@@ -170,7 +170,7 @@ impl Hub {
         };
         let _serialized = lock.lock().await;
         let read = self.inner.registry.markets(channel).await?;
-        let (mut topics, added) = {
+        let (topics, added) = {
             let mut t = self.table();
             let Some(diff) = t.apply_markets(channel, read.as_deref().unwrap_or(&[])) else {
                 return Ok(None);
@@ -181,7 +181,6 @@ impl Hub {
             topics.extend(diff.topics);
             (topics, diff.added)
         };
-        topics.dedup();
         self.reconcile(topics, true).await?;
         Ok(Some(Synced {
             markets: read,
@@ -463,11 +462,14 @@ fn observe_latency(m: &Metrics, ts: Option<i64>) {
 
 /// A stored state message as an update for an outbox.
 fn state_update(bytes: Bytes) -> Option<Update> {
-    let head = peek_update(&bytes).ok()?;
+    let (market, version) = {
+        let head = peek_update(&bytes).ok()?;
+        (Arc::<str>::from(head.market), head.version)
+    };
     Some(Update {
-        market: head.market.into(),
-        version: head.version,
-        bytes: bytes.clone(),
+        market,
+        version,
+        bytes,
     })
 }
 
