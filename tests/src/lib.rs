@@ -776,10 +776,6 @@ pub const CLUSTER_NODES: u16 = 6;
 /// 2 s, the vote and promotion add about as much, and a loaded machine more.
 const CLUSTER_FAILOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long a killed master's replicas get to elect one of them (a few
-/// 2 s node timeouts) before one is told to take over.
-const ELECTION_WAIT: Duration = Duration::from_secs(20);
-
 impl PrivateCluster {
     fn script() -> PathBuf {
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../scripts/redis-cluster.sh")
@@ -921,7 +917,6 @@ impl PrivateCluster {
     /// and the new master's.
     pub fn kill_master_of(&self, key: &str) -> (u16, u16) {
         let old = self.master_of(key).expect("a master for the key");
-        let old_id = self.node_id(old).expect("node id of the master");
         let pid = self.pid(old).expect("pid file of the master");
         Command::new("kill")
             .args(["-9", &pid.to_string()])
@@ -930,77 +925,15 @@ impl PrivateCluster {
         wait_for(CLUSTER_FAILOVER_TIMEOUT, "node process gone", || {
             (!self.live_ports().contains(&old)).then_some(())
         });
-        let promoted = || {
-            let new = self.master_of(key).filter(|p| *p != old)?;
-            self.is_ok().then_some(new)
-        };
-        // The replicas normally elect one of them within a few node
-        // timeouts; when an election stalls (seen once in a full CI run),
-        // the replica takes over by itself, as an operator would.
-        let deadline = std::time::Instant::now() + ELECTION_WAIT;
-        while std::time::Instant::now() < deadline {
-            if let Some(new) = promoted() {
-                return (old, new);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        for replica in self.replicas_of(&old_id) {
-            if let Ok(mut c) = self.node(replica) {
-                let _: redis::RedisResult<()> = redis::cmd("CLUSTER")
-                    .arg("FAILOVER")
-                    .arg("TAKEOVER")
-                    .query(&mut c);
-            }
-        }
         let new = wait_for(
             CLUSTER_FAILOVER_TIMEOUT,
             "replica promoted and cluster ok",
-            promoted,
+            || {
+                let new = self.master_of(key).filter(|p| *p != old)?;
+                self.is_ok().then_some(new)
+            },
         );
         (old, new)
-    }
-
-    /// Node id of the node on `port`, per a live node's `CLUSTER NODES`.
-    fn node_id(&self, port: u16) -> Option<String> {
-        self.cluster_nodes()
-            .into_iter()
-            .find(|f| f.1 == port)
-            .map(|f| f.0)
-    }
-
-    /// Ports of the replicas of node `id`.
-    fn replicas_of(&self, id: &str) -> Vec<u16> {
-        self.cluster_nodes()
-            .into_iter()
-            .filter(|f| f.2 == id)
-            .map(|f| f.1)
-            .collect()
-    }
-
-    /// `(id, port, master id or "-")` of every node, as a live node sees it.
-    fn cluster_nodes(&self) -> Vec<(String, u16, String)> {
-        for port in self.live_ports() {
-            let Ok(mut c) = self.node(port) else { continue };
-            let Ok(nodes) = redis::cmd("CLUSTER").arg("NODES").query::<String>(&mut c) else {
-                continue;
-            };
-            return nodes
-                .lines()
-                .filter_map(|line| {
-                    let f: Vec<&str> = line.split_whitespace().collect();
-                    let p = f
-                        .get(1)?
-                        .split('@')
-                        .next()?
-                        .rsplit(':')
-                        .next()?
-                        .parse()
-                        .ok()?;
-                    Some((f[0].to_owned(), p, f.get(3)?.to_string()))
-                })
-                .collect();
-        }
-        Vec::new()
     }
 
     /// Stored version of a market, read through a cluster-aware client.
