@@ -24,6 +24,13 @@ NODES=6
 # Milliseconds before a silent master is declared failed and its replica
 # promoted: short, so failover tests finish in seconds.
 NODE_TIMEOUT_MS=2000
+# Why each node gets its own --dbfilename and validity factor 0:
+# - a replica writes its master's snapshot to DIR/<dbfilename> and then
+#   loads that file, so replicas sharing one name could load each other's
+#   data (a suspect for replicas that once never took over a dead master);
+# - validity factor 0 lets a replica promote itself however long ago it
+#   last heard from its master: a loaded 2-core CI box can stall a replica
+#   past the default 10 x node-timeout, and then nobody takes over.
 # Starts of one node before giving up, 2 s apart: a port inside the
 # ephemeral range (32768-60999 on Linux) can be held by a client socket in
 # TIME-WAIT for 60 s, which makes redis-server's bind fail.
@@ -78,7 +85,8 @@ start_node() { # port
         # --daemonize no + nohup: the pid in the file is redis-server itself.
         nohup redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
             --cluster-config-file "$DIR/nodes-$p.conf" --cluster-node-timeout "$NODE_TIMEOUT_MS" \
-            --cluster-announce-ip 127.0.0.1 --appendonly no --save '' --dir "$DIR" \
+            --cluster-announce-ip 127.0.0.1 --cluster-replica-validity-factor 0 \
+            --appendonly no --save '' --dir "$DIR" --dbfilename "dump-$p.rdb" \
             >"$DIR/$p.log" 2>&1 </dev/null &
         echo $! >"$DIR/$p.pid"
         if node_answers "$p"; then
@@ -128,10 +136,9 @@ down() {
             kill -KILL "$pid" 2>/dev/null || true
             log "redis $p stopped"
         fi
-        rm -f "$DIR/$p.pid" "$DIR/$p.log" "$DIR/nodes-$p.conf"
+        rm -f "$DIR/$p.pid" "$DIR/$p.log" "$DIR/nodes-$p.conf" "$DIR/dump-$p.rdb"
     done
-    # Replicas receive their master's data as dump.rdb even with save ''.
-    rm -f "$DIR/url" "$DIR/create.log" "$DIR/dump.rdb"
+    rm -f "$DIR/url" "$DIR/create.log"
     rmdir "$DIR" 2>/dev/null || true
 }
 

@@ -816,13 +816,12 @@ impl PrivateCluster {
     /// A cluster-aware connection.
     pub fn connection(&self) -> redis::cluster::ClusterConnection {
         let url = self.url();
-        redis::cluster::ClusterClient::builder(url.split(','))
+        let client = redis::cluster::ClusterClient::builder(url.split(','))
             .connection_timeout(Duration::from_secs(5))
             .response_timeout(Duration::from_secs(5))
             .build()
-            .unwrap()
-            .get_connection()
-            .unwrap()
+            .unwrap();
+        retry_interrupted(|| client.get_connection()).unwrap()
     }
 
     /// Ports of the nodes whose process is alive.
@@ -850,8 +849,8 @@ impl PrivateCluster {
 
     /// A plain connection to one node.
     pub fn node(&self, port: u16) -> redis::RedisResult<redis::Connection> {
-        let c = redis::Client::open(format!("redis://127.0.0.1:{port}"))?
-            .get_connection_with_timeout(Duration::from_secs(2))?;
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+        let c = retry_interrupted(|| client.get_connection_with_timeout(Duration::from_secs(2)))?;
         c.set_read_timeout(Some(Duration::from_secs(5)))?;
         Ok(c)
     }
@@ -947,10 +946,9 @@ impl PrivateCluster {
 
     /// Members of a set, read through a cluster-aware client.
     pub fn smembers(&self, key: &str) -> Vec<String> {
-        let mut v: Vec<String> = redis::cmd("SMEMBERS")
-            .arg(key)
-            .query(&mut self.connection())
-            .unwrap();
+        let mut con = self.connection();
+        let mut v: Vec<String> =
+            retry_interrupted(|| redis::cmd("SMEMBERS").arg(key).query(&mut con)).unwrap();
         v.sort();
         v
     }
@@ -970,6 +968,23 @@ impl PrivateCluster {
             })
             .sum()
     }
+}
+
+/// How often a Redis call interrupted by a signal is retried.
+const EINTR_RETRIES: usize = 5;
+
+/// Runs a blocking Redis call again when a signal interrupted it. The test
+/// process reaps the Redis nodes it kills (SIGCHLD), and a socket with a
+/// timeout is not restarted after a signal (signal(7)), so a cluster test
+/// failed on `Interrupted system call` while its cluster was healthy.
+pub fn retry_interrupted<T>(mut f: impl FnMut() -> redis::RedisResult<T>) -> redis::RedisResult<T> {
+    for _ in 0..EINTR_RETRIES {
+        match f() {
+            Err(e) if e.to_string().contains("os error 4") => continue,
+            r => return r,
+        }
+    }
+    f()
 }
 
 impl Drop for PrivateCluster {
