@@ -24,13 +24,13 @@ NODES=6
 # Milliseconds before a silent master is declared failed and its replica
 # promoted: short, so failover tests finish in seconds.
 NODE_TIMEOUT_MS=2000
-# Why each node gets its own --dbfilename and validity factor 0:
-# - a replica writes its master's snapshot to DIR/<dbfilename> and then
-#   loads that file, so replicas sharing one name could load each other's
-#   data (a suspect for replicas that once never took over a dead master);
-# - validity factor 0 lets a replica promote itself however long ago it
-#   last heard from its master: a loaded 2-core CI box can stall a replica
-#   past the default 10 x node-timeout, and then nobody takes over.
+# Each node gets its own --dbfilename: a replica writes its master's
+# snapshot to DIR/<dbfilename> and then loads that file, so replicas sharing
+# one name could load each other's data. `up` returns only once every
+# replica finished its first sync (and replication starts at once, not after
+# the default 5 s diskless-sync delay): a master killed before that leaves a
+# replica with no data, which Redis rightly refuses to promote (the cluster
+# then stays down), and which would lose every key if it were promoted.
 # Starts of one node before giving up, 2 s apart: a port inside the
 # ephemeral range (32768-60999 on Linux) can be held by a client socket in
 # TIME-WAIT for 60 s, which makes redis-server's bind fail.
@@ -47,6 +47,21 @@ wait_until() { # what, tries (0.1 s each), command...
         sleep 0.1
     done
     log "timed out waiting for $what"; return 1
+}
+
+replica_synced() { # port: a master, or a replica whose first sync is done
+    local info
+    info=$(redis-cli -h 127.0.0.1 -p "$1" info replication 2>/dev/null) || return 1
+    grep -q '^role:master' <<<"$info" && return 0
+    grep -q '^master_link_status:up' <<<"$info" && grep -q '^master_sync_in_progress:0' <<<"$info"
+}
+
+all_synced() {
+    local p
+    for p in "${PORTS[@]}"; do
+        running "$p" || continue
+        replica_synced "$p" || return 1
+    done
 }
 
 cluster_ok() { # port
@@ -85,7 +100,7 @@ start_node() { # port
         # --daemonize no + nohup: the pid in the file is redis-server itself.
         nohup redis-server --port "$p" --bind 127.0.0.1 --cluster-enabled yes \
             --cluster-config-file "$DIR/nodes-$p.conf" --cluster-node-timeout "$NODE_TIMEOUT_MS" \
-            --cluster-announce-ip 127.0.0.1 --cluster-replica-validity-factor 0 \
+            --cluster-announce-ip 127.0.0.1 --repl-diskless-sync-delay 0 \
             --appendonly no --save '' --dir "$DIR" --dbfilename "dump-$p.rdb" \
             >"$DIR/$p.log" 2>&1 </dev/null &
         echo $! >"$DIR/$p.pid"
@@ -119,6 +134,7 @@ up() {
             || { log "cluster create failed (see $DIR/create.log)"; cat "$DIR/create.log" >&2; return 1; }
     fi
     wait_until "cluster_state:ok on every node" 300 all_ok
+    wait_until "every replica synced with its master" 300 all_synced
     local url="" sep=""
     for p in "${PORTS[@]}"; do url+="${sep}redis://127.0.0.1:$p"; sep=","; done
     echo "$url" >"$DIR/url"

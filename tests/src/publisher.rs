@@ -220,8 +220,11 @@ pub enum Frame {
 
 /// Reads the next JSON frame or close, waiting at most `timeout`.
 pub async fn ws_next(ws: &mut Ws, timeout: Duration) -> Option<Frame> {
+    // One deadline for the whole call: the server's pings (skipped below)
+    // must not restart the clock, or a silent stream never times out.
+    let deadline = tokio::time::Instant::now() + timeout;
     loop {
-        let msg = tokio::time::timeout(timeout, ws.next()).await.ok()??;
+        let msg = tokio::time::timeout_at(deadline, ws.next()).await.ok()??;
         match msg {
             Ok(Message::Text(t)) => {
                 return Some(Frame::Json(

@@ -41,6 +41,7 @@ async fn read_until(ws: &mut Ws, want: &HashMap<String, u64>, resets: &mut usize
         .any(|(m, v)| have.get(m).copied().unwrap_or(0) < *v)
     {
         let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "timed out: have {have:?}, want {want:?}");
         match ws_next(ws, left).await {
             Some(Frame::Json(v)) if v["type"] == "update" => {
                 let m = v["market"].as_str().unwrap().to_owned();
