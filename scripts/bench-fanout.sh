@@ -24,7 +24,10 @@
 #       --rates 5000,10000,20000,40000 --seconds 10
 #
 # It ends with the highest step that kept p99 ≤ 100 ms with no watcher
-# lost, and the publisher's CPU per delivered message.
+# lost, and the publisher's CPU per delivered message. REDIS_CLUSTER=1 runs
+# either on a 3-master + 3-replica Redis Cluster (scripts/redis-cluster.sh,
+# ports 26500-26505) instead of the standalone Redis; Redis figures are then
+# summed over the six nodes.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -39,6 +42,8 @@ REDUCERS=${REDUCERS:-1}
 # beyond that.
 BROKER=${BROKER:-dev}
 REDIS_PORT=26479
+REDIS_CLUSTER=${REDIS_CLUSTER:-0}
+CLUSTER_PORT=26500
 # State and logs (redis.log, reducer-*.log, publisher-*.log) live outside
 # the clone, like the build cache.
 export STREAMPIPE_STACK_DIR=$STREAMPIPE_CACHE/stack-fanout STREAMPIPE_BROKERS=$BROKER STREAMPIPE_PIPELINE=fanout
@@ -68,6 +73,9 @@ cleanup() {
         kill -KILL "$p" 2>/dev/null || true
     done
     scripts/stack.sh down >/dev/null 2>&1 || true
+    if [ "$REDIS_CLUSTER" = 1 ]; then
+        scripts/redis-cluster.sh down "$STREAMPIPE_STACK_DIR/cluster" "$CLUSTER_PORT" >/dev/null 2>&1 || true
+    fi
 }
 trap cleanup EXIT
 # The stack's dev broker must be the release build too.
@@ -82,8 +90,17 @@ wait_ready() { # url
     for _ in $(seq 1 300); do curl -sf "$1" >/dev/null && return 0; sleep 0.1; done
     log "not ready: $1"; return 1
 }
-PID_ARGS=(--pid "redis=$(cat "$STREAMPIPE_STACK_DIR/redis.pid")")
-COMMON=(--brokers "$KAFKA" --pipeline fanout --redis-url "redis://127.0.0.1:$REDIS_PORT" --log-format text)
+if [ "$REDIS_CLUSTER" = 1 ]; then
+    scripts/redis-cluster.sh up "$STREAMPIPE_STACK_DIR/cluster" "$CLUSTER_PORT" >/dev/null
+    REDIS_URL=$(cat "$STREAMPIPE_STACK_DIR/cluster/url")
+    PID_ARGS=()
+    for f in "$STREAMPIPE_STACK_DIR"/cluster/*.pid; do PID_ARGS+=(--pid "redis=$(cat "$f")"); done
+    COMMON=(--brokers "$KAFKA" --pipeline fanout --redis-url "$REDIS_URL" --redis-cluster --log-format text)
+else
+    REDIS_URL=redis://127.0.0.1:$REDIS_PORT
+    PID_ARGS=(--pid "redis=$(cat "$STREAMPIPE_STACK_DIR/redis.pid")")
+    COMMON=(--brokers "$KAFKA" --pipeline fanout --redis-url "$REDIS_URL" --log-format text)
+fi
 for i in $(seq 1 "$REDUCERS"); do
     port_free $((28380 + i))
     "$R/streampipe-reducer" "${COMMON[@]}" --listen "127.0.0.1:$((28380 + i))" \
@@ -103,7 +120,7 @@ done
 
 "$R/streampipe-bench-fanout" run --clients "$CLIENTS" --per-process "$PER_PROCESS" \
     --publishers "$(IFS=,; echo "${ADDRS[*]}")" --brokers "$KAFKA" --data-topic fanout.data \
-    --redis-url "redis://127.0.0.1:$REDIS_PORT" "${PID_ARGS[@]}" "$@" &
+    --redis-url "$REDIS_URL" "${PID_ARGS[@]}" "$@" &
 BENCH=$!
 # The machine is shared: if free memory falls below MIN_FREE_MB (publishers
 # buffering for 100k lagging watchers can take GBs), stop the benchmark and

@@ -133,9 +133,15 @@ struct RunArgs {
     /// Data topic.
     #[arg(long, default_value = "fanout.data")]
     data_topic: String,
-    /// Redis URL of the pipeline.
-    #[arg(long, default_value = "redis://127.0.0.1:26479")]
-    redis_url: String,
+    /// Redis URL of the pipeline; on a Redis Cluster every node's URL
+    /// (comma-separated): CPU, command and output figures are summed over
+    /// them, the baselines run on the master of the benchmark channel's slot.
+    #[arg(
+        long = "redis-url",
+        value_delimiter = ',',
+        default_value = "redis://127.0.0.1:26479"
+    )]
+    redis_urls: Vec<String>,
     /// `redis-benchmark` binary for the baselines ("" skips them).
     #[arg(long, default_value = "redis-benchmark")]
     redis_benchmark: String,
@@ -869,27 +875,86 @@ fn info(redis: &mut redis::Connection, section: &str) -> anyhow::Result<HashMap<
         .collect())
 }
 
-/// Seconds of CPU Redis used (sys + user, all threads).
-fn redis_cpu(redis: &mut redis::Connection) -> anyhow::Result<f64> {
-    let i = info(redis, "cpu")?;
-    let f = |k: &str| i.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    Ok(f("used_cpu_sys") + f("used_cpu_user"))
+/// Seconds of CPU the Redis nodes used (sys + user, all threads), summed.
+fn redis_cpu(nodes: &mut [redis::Connection]) -> anyhow::Result<f64> {
+    let mut sum = 0.0;
+    for redis in nodes {
+        let i = info(redis, "cpu")?;
+        let f = |k: &str| i.get(k).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+        sum += f("used_cpu_sys") + f("used_cpu_user");
+    }
+    Ok(sum)
 }
 
-/// `INFO commandstats` as command → (calls, µs).
-fn commandstats(redis: &mut redis::Connection) -> anyhow::Result<HashMap<String, (u64, u64)>> {
-    let i = info(redis, "commandstats")?;
-    Ok(i.into_iter()
-        .filter_map(|(k, v)| {
-            let cmd = k.strip_prefix("cmdstat_")?.to_owned();
+/// `INFO commandstats` as command → (calls, µs), summed over the nodes.
+fn commandstats(nodes: &mut [redis::Connection]) -> anyhow::Result<HashMap<String, (u64, u64)>> {
+    let mut sum: HashMap<String, (u64, u64)> = HashMap::new();
+    for redis in nodes {
+        for (k, v) in info(redis, "commandstats")? {
+            let Some(cmd) = k.strip_prefix("cmdstat_") else {
+                continue;
+            };
             let field = |name: &str| {
                 v.split(',')
                     .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
                     .and_then(|x| x.parse::<u64>().ok())
             };
-            Some((cmd, (field("calls")?, field("usec")?)))
+            if let (Some(calls), Some(usec)) = (field("calls"), field("usec")) {
+                let e = sum.entry(cmd.to_owned()).or_default();
+                e.0 += calls;
+                e.1 += usec;
+            }
+        }
+    }
+    Ok(sum)
+}
+
+/// Bytes the Redis nodes wrote to their clients (`total_net_output_bytes`), summed.
+fn net_output(nodes: &mut [redis::Connection]) -> anyhow::Result<u64> {
+    let mut sum = 0;
+    for redis in nodes {
+        sum += stat_u64(&info(redis, "stats")?, "total_net_output_bytes");
+    }
+    Ok(sum)
+}
+
+/// `host:port` of a `redis://host:port[/db]` URL.
+fn host_port(url: &str) -> anyhow::Result<(String, String)> {
+    url.strip_prefix("redis://")
+        .and_then(|r| r.split('/').next())
+        .and_then(|r| r.rsplit_once(':'))
+        .map(|(h, p)| (h.to_owned(), p.to_owned()))
+        .with_context(|| format!("expected redis://host:port, got {url}"))
+}
+
+/// Index of the node (in `urls`) that masters `key`'s slot: the only one
+/// when there is one node, else per `CLUSTER SLOTS` of the first.
+fn master_of(urls: &[String], nodes: &mut [redis::Connection], key: &str) -> anyhow::Result<usize> {
+    if nodes.len() == 1 {
+        return Ok(0);
+    }
+    let slot = i64::from(streampipe_contract::slot(key.as_bytes()));
+    let slots: Vec<(i64, i64, (String, i64))> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query::<Vec<redis::Value>>(&mut nodes[0])?
+        .into_iter()
+        .filter_map(|r| {
+            let redis::Value::Array(r) = r else {
+                return None;
+            };
+            let from = redis::from_redis_value::<i64>(r.first()?.clone()).ok()?;
+            let to = redis::from_redis_value::<i64>(r.get(1)?.clone()).ok()?;
+            let master = redis::from_redis_value::<(String, i64)>(r.get(2)?.clone()).ok()?;
+            Some((from, to, master))
         })
-        .collect())
+        .collect();
+    let (_, _, (host, port)) = slots
+        .into_iter()
+        .find(|(a, b, _)| (*a..=*b).contains(&slot))
+        .with_context(|| format!("no master for slot {slot}"))?;
+    urls.iter()
+        .position(|u| host_port(u).is_ok_and(|(h, p)| h == host && p == port.to_string()))
+        .with_context(|| format!("master {host}:{port} is not among --redis-url"))
 }
 
 fn stat_u64(i: &HashMap<String, String>, k: &str) -> u64 {
@@ -941,9 +1006,9 @@ struct PubsubSample {
     timeline: Vec<String>,
 }
 
-/// Samples `CLIENT LIST` every 250 ms until `stop`.
-fn sample_pubsub(url: String, stop: Arc<AtomicBool>) -> anyhow::Result<PubsubSample> {
-    let mut redis = redis::Client::open(url.as_str())?.get_connection()?;
+/// Samples `CLIENT LIST` of every node every 250 ms until `stop`.
+fn sample_pubsub(urls: Vec<String>, stop: Arc<AtomicBool>) -> anyhow::Result<PubsubSample> {
+    let mut nodes = connect_all(&urls)?;
     let mut s = PubsubSample {
         min_conns: usize::MAX,
         ..Default::default()
@@ -955,10 +1020,18 @@ fn sample_pubsub(url: String, stop: Arc<AtomicBool>) -> anyhow::Result<PubsubSam
         if stop.load(Ordering::Relaxed) {
             break;
         }
-        let list: String = query_patiently(&mut redis, redis::cmd("CLIENT").arg("LIST"))?;
         let mut ids = Vec::new();
         let mut omem = 0;
-        for line in list.lines() {
+        let mut lists = Vec::new();
+        for (n, redis) in nodes.iter_mut().enumerate() {
+            let list: String = query_patiently(redis, redis::cmd("CLIENT").arg("LIST"))?;
+            lists.push((n as u64, list));
+        }
+        // Client ids are per node: node n's id i counts as n·2^40 + i.
+        for (line, node) in lists
+            .iter()
+            .flat_map(|(n, l)| l.lines().map(move |line| (line, *n << 40)))
+        {
             let field = |name: &str| {
                 line.split(' ')
                     .find_map(|kv| kv.strip_prefix(name)?.strip_prefix('='))
@@ -966,9 +1039,9 @@ fn sample_pubsub(url: String, stop: Arc<AtomicBool>) -> anyhow::Result<PubsubSam
                     .unwrap_or(0)
             };
             if field("sub") + field("psub") + field("ssub") > 0 {
-                ids.push(field("id"));
+                ids.push(node + field("id"));
                 omem = omem.max(field("omem"));
-                s.ids.insert(field("id"));
+                s.ids.insert(node + field("id"));
             }
         }
         ids.sort_unstable();
@@ -1036,21 +1109,24 @@ fn record_value(market: &str, version: u64, ts_ms: u64, seq: u64) -> String {
     )
 }
 
-/// One `redis-benchmark` baseline: prints its line, Redis CPU and µs per call.
+/// Connections to every node.
+fn connect_all(urls: &[String]) -> anyhow::Result<Vec<redis::Connection>> {
+    urls.iter()
+        .map(|u| Ok(redis::Client::open(u.as_str())?.get_connection()?))
+        .collect()
+}
+
+/// One `redis-benchmark` baseline on the master of the channel `ch`:
+/// prints its line, Redis CPU and µs per call.
 fn baseline(
     a: &RunArgs,
-    redis: &mut redis::Connection,
+    nodes: &mut [redis::Connection],
     cmd: &str,
     payload_len: usize,
 ) -> anyhow::Result<Value> {
-    // redis://host:port[/db]
-    let hostport = a
-        .redis_url
-        .strip_prefix("redis://")
-        .and_then(|r| r.split('/').next())
-        .and_then(|r| r.rsplit_once(':'))
-        .with_context(|| format!("expected redis://host:port, got {}", a.redis_url))?;
-    let (host, port) = (hostport.0.to_owned(), hostport.1.to_owned());
+    let n = master_of(&a.redis_urls, nodes, "ch")?;
+    let (host, port) = host_port(&a.redis_urls[n])?;
+    let redis = std::slice::from_mut(&mut nodes[n]);
     let payload = "x".repeat(payload_len);
     let cpu0 = redis_cpu(redis)?;
     let stats0 = commandstats(redis)?;
@@ -1154,10 +1230,16 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         "need publishers and clients"
     );
     anyhow::ensure!(a.rates.iter().all(|&r| r > 0), "rates must be positive");
-    let mut redis = redis::Client::open(a.redis_url.as_str())?.get_connection()?;
-    let server = info(&mut redis, "server")?;
+    let mut nodes = connect_all(&a.redis_urls)?;
+    let redis = &mut nodes[..];
+    let server = info(&mut redis[0], "server")?;
+    let node_note = if redis.len() > 1 {
+        format!(" (figures summed over {} nodes)", redis.len())
+    } else {
+        String::new()
+    };
     println!(
-        "== fan-out: {} watchers of {} over {} publisher(s); steps {:?} updates/s × {} s (+{} s grace); Redis {}",
+        "== fan-out: {} watchers of {} over {} publisher(s); steps {:?} updates/s × {} s (+{} s grace); Redis {}{node_note}",
         a.clients,
         if c.markets <= 1 {
             format!("{:?}", c.market)
@@ -1182,7 +1264,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     let mut baselines = Vec::new();
     if !a.redis_benchmark.is_empty() {
         for cmd in ["PUBLISH", "SPUBLISH"] {
-            baselines.push(baseline(&a, &mut redis, cmd, payload_len)?);
+            baselines.push(baseline(&a, redis, cmd, payload_len)?);
         }
     }
 
@@ -1291,14 +1373,17 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
     }
 
     // Idle Redis CPU, to read the steps against.
-    let cpu0 = redis_cpu(&mut redis)?;
+    let cpu0 = redis_cpu(redis)?;
     std::thread::sleep(Duration::from_secs(3));
-    let idle = (redis_cpu(&mut redis)? - cpu0) / 3.0;
+    let idle = (redis_cpu(redis)? - cpu0) / 3.0;
     println!(
         "Redis idle: {:.1}% of a core ({} keys, {} used memory)",
         idle * 100.0,
-        redis::cmd("DBSIZE").query::<u64>(&mut redis)?,
-        info(&mut redis, "memory")?
+        redis
+            .iter_mut()
+            .map(|r| redis::cmd("DBSIZE").query::<u64>(r))
+            .sum::<Result<u64, _>>()?,
+        info(&mut redis[0], "memory")?
             .get("used_memory_human")
             .cloned()
             .unwrap_or_default()
@@ -1345,16 +1430,16 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             &json!({"cmd": "step", "first": first, "last": last, "t0_us": t0_us, "interval_us": interval_us}),
         )?;
         collect(&rx, procs_n, "step", Duration::from_secs(30))?;
-        let cpu_before = redis_cpu(&mut redis)?;
-        let cmd_before = commandstats(&mut redis)?;
-        let stats_before = info(&mut redis, "stats")?;
+        let cpu_before = redis_cpu(redis)?;
+        let cmd_before = commandstats(redis)?;
+        let out_before = net_output(redis)?;
         let procs_before = group_cpu(&a.pids, &swarm_pids);
         let failed_before = failures.load(Ordering::Relaxed);
         let busy_before = BUSY_REPLIES.load(Ordering::Relaxed);
         let stop = Arc::new(AtomicBool::new(false));
         let sampler = {
-            let (url, stop) = (a.redis_url.clone(), stop.clone());
-            std::thread::spawn(move || sample_pubsub(url, stop))
+            let (urls, stop) = (a.redis_urls.clone(), stop.clone());
+            std::thread::spawn(move || sample_pubsub(urls, stop))
         };
         let wall = Instant::now();
         for k in 0..count {
@@ -1385,9 +1470,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         let mut drained = reports.clone();
         let mut applied = applied_at_grace;
         while Instant::now() < drain_until {
-            let c0 = redis_cpu(&mut redis)?;
+            let c0 = redis_cpu(redis)?;
             std::thread::sleep(Duration::from_secs(1));
-            let busy = redis_cpu(&mut redis)? - c0;
+            let busy = redis_cpu(redis)? - c0;
             send(&mut procs, &json!({"cmd": "report"}))?;
             drained = collect(&rx, procs_n, "report", Duration::from_secs(60))?;
             applied = market_version(c.publishers[0], last_market)
@@ -1411,9 +1496,9 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
         let pubsub = sampler
             .join()
             .map_err(|_| anyhow::anyhow!("sampler panicked"))??;
-        let redis_secs = redis_cpu(&mut redis)? - cpu_before;
-        let cmds = command_delta(&cmd_before, &commandstats(&mut redis)?);
-        let stats_after = info(&mut redis, "stats")?;
+        let redis_secs = redis_cpu(redis)? - cpu_before;
+        let cmds = command_delta(&cmd_before, &commandstats(redis)?);
+        let out_after = net_output(redis)?;
         let procs_after = group_cpu(&a.pids, &swarm_pids);
 
         let ready = sum(&reports, "ready");
@@ -1469,7 +1554,7 @@ fn run(a: RunArgs) -> anyhow::Result<()> {
             "busy_replies": BUSY_REPLIES.load(Ordering::Relaxed) - busy_before,
             "evalsha_calls": evalsha.map(|e| e.1),
             "evalsha_usec_per_call": evalsha.map(|e| e.2 as f64 / e.1.max(1) as f64),
-            "net_out_bytes_per_update": stat_u64(&stats_after, "total_net_output_bytes").saturating_sub(stat_u64(&stats_before, "total_net_output_bytes")) / applied_n,
+            "net_out_bytes_per_update": out_after.saturating_sub(out_before) / applied_n,
             "pubsub_max_omem": pubsub.max_omem,
             "pubsub_conns_min": if pubsub.min_conns == usize::MAX { 0 } else { pubsub.min_conns },
             "pubsub_conns_max": pubsub.max_conns,
