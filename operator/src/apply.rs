@@ -1,0 +1,321 @@
+//! The apply phase: bring each child to what [`crate::builders`] describes,
+//! with server-side apply under one field manager, writing only on real
+//! drift and never touching an object this pipeline does not control.
+//!
+//! Per child: read the live object from the controller's cache (a GET only
+//! when the cache does not have it, e.g. the name is taken by an unlabelled
+//! object of someone else, or in tests); if it exists and is not ours
+//! ([`crate::ownership`]) leave it alone and report a conflict; if it is in
+//! sync ([`crate::drift`]) do nothing; otherwise apply with `force` (we own
+//! exactly what we send). A Service whose port was edited first gets an
+//! apply that takes the edited ports over, so that the real apply removes
+//! them instead of adding a duplicate. An apply that changed nothing
+//! (same `resourceVersion`) does not count as an update.
+//!
+//! The Deployments read their settings from the ConfigMap, so while the
+//! ConfigMap's name is taken by a foreign object they are not applied
+//! either: pods must not start on someone else's configuration.
+
+use std::fmt::Debug;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::builders::{self, Role, FIELD_MANAGER};
+use crate::context::Context;
+use crate::crd::StreamPipeline;
+use crate::drift;
+use crate::error::{Error, Result};
+use crate::ownership::{classify, Owner};
+use crate::quantity;
+
+/// How a child apply went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    /// Live object already matched.
+    Unchanged,
+    /// Did not exist; created.
+    Created,
+    /// Differed; updated.
+    Updated,
+}
+
+/// One child's outcome.
+#[derive(Debug, Clone)]
+pub struct Change {
+    /// How.
+    pub applied: Applied,
+    /// `ConfigMap`, `Deployment`, ...
+    pub kind: &'static str,
+    /// Its `apiVersion`.
+    pub api_version: &'static str,
+    /// Its name.
+    pub name: String,
+}
+
+impl Change {
+    /// A reference to the child, for Events.
+    pub fn object_ref(&self, ns: &str) -> ObjectReference {
+        ObjectReference {
+            api_version: Some(self.api_version.into()),
+            kind: Some(self.kind.into()),
+            name: Some(self.name.clone()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        }
+    }
+}
+
+/// A child left alone because someone else controls its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// Kind.
+    pub kind: &'static str,
+    /// `apiVersion`.
+    pub api_version: &'static str,
+    /// Name.
+    pub name: String,
+    /// Whose it is, for people.
+    pub why: String,
+}
+
+impl Conflict {
+    /// For the condition and the Event.
+    pub fn message(&self) -> String {
+        format!(
+            "{} {} exists and is not controlled by this pipeline ({}); it is left alone — rename or delete it",
+            self.kind, self.name, self.why
+        )
+    }
+}
+
+/// What the apply phase did and saw.
+#[derive(Debug, Default)]
+pub struct Report {
+    /// Children applied (or found in sync).
+    pub changes: Vec<Change>,
+    /// Children left alone.
+    pub conflicts: Vec<Conflict>,
+    /// The reducer Deployment as live after the phase.
+    pub reducer: Option<Deployment>,
+    /// The publisher Deployment as live after the phase.
+    pub publisher: Option<Deployment>,
+    /// Reducer replicas before the phase (to report a scale).
+    pub old_reducers: Option<i32>,
+}
+
+enum Outcome<K> {
+    Done {
+        applied: Applied,
+        before: Option<K>,
+        after: K,
+    },
+    Conflict(String),
+}
+
+async fn live<K>(api: &Api<K>, store: Option<&Store<K>>, ns: &str, name: &str) -> Result<Option<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
+{
+    if let Some(obj) = store.and_then(|s| s.get(&ObjectRef::new(name).within(ns))) {
+        return Ok(Some((*obj).clone()));
+    }
+    Ok(api.get_opt(name).await?)
+}
+
+async fn apply_child<K>(
+    api: &Api<K>,
+    store: Option<&Store<K>>,
+    sp: &StreamPipeline,
+    kind: &'static str,
+    mut desired: Value,
+) -> Result<Outcome<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+{
+    quantity::normalise_resources(&mut desired);
+    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
+    let uid = sp.uid().ok_or(Error::MissingField("uid"))?;
+    let name = desired["metadata"]["name"]
+        .as_str()
+        .ok_or(Error::MissingField("child name"))?
+        .to_owned();
+    let before = live(api, store, &ns, &name).await?;
+    let wrap = |source| Error::Apply {
+        kind,
+        name: name.clone(),
+        source,
+    };
+    let pp = PatchParams::apply(FIELD_MANAGER).force();
+    if let Some(b) = &before {
+        if let Owner::Foreign(why) = classify(b.meta(), &sp.name_any(), &uid) {
+            return Ok(Outcome::Conflict(why));
+        }
+        let live_json = serde_json::to_value(b)?;
+        if drift::in_sync(&desired, &live_json, FIELD_MANAGER) {
+            return Ok(Outcome::Done {
+                applied: Applied::Unchanged,
+                before: before.clone(),
+                after: b.clone(),
+            });
+        }
+        if let Some(adopt) = drift::adopt_first(kind, &desired, &live_json) {
+            api.patch(&name, &pp, &Patch::Apply(&adopt))
+                .await
+                .map_err(wrap)?;
+        }
+    }
+    let after = api
+        .patch(&name, &pp, &Patch::Apply(&desired))
+        .await
+        .map_err(wrap)?;
+    let applied = match &before {
+        None => Applied::Created,
+        Some(b) if b.resource_version() == after.resource_version() => Applied::Unchanged,
+        Some(_) => Applied::Updated,
+    };
+    Ok(Outcome::Done {
+        applied,
+        before,
+        after,
+    })
+}
+
+/// Applies every child of `sp`.
+pub async fn apply_children(sp: &StreamPipeline, ctx: &Context) -> Result<Report> {
+    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
+    let stores = ctx.stores();
+    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let deps: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut report = Report::default();
+    let note = |report: &mut Report,
+                applied: Applied,
+                kind: &'static str,
+                api_version: &'static str,
+                name: String| {
+        report.changes.push(Change {
+            applied,
+            kind,
+            api_version,
+            name,
+        })
+    };
+    let conflict = |report: &mut Report, kind, api_version, name: String, why: String| {
+        report.conflicts.push(Conflict {
+            kind,
+            api_version,
+            name,
+            why,
+        })
+    };
+
+    let cm_name = builders::config_name(sp);
+    let config_ok = match apply_child(
+        &cms,
+        stores.as_ref().map(|s| &s.config_maps),
+        sp,
+        "ConfigMap",
+        builders::config_map(sp),
+    )
+    .await?
+    {
+        Outcome::Done { applied, .. } => {
+            note(&mut report, applied, "ConfigMap", "v1", cm_name);
+            true
+        }
+        Outcome::Conflict(why) => {
+            conflict(&mut report, "ConfigMap", "v1", cm_name, why);
+            false
+        }
+    };
+
+    for role in [Role::Reducer, Role::Publisher] {
+        let name = builders::child_name(sp, role);
+        let dep_store = stores.as_ref().map(|s| &s.deployments);
+        if !config_ok {
+            // Not applied, but observed for the status.
+            let current = live(&deps, dep_store, &ns, &name).await?;
+            let current = current.filter(|d| {
+                !matches!(
+                    classify(d.meta(), &sp.name_any(), &sp.uid().unwrap_or_default()),
+                    Owner::Foreign(_)
+                )
+            });
+            match role {
+                Role::Reducer => report.reducer = current,
+                Role::Publisher => report.publisher = current,
+            }
+            continue;
+        }
+        let desired = match role {
+            Role::Reducer => builders::reducer_deployment(sp),
+            Role::Publisher => builders::publisher_deployment(sp),
+        };
+        match apply_child(&deps, dep_store, sp, "Deployment", desired).await? {
+            Outcome::Done {
+                applied,
+                before,
+                after,
+            } => {
+                note(&mut report, applied, "Deployment", "apps/v1", name);
+                match role {
+                    Role::Reducer => {
+                        report.old_reducers = before.and_then(|d| d.spec.replicas);
+                        report.reducer = Some(after);
+                    }
+                    Role::Publisher => report.publisher = Some(after),
+                }
+            }
+            Outcome::Conflict(why) => conflict(&mut report, "Deployment", "apps/v1", name, why),
+        }
+    }
+
+    let svc_name = builders::child_name(sp, Role::Publisher);
+    match apply_child(
+        &svcs,
+        stores.as_ref().map(|s| &s.services),
+        sp,
+        "Service",
+        builders::publisher_service(sp),
+    )
+    .await?
+    {
+        Outcome::Done { applied, .. } => note(&mut report, applied, "Service", "v1", svc_name),
+        Outcome::Conflict(why) => conflict(&mut report, "Service", "v1", svc_name, why),
+    }
+
+    if ctx.features.pdb {
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
+        let name = builders::child_name(sp, Role::Publisher);
+        let store = stores.as_ref().and_then(|s| s.pdbs.as_ref());
+        match apply_child(
+            &pdbs,
+            store,
+            sp,
+            "PodDisruptionBudget",
+            builders::publisher_pdb(sp),
+        )
+        .await?
+        {
+            Outcome::Done { applied, .. } => note(
+                &mut report,
+                applied,
+                "PodDisruptionBudget",
+                "policy/v1",
+                name,
+            ),
+            Outcome::Conflict(why) => {
+                conflict(&mut report, "PodDisruptionBudget", "policy/v1", name, why)
+            }
+        }
+    }
+    Ok(report)
+}
