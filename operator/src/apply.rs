@@ -7,9 +7,9 @@
 //! object of someone else, or in tests); if it exists and is not ours
 //! ([`crate::ownership`]) leave it alone and report a conflict; if it is in
 //! sync ([`crate::drift`]) do nothing; otherwise apply with `force` (we own
-//! exactly what we send). A Service whose port was edited first gets an
-//! apply that takes the edited ports over, so that the real apply removes
-//! them instead of adding a duplicate. An apply that changed nothing
+//! exactly what we send). A Service whose port was edited first gets its
+//! port list replaced whole (a merge patch), since an apply would keep the
+//! edited port next to ours and fail on the duplicate name. An apply that changed nothing
 //! (same `resourceVersion`) does not count as an update.
 //!
 //! The Deployments read their settings from the ConfigMap, so while the
@@ -26,7 +26,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use serde_json::Value;
+use serde_json::{json, Value};
 
 use crate::builders::{self, Role, FIELD_MANAGER};
 use crate::context::Context;
@@ -166,8 +166,14 @@ where
                 after: b.clone(),
             });
         }
-        if let Some(adopt) = drift::adopt_first(kind, &desired, &live_json) {
-            api.patch(&name, &pp, &Patch::Apply(&adopt))
+        if let Some(mut repair) = drift::whole_list_repair(kind, &desired, &live_json) {
+            // Guarded by the resourceVersion we judged: a concurrent edit fails it (409, retried).
+            repair["metadata"] = json!({"resourceVersion": b.resource_version()});
+            let mp = PatchParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            };
+            api.patch(&name, &mp, &Patch::Merge(&repair))
                 .await
                 .map_err(wrap)?;
         }

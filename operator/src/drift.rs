@@ -139,30 +139,39 @@ pub fn in_sync(desired: &Value, live: &Value, manager: &str) -> bool {
 /// apply fail on the duplicate name.
 pub const WHOLE_LISTS: &[(&str, &[&str])] = &[("Service", &["spec", "ports"])];
 
-/// If `live` has elements in a [`WHOLE_LISTS`] list that `desired` lacks,
-/// the object to apply first so our manager owns them (`desired` with those
-/// lists as they are live); applying `desired` after that removes them.
-pub fn adopt_first(kind: &str, desired: &Value, live: &Value) -> Option<Value> {
-    let mut adopt = desired.clone();
+fn at<'a>(v: &'a Value, path: &[&str]) -> Option<&'a Value> {
+    path.iter().try_fold(v, |v, p| v.get(*p))
+}
+
+/// A JSON merge patch that sets every [`WHOLE_LISTS`] list of `kind` where
+/// `live` has elements `desired` lacks to the desired list, or `None`.
+///
+/// Server-side apply cannot do this: force takes over only *conflicting*
+/// fields, so an element another manager also set (with the same values)
+/// stays shared and survives our apply without it. A merge patch replaces
+/// a list whole.
+pub fn whole_list_repair(kind: &str, desired: &Value, live: &Value) -> Option<Value> {
+    let mut patch = Value::Object(Map::new());
     let mut needed = false;
     for (k, path) in WHOLE_LISTS {
         if *k != kind {
             continue;
         }
-        let get = |v: &Value| path.iter().try_fold(v.clone(), |v, p| v.get(*p).cloned());
-        let (Some(Value::Array(want)), Some(Value::Array(have))) = (get(desired), get(live)) else {
+        let (Some(Value::Array(want)), Some(Value::Array(have))) =
+            (at(desired, path), at(live, path))
+        else {
             continue;
         };
         if have.iter().any(|h| !want.iter().any(|w| contains(w, h))) {
             needed = true;
-            let mut slot = &mut adopt;
+            let mut slot = &mut patch;
             for p in *path {
                 slot = &mut slot[*p];
             }
-            *slot = Value::Array(have);
+            *slot = Value::Array(want.clone());
         }
     }
-    needed.then_some(adopt)
+    needed.then_some(patch)
 }
 
 #[cfg(test)]
@@ -242,14 +251,14 @@ mod tests {
     }
 
     #[test]
-    fn an_edited_service_port_is_adopted_then_replaced() {
+    fn an_edited_service_port_is_replaced_whole() {
         let desired = json!({"spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP"}]}});
         let live = json!({"spec": {"ports": [{"name": "http", "port": 81, "protocol": "TCP", "targetPort": "http"}]}});
         assert!(!contains(&desired, &live));
-        let adopt = adopt_first("Service", &desired, &live).expect("adopt the edited port");
-        assert_eq!(adopt["spec"]["ports"], live["spec"]["ports"]);
+        let patch = whole_list_repair("Service", &desired, &live).expect("replace the edited port");
+        assert_eq!(patch, json!({"spec": {"ports": desired["spec"]["ports"]}}));
         let same = json!({"spec": {"ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": "http"}]}});
-        assert!(adopt_first("Service", &desired, &same).is_none());
-        assert!(adopt_first("Deployment", &desired, &live).is_none());
+        assert!(whole_list_repair("Service", &desired, &same).is_none());
+        assert!(whole_list_repair("Deployment", &desired, &live).is_none());
     }
 }
