@@ -589,7 +589,7 @@ fn rv(kind: &str, ns: &str, name: &str) -> Value {
 /// the status on the first pass with one short Event; quantities, a foreign
 /// env var and an unchanged pipeline cause no write; an edited Service port
 /// is replaced, an env var dropped from the spec removed, a removed owner
-/// reference restored at once.
+/// reference restored at once; a rollout past its deadline is Degraded.
 #[test]
 fn ownership_status_and_drift_on_a_real_api_server() {
     install();
@@ -800,6 +800,39 @@ fn ownership_status_and_drift_on_a_real_api_server() {
             .map(|_| ())
     });
     eprintln!("owner reference restored in {:?}", t.elapsed());
+
+    // A rollout past its deadline (no node: pods stay Pending) is Degraded,
+    // not "RolledOut". The deadline is a field the operator does not set.
+    kubectl_ok(&[
+        "patch",
+        "deployment",
+        "odds-reducer",
+        "-n",
+        &ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"progressDeadlineSeconds":1}}"#,
+    ]);
+    let sp = wait_get(
+        "ProgressDeadlineExceeded",
+        "streampipeline",
+        &ns,
+        "odds",
+        |v| condition(v, "Degraded").is_some_and(|c| c["reason"] == "ProgressDeadlineExceeded"),
+    );
+    let progressing = condition(&sp, "Progressing").unwrap();
+    assert_eq!(
+        (
+            progressing["status"].as_str(),
+            progressing["reason"].as_str()
+        ),
+        (Some("False"), Some("ProgressDeadlineExceeded"))
+    );
+    assert!(condition(&sp, "Degraded").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("odds-reducer"));
 
     // A pipeline failing on its first pass: a status with the reason, one short Event.
     let bad = serde_json::json!({"replicas": 1, "resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}});
