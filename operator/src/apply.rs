@@ -27,6 +27,7 @@ use kube::{Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::{json, Value};
+use tracing::debug;
 
 use crate::builders::{self, Role, FIELD_MANAGER};
 use crate::context::Context;
@@ -178,6 +179,7 @@ where
                 .map_err(wrap)?;
         }
     }
+    debug!(kind, %name, exists = before.is_some(), "applying");
     let after = api
         .patch(&name, &pp, &Patch::Apply(&desired))
         .await
