@@ -300,7 +300,24 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
     let report = apply_children(sp, ctx).await?;
     report_changes(sp, ctx, &report).await;
 
-    write_status(ctx, sp, observe(sp, &report, scaling.as_ref())).await?;
+    let status = observe(sp, &report, scaling.as_ref());
+    // A stalled rollout is news worth an Event too (repeats fold into one).
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == status::DEGRADED && c.reason == status::PROGRESS_DEADLINE_EXCEEDED)
+    {
+        let note = c.message.clone();
+        ctx.event(
+            sp,
+            EventType::Warning,
+            status::PROGRESS_DEADLINE_EXCEEDED,
+            "Observe",
+            note,
+        )
+        .await;
+    }
+    write_status(ctx, sp, status).await?;
     ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
     let next = match sp.spec.autoscaling.as_ref().filter(|a| a.enabled) {
         Some(a) => crate::plan::interval(a),

@@ -678,4 +678,11 @@ async fn a_rollout_past_its_deadline_is_degraded() {
         !patched(&fake.writes(), REDUCER),
         "status only, no child write"
     );
+    let evs = events(&fake.writes());
+    assert!(
+        evs.iter().any(|e| e["type"] == "Warning"
+            && e["reason"] == "ProgressDeadlineExceeded"
+            && e["note"].as_str().unwrap().contains("odds-reducer")),
+        "{evs:?}"
+    );
 }
