@@ -101,6 +101,28 @@ enum Step {
     Skip,
 }
 
+/// Decides about `key` at `now` and updates the memory (a new Event is
+/// remembered only once created). `every`: write each repeat.
+fn step(sent: &mut HashMap<Key, Sent>, key: &Key, every: bool, now: Instant) -> Step {
+    sent.retain(|_, s| now.saturating_duration_since(s.last_seen) < MEMORY);
+    match sent.get_mut(key) {
+        None => Step::Create,
+        Some(s) => {
+            s.count += 1;
+            s.last_seen = now;
+            if every || now.saturating_duration_since(s.last_written) >= SERIES_PATCH_EVERY {
+                s.last_written = now;
+                Step::Patch {
+                    name: s.name.clone(),
+                    count: s.count,
+                }
+            } else {
+                Step::Skip
+            }
+        }
+    }
+}
+
 impl Recorder {
     /// A recorder writing as `reporter`.
     pub fn new(client: Client, reporter: Reporter) -> Self {
@@ -108,27 +130,6 @@ impl Recorder {
             client,
             reporter,
             sent: Mutex::new(HashMap::new()),
-        }
-    }
-
-    fn step(&self, key: &Key, every: bool, now: Instant) -> Step {
-        let mut sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
-        sent.retain(|_, s| now.duration_since(s.last_seen) < MEMORY);
-        match sent.get_mut(key) {
-            None => Step::Create,
-            Some(s) => {
-                s.count += 1;
-                s.last_seen = now;
-                if every || now.duration_since(s.last_written) >= SERIES_PATCH_EVERY {
-                    s.last_written = now;
-                    Step::Patch {
-                        name: s.name.clone(),
-                        count: s.count,
-                    }
-                } else {
-                    Step::Skip
-                }
-            }
         }
     }
 
@@ -156,7 +157,13 @@ impl Recorder {
             .unwrap_or_else(|| "default".into());
         let api: Api<K8sEvent> = Api::namespaced(self.client.clone(), &namespace);
         let every = matches!(ev.type_, EventType::Normal);
-        match self.step(&key, every, now) {
+        let step = step(
+            &mut self.sent.lock().unwrap_or_else(|p| p.into_inner()),
+            &key,
+            every,
+            now,
+        );
+        match step {
             Step::Skip => {}
             Step::Patch { name, count } => {
                 let series = json!({"series": EventSeries {
@@ -235,6 +242,61 @@ impl Recorder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn key(note: &str) -> Key {
+        Key {
+            regarding: (Some("prod".into()), Some("odds".into()), Some("uid".into())),
+            type_: "Warning",
+            reason: "ReconcileFailed".into(),
+            related: None,
+            note: note.into(),
+        }
+    }
+
+    #[test]
+    fn repeats_fold_into_a_series_and_different_notes_do_not() {
+        let mut sent = HashMap::new();
+        let t0 = Instant::now();
+        let k = key("boom");
+        assert_eq!(step(&mut sent, &k, false, t0), Step::Create);
+        sent.insert(
+            k.clone(),
+            Sent {
+                name: "odds.1".into(),
+                count: 1,
+                last_seen: t0,
+                last_written: t0,
+            },
+        );
+        // A retried failure within the minute: nothing written.
+        assert_eq!(
+            step(&mut sent, &k, false, t0 + Duration::from_secs(2)),
+            Step::Skip
+        );
+        assert_eq!(
+            step(&mut sent, &k, false, t0 + Duration::from_secs(4)),
+            Step::Skip
+        );
+        // After a minute: the series count, all repeats counted.
+        assert_eq!(
+            step(&mut sent, &k, false, t0 + Duration::from_secs(61)),
+            Step::Patch {
+                name: "odds.1".into(),
+                count: 4
+            }
+        );
+        // A repeated action (Normal) is written each time.
+        assert!(matches!(
+            step(&mut sent, &k, true, t0 + Duration::from_secs(62)),
+            Step::Patch { count: 5, .. }
+        ));
+        // Another note is another Event; an old one is forgotten after the TTL.
+        assert_eq!(step(&mut sent, &key("other"), false, t0), Step::Create);
+        assert_eq!(
+            step(&mut sent, &k, false, t0 + Duration::from_secs(62) + MEMORY),
+            Step::Create
+        );
+    }
 
     #[test]
     fn truncates_at_a_char_boundary_within_the_limit() {
