@@ -12,7 +12,8 @@ use crate::builders::FIELD_MANAGER;
 pub enum Owner {
     /// Controlled by this pipeline (owner reference with its UID).
     Ours,
-    /// Made by this operator for this pipeline (our apply, our labels), but
+    /// Made by this operator for this pipeline (our server-side apply entry,
+    /// no instance label naming another pipeline), but
     /// its owner reference was removed: the next apply restores it.
     Orphaned,
     /// Someone else's: leave it alone. Says whose, for people.
@@ -38,10 +39,9 @@ pub fn classify(meta: &ObjectMeta, name: &str, uid: &str) -> Owner {
     let applied_by_us = meta.managed_fields.iter().flatten().any(|m| {
         m.manager.as_deref() == Some(FIELD_MANAGER) && m.operation.as_deref() == Some("Apply")
     });
-    if applied_by_us
-        && label("app.kubernetes.io/managed-by") == Some(FIELD_MANAGER)
-        && label("app.kubernetes.io/instance") == Some(name)
-    {
+    // Labels can be edited away together with the reference (then the
+    // apply entry alone tells), but one naming another pipeline is not ours.
+    if applied_by_us && label("app.kubernetes.io/instance").is_none_or(|i| i == name) {
         Owner::Orphaned
     } else {
         Owner::Foreign("it was not created by this pipeline".into())
@@ -110,6 +110,9 @@ mod tests {
     #[test]
     fn our_child_without_its_owner_reference_is_taken_back() {
         assert_eq!(classify(&ours_by_labels(), "odds", "u1"), Owner::Orphaned);
+        let mut stripped = ours_by_labels();
+        stripped.labels = None;
+        assert_eq!(classify(&stripped, "odds", "u1"), Owner::Orphaned);
         assert!(matches!(
             classify(&ours_by_labels(), "other", "u1"),
             Owner::Foreign(_)
