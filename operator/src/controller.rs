@@ -450,3 +450,30 @@ pub async fn run(
     // A later leadership term starts with fresh caches.
     ctx.set_stores(None);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    #[test]
+    fn children_map_to_their_pipeline_by_owner_and_by_label() {
+        let mut cm = ConfigMap::default();
+        cm.metadata.namespace = Some("prod".into());
+        assert!(pipelines_of(&cm).is_empty());
+        cm.metadata.labels = Some([(INSTANCE.to_owned(), "odds".to_owned())].into());
+        assert_eq!(
+            pipelines_of(&cm),
+            vec![ObjectRef::new("odds").within("prod")]
+        );
+        cm.metadata.owner_references = Some(vec![OwnerReference {
+            kind: "StreamPipeline".into(),
+            name: "odds".into(),
+            controller: Some(true),
+            ..Default::default()
+        }]);
+        assert_eq!(pipelines_of(&cm).len(), 1, "the same pipeline once");
+        cm.metadata.labels = Some([(INSTANCE.to_owned(), "other".to_owned())].into());
+        assert_eq!(pipelines_of(&cm).len(), 2, "both are told");
+    }
+}

@@ -686,3 +686,33 @@ async fn a_rollout_past_its_deadline_is_degraded() {
         "{evs:?}"
     );
 }
+
+#[tokio::test]
+async fn an_edited_service_port_is_replaced_not_duplicated() {
+    let sp = pipeline(spec(1));
+    let (fake, ctx) = setup(&sp).await;
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    fake.edit(SVC, |s| {
+        s["spec"]["ports"] =
+            json!([{"name": "http", "port": 81, "protocol": "TCP", "targetPort": "http"}]);
+    });
+    let rv = fake.get(SVC).unwrap()["metadata"]["resourceVersion"].clone();
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let to_svc: Vec<Value> = fake
+        .writes()
+        .into_iter()
+        .filter(|(_, p, _)| p == SVC)
+        .map(|(_, _, b)| b)
+        .collect();
+    assert_eq!(to_svc.len(), 2, "list replaced, then applied: {to_svc:?}");
+    assert_eq!(
+        to_svc[0],
+        json!({"metadata": {"resourceVersion": rv}, "spec": {"ports": [
+            {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}),
+        "a merge patch guarded by the judged resourceVersion"
+    );
+    let ports = fake.get(SVC).unwrap()["spec"]["ports"].clone();
+    assert_eq!(ports.as_array().unwrap().len(), 1);
+    assert_eq!(ports[0]["port"], 80);
+}
