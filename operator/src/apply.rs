@@ -30,7 +30,7 @@ use serde_json::{json, Value};
 use tracing::debug;
 
 use crate::builders::{self, Role, FIELD_MANAGER};
-use crate::context::Context;
+use crate::context::{Context, Written};
 use crate::crd::StreamPipeline;
 use crate::drift;
 use crate::error::{Error, Result};
@@ -121,11 +121,27 @@ enum Outcome<K> {
     Conflict(String),
 }
 
-async fn live<K>(api: &Api<K>, store: Option<&Store<K>>, ns: &str, name: &str) -> Result<Option<K>>
+fn written_key(kind: &str, ns: &str, name: &str) -> String {
+    format!("{kind}/{ns}/{name}")
+}
+
+/// The live child: from the cache (or our own newer write), else a GET.
+async fn live<K>(
+    api: &Api<K>,
+    store: Option<&Store<K>>,
+    written: &Written,
+    kind: &str,
+    ns: &str,
+    name: &str,
+) -> Result<Option<K>>
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug,
 {
     if let Some(obj) = store.and_then(|s| s.get(&ObjectRef::new(name).within(ns))) {
+        let key = written_key(kind, ns, name);
+        if let Some(newer) = written.newer_than(&key, obj.resource_version().as_deref()) {
+            return Ok(Some(serde_json::from_value(newer)?));
+        }
         return Ok(Some((*obj).clone()));
     }
     Ok(api.get_opt(name).await?)
@@ -134,6 +150,7 @@ where
 async fn apply_child<K>(
     api: &Api<K>,
     store: Option<&Store<K>>,
+    written: &Written,
     sp: &StreamPipeline,
     kind: &'static str,
     mut desired: Value,
@@ -148,7 +165,7 @@ where
         .as_str()
         .ok_or(Error::MissingField("child name"))?
         .to_owned();
-    let before = live(api, store, &ns, &name).await?;
+    let before = live(api, store, written, kind, &ns, &name).await?;
     let wrap = |source| Error::Apply {
         kind,
         name: name.clone(),
@@ -184,6 +201,13 @@ where
         .patch(&name, &pp, &Patch::Apply(&desired))
         .await
         .map_err(wrap)?;
+    if store.is_some() {
+        written.record(
+            written_key(kind, &ns, &name),
+            before.as_ref().and_then(|b| b.resource_version()),
+            serde_json::to_value(&after)?,
+        );
+    }
     let applied = match &before {
         None => Applied::Created,
         Some(b) if b.resource_version() == after.resource_version() => Applied::Unchanged,
@@ -226,9 +250,11 @@ pub async fn apply_children(sp: &StreamPipeline, ctx: &Context) -> Result<Report
     };
 
     let cm_name = builders::config_name(sp);
+    let written = &ctx.written;
     let config_ok = match apply_child(
         &cms,
         stores.as_ref().map(|s| &s.config_maps),
+        written,
         sp,
         "ConfigMap",
         builders::config_map(sp),
@@ -250,7 +276,7 @@ pub async fn apply_children(sp: &StreamPipeline, ctx: &Context) -> Result<Report
         let dep_store = stores.as_ref().map(|s| &s.deployments);
         if !config_ok {
             // Not applied, but observed for the status.
-            let current = live(&deps, dep_store, &ns, &name).await?;
+            let current = live(&deps, dep_store, written, "Deployment", &ns, &name).await?;
             let current = current.filter(|d| {
                 !matches!(
                     classify(d.meta(), &sp.name_any(), &sp.uid().unwrap_or_default()),
@@ -267,7 +293,7 @@ pub async fn apply_children(sp: &StreamPipeline, ctx: &Context) -> Result<Report
             Role::Reducer => builders::reducer_deployment(sp),
             Role::Publisher => builders::publisher_deployment(sp),
         };
-        match apply_child(&deps, dep_store, sp, "Deployment", desired).await? {
+        match apply_child(&deps, dep_store, written, sp, "Deployment", desired).await? {
             Outcome::Done {
                 applied,
                 before,
@@ -290,6 +316,7 @@ pub async fn apply_children(sp: &StreamPipeline, ctx: &Context) -> Result<Report
     match apply_child(
         &svcs,
         stores.as_ref().map(|s| &s.services),
+        written,
         sp,
         "Service",
         builders::publisher_service(sp),
@@ -307,6 +334,7 @@ pub async fn apply_children(sp: &StreamPipeline, ctx: &Context) -> Result<Report
         match apply_child(
             &pdbs,
             store,
+            written,
             sp,
             "PodDisruptionBudget",
             builders::publisher_pdb(sp),

@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service};
@@ -11,6 +12,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::Store;
 use kube::{Client, Resource};
+use serde_json::Value;
 
 use crate::crd::StreamPipeline;
 use crate::events::{Note, Recorder};
@@ -37,6 +39,50 @@ pub struct ChildStores {
     pub pdbs: Option<Store<PodDisruptionBudget>>,
 }
 
+/// The children the operator itself just wrote, until the caches show it.
+///
+/// A pass can start before the watch event of the previous pass's write
+/// reached the cache (the pipeline's own status write triggers it); judged
+/// on the stale copy, the child would look drifted and be applied again for
+/// nothing. So the object an apply returned stands in for the cached one
+/// while the cache still holds the version from before that apply.
+#[derive(Default)]
+pub struct Written {
+    entries: Mutex<HashMap<String, WriteRecord>>,
+}
+
+/// resourceVersion before the write, the object after it, and when.
+type WriteRecord = (Option<String>, Value, Instant);
+
+/// How long a write stands in for a cache that has not caught up.
+const WRITTEN_TTL: Duration = Duration::from_secs(60);
+
+impl Written {
+    /// Remembers that `key` went from `before_rv` to `after`.
+    pub fn record(&self, key: String, before_rv: Option<String>, after: Value) {
+        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        e.retain(|_, (_, _, at)| at.elapsed() < WRITTEN_TTL);
+        e.insert(key, (before_rv, after, Instant::now()));
+    }
+
+    /// What we wrote to `key`, if the cache (at `cached_rv`) is older than that write.
+    pub fn newer_than(&self, key: &str, cached_rv: Option<&str>) -> Option<Value> {
+        let mut e = self.entries.lock().unwrap_or_else(|p| p.into_inner());
+        match e.get(key) {
+            Some((before, after, at))
+                if at.elapsed() < WRITTEN_TTL && before.as_deref() == cached_rv =>
+            {
+                Some(after.clone())
+            }
+            Some(_) => {
+                e.remove(key);
+                None
+            }
+            None => None,
+        }
+    }
+}
+
 /// Shared state of the reconciler.
 pub struct Context {
     /// API client.
@@ -53,6 +99,8 @@ pub struct Context {
     pub(crate) scalers: Scalers,
     /// The running controller's caches; without them (tests) children are read with GETs.
     pub(crate) stores: RwLock<Option<ChildStores>>,
+    /// Our own latest writes, until the caches catch up.
+    pub(crate) written: Written,
 }
 
 /// The pipeline as Events refer to it: without `resourceVersion`, which
@@ -79,6 +127,7 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             scalers: Scalers::default(),
             stores: RwLock::new(None),
+            written: Written::default(),
         }
     }
 
@@ -126,5 +175,23 @@ impl Context {
             related,
         };
         self.recorder.publish(&regarding(sp), note).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_stands_in_only_while_the_cache_is_older() {
+        let w = Written::default();
+        w.record("k".into(), Some("5".into()), serde_json::json!({"v": 6}));
+        assert_eq!(
+            w.newer_than("k", Some("5")),
+            Some(serde_json::json!({"v": 6}))
+        );
+        assert_eq!(w.newer_than("k", Some("6")), None, "cache caught up");
+        assert_eq!(w.newer_than("k", Some("5")), None, "and the entry is gone");
+        assert_eq!(w.newer_than("other", Some("5")), None);
     }
 }
