@@ -257,6 +257,12 @@ pub fn status(prev: &StreamPipelineStatus, pass: &Pass) -> StreamPipelineStatus 
             "nothing is rolled out until this is fixed; see Degraded".to_owned(),
         ),
         (None, s) if !s.is_empty() => (false, PROGRESS_DEADLINE_EXCEEDED, s.join("; ")),
+        // Not everything could be applied: "RolledOut" would be a lie.
+        _ if conflict.is_some() => (
+            false,
+            "Conflict",
+            "not every child could be applied; see Conflict".to_owned(),
+        ),
         _ if r.rolling || p.rolling => (true, "RollingOut", summary.clone()),
         _ => (false, "RolledOut", summary.clone()),
     };
@@ -433,6 +439,7 @@ mod tests {
             ("True", "Conflict")
         );
         assert_eq!(s.ready.as_deref(), Some("False"));
+        assert_eq!(cond(&s, PROGRESSING).reason, "Conflict");
     }
 
     #[test]
