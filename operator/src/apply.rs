@@ -88,6 +88,17 @@ pub struct Conflict {
 }
 
 impl Conflict {
+    /// A reference to the object, for Events.
+    pub fn object_ref(&self, ns: &str) -> ObjectReference {
+        ObjectReference {
+            api_version: Some(self.api_version.into()),
+            kind: Some(self.kind.into()),
+            name: Some(self.name.clone()),
+            namespace: Some(ns.into()),
+            ..Default::default()
+        }
+    }
+
     /// For the condition and the Event.
     pub fn message(&self) -> String {
         format!(

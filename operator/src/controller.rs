@@ -219,20 +219,14 @@ async fn report_changes(sp: &StreamPipeline, ctx: &Context, report: &Report) {
         .await;
     }
     for c in &report.conflicts {
-        let related = k8s_openapi::api::core::v1::ObjectReference {
-            api_version: Some(c.api_version.into()),
-            kind: Some(c.kind.into()),
-            name: Some(c.name.clone()),
-            namespace: Some(ns.clone()),
-            ..Default::default()
-        };
+        let related = Some(c.object_ref(&ns));
         ctx.event_about(
             sp,
             EventType::Warning,
             "Conflict",
             "Apply",
             c.message(),
-            Some(related),
+            related,
         )
         .await;
     }
