@@ -231,138 +231,121 @@ where
     })
 }
 
+/// One apply phase: what every child's apply needs, and the report.
+struct Phase<'a> {
+    sp: &'a StreamPipeline,
+    written: &'a Written,
+    report: Report,
+}
+
+impl Phase<'_> {
+    /// Applies one child and records the outcome; the live object before
+    /// and after when it was applied (or found in sync).
+    async fn one<K>(
+        &mut self,
+        api: &Api<K>,
+        store: Option<&Store<K>>,
+        kind: &'static str,
+        api_version: &'static str,
+        desired: Value,
+    ) -> Result<Option<(Option<K>, K)>>
+    where
+        K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + Debug,
+    {
+        let name = desired["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        Ok(
+            match apply_child(api, store, self.written, self.sp, kind, desired).await? {
+                Outcome::Done {
+                    applied,
+                    before,
+                    after,
+                } => {
+                    self.report.changes.push(Change {
+                        applied,
+                        kind,
+                        api_version,
+                        name,
+                    });
+                    Some((before, after))
+                }
+                Outcome::Conflict(why) => {
+                    self.report.conflicts.push(Conflict {
+                        kind,
+                        api_version,
+                        name,
+                        why,
+                    });
+                    None
+                }
+            },
+        )
+    }
+}
+
 /// Applies every child of `sp`.
 pub async fn apply_children(sp: &StreamPipeline, ctx: &Context) -> Result<Report> {
     let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
     let stores = ctx.stores();
-    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let deps: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let mut report = Report::default();
-    let note = |report: &mut Report,
-                applied: Applied,
-                kind: &'static str,
-                api_version: &'static str,
-                name: String| {
-        report.changes.push(Change {
-            applied,
-            kind,
-            api_version,
-            name,
-        })
-    };
-    let conflict = |report: &mut Report, kind, api_version, name: String, why: String| {
-        report.conflicts.push(Conflict {
-            kind,
-            api_version,
-            name,
-            why,
-        })
-    };
-
-    let cm_name = builders::config_name(sp);
-    let written = &ctx.written;
-    let config_ok = match apply_child(
-        &cms,
-        stores.as_ref().map(|s| &s.config_maps),
-        written,
+    let client = &ctx.client;
+    let mut phase = Phase {
         sp,
-        "ConfigMap",
-        builders::config_map(sp),
-    )
-    .await?
-    {
-        Outcome::Done { applied, .. } => {
-            note(&mut report, applied, "ConfigMap", "v1", cm_name);
-            true
-        }
-        Outcome::Conflict(why) => {
-            conflict(&mut report, "ConfigMap", "v1", cm_name, why);
-            false
-        }
+        written: &ctx.written,
+        report: Report::default(),
     };
 
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let store = stores.as_ref().map(|s| &s.config_maps);
+    let config = builders::config_map(sp);
+    let config_ok = phase
+        .one(&cms, store, "ConfigMap", "v1", config)
+        .await?
+        .is_some();
+
+    let deps: Api<Deployment> = Api::namespaced(client.clone(), &ns);
+    let store = stores.as_ref().map(|s| &s.deployments);
     for role in [Role::Reducer, Role::Publisher] {
-        let name = builders::child_name(sp, role);
-        let dep_store = stores.as_ref().map(|s| &s.deployments);
-        if !config_ok {
-            // Not applied, but observed for the status.
-            let current = live(&deps, dep_store, written, "Deployment", &ns, &name).await?;
-            let current = current.filter(|d| {
-                !matches!(
-                    classify(d.meta(), &sp.name_any(), &sp.uid().unwrap_or_default()),
-                    Owner::Foreign(_)
-                )
-            });
-            match role {
-                Role::Reducer => report.reducer = current,
-                Role::Publisher => report.publisher = current,
-            }
-            continue;
-        }
-        let desired = match role {
-            Role::Reducer => builders::reducer_deployment(sp),
-            Role::Publisher => builders::publisher_deployment(sp),
-        };
-        match apply_child(&deps, dep_store, written, sp, "Deployment", desired).await? {
-            Outcome::Done {
-                applied,
-                before,
-                after,
-            } => {
-                note(&mut report, applied, "Deployment", "apps/v1", name);
-                match role {
-                    Role::Reducer => {
-                        report.old_reducers = before.and_then(|d| d.spec.replicas);
-                        report.reducer = Some(after);
-                    }
-                    Role::Publisher => report.publisher = Some(after),
+        let current = if config_ok {
+            let desired = match role {
+                Role::Reducer => builders::reducer_deployment(sp),
+                Role::Publisher => builders::publisher_deployment(sp),
+            };
+            let done = phase
+                .one(&deps, store, "Deployment", "apps/v1", desired)
+                .await?;
+            done.map(|(before, after)| {
+                if role == Role::Reducer {
+                    phase.report.old_reducers = before.and_then(|d| d.spec.replicas);
                 }
-            }
-            Outcome::Conflict(why) => conflict(&mut report, "Deployment", "apps/v1", name, why),
+                after
+            })
+        } else {
+            // Not applied, but observed for the status (if it is ours).
+            let name = builders::child_name(sp, role);
+            let uid = sp.uid().unwrap_or_default();
+            live(&deps, store, &ctx.written, "Deployment", &ns, &name)
+                .await?
+                .filter(|d| !matches!(classify(d.meta(), &sp.name_any(), &uid), Owner::Foreign(_)))
+        };
+        match role {
+            Role::Reducer => phase.report.reducer = current,
+            Role::Publisher => phase.report.publisher = current,
         }
     }
 
-    let svc_name = builders::child_name(sp, Role::Publisher);
-    match apply_child(
-        &svcs,
-        stores.as_ref().map(|s| &s.services),
-        written,
-        sp,
-        "Service",
-        builders::publisher_service(sp),
-    )
-    .await?
-    {
-        Outcome::Done { applied, .. } => note(&mut report, applied, "Service", "v1", svc_name),
-        Outcome::Conflict(why) => conflict(&mut report, "Service", "v1", svc_name, why),
-    }
+    let svcs: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let store = stores.as_ref().map(|s| &s.services);
+    let desired = builders::publisher_service(sp);
+    phase.one(&svcs, store, "Service", "v1", desired).await?;
 
     if ctx.features.pdb {
-        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
-        let name = builders::child_name(sp, Role::Publisher);
+        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
         let store = stores.as_ref().and_then(|s| s.pdbs.as_ref());
-        match apply_child(
-            &pdbs,
-            store,
-            written,
-            sp,
-            "PodDisruptionBudget",
-            builders::publisher_pdb(sp),
-        )
-        .await?
-        {
-            Outcome::Done { applied, .. } => note(
-                &mut report,
-                applied,
-                "PodDisruptionBudget",
-                "policy/v1",
-                name,
-            ),
-            Outcome::Conflict(why) => {
-                conflict(&mut report, "PodDisruptionBudget", "policy/v1", name, why)
-            }
-        }
+        let desired = builders::publisher_pdb(sp);
+        let kind = "PodDisruptionBudget";
+        phase.one(&pdbs, store, kind, "policy/v1", desired).await?;
     }
-    Ok(report)
+    Ok(phase.report)
 }
