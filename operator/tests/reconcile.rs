@@ -716,3 +716,35 @@ async fn an_edited_service_port_is_replaced_not_duplicated() {
     assert_eq!(ports.as_array().unwrap().len(), 1);
     assert_eq!(ports[0]["port"], 80);
 }
+
+fn store_of<K>(fake: &Fake, paths: &[&str]) -> kube::runtime::reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned,
+{
+    let (store, mut writer) = kube::runtime::reflector::store();
+    for p in paths {
+        let obj: K = serde_json::from_value(fake.get(p).unwrap()).unwrap();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(obj));
+    }
+    store
+}
+
+#[tokio::test]
+async fn children_are_read_from_the_watch_caches_not_with_gets() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, Service};
+    use streampipe_operator::context::ChildStores;
+    let sp = pipeline(spec(1));
+    let (fake, ctx) = setup(&sp).await;
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    ctx.set_stores(Some(ChildStores {
+        deployments: store_of::<Deployment>(&fake, &[REDUCER, PUBLISHER]),
+        config_maps: store_of::<ConfigMap>(&fake, &[CM]),
+        services: store_of::<Service>(&fake, &[SVC]),
+        pdbs: None,
+    }));
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let log = fake.log.lock().unwrap().clone();
+    assert!(log.is_empty(), "no GET, no write: {:?}", paths(&log));
+}
