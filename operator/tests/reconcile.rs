@@ -747,4 +747,28 @@ async fn children_are_read_from_the_watch_caches_not_with_gets() {
     reconcile(current(&fake), ctx.clone()).await.unwrap();
     let log = fake.log.lock().unwrap().clone();
     assert!(log.is_empty(), "no GET, no write: {:?}", paths(&log));
+
+    // A spec change is applied; the next pass starts before the cache saw
+    // that write (it still holds the old Deployment): no second apply.
+    let mut changed = (*current(&fake)).clone();
+    changed.spec.reducer.replicas = 3;
+    changed.metadata.generation = Some(2);
+    reconcile(Arc::new(changed.clone()), ctx.clone())
+        .await
+        .unwrap();
+    assert!(patched(&fake.writes(), REDUCER));
+    fake.clear_log();
+    let mut again = (*current(&fake)).clone();
+    again.spec = changed.spec.clone();
+    reconcile(Arc::new(again), ctx.clone()).await.unwrap();
+    let w = fake.writes();
+    assert!(
+        !patched(&w, REDUCER),
+        "judged on our own write: {:?}",
+        paths(&w)
+    );
+    assert!(
+        events(&w).iter().all(|e| e["reason"] != "Updated"),
+        "no spurious Updated"
+    );
 }
