@@ -426,6 +426,7 @@ pub async fn run(
         controller = controller.watches_stream(stream, |p| pipelines_of(&p));
         pdbs = Some(store);
     }
+    let pruner = tokio::spawn(prune_forgotten(ctx.clone(), controller.store()));
     ctx.set_stores(Some(ChildStores {
         deployments,
         config_maps,
@@ -441,8 +442,40 @@ pub async fn run(
             }
         })
         .await;
+    pruner.abort();
     // A later leadership term starts with fresh caches.
     ctx.set_stores(None);
+}
+
+/// How often per-pipeline memory of deleted pipelines is dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Drops what the operator remembers per pipeline (autoscaler state,
+/// failure count, metric series) once the pipeline is gone: a deleted
+/// pipeline gets no last reconcile to clean up after itself.
+async fn prune_forgotten(ctx: Arc<Context>, pipelines: reflector::Store<StreamPipeline>) {
+    // Before the first list an empty store would mean "all deleted".
+    if pipelines.wait_until_ready().await.is_err() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(PRUNE_EVERY).await;
+        let live: std::collections::HashSet<String> =
+            pipelines.state().iter().map(|sp| key(sp)).collect();
+        for gone in ctx.scalers.retain(|k| live.contains(k)) {
+            if let Some((ns, name)) = gone.split_once('/') {
+                let _ = ctx.metrics.lag.remove_label_values(&[ns, name]);
+                let _ = ctx
+                    .metrics
+                    .desired_replicas
+                    .remove_label_values(&[ns, name]);
+            }
+        }
+        ctx.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| live.contains(k));
+    }
 }
 
 #[cfg(test)]

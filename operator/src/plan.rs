@@ -65,6 +65,16 @@ impl Scalers {
             .unwrap_or_default()
     }
 
+    /// Forgets every pipeline `keep` says no to (deleted ones); returns their keys.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<String> = states.keys().filter(|k| !keep(k)).cloned().collect();
+        for k in &gone {
+            states.remove(k);
+        }
+        gone
+    }
+
     /// Returns the state of `key`.
     pub fn put(&self, key: String, state: ScalerState) {
         self.states
@@ -205,5 +215,8 @@ mod tests {
         scalers.put("ns/a".into(), s);
         assert_eq!(scalers.take("ns/a").kafka_failures, 3);
         assert_eq!(scalers.take("ns/a").kafka_failures, 0, "taken out");
+        scalers.put("ns/a".into(), ScalerState::default());
+        scalers.put("ns/b".into(), ScalerState::default());
+        assert_eq!(scalers.retain(|k| k == "ns/b"), vec!["ns/a".to_owned()]);
     }
 }
