@@ -1,243 +1,80 @@
 //! The reconciler: one `reconcile(Arc<StreamPipeline>, Arc<Context>)`, in
-//! the shape of kube-rs' controller-rs.
+//! the shape of kube-rs' controller-rs, and the controller loop around it.
 //!
-//! Each pass validates what the schema cannot, applies the children built by
-//! [`crate::builders`] with server-side apply (one field manager, owner
-//! references) *only where the live object differs*, derives the status from
-//! what it observed on the owned Deployments, writes the status only when it
-//! changed, and records an Event for every user-visible decision. A pass on
-//! an unchanged pipeline makes no write at all.
+//! A pass runs three named phases — **validate** ([`crate::validate`]),
+//! **apply children** ([`crate::apply`], after the autoscaler in
+//! [`crate::scaling`] picked the reducer replicas), **observe status**
+//! ([`crate::status`]) — and every way out of it, a failure included, ends
+//! in a status write (only when the status changed) and Events for what the
+//! user should see (de-duplicated by [`crate::events`]). A pass on an
+//! unchanged pipeline makes no write at all.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::events::EventType;
+use kube::runtime::reflector::{self, ObjectRef};
+use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use serde_json::{json, Value};
+use serde_json::json;
 use tracing::{info, warn};
 
-use crate::autoscale::{Autoscaler, Decision, Limit, Observation, Policy};
-use crate::builders::{self, is_subset, Role, FIELD_MANAGER};
-use crate::crd::{
-    validate, AutoscalingSpec, Condition, RoleStatus, StreamPipeline, StreamPipelineStatus,
-};
+use crate::apply::{apply_children, Applied, Report};
+use crate::builders::{self, Role, FIELD_MANAGER};
+use crate::context::{ChildStores, Context, Features};
+use crate::crd::{Invalid, StreamPipeline, StreamPipelineStatus};
 use crate::error::{Error, Result};
-use crate::lag::{read_lag, LagReport, Uncommitted};
-use crate::metrics::Metrics;
+use crate::plan::Scaling;
+use crate::scaling::autoscale;
+use crate::status::{self, Pass, Problem, Rollout};
+use crate::validate::validate;
 
 /// Periodic resync: status follows the Deployments even without events.
 pub const RESYNC: Duration = Duration::from_secs(300);
+
+/// Re-check of a pipeline whose child name is taken by a foreign object
+/// (which is not watched, so its removal does not trigger a pass).
+pub const CONFLICT_RECHECK: Duration = Duration::from_secs(30);
 
 /// Backoff after failed reconciles: first and largest delay.
 pub const BACKOFF_MIN: Duration = Duration::from_secs(1);
 /// See [`BACKOFF_MIN`].
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
 
-/// What the API server offers (checked at start).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Features {
-    /// `policy/v1` is served (Kubernetes ≥ 1.21): publishers get a PDB.
-    pub pdb: bool,
-}
-
-/// Shared state of the reconciler.
-pub struct Context {
-    /// API client.
-    pub client: Client,
-    /// Event recorder (events.k8s.io/v1).
-    pub recorder: Recorder,
-    /// Metrics.
-    pub metrics: Arc<Metrics>,
-    /// API server capabilities.
-    pub features: Features,
-    /// Consecutive failures per object, for the error backoff.
-    failures: Mutex<HashMap<String, u32>>,
-    /// Autoscaler state per pipeline (stabilization history, last poll).
-    autoscalers: tokio::sync::Mutex<HashMap<String, ScalerState>>,
-}
-
-/// What the autoscaler remembers about one pipeline between reconciles.
-#[derive(Default)]
-struct ScalerState {
-    scaler: Autoscaler,
-    last_poll: Option<Instant>,
-    /// Replicas the autoscaler last wrote (to notice manual scaling).
-    last_written: Option<i32>,
-    last_scale_time: Option<String>,
-    last: Option<(Decision, Option<LagReport>)>,
-    /// Consecutive failed Kafka reads: the next read backs off.
-    kafka_failures: u32,
-}
-
-/// Longest pause between Kafka reads while Kafka is unreachable.
-pub const KAFKA_BACKOFF_MAX: Duration = Duration::from_secs(60);
-
-/// The autoscaler's view for the status.
-struct Scaling {
-    decision: Decision,
-    report: Option<LagReport>,
-    last_scale_time: Option<String>,
-}
-
-impl Context {
-    /// A context for `client`; `reporter` names this operator instance in Events.
-    pub fn new(
-        client: Client,
-        reporter: Reporter,
-        metrics: Arc<Metrics>,
-        features: Features,
-    ) -> Self {
-        Context {
-            recorder: Recorder::new(client.clone(), reporter),
-            client,
-            metrics,
-            features,
-            failures: Mutex::new(HashMap::new()),
-            autoscalers: tokio::sync::Mutex::new(HashMap::new()),
-        }
-    }
-
-    async fn event(
-        &self,
-        sp: &StreamPipeline,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-    ) {
-        self.event_about(sp, type_, reason, action, note, None)
-            .await
-    }
-
-    /// Records an Event; `secondary` names the child it is about (Events
-    /// about different children are separate series).
-    async fn event_about(
-        &self,
-        sp: &StreamPipeline,
-        type_: EventType,
-        reason: &str,
-        action: &str,
-        note: String,
-        secondary: Option<ObjectReference>,
-    ) {
-        let ev = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
-            secondary,
-        };
-        if let Err(e) = self.recorder.publish(&ev, &sp.object_ref(&())).await {
-            warn!(error = %e, reason, "could not record event");
-        }
-    }
-}
-
-/// How a child apply went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Applied {
-    /// Live object already matched.
-    Unchanged,
-    /// Did not exist; created.
-    Created,
-    /// Differed; updated.
-    Updated,
-}
-
-/// Applies `desired` unless the live object already has all its fields;
-/// returns how, the live object before (if it existed) and after the call.
-async fn apply_if_changed<K>(api: &Api<K>, desired: &Value) -> Result<(Applied, Option<K>, K)>
-where
-    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
-{
-    let name = desired["metadata"]["name"]
-        .as_str()
-        .ok_or(Error::MissingField("child name"))?;
-    let live = api.get_opt(name).await?;
-    if let Some(live) = &live {
-        if is_subset(desired, &serde_json::to_value(live)?) {
-            return Ok((Applied::Unchanged, Some(live.clone()), live.clone()));
-        }
-    }
-    let pp = PatchParams::apply(FIELD_MANAGER).force();
-    let after = api.patch(name, &pp, &Patch::Apply(desired)).await?;
-    Ok((
-        if live.is_some() {
-            Applied::Updated
-        } else {
-            Applied::Created
-        },
-        live,
-        after,
-    ))
-}
-
-fn role_status(desired: i32, d: &Deployment) -> RoleStatus {
-    let ready = d
-        .status
-        .as_ref()
-        .and_then(|s| s.ready_replicas)
-        .unwrap_or(0);
-    RoleStatus {
-        replicas: desired,
-        ready_replicas: ready,
-        summary: format!("{ready}/{desired}"),
-    }
-}
-
-fn rolling(d: &Deployment) -> bool {
-    let generation = d.metadata.generation.unwrap_or(0);
-    let st = d.status.clone().unwrap_or_default();
-    let desired = d.spec.replicas.unwrap_or(1);
-    st.observed_generation.unwrap_or(0) < generation || st.updated_replicas.unwrap_or(0) < desired
-}
+/// The label every child carries; the children watches select on it.
+const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+/// The label naming the pipeline of a child.
+const INSTANCE: &str = "app.kubernetes.io/instance";
 
 fn now_rfc3339() -> String {
     jiff::Timestamp::now().to_string()
 }
 
-/// Builds a condition, keeping the previous transition time when the status did not change.
-fn condition(
-    prev: &[Condition],
-    type_: &str,
-    status: bool,
-    reason: &str,
-    message: String,
-    generation: Option<i64>,
-) -> Condition {
-    let status = if status { "True" } else { "False" }.to_owned();
-    let last_transition_time = prev
-        .iter()
-        .find(|c| c.type_ == type_ && c.status == status)
-        .map(|c| c.last_transition_time.clone())
-        .unwrap_or_else(now_rfc3339);
-    Condition {
-        type_: type_.into(),
-        status,
-        reason: reason.into(),
-        message,
-        observed_generation: generation,
-        last_transition_time,
-    }
+fn key(sp: &StreamPipeline) -> String {
+    format!("{}/{}", sp.namespace().unwrap_or_default(), sp.name_any())
+}
+
+fn autoscaling_on(sp: &StreamPipeline) -> bool {
+    sp.spec.autoscaling.as_ref().is_some_and(|a| a.enabled)
 }
 
 async fn write_status(
-    api: &Api<StreamPipeline>,
+    ctx: &Context,
     sp: &StreamPipeline,
     status: StreamPipelineStatus,
 ) -> Result<()> {
     if sp.status.as_ref() == Some(&status) {
         return Ok(());
     }
+    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
+    let api: Api<StreamPipeline> = Api::namespaced(ctx.client.clone(), &ns);
     let patch = json!({
         "apiVersion": "streampipe.dev/v1alpha1",
         "kind": "StreamPipeline",
@@ -252,6 +89,29 @@ async fn write_status(
     Ok(())
 }
 
+/// A pass that did not look at the Deployments: their counts as last seen.
+fn unobserved_pass(sp: &StreamPipeline, problem: Problem) -> Pass<'static> {
+    let prev = sp.status.clone().unwrap_or_default();
+    Pass {
+        generation: sp.metadata.generation,
+        selector: builders::reducer_selector(sp),
+        reducer: Rollout::from_previous(
+            &builders::child_name(sp, Role::Reducer),
+            sp.spec.reducer.replicas,
+            &prev.reducer,
+        ),
+        publisher: Rollout::from_previous(
+            &builders::child_name(sp, Role::Publisher),
+            sp.spec.publisher.role.replicas,
+            &prev.publisher,
+        ),
+        problem: Some(problem),
+        autoscaling: autoscaling_on(sp),
+        now: now_rfc3339(),
+        ..Default::default()
+    }
+}
+
 /// Reconciles one `StreamPipeline`.
 pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Action> {
     let started = Instant::now();
@@ -259,13 +119,12 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     ctx.metrics
         .duration
         .observe(started.elapsed().as_secs_f64());
-    let key = format!("{}/{}", sp.namespace().unwrap_or_default(), sp.name_any());
     match &res {
         Ok(_) => {
             ctx.failures
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(&key);
+                .remove(&key(&sp));
         }
         Err(e) => {
             ctx.metrics.reconciles.with_label_values(&["error"]).inc();
@@ -273,311 +132,152 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
                 .failures
                 .with_label_values(&[e.metric_label()])
                 .inc();
+            let message = e.to_string();
             ctx.event(
                 &sp,
                 EventType::Warning,
                 "ReconcileFailed",
                 "Reconcile",
-                e.to_string(),
+                message.clone(),
             )
             .await;
-            // Best effort: say so in the status too.
-            let api: Api<StreamPipeline> =
-                Api::namespaced(ctx.client.clone(), &sp.namespace().unwrap_or_default());
-            let mut status = sp.status.clone().unwrap_or_default();
-            let prev = status.conditions.clone();
-            let g = sp.metadata.generation;
-            status.conditions.retain(|c| c.type_ != "Degraded");
-            status.conditions.push(condition(
-                &prev,
-                "Degraded",
-                true,
-                "ReconcileFailed",
-                e.to_string(),
-                g,
-            ));
-            let _ = write_status(&api, &sp, status).await;
+            // The failure shows in the status too, first pass included.
+            let problem = Problem {
+                reason: e.condition_reason(),
+                message: crate::events::truncate(&message, crate::events::NOTE_MAX),
+            };
+            let prev = sp.status.clone().unwrap_or_default();
+            let status = status::status(&prev, &unobserved_pass(&sp, problem));
+            if let Err(w) = write_status(&ctx, &sp, status).await {
+                warn!(pipeline = %key(&sp), error = %w, "could not write the failure status");
+            }
         }
     }
     res
 }
 
-/// librdkafka properties for the pipeline's credentials, read from its Secret.
-async fn kafka_options(sp: &StreamPipeline, ctx: &Context) -> Result<Vec<(String, String)>> {
-    let Some(c) = &sp.spec.kafka.credentials else {
-        return Ok(Vec::new());
-    };
-    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let secret = secrets.get(&c.secret_name).await?;
-    let field = |k: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            .unwrap_or_default()
-    };
-    Ok(vec![
-        ("security.protocol".into(), "SASL_SSL".into()),
-        ("sasl.mechanism".into(), c.mechanism.clone()),
-        ("sasl.username".into(), field(&c.username_key)),
-        ("sasl.password".into(), field(&c.password_key)),
-    ])
-}
-
-fn policy_of(a: &AutoscalingSpec) -> Policy {
-    Policy {
-        min_replicas: a.min_replicas,
-        max_replicas: a.max_replicas,
-        lag_threshold: a.lag_threshold,
-        activation_lag_threshold: a.activation_lag_threshold,
-        scale_up_window: Duration::from_secs(a.scale_up_stabilization_seconds.into()),
-        scale_down_window: Duration::from_secs(a.scale_down_stabilization_seconds.into()),
-        even_spread: a.even_partition_spread,
+/// Phase 1: what the schema could not check. `Some` ends the pass.
+async fn validate_phase(sp: &StreamPipeline, ctx: &Context) -> Result<Option<Action>> {
+    let problems: Vec<Invalid> = validate(sp);
+    if problems.is_empty() {
+        return Ok(None);
     }
-}
-
-/// Polls Kafka when due, decides, and writes the reducer replicas through
-/// the scale subresource (as an HPA would). Returns the effective replicas.
-async fn autoscale(
-    sp: &StreamPipeline,
-    a: &AutoscalingSpec,
-    ctx: &Context,
-) -> Result<(i32, Scaling)> {
-    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
-    let name = sp.name_any();
-    let key = format!("{ns}/{name}");
-    let current = sp.spec.reducer.replicas;
-    let interval = Duration::from_secs(a.poll_interval_seconds.max(1).into());
-    let mut all = ctx.autoscalers.lock().await;
-    let state = all.entry(key).or_default();
-    // Unreachable Kafka is retried with backoff: interval × 2^failures, ≤ 60 s.
-    let wait = if state.kafka_failures == 0 {
-        interval
-    } else {
-        (interval * 2u32.saturating_pow(state.kafka_failures.min(10)))
-            .min(KAFKA_BACKOFF_MAX.max(interval))
-    };
-    let due = state
-        .last_poll
-        .is_none_or(|t| t.elapsed() + Duration::from_millis(200) >= wait);
-    if !due {
-        if let Some((d, r)) = &state.last {
-            let scaling = Scaling {
-                decision: d.clone(),
-                report: r.clone(),
-                last_scale_time: state.last_scale_time.clone(),
-            };
-            return Ok((current, scaling));
-        }
-    }
-    state.last_poll = Some(Instant::now());
-    let brokers = sp.spec.kafka.bootstrap_servers.clone();
-    let topic = sp.spec.kafka.data_topic.clone();
-    let group = builders::config_data(sp)["STREAMPIPE_GROUP"].clone();
-    let uncommitted = if a.uncommitted_offset_policy == "latest" {
-        Uncommitted::Latest
-    } else {
-        Uncommitted::Earliest
-    };
-    let report = match kafka_options(sp, ctx).await {
-        Ok(options) => tokio::task::spawn_blocking(move || {
-            read_lag(&brokers, &topic, &group, &options, uncommitted)
-        })
-        .await
-        .unwrap_or_else(|e| Err(format!("lag reader: {e}"))),
-        Err(e) => Err(format!("credentials: {e}")),
-    };
-    let obs = match &report {
-        Ok(r) => {
-            state.kafka_failures = 0;
-            Observation::Lag {
-                partitions: r.partitions,
-                total: r.total,
-            }
-        }
-        Err(e) => {
-            state.kafka_failures += 1;
-            if state.kafka_failures == 1 {
-                let note = format!("cannot read lag: {e}; holding {current} reducers");
-                ctx.event(
-                    sp,
-                    EventType::Warning,
-                    "KafkaUnavailable",
-                    "Autoscale",
-                    note,
-                )
-                .await;
-            }
-            Observation::Unavailable(e.clone())
-        }
-    };
-    let decision = state
-        .scaler
-        .decide(&policy_of(a), Instant::now(), current, &obs);
-    let labels = [ns.as_str(), name.as_str()];
-    if let Ok(r) = &report {
-        ctx.metrics.lag.with_label_values(&labels).set(r.total);
-    }
-    ctx.metrics
-        .desired_replicas
-        .with_label_values(&labels)
-        .set(i64::from(decision.replicas));
-    let mut effective = current;
-    if decision.replicas != current {
-        if let Some(w) = state.last_written.filter(|w| *w != current) {
-            ctx.event(sp, EventType::Normal, "ManualScaleOverridden", "Autoscale", format!(
-                "reducers were set to {current} by hand (autoscaler had {w}); autoscaling is on and sets {}", decision.replicas)).await;
-        }
-        let api: Api<StreamPipeline> = Api::namespaced(ctx.client.clone(), &ns);
-        // A merge patch: server-side apply on /scale crashes Kubernetes 1.20.
-        api.patch_scale(
-            &name,
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": decision.replicas}})),
+    let message = problems
+        .iter()
+        .map(|p| format!("{}: {}", p.field, p.message))
+        .collect::<Vec<_>>()
+        .join("; ");
+    // One Event per problem; the recorder folds repeats into a series.
+    for p in &problems {
+        ctx.event(
+            sp,
+            EventType::Warning,
+            "InvalidSpec",
+            "Validate",
+            format!("{}: {}", p.field, p.message),
         )
-        .await?;
-        let inputs = match &report {
-            Ok(r) => format!(
-                "total lag {}, max partition lag {}, {} partitions",
-                r.total, r.max, r.partitions
-            ),
-            Err(e) => e.clone(),
+        .await;
+    }
+    let problem = Problem {
+        reason: "InvalidSpec",
+        message: crate::events::truncate(&message, crate::events::NOTE_MAX),
+    };
+    let prev = sp.status.clone().unwrap_or_default();
+    write_status(
+        ctx,
+        sp,
+        status::status(&prev, &unobserved_pass(sp, problem)),
+    )
+    .await?;
+    ctx.metrics.reconciles.with_label_values(&["invalid"]).inc();
+    info!(pipeline = %key(sp), %message, "invalid spec; children left as they are");
+    Ok(Some(Action::await_change()))
+}
+
+/// Phase 2: Events for what the apply phase did.
+async fn report_changes(sp: &StreamPipeline, ctx: &Context, report: &Report) {
+    let ns = sp.namespace().unwrap_or_default();
+    for c in &report.changes {
+        let (reason, action) = match c.applied {
+            Applied::Unchanged => continue,
+            Applied::Created => ("Created", "created"),
+            Applied::Updated => ("Updated", "updated"),
         };
+        ctx.metrics
+            .writes
+            .with_label_values(&[c.kind, action])
+            .inc();
+        let note = format!("{} {} {action}", c.kind, c.name);
+        ctx.event_about(
+            sp,
+            EventType::Normal,
+            reason,
+            "Apply",
+            note,
+            Some(c.object_ref(&ns)),
+        )
+        .await;
+    }
+    for c in &report.conflicts {
+        let related = Some(c.object_ref(&ns));
+        ctx.event_about(
+            sp,
+            EventType::Warning,
+            "Conflict",
+            "Apply",
+            c.message(),
+            related,
+        )
+        .await;
+    }
+    let want = sp.spec.reducer.replicas;
+    if let Some(old) = report.old_reducers.filter(|o| *o != want) {
         ctx.event(
             sp,
             EventType::Normal,
-            "Autoscaled",
-            "Autoscale",
-            format!(
-                "reducers {current} → {}: {} ({inputs})",
-                decision.replicas, decision.reason
-            ),
+            "Scaled",
+            "Scale",
+            format!("reducers {old} → {want}"),
         )
         .await;
-        state.last_written = Some(decision.replicas);
-        state.last_scale_time = Some(now_rfc3339());
-        effective = decision.replicas;
-    } else if state.last_written.is_none() {
-        state.last_written = Some(current);
     }
-    let report = report.ok();
-    state.last = Some((decision.clone(), report.clone()));
-    Ok((
-        effective,
-        Scaling {
-            decision,
-            report,
-            last_scale_time: state.last_scale_time.clone(),
-        },
-    ))
 }
 
-fn scaling_conditions(prev: &[Condition], s: &Scaling, generation: Option<i64>) -> Vec<Condition> {
-    let d = &s.decision;
-    let active = d.limit != Limit::KafkaUnavailable;
-    let (limited, reason) = match d.limit {
-        Limit::None => (false, "WithinRange"),
-        Limit::Partitions(_) => (true, "CappedAtPartitions"),
-        Limit::Max(_) => (true, "CappedAtMaxReplicas"),
-        Limit::Min(_) => (true, "RaisedToMinReplicas"),
-        Limit::BelowActivation => (true, "BelowActivationThreshold"),
-        Limit::KafkaUnavailable => (true, "KafkaUnavailable"),
-        Limit::Stabilizing => (true, "Stabilizing"),
+/// Phase 3: the status from what was observed.
+fn observe(
+    sp: &StreamPipeline,
+    report: &Report,
+    scaling: Option<&Scaling>,
+) -> StreamPipelineStatus {
+    let prev = sp.status.clone().unwrap_or_default();
+    let pass = Pass {
+        generation: sp.metadata.generation,
+        selector: builders::reducer_selector(sp),
+        reducer: Rollout::of(
+            &builders::child_name(sp, Role::Reducer),
+            sp.spec.reducer.replicas,
+            report.reducer.as_ref(),
+        ),
+        publisher: Rollout::of(
+            &builders::child_name(sp, Role::Publisher),
+            sp.spec.publisher.role.replicas,
+            report.publisher.as_ref(),
+        ),
+        problem: None,
+        conflicts: report.conflicts.iter().map(|c| c.message()).collect(),
+        scaling,
+        autoscaling: autoscaling_on(sp),
+        now: now_rfc3339(),
     };
-    vec![
-        condition(
-            prev,
-            "ScalingActive",
-            active,
-            if active {
-                "LagRead"
-            } else {
-                "KafkaUnavailable"
-            },
-            d.reason.clone(),
-            generation,
-        ),
-        condition(
-            prev,
-            "ScalingLimited",
-            limited,
-            reason,
-            d.reason.clone(),
-            generation,
-        ),
-    ]
+    status::status(&prev, &pass)
 }
 
 async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
-    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
-    let name = sp.name_any();
-    let generation = sp.metadata.generation;
-    let api: Api<StreamPipeline> = Api::namespaced(ctx.client.clone(), &ns);
-    let prev = sp.status.clone().unwrap_or_default();
-
-    let problems = validate(&sp.spec);
-    if !problems.is_empty() {
-        let message = problems
-            .iter()
-            .map(|p| format!("{}: {}", p.field, p.message))
-            .collect::<Vec<_>>()
-            .join("; ");
-        let mut status = prev.clone();
-        status.observed_generation = generation;
-        status.ready = Some("False".into());
-        let already = prev.conditions.iter().any(|c| {
-            c.type_ == "Degraded"
-                && c.reason == "InvalidSpec"
-                && c.message == message
-                && c.observed_generation == generation
-        });
-        status.conditions = vec![
-            condition(
-                &prev.conditions,
-                "Ready",
-                false,
-                "InvalidSpec",
-                "the spec is invalid; see Degraded".into(),
-                generation,
-            ),
-            condition(
-                &prev.conditions,
-                "Progressing",
-                false,
-                "InvalidSpec",
-                "nothing is rolled out while the spec is invalid".into(),
-                generation,
-            ),
-            condition(
-                &prev.conditions,
-                "Degraded",
-                true,
-                "InvalidSpec",
-                message.clone(),
-                generation,
-            ),
-        ];
-        if !already {
-            for p in &problems {
-                ctx.event(
-                    sp,
-                    EventType::Warning,
-                    "InvalidSpec",
-                    "Validate",
-                    format!("{}: {}", p.field, p.message),
-                )
-                .await;
-            }
-        }
-        write_status(&api, sp, status).await?;
-        ctx.metrics.reconciles.with_label_values(&["invalid"]).inc();
-        info!(%name, %message, "invalid spec; children left as they are");
-        return Ok(Action::await_change());
+    if let Some(done) = validate_phase(sp, ctx).await? {
+        return Ok(done);
     }
 
-    // Autoscaling first: the Deployment below gets the replicas it decided.
+    // The autoscaler first: the reducer Deployment gets the replicas it decided.
     let mut scaling = None;
     let mut effective;
     let sp = match sp.spec.autoscaling.as_ref().filter(|a| a.enabled) {
@@ -591,166 +291,42 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
         None => sp,
     };
 
-    let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let deps: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let svcs: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
+    let report = apply_children(sp, ctx).await?;
+    report_changes(sp, ctx, &report).await;
 
-    // (how, kind, apiVersion, name)
-    let mut changes: Vec<(Applied, &str, &str, String)> = Vec::new();
-    let (a, _, _) = apply_if_changed(&cms, &builders::config_map(sp)).await?;
-    changes.push((a, "ConfigMap", "v1", builders::config_name(sp)));
-    let (a, before, reducer) = apply_if_changed(&deps, &builders::reducer_deployment(sp)).await?;
-    let old_reducers = before.and_then(|d| d.spec.replicas);
-    changes.push((
-        a,
-        "Deployment",
-        "apps/v1",
-        builders::child_name(sp, Role::Reducer),
-    ));
-    let (a, _, publisher) = apply_if_changed(&deps, &builders::publisher_deployment(sp)).await?;
-    changes.push((
-        a,
-        "Deployment",
-        "apps/v1",
-        builders::child_name(sp, Role::Publisher),
-    ));
-    let (a, _, _) = apply_if_changed(&svcs, &builders::publisher_service(sp)).await?;
-    changes.push((
-        a,
-        "Service",
-        "v1",
-        builders::child_name(sp, Role::Publisher),
-    ));
-    if ctx.features.pdb {
-        let pdbs: Api<PodDisruptionBudget> = Api::namespaced(ctx.client.clone(), &ns);
-        let (a, _, _) = apply_if_changed(&pdbs, &builders::publisher_pdb(sp)).await?;
-        changes.push((
-            a,
-            "PodDisruptionBudget",
-            "policy/v1",
-            builders::child_name(sp, Role::Publisher),
-        ));
-    }
-    for (applied, kind, api_version, child) in &changes {
-        let (reason, action) = match applied {
-            Applied::Unchanged => continue,
-            Applied::Created => ("Created", "created"),
-            Applied::Updated => ("Updated", "updated"),
-        };
-        ctx.metrics.writes.with_label_values(&[kind, action]).inc();
-        let child_ref = ObjectReference {
-            api_version: Some((*api_version).into()),
-            kind: Some((*kind).into()),
-            name: Some(child.clone()),
-            namespace: Some(ns.clone()),
-            ..Default::default()
-        };
-        ctx.event_about(
-            sp,
-            EventType::Normal,
-            reason,
-            "Apply",
-            format!("{kind} {child} {action}"),
-            Some(child_ref),
-        )
-        .await;
-    }
-    let want = sp.spec.reducer.replicas;
-    if let Some(old) = old_reducers.filter(|o| *o != want) {
+    let status = observe(sp, &report, scaling.as_ref());
+    // A stalled rollout is news worth an Event too (repeats fold into one).
+    if let Some(c) = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == status::DEGRADED && c.reason == status::PROGRESS_DEADLINE_EXCEEDED)
+    {
+        let note = c.message.clone();
         ctx.event(
             sp,
-            EventType::Normal,
-            "Scaled",
-            "Scale",
-            format!("reducers {old} → {want}"),
+            EventType::Warning,
+            status::PROGRESS_DEADLINE_EXCEEDED,
+            "Observe",
+            note,
         )
         .await;
     }
-
-    // Status from what was observed.
-    let r = role_status(want, &reducer);
-    let p = role_status(sp.spec.publisher.role.replicas, &publisher);
-    let ready = r.ready_replicas >= r.replicas && p.ready_replicas >= p.replicas;
-    let progressing = rolling(&reducer) || rolling(&publisher);
-    let mut status = StreamPipelineStatus {
-        observed_generation: generation,
-        ready: Some(if ready { "True" } else { "False" }.into()),
-        selector: Some(builders::reducer_selector(sp)),
-        partitions: None,
-        total_lag: None,
-        max_partition_lag: None,
-        desired_replicas: None,
-        last_scale_time: None,
-        conditions: Vec::new(),
-        reducer: r.clone(),
-        publisher: p.clone(),
-    };
-    if let Some(s) = &scaling {
-        if let Some(rep) = &s.report {
-            status.partitions = Some(rep.partitions);
-            status.total_lag = Some(rep.total);
-            status.max_partition_lag = Some(rep.max);
-        } else {
-            status.partitions = prev.partitions;
-            status.total_lag = prev.total_lag;
-            status.max_partition_lag = prev.max_partition_lag;
-        }
-        status.desired_replicas = Some(s.decision.replicas);
-        status.last_scale_time = s.last_scale_time.clone().or(prev.last_scale_time.clone());
-    }
-    let summary = format!("reducers {}, publishers {} ready", r.summary, p.summary);
-    status.conditions = vec![
-        condition(
-            &prev.conditions,
-            "Ready",
-            ready,
-            if ready {
-                "AllReplicasReady"
-            } else {
-                "ReplicasNotReady"
-            },
-            summary.clone(),
-            generation,
-        ),
-        condition(
-            &prev.conditions,
-            "Progressing",
-            progressing,
-            if progressing {
-                "RollingOut"
-            } else {
-                "RolledOut"
-            },
-            summary,
-            generation,
-        ),
-        condition(
-            &prev.conditions,
-            "Degraded",
-            false,
-            "AsExpected",
-            "children applied".into(),
-            generation,
-        ),
-    ];
-    if let Some(s) = &scaling {
-        status
-            .conditions
-            .extend(scaling_conditions(&prev.conditions, s, generation));
-    }
-    write_status(&api, sp, status).await?;
+    write_status(ctx, sp, status).await?;
     ctx.metrics.reconciles.with_label_values(&["ok"]).inc();
-    match sp.spec.autoscaling.as_ref().filter(|a| a.enabled) {
-        Some(a) => Ok(Action::requeue(Duration::from_secs(
-            a.poll_interval_seconds.max(1).into(),
-        ))),
-        None => Ok(Action::requeue(RESYNC)),
-    }
+    let next = match sp.spec.autoscaling.as_ref().filter(|a| a.enabled) {
+        Some(a) => crate::plan::interval(a),
+        None => RESYNC,
+    };
+    Ok(Action::requeue(if report.conflicts.is_empty() {
+        next
+    } else {
+        next.min(CONFLICT_RECHECK)
+    }))
 }
 
 /// Requeues a failed object with exponential backoff (1 s doubling to 5 min).
 pub fn error_policy(sp: Arc<StreamPipeline>, err: &Error, ctx: Arc<Context>) -> Action {
-    let key = format!("{}/{}", sp.namespace().unwrap_or_default(), sp.name_any());
+    let key = key(&sp);
     let n = {
         let mut f = ctx.failures.lock().unwrap_or_else(|p| p.into_inner());
         let n = f.entry(key.clone()).or_insert(0);
@@ -769,6 +345,66 @@ pub async fn detect_features(client: &Client) -> Features {
     }
 }
 
+/// The pipelines a child belongs to: its controller owner reference, and
+/// its instance label — so a child whose owner reference was removed still
+/// triggers its pipeline's reconcile (which restores the reference).
+fn pipelines_of<K: Resource>(child: &K) -> Vec<ObjectRef<StreamPipeline>> {
+    let Some(ns) = child.meta().namespace.as_deref() else {
+        return Vec::new();
+    };
+    let mut out: Vec<ObjectRef<StreamPipeline>> = child
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .filter(|o| o.controller == Some(true) && o.kind == "StreamPipeline")
+        .map(|o| ObjectRef::new(&o.name).within(ns))
+        .collect();
+    if let Some(name) = child.meta().labels.as_ref().and_then(|l| l.get(INSTANCE)) {
+        let r = ObjectRef::new(name).within(ns);
+        if !out.contains(&r) {
+            out.push(r);
+        }
+    }
+    out
+}
+
+fn api<K>(client: &Client, namespace: &Option<String>) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// A cached watch of our children of kind `K`: the store, and the stream
+/// that keeps it current and triggers their pipelines.
+fn children<K>(
+    client: &Client,
+    namespace: &Option<String>,
+) -> (
+    reflector::Store<K>,
+    impl futures_util::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store();
+    let cfg = watcher::Config::default().labels(&format!("{MANAGED_BY}={FIELD_MANAGER}"));
+    let stream = reflector::reflector(writer, watcher(api::<K>(client, namespace), cfg))
+        .default_backoff()
+        .touched_objects();
+    (store, stream)
+}
+
 /// Runs the controller until `shutdown` resolves.
 pub async fn run(
     ctx: Arc<Context>,
@@ -776,37 +412,95 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (pipelines, deps, cms, svcs): (
-        Api<StreamPipeline>,
-        Api<Deployment>,
-        Api<ConfigMap>,
-        Api<Service>,
-    ) = match &namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-            Api::all(client.clone()),
-        ),
-    };
-    let owned =
-        watcher::Config::default().labels("app.kubernetes.io/managed-by=streampipe-operator");
-    Controller::new(pipelines, watcher::Config::default())
-        .owns(deps, owned.clone())
-        .owns(cms, owned.clone())
-        .owns(svcs, owned)
+    let pipelines: Api<StreamPipeline> = api(&client, &namespace);
+    let (deployments, dep_stream) = children::<Deployment>(&client, &namespace);
+    let (config_maps, cm_stream) = children::<ConfigMap>(&client, &namespace);
+    let (services, svc_stream) = children::<Service>(&client, &namespace);
+    let mut controller = Controller::new(pipelines, watcher::Config::default())
+        .watches_stream(dep_stream, |d| pipelines_of(&d))
+        .watches_stream(cm_stream, |c| pipelines_of(&c))
+        .watches_stream(svc_stream, |s| pipelines_of(&s));
+    let mut pdbs = None;
+    if ctx.features.pdb {
+        let (store, stream) = children::<PodDisruptionBudget>(&client, &namespace);
+        controller = controller.watches_stream(stream, |p| pipelines_of(&p));
+        pdbs = Some(store);
+    }
+    let pruner = tokio::spawn(prune_forgotten(ctx.clone(), controller.store()));
+    ctx.set_stores(Some(ChildStores {
+        deployments,
+        config_maps,
+        services,
+        pdbs,
+    }));
+    controller
         .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|res| async move {
             if let Err(e) = res {
                 warn!(error = %e, "controller event");
             }
         })
         .await;
+    pruner.abort();
+    // A later leadership term starts with fresh caches.
+    ctx.set_stores(None);
+}
+
+/// How often per-pipeline memory of deleted pipelines is dropped.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Drops what the operator remembers per pipeline (autoscaler state,
+/// failure count, metric series) once the pipeline is gone: a deleted
+/// pipeline gets no last reconcile to clean up after itself.
+async fn prune_forgotten(ctx: Arc<Context>, pipelines: reflector::Store<StreamPipeline>) {
+    // Before the first list an empty store would mean "all deleted".
+    if pipelines.wait_until_ready().await.is_err() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(PRUNE_EVERY).await;
+        let live: std::collections::HashSet<String> =
+            pipelines.state().iter().map(|sp| key(sp)).collect();
+        for gone in ctx.scalers.retain(|k| live.contains(k)) {
+            if let Some((ns, name)) = gone.split_once('/') {
+                let _ = ctx.metrics.lag.remove_label_values(&[ns, name]);
+                let _ = ctx
+                    .metrics
+                    .desired_replicas
+                    .remove_label_values(&[ns, name]);
+            }
+        }
+        ctx.failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| live.contains(k));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    #[test]
+    fn children_map_to_their_pipeline_by_owner_and_by_label() {
+        let mut cm = ConfigMap::default();
+        cm.metadata.namespace = Some("prod".into());
+        assert!(pipelines_of(&cm).is_empty());
+        cm.metadata.labels = Some([(INSTANCE.to_owned(), "odds".to_owned())].into());
+        assert_eq!(
+            pipelines_of(&cm),
+            vec![ObjectRef::new("odds").within("prod")]
+        );
+        cm.metadata.owner_references = Some(vec![OwnerReference {
+            kind: "StreamPipeline".into(),
+            name: "odds".into(),
+            controller: Some(true),
+            ..Default::default()
+        }]);
+        assert_eq!(pipelines_of(&cm).len(), 1, "the same pipeline once");
+        cm.metadata.labels = Some([(INSTANCE.to_owned(), "other".to_owned())].into());
+        assert_eq!(pipelines_of(&cm).len(), 2, "both are told");
+    }
 }

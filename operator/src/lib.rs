@@ -1,19 +1,35 @@
 //! streampipe's Kubernetes operator.
 //!
-//! - [`crd`]: the `StreamPipeline` custom resource and its validation.
+//! - [`crd`]: the `StreamPipeline` custom resource and its spec rules.
 //! - [`builders`]: pure functions building the desired children.
-//! - [`controller`]: `reconcile`, the error policy and the controller loop.
-//! - [`metrics`], [`error`].
+//! - [`controller`]: `reconcile` (validate → apply children → observe
+//!   status), the error policy and the controller loop; [`context`] is what
+//!   passes share.
+//! - Phases: [`validate`], [`apply`] (with [`ownership`], [`drift`],
+//!   [`quantity`]), [`status`]; the autoscaler: [`autoscale`] (decision),
+//!   [`plan`] (state and steps), [`scaling`] (its I/O), [`lag`].
+//! - [`events`], [`metrics`], [`error`].
 
+pub mod apply;
 pub mod autoscale;
 pub mod builders;
+pub mod context;
 pub mod controller;
 pub mod crd;
+pub mod drift;
 pub mod error;
+pub mod events;
 pub mod lag;
 pub mod metrics;
+pub mod ownership;
+pub mod plan;
+pub mod quantity;
+pub mod scaling;
+pub mod status;
+pub mod validate;
 
-pub use controller::{reconcile, Context, Features};
+pub use context::{Context, Features};
+pub use controller::reconcile;
 pub use crd::StreamPipeline;
 pub use error::{Error, Result};
 pub use metrics::Metrics;

@@ -25,6 +25,8 @@ struct Fake {
     objects: Arc<Mutex<HashMap<String, Value>>>,
     log: Arc<Mutex<Vec<(Method, String, Value)>>>,
     rv: Arc<Mutex<u64>>,
+    /// Writes to these paths fail with this status code and message.
+    fail: Arc<Mutex<HashMap<String, (u16, String)>>>,
 }
 
 fn merge(into: &mut Value, patch: &Value) {
@@ -48,6 +50,15 @@ impl Fake {
             .lock()
             .unwrap()
             .push((method.clone(), path.clone(), body.clone()));
+        if method != Method::GET {
+            if let Some((code, message)) = self.fail.lock().unwrap().get(&path).cloned() {
+                return (
+                    StatusCode::from_u16(code).unwrap(),
+                    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+                           "message": message, "reason": "Invalid", "code": code}),
+                );
+            }
+        }
         let mut objects = self.objects.lock().unwrap();
         match method {
             Method::GET => match objects.get(&path) {
@@ -124,6 +135,15 @@ impl Fake {
 
     fn get(&self, path: &str) -> Option<Value> {
         self.objects.lock().unwrap().get(path).cloned()
+    }
+
+    fn put(&self, path: &str, v: Value) {
+        self.objects.lock().unwrap().insert(path.into(), v);
+    }
+
+    fn edit(&self, path: &str, f: impl FnOnce(&mut Value)) {
+        let mut objects = self.objects.lock().unwrap();
+        f(objects.get_mut(path).expect("object exists"));
     }
 }
 
@@ -333,4 +353,422 @@ async fn invalid_spec_is_degraded_with_a_warning_event_and_touches_no_child() {
     fake.clear_log();
     reconcile(current(&fake), ctx.clone()).await.unwrap();
     assert!(fake.writes().is_empty());
+}
+
+fn condition(fake: &Fake, t: &str) -> Value {
+    fake.get(SP).unwrap()["status"]["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == t)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {t} condition"))
+}
+
+fn paths(writes: &[(Method, String, Value)]) -> Vec<String> {
+    writes.iter().map(|(m, p, _)| format!("{m} {p}")).collect()
+}
+
+#[tokio::test]
+async fn a_foreign_object_with_a_childs_name_is_left_alone_and_reported() {
+    let sp = pipeline(spec(1));
+    let (fake, ctx) = setup(&sp).await;
+    let users = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": "odds-config", "namespace": "prod", "uid": "user-cm", "resourceVersion": "7"},
+        "data": {"mine": "precious"}});
+    fake.put(CM, users.clone());
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    let w = fake.writes();
+    assert!(
+        !patched(&w, CM),
+        "the user's ConfigMap is not written: {:?}",
+        paths(&w)
+    );
+    assert_eq!(
+        fake.get(CM).unwrap(),
+        users,
+        "untouched, no owner reference added"
+    );
+    assert!(
+        !patched(&w, REDUCER) && !patched(&w, PUBLISHER),
+        "Deployments would read someone else's configuration"
+    );
+    assert!(patched(&w, SVC), "other children are still applied");
+    let conflict = condition(&fake, "Conflict");
+    assert_eq!(conflict["status"], "True");
+    assert!(conflict["message"]
+        .as_str()
+        .unwrap()
+        .contains("ConfigMap odds-config"));
+    let degraded = condition(&fake, "Degraded");
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some("Conflict"))
+    );
+    assert_eq!(fake.get(SP).unwrap()["status"]["ready"], "False");
+    let evs = events(&w);
+    assert!(
+        evs.iter().any(|e| e["type"] == "Warning"
+            && e["reason"] == "Conflict"
+            && e["note"]
+                .as_str()
+                .unwrap()
+                .contains("ConfigMap odds-config")
+            && e["related"]["name"] == "odds-config"),
+        "{evs:?}"
+    );
+    // The next pass neither writes nor repeats the Warning.
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(fake.writes().is_empty(), "{:?}", paths(&fake.writes()));
+
+    // A child controlled by another owner is foreign too.
+    fake.objects.lock().unwrap().remove(CM);
+    fake.edit(SVC, |s| {
+        s["metadata"]["ownerReferences"] = json!([{"apiVersion": "v1", "kind": "Other",
+            "name": "x", "uid": "other-uid", "controller": true}]);
+    });
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let w = fake.writes();
+    assert!(
+        patched(&w, CM) && patched(&w, REDUCER),
+        "the name is free again: applied"
+    );
+    assert!(!patched(&w, SVC));
+    assert!(condition(&fake, "Conflict")["message"]
+        .as_str()
+        .unwrap()
+        .contains("Service odds-publisher"));
+}
+
+#[tokio::test]
+async fn a_child_that_lost_its_owner_reference_is_taken_back() {
+    let sp = pipeline(spec(1));
+    let (fake, ctx) = setup(&sp).await;
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    fake.edit(CM, |c| {
+        c["metadata"]
+            .as_object_mut()
+            .unwrap()
+            .remove("ownerReferences");
+        c["metadata"]["managedFields"] = json!([{"manager": "streampipe-operator",
+            "operation": "Apply", "apiVersion": "v1", "fieldsType": "FieldsV1", "fieldsV1": {}}]);
+    });
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(patched(&fake.writes(), CM));
+    assert_eq!(
+        fake.get(CM).unwrap()["metadata"]["ownerReferences"][0]["uid"],
+        "sp-uid"
+    );
+    assert_eq!(condition(&fake, "Conflict")["status"], "False");
+}
+
+#[tokio::test]
+async fn a_failing_first_pass_gets_a_status_and_one_short_event() {
+    let sp = pipeline(spec(2));
+    let (fake, ctx) = setup(&sp).await;
+    // An API error quoting a large object, as the real server does.
+    let message = format!(
+        "Deployment.apps \"odds-reducer\" is invalid: {}",
+        "x".repeat(3000)
+    );
+    fake.fail
+        .lock()
+        .unwrap()
+        .insert(REDUCER.into(), (422, message));
+    assert!(reconcile(Arc::new(sp), ctx.clone()).await.is_err());
+    let status = fake.get(SP).unwrap()["status"].clone();
+    assert_eq!(status["ready"], "False", "READY column never blank");
+    assert_eq!(status["reducer"]["summary"], "0/2");
+    assert_eq!(status["publisher"]["summary"], "0/1");
+    let degraded = condition(&fake, "Degraded");
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some("ApplyFailed"))
+    );
+    assert!(degraded["message"]
+        .as_str()
+        .unwrap()
+        .contains("odds-reducer"));
+    let evs: Vec<Value> = events(&fake.writes())
+        .into_iter()
+        .filter(|e| e["reason"] == "ReconcileFailed")
+        .collect();
+    assert_eq!(evs.len(), 1, "{evs:?}");
+    let note = evs[0]["note"].as_str().unwrap();
+    assert!(note.len() <= 1024, "note is {} bytes", note.len());
+    assert!(
+        note.starts_with("applying Deployment odds-reducer"),
+        "{note}"
+    );
+    // Retries of the same failure: no new Event, no status rewrite.
+    fake.clear_log();
+    for _ in 0..3 {
+        assert!(reconcile(current(&fake), ctx.clone()).await.is_err());
+    }
+    let w = fake.writes();
+    assert!(
+        events(&w).iter().all(|e| e["reason"] != "ReconcileFailed"),
+        "{:?}",
+        paths(&w)
+    );
+    assert!(!patched(&w, &format!("{SP}/status")), "{:?}", paths(&w));
+    // Fixed: Degraded clears.
+    fake.fail.lock().unwrap().clear();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert_eq!(condition(&fake, "Degraded")["status"], "False");
+}
+
+#[tokio::test]
+async fn invalid_names_labels_and_env_names_are_degraded_with_events() {
+    let mut s = spec(1);
+    s["reducer"]["labels"] = json!({"bad key": "x"});
+    s["reducer"]["env"] = json!([{"name": "1BAD", "value": "x"}]);
+    let mut sp = pipeline(s);
+    sp.metadata.name = Some("odds.v2".into());
+    let (fake, ctx) = setup(&sp).await;
+    // The fake serves the pipeline under its path name; status goes to that path.
+    let path = SP.replace("/odds", "/odds.v2");
+    fake.put(&path, serde_json::to_value(&sp).unwrap());
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    let w = fake.writes();
+    assert!(
+        !w.iter().any(|(_, p, _)| p.contains("/configmaps/")
+            || p.contains("/deployments/")
+            || p.contains("/services/")),
+        "no child written: {:?}",
+        paths(&w)
+    );
+    let evs = events(&w);
+    for field in ["metadata.name", "spec.reducer.labels", "spec.reducer.env"] {
+        assert!(
+            evs.iter()
+                .any(|e| e["reason"] == "InvalidSpec"
+                    && e["note"].as_str().unwrap().starts_with(field)),
+            "{field}: {evs:?}"
+        );
+    }
+    let status = fake.get(&path).unwrap()["status"].clone();
+    assert_eq!(status["ready"], "False");
+    let degraded = status["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == "Degraded")
+        .cloned()
+        .unwrap();
+    assert_eq!(degraded["reason"], "InvalidSpec");
+}
+
+#[tokio::test]
+async fn quantities_are_applied_in_the_servers_form_and_not_reapplied() {
+    let mut s = spec(1);
+    s["reducer"]["resources"] =
+        json!({"requests": {"cpu": "0.5", "memory": "1024Mi"}, "limits": {"cpu": 1}});
+    let sp = pipeline(s);
+    let (fake, ctx) = setup(&sp).await;
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    let res = fake.get(REDUCER).unwrap()["spec"]["template"]["spec"]["containers"][0]["resources"]
+        .clone();
+    assert_eq!(
+        res,
+        json!({"requests": {"cpu": "500m", "memory": "1Gi"}, "limits": {"cpu": "1"}})
+    );
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(fake.writes().is_empty(), "{:?}", paths(&fake.writes()));
+}
+
+#[tokio::test]
+async fn an_env_var_we_set_before_is_removed_and_a_foreign_one_left_alone() {
+    let sp = pipeline(spec(1));
+    let (fake, ctx) = setup(&sp).await;
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    let owned = |names: &[&str]| {
+        let mut env = serde_json::Map::new();
+        for n in names {
+            env.insert(
+                format!("k:{{\"name\":\"{n}\"}}"),
+                json!({".": {}, "f:name": {}}),
+            );
+        }
+        json!([
+            {"manager": "streampipe-operator", "operation": "Apply", "fieldsV1": {"f:spec": {"f:template":
+                {"f:spec": {"f:containers": {"k:{\"name\":\"reducer\"}": {"f:env": env}}}}}}},
+            {"manager": "kubectl-set", "operation": "Update", "fieldsV1": {"f:spec": {"f:template":
+                {"f:spec": {"f:containers": {"k:{\"name\":\"reducer\"}": {"f:env":
+                    {"k:{\"name\":\"FOREIGN\"}": {".": {}, "f:name": {}, "f:value": {}}}}}}}}}}
+        ])
+    };
+    let add_env = |fake: &Fake, extra: &[&str], managed: Value| {
+        fake.edit(REDUCER, |d| {
+            let env = d["spec"]["template"]["spec"]["containers"][0]["env"]
+                .as_array_mut()
+                .unwrap();
+            for n in extra {
+                env.push(json!({"name": n, "value": "x"}));
+            }
+            d["metadata"]["managedFields"] = managed;
+        })
+    };
+    // Someone else's env var: not drift, no PATCH.
+    add_env(
+        &fake,
+        &["FOREIGN"],
+        owned(&["STREAMPIPE_LISTEN", "STREAMPIPE_REDIS_URL"]),
+    );
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(fake.writes().is_empty(), "{:?}", paths(&fake.writes()));
+    // One our manager applied before and the spec no longer has: applied away.
+    add_env(
+        &fake,
+        &["OLD"],
+        owned(&["STREAMPIPE_LISTEN", "STREAMPIPE_REDIS_URL", "OLD"]),
+    );
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let w = fake.writes();
+    assert!(patched(&w, REDUCER), "{:?}", paths(&w));
+    let sent = w.iter().find(|(_, p, _)| p == REDUCER).unwrap().2.clone();
+    let names: Vec<&str> = sent["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        !names.contains(&"OLD") && !names.contains(&"FOREIGN"),
+        "{names:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_rollout_past_its_deadline_is_degraded() {
+    let sp = pipeline(spec(1));
+    let (fake, ctx) = setup(&sp).await;
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    fake.edit(REDUCER, |d| {
+        d["status"] = json!({"observedGeneration": 1, "replicas": 1, "updatedReplicas": 1,
+            "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded",
+                            "message": "ReplicaSet \"odds-reducer-5d4\" has timed out progressing."}]});
+    });
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let progressing = condition(&fake, "Progressing");
+    assert_eq!(
+        (
+            progressing["status"].as_str(),
+            progressing["reason"].as_str()
+        ),
+        (Some("False"), Some("ProgressDeadlineExceeded"))
+    );
+    let degraded = condition(&fake, "Degraded");
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some("ProgressDeadlineExceeded"))
+    );
+    assert!(degraded["message"]
+        .as_str()
+        .unwrap()
+        .contains("odds-reducer"));
+    assert!(
+        !patched(&fake.writes(), REDUCER),
+        "status only, no child write"
+    );
+    let evs = events(&fake.writes());
+    assert!(
+        evs.iter().any(|e| e["type"] == "Warning"
+            && e["reason"] == "ProgressDeadlineExceeded"
+            && e["note"].as_str().unwrap().contains("odds-reducer")),
+        "{evs:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_edited_service_port_is_replaced_not_duplicated() {
+    let sp = pipeline(spec(1));
+    let (fake, ctx) = setup(&sp).await;
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    fake.edit(SVC, |s| {
+        s["spec"]["ports"] =
+            json!([{"name": "http", "port": 81, "protocol": "TCP", "targetPort": "http"}]);
+    });
+    let rv = fake.get(SVC).unwrap()["metadata"]["resourceVersion"].clone();
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let to_svc: Vec<Value> = fake
+        .writes()
+        .into_iter()
+        .filter(|(_, p, _)| p == SVC)
+        .map(|(_, _, b)| b)
+        .collect();
+    assert_eq!(to_svc.len(), 2, "list replaced, then applied: {to_svc:?}");
+    assert_eq!(
+        to_svc[0],
+        json!({"metadata": {"resourceVersion": rv}, "spec": {"ports": [
+            {"name": "http", "port": 80, "targetPort": "http", "protocol": "TCP"}]}}),
+        "a merge patch guarded by the judged resourceVersion"
+    );
+    let ports = fake.get(SVC).unwrap()["spec"]["ports"].clone();
+    assert_eq!(ports.as_array().unwrap().len(), 1);
+    assert_eq!(ports[0]["port"], 80);
+}
+
+fn store_of<K>(fake: &Fake, paths: &[&str]) -> kube::runtime::reflector::Store<K>
+where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned,
+{
+    let (store, mut writer) = kube::runtime::reflector::store();
+    for p in paths {
+        let obj: K = serde_json::from_value(fake.get(p).unwrap()).unwrap();
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(obj));
+    }
+    store
+}
+
+#[tokio::test]
+async fn children_are_read_from_the_watch_caches_not_with_gets() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::{ConfigMap, Service};
+    use streampipe_operator::context::ChildStores;
+    let sp = pipeline(spec(1));
+    let (fake, ctx) = setup(&sp).await;
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    ctx.set_stores(Some(ChildStores {
+        deployments: store_of::<Deployment>(&fake, &[REDUCER, PUBLISHER]),
+        config_maps: store_of::<ConfigMap>(&fake, &[CM]),
+        services: store_of::<Service>(&fake, &[SVC]),
+        pdbs: None,
+    }));
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let log = fake.log.lock().unwrap().clone();
+    assert!(log.is_empty(), "no GET, no write: {:?}", paths(&log));
+
+    // A spec change is applied; the next pass starts before the cache saw
+    // that write (it still holds the old Deployment): no second apply.
+    let mut changed = (*current(&fake)).clone();
+    changed.spec.reducer.replicas = 3;
+    changed.metadata.generation = Some(2);
+    reconcile(Arc::new(changed.clone()), ctx.clone())
+        .await
+        .unwrap();
+    assert!(patched(&fake.writes(), REDUCER));
+    fake.clear_log();
+    let mut again = (*current(&fake)).clone();
+    again.spec = changed.spec.clone();
+    reconcile(Arc::new(again), ctx.clone()).await.unwrap();
+    let w = fake.writes();
+    assert!(
+        !patched(&w, REDUCER),
+        "judged on our own write: {:?}",
+        paths(&w)
+    );
+    assert!(
+        events(&w).iter().all(|e| e["reason"] != "Updated"),
+        "no spurious Updated"
+    );
 }

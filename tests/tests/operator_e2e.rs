@@ -543,3 +543,341 @@ fn autoscaling_follows_kafka_lag_on_a_real_api_server() {
     let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
     let _ = std::fs::remove_file(kubeconfig);
 }
+
+/// `kubectl apply -f` of a pipeline given as JSON (retried while the API
+/// server publishes a freshly applied CRD).
+fn apply_json(ns: &str, what: &Value) {
+    let path = std::env::temp_dir().join(format!("{ns}-{}.json", unique("sp")));
+    std::fs::write(&path, serde_json::to_vec(what).unwrap()).unwrap();
+    wait_for(Duration::from_secs(30), "pipeline accepted", || {
+        kubectl(&["apply", "-f", path.to_str().unwrap()])
+            .0
+            .then_some(())
+    });
+    let _ = std::fs::remove_file(path);
+}
+
+fn pipeline_json(ns: &str, name: &str, reducer: Value) -> Value {
+    serde_json::json!({
+        "apiVersion": "streampipe.dev/v1alpha1", "kind": "StreamPipeline",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {
+            "kafka": {"bootstrapServers": "kafka:9092", "dataTopic": "odds", "commandTopic": "odds.commands"},
+            "redis": {"urlSecret": {"name": "redis", "key": "url"}},
+            "reducer": reducer,
+        }
+    })
+}
+
+/// Events about `name` with `reason`.
+fn events_about(ns: &str, name: &str, reason: &str) -> Vec<Value> {
+    kubectl_json(&["get", "events.events.k8s.io", "-n", ns])
+        .and_then(|evs| evs["items"].as_array().cloned())
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|e| e["regarding"]["name"] == name && e["reason"] == reason)
+        .collect()
+}
+
+fn rv(kind: &str, ns: &str, name: &str) -> Value {
+    get(kind, ns, name).unwrap()["metadata"]["resourceVersion"].clone()
+}
+
+/// Ownership, honest status and drift on the real 1.20 API server: a
+/// user's ConfigMap with a child's name is left alone (Conflict) and
+/// survives the pipeline's deletion; failures and invalid specs show in
+/// the status on the first pass with one short Event; quantities, a foreign
+/// env var and an unchanged pipeline cause no write; an edited Service port
+/// is replaced, an env var dropped from the spec removed, a removed owner
+/// reference restored at once; a rollout past its deadline is Degraded.
+#[test]
+fn ownership_status_and_drift_on_a_real_api_server() {
+    install();
+    let ns = unique("e2e-own");
+    kubectl_ok(&["create", "namespace", &ns]);
+    let kubeconfig = operator_kubeconfig();
+    let op = Operator::start_with(
+        &kubeconfig,
+        &["--leader-election=false", "--namespace", &ns],
+    );
+
+    // A user's ConfigMap that happens to have the child's name.
+    kubectl_ok(&[
+        "create",
+        "configmap",
+        "odds-config",
+        "-n",
+        &ns,
+        "--from-literal=mine=precious",
+    ]);
+    let reducer = serde_json::json!({
+        "replicas": 1,
+        "env": [{"name": "MINE", "value": "1"}],
+        "resources": {"requests": {"cpu": "0.5", "memory": "1024Mi"}, "limits": {"memory": "2048Mi"}},
+    });
+    apply_json(&ns, &pipeline_json(&ns, "odds", reducer.clone()));
+    let sp = wait_get("Conflict reported", "streampipeline", &ns, "odds", |v| {
+        condition(v, "Conflict").is_some_and(|c| c["status"] == "True")
+    });
+    let degraded = condition(&sp, "Degraded").unwrap();
+    assert_eq!(
+        (degraded["status"].as_str(), degraded["reason"].as_str()),
+        (Some("True"), Some("Conflict"))
+    );
+    assert!(condition(&sp, "Conflict").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("ConfigMap odds-config"));
+    wait_for(Duration::from_secs(30), "Conflict Warning event", || {
+        events_about(&ns, "odds", "Conflict")
+            .iter()
+            .any(|e| {
+                e["type"] == "Warning"
+                    && e["note"]
+                        .as_str()
+                        .unwrap_or("")
+                        .contains("ConfigMap odds-config")
+            })
+            .then_some(())
+    });
+    let table = kubectl_ok(&["get", "spl", "odds", "-n", &ns]);
+    assert!(
+        table.lines().nth(1).unwrap().split_whitespace().nth(1) == Some("False"),
+        "READY shown:\n{table}"
+    );
+    let cm = get("configmap", &ns, "odds-config").unwrap();
+    assert_eq!(
+        cm["data"],
+        serde_json::json!({"mine": "precious"}),
+        "untouched"
+    );
+    assert!(
+        cm["metadata"]["ownerReferences"].is_null(),
+        "not adopted: {cm}"
+    );
+    // The Service was free: it is the pipeline's.
+    wait_get("Service applied", "service", &ns, "odds-publisher", |_| {
+        true
+    });
+    assert!(
+        get("deployment", &ns, "odds-reducer").is_none(),
+        "no pods on someone else's config"
+    );
+
+    // Deleting the pipeline deletes only its own objects.
+    kubectl_ok(&["delete", "spl", "odds", "-n", &ns]);
+    wait_for(Duration::from_secs(90), "Service garbage-collected", || {
+        get("service", &ns, "odds-publisher")
+            .is_none()
+            .then_some(())
+    });
+    assert_eq!(
+        get("configmap", &ns, "odds-config").expect("the user's ConfigMap survives")["data"]
+            ["mine"],
+        "precious"
+    );
+    kubectl_ok(&["delete", "configmap", "odds-config", "-n", &ns]);
+
+    // The pipeline again, with its names free: every child, in server form, written once.
+    apply_json(&ns, &pipeline_json(&ns, "odds", reducer));
+    wait_get("pipeline healthy", "streampipeline", &ns, "odds", |v| {
+        condition(v, "Conflict").is_some_and(|c| c["status"] == "False")
+            && condition(v, "Degraded").is_some_and(|c| c["status"] == "False")
+    });
+    let dep = wait_get("reducer", "deployment", &ns, "odds-reducer", |_| true);
+    assert_eq!(
+        dep["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"],
+        serde_json::json!({"cpu": "500m", "memory": "1Gi"})
+    );
+    let mut op = op;
+    let writes = |op: &mut Operator| -> f64 {
+        assert!(op.leading().is_some());
+        let m = try_http_request(&op.addr, "GET", "/metrics").unwrap();
+        m.lines()
+            .filter(|l| l.starts_with("streampipe_operator_child_writes_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    };
+    let poke = |n: &str| {
+        kubectl_ok(&[
+            "annotate",
+            "spl",
+            "odds",
+            "-n",
+            &ns,
+            &format!("poke={n}"),
+            "--overwrite",
+        ]);
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    std::thread::sleep(Duration::from_secs(2));
+    let (w0, rv0) = (writes(&mut op), rv("deployment", &ns, "odds-reducer"));
+    poke("1");
+    assert_eq!(
+        writes(&mut op),
+        w0,
+        "an unchanged pipeline (quantities in user form) writes nothing"
+    );
+    assert_eq!(rv("deployment", &ns, "odds-reducer"), rv0);
+
+    // A foreign env var is left alone, without a PATCH per pass.
+    kubectl_ok(&[
+        "set",
+        "env",
+        "deployment/odds-reducer",
+        "-n",
+        &ns,
+        "FOREIGN=1",
+    ]);
+    std::thread::sleep(Duration::from_secs(2));
+    let (w1, rv1) = (writes(&mut op), rv("deployment", &ns, "odds-reducer"));
+    poke("2");
+    assert_eq!(writes(&mut op), w1, "foreign env var: no write");
+    assert_eq!(rv("deployment", &ns, "odds-reducer"), rv1);
+    let env_names = |ns: &str| -> Vec<String> {
+        get("deployment", ns, "odds-reducer").unwrap()["spec"]["template"]["spec"]["containers"][0]
+            ["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert!(env_names(&ns).contains(&"FOREIGN".to_owned()));
+
+    // An env var the operator set and the spec dropped is removed.
+    patch_spl_ok(&ns, "odds", r#"{"spec":{"reducer":{"env":null}}}"#);
+    wait_for(Duration::from_secs(30), "MINE removed", || {
+        let names = env_names(&ns);
+        (!names.contains(&"MINE".to_owned())).then_some(names)
+    });
+    assert!(
+        env_names(&ns).contains(&"FOREIGN".to_owned()),
+        "foreign one kept"
+    );
+
+    // An edited Service port is replaced, not duplicated.
+    kubectl_ok(&[
+        "patch",
+        "service",
+        "odds-publisher",
+        "-n",
+        &ns,
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"replace","path":"/spec/ports/0/port","value":81}]"#,
+    ]);
+    wait_get(
+        "Service port restored",
+        "service",
+        &ns,
+        "odds-publisher",
+        |s| {
+            s["spec"]["ports"]
+                .as_array()
+                .is_some_and(|p| p.len() == 1 && p[0]["port"] == 80)
+        },
+    );
+
+    // A removed owner reference is restored at once (not at the 300 s resync).
+    let t = Instant::now();
+    kubectl_ok(&[
+        "patch",
+        "configmap",
+        "odds-config",
+        "-n",
+        &ns,
+        "--type",
+        "json",
+        "-p",
+        r#"[{"op":"remove","path":"/metadata/ownerReferences"}]"#,
+    ]);
+    wait_for(Duration::from_secs(20), "owner reference restored", || {
+        let cm = get("configmap", &ns, "odds-config")?;
+        cm["metadata"]["ownerReferences"][0]["kind"]
+            .as_str()
+            .map(|_| ())
+    });
+    eprintln!("owner reference restored in {:?}", t.elapsed());
+
+    // A rollout past its deadline (no node: pods stay Pending) is Degraded,
+    // not "RolledOut". The deadline is a field the operator does not set.
+    kubectl_ok(&[
+        "patch",
+        "deployment",
+        "odds-reducer",
+        "-n",
+        &ns,
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"progressDeadlineSeconds":1}}"#,
+    ]);
+    let sp = wait_get(
+        "ProgressDeadlineExceeded",
+        "streampipeline",
+        &ns,
+        "odds",
+        |v| condition(v, "Degraded").is_some_and(|c| c["reason"] == "ProgressDeadlineExceeded"),
+    );
+    let progressing = condition(&sp, "Progressing").unwrap();
+    assert_eq!(
+        (
+            progressing["status"].as_str(),
+            progressing["reason"].as_str()
+        ),
+        (Some("False"), Some("ProgressDeadlineExceeded"))
+    );
+    assert!(condition(&sp, "Degraded").unwrap()["message"]
+        .as_str()
+        .unwrap()
+        .contains("odds-reducer"));
+
+    // A pipeline failing on its first pass: a status with the reason, one short Event.
+    let bad = serde_json::json!({"replicas": 1, "resources": {"requests": {"memory": "2Gi"}, "limits": {"memory": "1Gi"}}});
+    apply_json(&ns, &pipeline_json(&ns, "broken", bad));
+    let sp = wait_get("ApplyFailed status", "streampipeline", &ns, "broken", |v| {
+        condition(v, "Degraded").is_some_and(|c| c["reason"] == "ApplyFailed")
+    });
+    assert_eq!(sp["status"]["ready"], "False");
+    assert_eq!(sp["status"]["reducer"]["summary"], "0/1");
+    let ev = wait_for(Duration::from_secs(30), "ReconcileFailed event", || {
+        events_about(&ns, "broken", "ReconcileFailed")
+            .into_iter()
+            .next()
+    });
+    assert!(ev["note"].as_str().unwrap().len() <= 1024);
+    std::thread::sleep(Duration::from_secs(5)); // retries at 1, 2, 4 s
+    assert_eq!(
+        events_about(&ns, "broken", "ReconcileFailed").len(),
+        1,
+        "one Event, not one per retry"
+    );
+
+    // Names the children cannot carry: reported at once.
+    for name in ["odds.v2", &"a".repeat(54)] {
+        apply_json(
+            &ns,
+            &pipeline_json(&ns, name, serde_json::json!({"replicas": 1})),
+        );
+        let sp = wait_get("InvalidSpec", "streampipeline", &ns, name, |v| {
+            condition(v, "Degraded").is_some_and(|c| c["reason"] == "InvalidSpec")
+        });
+        assert_eq!(sp["status"]["ready"], "False");
+        wait_for(Duration::from_secs(30), "InvalidSpec event", || {
+            events_about(&ns, name, "InvalidSpec")
+                .iter()
+                .any(|e| {
+                    e["note"]
+                        .as_str()
+                        .unwrap_or("")
+                        .starts_with("metadata.name")
+                })
+                .then_some(())
+        });
+    }
+    drop(op);
+    let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
+    let _ = std::fs::remove_file(kubeconfig);
+}

@@ -1,0 +1,189 @@
+//! The autoscaler's I/O: read the lag from Kafka when [`crate::plan`] says
+//! a poll is due, decide, and write the reducer replicas through the scale
+//! subresource (as an HPA would), with Events saying why.
+//!
+//! The pipeline's state is taken out of [`crate::plan::Scalers`] for the
+//! pass and put back at the end, so no lock is held across the Secret read,
+//! the (blocking, seconds-long) Kafka read, Events or the scale patch.
+
+use std::time::Instant;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::EventType;
+use kube::ResourceExt;
+use serde_json::json;
+
+use crate::autoscale::Observation;
+use crate::builders;
+use crate::context::Context;
+use crate::crd::{AutoscalingSpec, StreamPipeline};
+use crate::error::{Error, Result};
+use crate::lag::{read_lag, Uncommitted};
+use crate::plan::{self, ScalerState, Scaling, Step};
+
+/// librdkafka properties for the pipeline's credentials, read from its Secret.
+async fn kafka_options(sp: &StreamPipeline, ctx: &Context) -> Result<Vec<(String, String)>> {
+    let Some(c) = &sp.spec.kafka.credentials else {
+        return Ok(Vec::new());
+    };
+    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let secret = secrets.get(&c.secret_name).await?;
+    let field = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            .unwrap_or_default()
+    };
+    Ok(vec![
+        ("security.protocol".into(), "SASL_SSL".into()),
+        ("sasl.mechanism".into(), c.mechanism.clone()),
+        ("sasl.username".into(), field(&c.username_key)),
+        ("sasl.password".into(), field(&c.password_key)),
+    ])
+}
+
+/// Polls Kafka when due, decides, and scales. Returns the effective
+/// reducer replicas and the view for the status.
+pub async fn autoscale(
+    sp: &StreamPipeline,
+    a: &AutoscalingSpec,
+    ctx: &Context,
+) -> Result<(i32, Scaling)> {
+    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
+    let name = sp.name_any();
+    let key = format!("{ns}/{name}");
+    let mut state = ctx.scalers.take(&key);
+    let res = pass(sp, a, ctx, &ns, &name, &mut state).await;
+    ctx.scalers.put(key, state);
+    res
+}
+
+async fn pass(
+    sp: &StreamPipeline,
+    a: &AutoscalingSpec,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    state: &mut ScalerState,
+) -> Result<(i32, Scaling)> {
+    let current = sp.spec.reducer.replicas;
+    if !plan::due(state, plan::interval(a), Instant::now()) {
+        if let Some((d, r)) = &state.last {
+            let scaling = Scaling {
+                decision: d.clone(),
+                report: r.clone(),
+                last_scale_time: state.last_scale_time.clone(),
+            };
+            return Ok((current, scaling));
+        }
+    }
+    state.last_poll = Some(Instant::now());
+    let brokers = sp.spec.kafka.bootstrap_servers.clone();
+    let topic = sp.spec.kafka.data_topic.clone();
+    let group = builders::config_data(sp)["STREAMPIPE_GROUP"].clone();
+    let uncommitted = if a.uncommitted_offset_policy == "latest" {
+        Uncommitted::Latest
+    } else {
+        Uncommitted::Earliest
+    };
+    let report = match kafka_options(sp, ctx).await {
+        Ok(options) => tokio::task::spawn_blocking(move || {
+            read_lag(&brokers, &topic, &group, &options, uncommitted)
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("lag reader: {e}"))),
+        Err(e) => Err(format!("credentials: {e}")),
+    };
+    let obs = match &report {
+        Ok(r) => {
+            state.kafka_failures = 0;
+            Observation::Lag {
+                partitions: r.partitions,
+                total: r.total,
+            }
+        }
+        Err(e) => {
+            state.kafka_failures += 1;
+            // Once per outage: the status follows it from then on.
+            if state.kafka_failures == 1 {
+                let note = format!("cannot read lag: {e}; holding {current} reducers");
+                ctx.event(
+                    sp,
+                    EventType::Warning,
+                    "KafkaUnavailable",
+                    "Autoscale",
+                    note,
+                )
+                .await;
+            }
+            Observation::Unavailable(e.clone())
+        }
+    };
+    let decision = state
+        .scaler
+        .decide(&plan::policy_of(a), Instant::now(), current, &obs);
+    let labels = [ns, name];
+    if let Ok(r) = &report {
+        ctx.metrics.lag.with_label_values(&labels).set(r.total);
+    }
+    ctx.metrics
+        .desired_replicas
+        .with_label_values(&labels)
+        .set(i64::from(decision.replicas));
+    let mut effective = current;
+    match plan::step(state, current, &decision) {
+        Step::Keep => {
+            state.last_written.get_or_insert(current);
+        }
+        Step::Scale {
+            from,
+            to,
+            overridden,
+        } => {
+            if let Some(w) = overridden {
+                ctx.event(sp, EventType::Normal, "ManualScaleOverridden", "Autoscale", format!(
+                    "reducers were set to {from} by hand (autoscaler had {w}); autoscaling is on and sets {to}")).await;
+            }
+            let api: Api<StreamPipeline> = Api::namespaced(ctx.client.clone(), ns);
+            // A merge patch: server-side apply on /scale crashes Kubernetes 1.20.
+            api.patch_scale(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"replicas": to}})),
+            )
+            .await?;
+            let inputs = match &report {
+                Ok(r) => format!(
+                    "total lag {}, max partition lag {}, {} partitions",
+                    r.total, r.max, r.partitions
+                ),
+                Err(e) => e.clone(),
+            };
+            ctx.event(
+                sp,
+                EventType::Normal,
+                "Autoscaled",
+                "Autoscale",
+                format!("reducers {from} → {to}: {} ({inputs})", decision.reason),
+            )
+            .await;
+            state.last_written = Some(to);
+            state.last_scale_time = Some(jiff::Timestamp::now().to_string());
+            effective = to;
+        }
+    }
+    let report = report.ok();
+    state.last = Some((decision.clone(), report.clone()));
+    Ok((
+        effective,
+        Scaling {
+            decision,
+            report,
+            last_scale_time: state.last_scale_time.clone(),
+        },
+    ))
+}
