@@ -145,6 +145,15 @@ wait "$BENCH" || status=$?
 for a in "${ADDRS[@]}"; do
     echo "publisher $a: $(curl -sf "http://$a/metrics" | grep -E '^streampipe_publisher_(hub_conflated_total|conflated_total|closes_total|redis_reconnects_total|slow_clients_closed_total|redis_messages_total)' | tr '\n' ' ')"
 done
+# Where the time went, over the whole run: the reducers' record → publish
+# latency, batch sizes and flush times; the publishers' lag behind Redis
+# and record → hub latency (sums and counts: mean = sum / count).
+for i in $(seq 1 "$REDUCERS"); do
+    echo "reducer $i: $(curl -sf "http://127.0.0.1:$((28380 + i))/metrics" | grep -E '^streampipe_reducer_(record_to_publish_seconds|flush_seconds|batch_records)_(sum|count)' | tr '\n' ' ')"
+done
+for a in "${ADDRS[@]}"; do
+    echo "publisher $a: $(curl -sf "http://$a/metrics" | grep -E '^streampipe_publisher_(hub_lag_seconds|update_latency_seconds)_(sum|count)' | tr '\n' ' ')"
+done
 # What the servers logged about the pub/sub connection.
 echo "redis.log: $(grep -c 'output buffer limits' "$STREAMPIPE_STACK_DIR/redis.log" || true) client(s) closed for overcoming output buffer limits"
 for f in "$STREAMPIPE_STACK_DIR"/publisher-*.log; do

@@ -950,7 +950,14 @@ fn master_of(urls: &[String], nodes: &mut [redis::Connection], key: &str) -> any
             };
             let from = redis::from_redis_value::<i64>(r.first()?.clone()).ok()?;
             let to = redis::from_redis_value::<i64>(r.get(1)?.clone()).ok()?;
-            let master = redis::from_redis_value::<(String, i64)>(r.get(2)?.clone()).ok()?;
+            // [host, port, node id, …]: the first two.
+            let redis::Value::Array(m) = r.get(2)? else {
+                return None;
+            };
+            let master = (
+                redis::from_redis_value::<String>(m.first()?.clone()).ok()?,
+                redis::from_redis_value::<i64>(m.get(1)?.clone()).ok()?,
+            );
             Some((from, to, master))
         })
         .collect();
