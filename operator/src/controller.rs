@@ -33,6 +33,7 @@ use crate::crd::{
 use crate::error::{Error, Result};
 use crate::lag::{read_lag, LagReport, Uncommitted};
 use crate::metrics::Metrics;
+use streampipe_contract::deploy::KafkaSecurity;
 
 /// Periodic resync: status follows the Deployments even without events.
 pub const RESYNC: Duration = Duration::from_secs(300);
@@ -302,28 +303,10 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
     res
 }
 
-/// librdkafka properties for the pipeline's credentials, read from its Secret.
-async fn kafka_options(sp: &StreamPipeline, ctx: &Context) -> Result<Vec<(String, String)>> {
-    let Some(c) = &sp.spec.kafka.credentials else {
-        return Ok(Vec::new());
-    };
-    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
-    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let secret = secrets.get(&c.secret_name).await?;
-    let field = |k: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            .unwrap_or_default()
-    };
-    Ok(vec![
-        ("security.protocol".into(), "SASL_SSL".into()),
-        ("sasl.mechanism".into(), c.mechanism.clone()),
-        ("sasl.username".into(), field(&c.username_key)),
-        ("sasl.password".into(), field(&c.password_key)),
-    ])
+/// The lag reader's TLS and SASL, read from the pipeline's Secrets/ConfigMaps.
+async fn kafka_security(sp: &StreamPipeline, ctx: &Context) -> Result<KafkaSecurity, String> {
+    let ns = sp.namespace().ok_or("resource has no namespace")?;
+    crate::lag::kafka_security(&ctx.client, &ns, &sp.spec.kafka).await
 }
 
 fn policy_of(a: &AutoscalingSpec) -> Policy {
@@ -381,13 +364,13 @@ async fn autoscale(
     } else {
         Uncommitted::Earliest
     };
-    let report = match kafka_options(sp, ctx).await {
-        Ok(options) => tokio::task::spawn_blocking(move || {
-            read_lag(&brokers, &topic, &group, &options, uncommitted)
+    let report = match kafka_security(sp, ctx).await {
+        Ok(security) => tokio::task::spawn_blocking(move || {
+            read_lag(&brokers, &topic, &group, &security, uncommitted)
         })
         .await
         .unwrap_or_else(|e| Err(format!("lag reader: {e}"))),
-        Err(e) => Err(format!("credentials: {e}")),
+        Err(e) => Err(format!("kafka security: {e}")),
     };
     let obs = match &report {
         Ok(r) => {

@@ -5,9 +5,81 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use kube::Api;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
+use streampipe_contract::deploy::{KafkaSecurity, Pem, Secret as Secret_};
+
+use crate::crd::KafkaSpec;
+
+/// The lag reader's TLS and SASL for a pipeline: the same settings the
+/// pods get, read through the API (certificates inline, as librdkafka's
+/// `ssl.*.pem`), since the operator has no volumes of the pipeline's.
+/// Errors name the Secret or ConfigMap and key, never a value.
+pub async fn kafka_security(
+    client: &kube::Client,
+    ns: &str,
+    spec: &KafkaSpec,
+) -> Result<KafkaSecurity, String> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), ns);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let secret_key = |name: String, key: String| {
+        let secrets = secrets.clone();
+        async move {
+            let s = secrets
+                .get(&name)
+                .await
+                .map_err(|e| format!("Secret {name:?}: {e}"))?;
+            s.data
+                .and_then(|d| {
+                    d.get(&key)
+                        .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+                })
+                .ok_or_else(|| format!("Secret {name:?} has no key {key:?}"))
+        }
+    };
+    let mut out = KafkaSecurity {
+        protocol: spec.protocol(),
+        ..Default::default()
+    };
+    if let Some(sasl) = spec.sasl() {
+        out.mechanism = Some(sasl.mechanism.parse().map_err(|e| format!("{e}"))?);
+        out.username = Some(secret_key(sasl.secret_name.clone(), sasl.username_key.clone()).await?);
+        out.password = Some(Secret_::new(
+            secret_key(sasl.secret_name.clone(), sasl.password_key.clone()).await?,
+        ));
+    }
+    if let Some(tls) = &spec.tls {
+        if let Some(ca) = &tls.ca {
+            let pem = match (&ca.secret, &ca.config_map) {
+                (Some(s), _) => secret_key(s.name.clone(), s.key.clone()).await?,
+                (None, Some(c)) => {
+                    let m = maps
+                        .get(&c.name)
+                        .await
+                        .map_err(|e| format!("ConfigMap {:?}: {e}", c.name))?;
+                    m.data
+                        .and_then(|d| d.get(&c.key).cloned())
+                        .ok_or_else(|| format!("ConfigMap {:?} has no key {:?}", c.name, c.key))?
+                }
+                (None, None) => return Err("spec.kafka.tls.ca names no source".into()),
+            };
+            out.ca = Some(Pem::Inline(pem));
+        }
+        if let Some(c) = &tls.client_cert {
+            out.cert = Some(Pem::Inline(
+                secret_key(c.secret_name.clone(), c.cert_key.clone()).await?,
+            ));
+            out.key = Some(Pem::Inline(
+                secret_key(c.secret_name.clone(), c.key_key.clone()).await?,
+            ));
+        }
+    }
+    out.properties().map_err(|e| e.to_string())?;
+    Ok(out)
+}
 
 /// How long one Kafka request of the lag reader may take.
 pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -49,13 +121,14 @@ pub struct LagReport {
     pub max: i64,
 }
 
-/// Reads the lag of `group` on `topic`. `options` are extra librdkafka
-/// properties (credentials). Errors are messages for status and Events.
+/// Reads the lag of `group` on `topic`, connecting with `security` (the
+/// pipeline's TLS and SASL, certificates inline). Errors are messages for
+/// status and Events and never contain the password or a key.
 pub fn read_lag(
     brokers: &str,
     topic: &str,
     group: &str,
-    options: &[(String, String)],
+    security: &KafkaSecurity,
     policy: Uncommitted,
 ) -> Result<LagReport, String> {
     let mut cfg = ClientConfig::new();
@@ -63,7 +136,7 @@ pub fn read_lag(
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("client.id", "streampipe-operator-lag");
-    for (k, v) in options {
+    for (k, v) in security.properties().map_err(|e| e.to_string())? {
         cfg.set(k, v);
     }
     // Not subscribed: this client never joins the group, it only reads offsets.
