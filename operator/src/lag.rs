@@ -3,12 +3,15 @@
 //! partitions, each partition's high watermark and the group's committed
 //! offset. Blocking librdkafka calls; run it on a blocking thread.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::ClientContext;
 use rdkafka::{Offset, TopicPartitionList};
 use streampipe_contract::deploy::{KafkaSecurity, Pem, Secret as Secret_};
 
@@ -81,6 +84,45 @@ pub async fn kafka_security(
     Ok(out)
 }
 
+/// Keeps the first error librdkafka reported for the lag reader's client
+/// (the root cause; "all brokers down" follows it).
+#[derive(Default)]
+struct LagContext {
+    last_error: Arc<Mutex<Option<String>>>,
+}
+
+impl ClientContext for LagContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Error as i32) {
+            if let Ok(mut e) = self.last_error.lock() {
+                e.get_or_insert_with(|| format!("{fac}: {log_message}"));
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if let Ok(mut e) = self.last_error.lock() {
+            e.get_or_insert_with(|| format!("{error}: {reason}"));
+        }
+    }
+}
+
+impl ConsumerContext for LagContext {}
+
+/// Removes the password from a message, should any server or library echo it.
+fn redact(msg: String, security: &KafkaSecurity) -> String {
+    match security.password.as_ref().map(|p| p.expose()) {
+        Some(p) if !p.is_empty() => msg.replace(p, "<redacted>"),
+        _ => msg,
+    }
+}
+
+/// How long a failed request waits for librdkafka to report why (logs and
+/// errors reach the context only when its queue is served).
+const CAUSE_WAIT: Duration = Duration::from_millis(500);
+/// How long each serving of the queue blocks.
+const CAUSE_POLL: Duration = Duration::from_millis(20);
+
 /// How long one Kafka request of the lag reader may take.
 pub const KAFKA_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -139,11 +181,34 @@ pub fn read_lag(
     for (k, v) in security.properties().map_err(|e| e.to_string())? {
         cfg.set(k, v);
     }
+    let context = LagContext::default();
+    let cause = context.last_error.clone();
     // Not subscribed: this client never joins the group, it only reads offsets.
-    let c: BaseConsumer = cfg.create().map_err(|e| format!("kafka client: {e}"))?;
+    let c: BaseConsumer<LagContext> = cfg
+        .create_with_context(context)
+        .map_err(|e| format!("kafka client: {e}"))?;
+    // librdkafka's request errors only say "transport failure"; the cause
+    // (TLS handshake, SASL authentication) comes through the error callback.
+    let with_cause = |e: String| {
+        // rdkafka hands logs and errors over on the client's queue: serve
+        // it for a moment to learn why.
+        let deadline = std::time::Instant::now() + CAUSE_WAIT;
+        let cause = loop {
+            let found = cause.lock().ok().and_then(|c| c.clone());
+            if found.is_some() || std::time::Instant::now() >= deadline {
+                break found;
+            }
+            let _ = c.poll(CAUSE_POLL);
+        };
+        let msg = match cause {
+            Some(c) => format!("{e} (broker connection: {c})"),
+            None => e,
+        };
+        redact(msg, security)
+    };
     let md = c
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
-        .map_err(|e| format!("metadata: {e}"))?;
+        .map_err(|e| with_cause(format!("metadata: {e}")))?;
     let t = md
         .topics()
         .first()
@@ -160,12 +225,12 @@ pub fn read_lag(
     }
     let committed = c
         .committed_offsets(tpl, KAFKA_TIMEOUT)
-        .map_err(|e| format!("committed offsets of group {group:?}: {e}"))?;
+        .map_err(|e| with_cause(format!("committed offsets of group {group:?}: {e}")))?;
     let mut per_partition = Vec::new();
     for p in t.partitions() {
         let (low, high) = c
             .fetch_watermarks(topic, p.id(), KAFKA_TIMEOUT)
-            .map_err(|e| format!("watermarks of {topic}/{}: {e}", p.id()))?;
+            .map_err(|e| with_cause(format!("watermarks of {topic}/{}: {e}", p.id())))?;
         let committed = committed
             .find_partition(topic, p.id())
             .and_then(|e| match e.offset() {
