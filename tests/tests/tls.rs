@@ -510,6 +510,8 @@ fn kafka_sasl_scram_plaintext() {
     assert!(e.contains("SASL authentication"), "{e}");
     assert!(!e.contains(WRONG_PASSWORD) && !e.contains("wr0ng"), "{e}");
 
+    reducer_binary_hides_a_wrong_password(&brokers, &name);
+
     let security = sasl(SecurityProtocol::SaslPlaintext, PASSWORD, None);
     let ok = read_lag(&brokers, &topics[0], "g", &security, Uncommitted::Earliest)
         .expect("lag over SASL");
@@ -518,7 +520,54 @@ fn kafka_sasl_scram_plaintext() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
-/// [`reducer_consumes`] for a pipeline whose topics exist already.
+/// The reducer binary, configured the operator's way (each setting its own
+/// variable), with a wrong password: its output names the SASL failure and
+/// never contains the password.
+fn reducer_binary_hides_a_wrong_password(brokers: &str, name: &str) {
+    use std::io::Read;
+    use streampipe_contract::deploy::env as names;
+    let mut child = Command::new(streampipe_tests::workspace_bin("streampipe-reducer"))
+        .env(names::KAFKA_BROKERS, brokers)
+        .env(names::PIPELINE, name)
+        .env(names::REDIS_URL, redis_url())
+        .env(names::LISTEN, "127.0.0.1:0")
+        .env(names::LOG_FORMAT, "text")
+        .env(names::KAFKA_SECURITY_PROTOCOL, "SASL_PLAINTEXT")
+        .env(names::KAFKA_SASL_MECHANISM, "SCRAM-SHA-256")
+        .env(names::KAFKA_SASL_USERNAME, USER)
+        .env(names::KAFKA_SASL_PASSWORD, WRONG_PASSWORD)
+        .env("RUST_LOG", "debug")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("reducer binary");
+    // Long enough for several authentication attempts.
+    std::thread::sleep(Duration::from_secs(4));
+    let _ = child.kill();
+    let _ = child.wait();
+    let mut out = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    assert!(out.contains("SASL authentication"), "{out}");
+    assert!(
+        !out.contains(WRONG_PASSWORD) && !out.contains("wr0ng"),
+        "{out}"
+    );
+}
+
+/// Starts a reducer for a pipeline whose topics exist already and waits
+/// until it stored one update produced with the same security.
 fn reducer_consumes_named(brokers: &str, security: &KafkaSecurity, name: &str) {
     let mut config = Config::new(brokers, name, &redis_url());
     config.dead_letter_topic = None;
