@@ -35,9 +35,13 @@ const TANSU_SSL_PORT: u16 = 36431;
 const STUNNEL_SSL_PORT: u16 = 36432;
 
 const USER: &str = "alice";
+/// A SCRAM-SHA-512 user (the CRD's default mechanism).
+const USER_512: &str = "bob";
 /// A comma and `=` would have broken the old comma-split option list.
 const PASSWORD: &str = "s3cr,et=pw;x";
 const WRONG_PASSWORD: &str = "wr0ng-pa55word-XYZ";
+/// Redis' password: URL-special characters, set through the password flag.
+const REDIS_PASSWORD: &str = "r3d:is@p/w,d";
 
 /// Test PKI: a CA, a server certificate for localhost/127.0.0.1, a client
 /// certificate, and an unrelated CA.
@@ -169,6 +173,8 @@ fn tls_redis(pki: &Pki) -> Proc {
             &p("ca.crt"),
             "--tls-auth-clients",
             "yes",
+            "--requirepass",
+            REDIS_PASSWORD,
             "--save",
             "",
             "--appendonly",
@@ -183,8 +189,13 @@ fn tls_redis(pki: &Pki) -> Proc {
     Proc(child)
 }
 
+/// The URL as the binaries build it from `--redis-url` + `--redis-password`.
 fn redis_tls_url() -> String {
-    format!("rediss://localhost:{REDIS_TLS_PORT}")
+    streampipe_contract::deploy::redis_url_with_password(
+        &format!("rediss://localhost:{REDIS_TLS_PORT}"),
+        &Secret::new(REDIS_PASSWORD),
+    )
+    .unwrap()
 }
 
 fn full_tls(pki: &Pki) -> RedisTls {
@@ -387,6 +398,16 @@ fn tansu(dir: &Path, port: u16, advertised: u16, auth: bool, topics: &[&str]) ->
         USER,
         PASSWORD,
     ]);
+    admin(&[
+        "user",
+        "create",
+        "--broker",
+        &broker,
+        "--mechanism",
+        "scram512",
+        USER_512,
+        PASSWORD,
+    ]);
     drop(setup);
     wait_for(Duration::from_secs(10), "tansu stopped", || {
         (!port_open(port)).then_some(())
@@ -516,6 +537,13 @@ fn kafka_sasl_scram_plaintext() {
     let ok = read_lag(&brokers, &topics[0], "g", &security, Uncommitted::Earliest)
         .expect("lag over SASL");
     assert_eq!(ok.partitions, 2);
+    let scram512 = KafkaSecurity {
+        mechanism: Some(SaslMechanism::ScramSha512),
+        username: Some(USER_512.into()),
+        ..security.clone()
+    };
+    read_lag(&brokers, &topics[0], "g", &scram512, Uncommitted::Earliest)
+        .expect("lag over SCRAM-SHA-512");
     reducer_consumes_named(&brokers, &security, &name);
     let _ = std::fs::remove_dir_all(dir);
 }
