@@ -447,12 +447,15 @@ mod tests {
         let t = Target::from_url("redis://:pw@127.0.0.1:7000", false, None).unwrap();
         assert_eq!(t.seeds.len(), 1);
         assert_eq!(t.password.as_deref(), Some("pw"));
+        assert!(
+            !format!("{t:?}").contains("pw"),
+            "Debug redacts the password"
+        );
         let t = Target::from_url("redis://a:1, redis://b:2", true, None).unwrap();
         assert_eq!(t.seeds.len(), 2);
         assert_eq!(t.flavour(), Flavour::Sharded);
         assert!(Target::from_url("redis://a:1,redis://b:2", false, None).is_err());
         assert!(Target::from_url("", true, None).is_err());
-        assert!(!format!("{t:?}").contains("pw"));
         assert!(Target::from_url("rediss://a:1,redis://b:2", true, None).is_err());
     }
 }

@@ -256,6 +256,26 @@ async fn redis_over_tls_end_to_end_and_refusals() {
     let mut config = p.config.clone();
     config.redis_url = url.clone();
     config.redis_tls = tls.clone();
+    // A reducer trusting the wrong CA stays unready and counts Redis errors.
+    let mut bad = config.clone();
+    bad.redis_tls = wrong_ca.clone();
+    let bad_metrics = Arc::new(Metrics::new());
+    let bad_reducer = spawn(bad, bad_metrics.clone()).expect("reducer starts, Redis retried");
+    let m = bad_metrics.clone();
+    blocking(move || {
+        wait_for(Duration::from_secs(20), "redis errors counted", || {
+            (m.redis_errors.get() >= 1).then_some(())
+        })
+    })
+    .await;
+    assert!(!bad_reducer
+        .health
+        .ready
+        .load(std::sync::atomic::Ordering::SeqCst));
+    blocking(move || {
+        let _ = bad_reducer.shutdown();
+    })
+    .await;
     let reducer = spawn(config, Arc::new(Metrics::new())).expect("reducer over TLS");
     let mut pc = streampipe_publisher::Config::new(&p.broker.bootstrap(), &p.name, &url);
     pc.command_topic = p.config.command_topic.clone();
