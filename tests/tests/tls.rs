@@ -6,7 +6,9 @@
 //!   advertises the stunnel port so every connection goes through TLS.
 //!
 //! Certificates are made per run with the `openssl` CLI. Ports are fixed in
-//! 36400..36499 (nothing else in the suite uses them).
+//! 31400..31499: nothing else in the suite uses them, and they are below
+//! Linux' ephemeral range (32768-60999), where another program's client
+//! socket can hold a port in TIME-WAIT and tansu's bind then fails.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,7 +20,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use streampipe_contract::deploy::{
     KafkaSecurity, Pem, RedisTls, SaslMechanism, Secret, SecurityProtocol,
 };
-use streampipe_contract::Keys;
+use streampipe_contract::{CommandKind, Keys};
 use streampipe_operator::lag::{read_lag, Uncommitted};
 use streampipe_reducer::store::RedisStore;
 use streampipe_reducer::{spawn, Config, Metrics};
@@ -27,12 +29,12 @@ use streampipe_tests::publisher::{
 };
 use streampipe_tests::{now_ms, redis_url, unique, wait_for, Broker};
 
-const REDIS_TLS_PORT: u16 = 36401;
-const TANSU_SASL_PORT: u16 = 36411;
-const TANSU_SASL_SSL_PORT: u16 = 36421;
-const STUNNEL_SASL_SSL_PORT: u16 = 36422;
-const TANSU_SSL_PORT: u16 = 36431;
-const STUNNEL_SSL_PORT: u16 = 36432;
+const REDIS_TLS_PORT: u16 = 31401;
+const TANSU_SASL_PORT: u16 = 31411;
+const TANSU_SASL_SSL_PORT: u16 = 31421;
+const STUNNEL_SASL_SSL_PORT: u16 = 31422;
+const TANSU_SSL_PORT: u16 = 31431;
+const STUNNEL_SSL_PORT: u16 = 31432;
 
 const USER: &str = "alice";
 /// A SCRAM-SHA-512 user (the CRD's default mechanism).
@@ -375,7 +377,10 @@ fn tansu(dir: &Path, port: u16, advertised: u16, auth: bool, topics: &[&str]) ->
                 "sqlite://tansu.db",
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(
+                std::fs::File::create(dir.join(format!("tansu-auth-{auth}.log")))
+                    .expect("tansu log file"),
+            );
         if auth {
             cmd.arg("--authentication");
         }
@@ -615,7 +620,8 @@ fn reducer_binary_hides_a_wrong_password(brokers: &str, name: &str) {
 }
 
 /// Starts a reducer for a pipeline whose topics exist already and waits
-/// until it stored one update produced with the same security.
+/// until it stored one update produced with the same security and applied
+/// one command from the publisher's producer.
 fn reducer_consumes_named(brokers: &str, security: &KafkaSecurity, name: &str) {
     let mut config = Config::new(brokers, name, &redis_url());
     config.dead_letter_topic = None;
@@ -626,6 +632,36 @@ fn reducer_consumes_named(brokers: &str, security: &KafkaSecurity, name: &str) {
     let reducer = spawn(config, Arc::new(Metrics::new())).expect("reducer");
     wait_for(Duration::from_secs(60), "update consumed", || {
         (stored_version(&keys, "K1") == 7).then_some(())
+    });
+    // The publisher's command producer, with the same security, reaches it too.
+    let commands = streampipe_publisher::commands::Commands::new(
+        brokers,
+        &format!("{name}.commands"),
+        security,
+        &[],
+    )
+    .expect("command producer");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(commands.send(
+        CommandKind::Subscribe,
+        "ch1",
+        &["K1".to_owned()],
+        &streampipe_publisher::Metrics::new(),
+    ))
+    .expect("command sent");
+    wait_for(Duration::from_secs(60), "command applied", || {
+        let mut c = redis::Client::open(redis_url())
+            .ok()?
+            .get_connection()
+            .ok()?;
+        let members: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(keys.market_channels("K1"))
+            .query(&mut c)
+            .ok()?;
+        members.iter().any(|m| m == "ch1").then_some(())
     });
     reducer.shutdown().unwrap();
 }
