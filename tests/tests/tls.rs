@@ -768,3 +768,154 @@ fn kafka_ssl_with_client_certificates_through_stunnel() {
     );
     reducer_consumes_named(&brokers, &security, &name);
 }
+
+/// Ports of the TLS cluster's three masters, and their cluster bus ports
+/// (set explicitly: the default port+10000 would leave this test's range).
+const CLUSTER_TLS_PORTS: [u16; 3] = [31441, 31442, 31443];
+const CLUSTER_BUS_PORTS: [u16; 3] = [31451, 31452, 31453];
+
+/// Three TLS-only cluster masters (no replicas), the cluster bus over TLS
+/// too (nodes present the client certificate to each other).
+fn tls_cluster(pki: &Pki) -> Vec<Proc> {
+    let p = |f: &str| pki.path(f).to_string_lossy().into_owned();
+    let tls_cli = [
+        "--tls".to_owned(),
+        "--cacert".to_owned(),
+        p("ca.crt"),
+        "--cert".to_owned(),
+        p("client.crt"),
+        "--key".to_owned(),
+        p("client.key"),
+    ];
+    let mut nodes = Vec::new();
+    for (port, bus) in CLUSTER_TLS_PORTS.iter().zip(CLUSTER_BUS_PORTS) {
+        assert!(!port_open(*port), "port {port} is taken");
+        let dir = pki.path(&format!("node-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--cluster-port",
+                &bus.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--cluster-enabled",
+                "yes",
+                "--tls-cluster",
+                "yes",
+                "--tls-cert-file",
+                &p("server.crt"),
+                "--tls-key-file",
+                &p("server.key"),
+                "--tls-client-cert-file",
+                &p("client.crt"),
+                "--tls-client-key-file",
+                &p("client.key"),
+                "--tls-ca-cert-file",
+                &p("ca.crt"),
+                "--tls-auth-clients",
+                "yes",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir.to_string_lossy(),
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server");
+        nodes.push(Proc(child));
+        wait_port(*port, "TLS cluster node");
+    }
+    // `timeout`: a cluster that never joins must fail the test, not hang it.
+    let mut create = Command::new("timeout");
+    create
+        .arg("60")
+        .arg("redis-cli")
+        .args(&tls_cli)
+        .args(["--cluster", "create"]);
+    for port in CLUSTER_TLS_PORTS {
+        create.arg(format!("127.0.0.1:{port}"));
+    }
+    let out = create.arg("--cluster-yes").output().expect("redis-cli");
+    assert!(
+        out.status.success(),
+        "cluster create: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    for port in CLUSTER_TLS_PORTS {
+        wait_for(Duration::from_secs(30), "TLS cluster ok", || {
+            let out = Command::new("timeout")
+                .arg("5")
+                .arg("redis-cli")
+                .args(&tls_cli)
+                .args(["-p", &port.to_string(), "cluster", "info"])
+                .output()
+                .ok()?;
+            String::from_utf8_lossy(&out.stdout)
+                .contains("cluster_state:ok")
+                .then_some(())
+        });
+    }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_cluster_over_tls_end_to_end() {
+    let pki = Pki::new("cluster-pki");
+    let _nodes = tls_cluster(&pki);
+    let tls = full_tls(&pki);
+    let url = CLUSTER_TLS_PORTS
+        .iter()
+        .map(|p| format!("rediss://127.0.0.1:{p}"))
+        .collect::<Vec<_>>()
+        .join(",");
+
+    let p = Arc::new(streampipe_tests::Pipeline::new(Broker::Dev, 2));
+    let mut config = p.config.clone();
+    config.redis_url = url.clone();
+    config.redis_cluster = true;
+    config.redis_tls = tls.clone();
+    let reducer = spawn(config, Arc::new(Metrics::new())).expect("reducer on a TLS cluster");
+    let mut pc = streampipe_publisher::Config::new(&p.broker.bootstrap(), &p.name, &url);
+    pc.command_topic = p.config.command_topic.clone();
+    pc.redis_cluster = true;
+    pc.redis_tls = tls.clone();
+    let publ = tokio::time::timeout(Duration::from_secs(30), InProcess::start_with_config(pc))
+        .await
+        .expect("publisher connects to the TLS cluster");
+
+    let ch = create_channel(publ.addr, &["C1"]).await;
+    let mut ws = ws_connect(publ.addr, &ch, "").await;
+    match ws_next(&mut ws, Duration::from_secs(10)).await {
+        Some(Frame::Json(v)) => assert_eq!(v["type"], "subscribed"),
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+    // Updates until one arrives: the first may precede the subscription.
+    let mut got = Vec::new();
+    for v in 1..=30u64 {
+        p.update("C1", v, &format!(r#"{{"n":{v}}}"#));
+        p.flush();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(1);
+        while tokio::time::Instant::now() < deadline && got.is_empty() {
+            if let Some(Frame::Json(f)) = ws_next(&mut ws, Duration::from_millis(200)).await {
+                if f["type"] == "update" {
+                    got.push(f);
+                }
+            }
+        }
+        if !got.is_empty() {
+            break;
+        }
+    }
+    assert!(
+        !got.is_empty(),
+        "no update over the TLS cluster's sharded pub/sub"
+    );
+    drop(publ);
+    blocking(move || reducer.shutdown().unwrap()).await;
+}
