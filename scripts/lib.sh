@@ -19,12 +19,12 @@ as_root() {
 }
 
 # Debian packages: redis-server for the stack, redis-tools for redis-cli and
-# redis-benchmark, a C toolchain for librdkafka (built by rdkafka-sys), curl
-# for health checks.
+# redis-benchmark, a C toolchain for librdkafka (built by rdkafka-sys, with
+# libssl-dev + pkg-config for its SSL/SASL_SSL support), curl for health checks.
 ensure_packages() {
     local missing=()
     local pkg
-    for pkg in redis-server redis-tools curl make gcc g++ perl python3 pkg-config "$@"; do
+    for pkg in redis-server redis-tools curl make gcc g++ perl python3 pkg-config libssl-dev "$@"; do
         dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed' || missing+=("$pkg")
     done
     if [ ${#missing[@]} -gt 0 ]; then
@@ -46,10 +46,11 @@ ensure_tansu() {
 }
 
 # What only the test suite needs: Debian's Chromium for the live page's
-# end-to-end tests, and Node.js (the machine's, else Debian's) for the JS
-# client's unit tests.
+# end-to-end tests, Node.js (the machine's, else Debian's) for the JS
+# client's unit tests, openssl (the CLI, test certificates) and stunnel4 (a
+# TLS terminator in front of the broker for the Kafka TLS tests).
 ensure_test_packages() {
-    local extra=(chromium)
+    local extra=(chromium openssl stunnel4)
     command -v node >/dev/null || extra+=(nodejs)
     ensure_packages "${extra[@]}"
 }

@@ -3,9 +3,11 @@
 //! This crate is deliberately small and dependency-light: it defines the
 //! messages that travel over Kafka and Redis ([`message`]), the Redis key
 //! schema ([`keys`]) and the partitioner that decides which Kafka partition a
-//! market lives on ([`partitioner`]). Anything that two components must agree
+//! market lives on ([`partitioner`]), and the deployment contract
+//! ([`deploy`]): env names, ports and defaults the operator and binaries share. Anything that two components must agree
 //! on byte for byte lives here and nowhere else.
 
+pub mod deploy;
 pub mod keys;
 pub mod message;
 pub mod partitioner;

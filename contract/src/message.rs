@@ -55,6 +55,9 @@ pub enum ContractError {
     /// A version outside `1..=MAX_VERSION`.
     #[error("version {0} out of range 1..={MAX_VERSION}")]
     VersionOutOfRange(u64),
+    /// A deployment setting is invalid ([`crate::deploy`]); never holds a secret.
+    #[error("configuration: {0}")]
+    Config(String),
 }
 
 impl ContractError {
@@ -69,6 +72,7 @@ impl ContractError {
             ContractError::InvalidChannel(_) => "invalid_channel",
             ContractError::KeyMismatch { .. } => "key_mismatch",
             ContractError::VersionOutOfRange(_) => "version_out_of_range",
+            ContractError::Config(_) => "config",
         }
     }
 }

@@ -12,15 +12,31 @@ use std::hash::{Hash, Hasher};
 use kube::{Resource, ResourceExt};
 use serde_json::{json, Value};
 
-use crate::crd::{RoleSpec, StreamPipeline, DEFAULT_PUBLISHER_IMAGE, DEFAULT_REDUCER_IMAGE};
+use streampipe_contract::deploy::{self, env as names};
+
+use crate::crd::{
+    RoleSpec, StreamPipeline, TlsSpec, DEFAULT_PUBLISHER_IMAGE, DEFAULT_REDUCER_IMAGE,
+};
 
 /// The field manager of every server-side apply by the operator.
 pub const FIELD_MANAGER: &str = "streampipe-operator";
 
 /// Port of the reducer's `/metrics`, `/healthz`, `/readyz`.
-pub const REDUCER_PORT: i32 = 9090;
+pub const REDUCER_PORT: i32 = deploy::REDUCER_HTTP_PORT as i32;
 /// Port of the publisher (API, streams, `/metrics`, probes).
-pub const PUBLISHER_PORT: i32 = 8080;
+pub const PUBLISHER_PORT: i32 = deploy::PUBLISHER_HTTP_PORT as i32;
+/// Where the Kafka CA bundle is mounted (read-only).
+pub const KAFKA_CA_DIR: &str = "/etc/streampipe/kafka-ca";
+/// Where the Kafka client certificate and key are mounted (read-only).
+pub const KAFKA_CLIENT_DIR: &str = "/etc/streampipe/kafka-client";
+/// Where the Redis CA bundle is mounted (read-only).
+pub const REDIS_CA_DIR: &str = "/etc/streampipe/redis-ca";
+/// Where the Redis client certificate and key are mounted (read-only).
+pub const REDIS_CLIENT_DIR: &str = "/etc/streampipe/redis-client";
+/// File names inside those directories (volume `items` map the user's keys to them).
+const CA_FILE: &str = "ca.crt";
+const CERT_FILE: &str = "tls.crt";
+const KEY_FILE: &str = "tls.key";
 /// Port of the publisher Service.
 pub const SERVICE_PORT: i32 = 80;
 /// UID the containers run as: the distroless `nonroot` user.
@@ -107,39 +123,73 @@ fn metadata(sp: &StreamPipeline, name: String, role: Option<Role>) -> Value {
     })
 }
 
-/// The pipeline's settings shared by both roles, as environment variables.
+/// The pipeline's settings shared by both roles, as environment variables
+/// (no secrets: those are `secretKeyRef`s in [`env`], files in volumes).
 pub fn config_data(sp: &StreamPipeline) -> BTreeMap<String, String> {
     let k = &sp.spec.kafka;
     let name = sp.name_any();
     let mut d = BTreeMap::new();
-    d.insert("STREAMPIPE_PIPELINE".into(), name.clone());
-    d.insert(
-        "STREAMPIPE_KAFKA_BROKERS".into(),
-        k.bootstrap_servers.clone(),
-    );
-    d.insert("STREAMPIPE_DATA_TOPIC".into(), k.data_topic.clone());
-    d.insert("STREAMPIPE_COMMAND_TOPIC".into(), k.command_topic.clone());
-    d.insert(
-        "STREAMPIPE_DEAD_LETTER_TOPIC".into(),
+    let mut set = |key: &str, v: String| {
+        d.insert(key.to_owned(), v);
+    };
+    set(names::PIPELINE, name.clone());
+    set(names::KAFKA_BROKERS, k.bootstrap_servers.clone());
+    set(names::DATA_TOPIC, k.data_topic.clone());
+    set(names::COMMAND_TOPIC, k.command_topic.clone());
+    set(
+        names::DEAD_LETTER_TOPIC,
         k.dead_letter_topic
             .clone()
-            .unwrap_or_else(|| format!("{}.dead-letter", k.data_topic)),
+            .unwrap_or_else(|| deploy::default_dead_letter_topic(&name)),
     );
-    d.insert(
-        "STREAMPIPE_GROUP".into(),
+    set(
+        names::GROUP,
         k.consumer_group
             .clone()
-            .unwrap_or_else(|| format!("{name}.reducers")),
+            .unwrap_or_else(|| deploy::default_group(&name)),
     );
-    d.insert("STREAMPIPE_LOG_FORMAT".into(), "json".into());
-    d.insert(
-        "STREAMPIPE_REDIS_CLUSTER".into(),
-        sp.spec.redis.cluster.to_string(),
-    );
-    d.insert(
-        "STREAMPIPE_ALLOWED_ORIGINS".into(),
+    set(names::LOG_FORMAT, "json".into());
+    set(names::REDIS_CLUSTER, sp.spec.redis.cluster.to_string());
+    set(
+        names::ALLOWED_ORIGINS,
         sp.spec.publisher.allowed_origins.join(","),
     );
+    let protocol = k.protocol();
+    if protocol != deploy::SecurityProtocol::Plaintext {
+        set(names::KAFKA_SECURITY_PROTOCOL, protocol.as_str().into());
+    }
+    if let Some(sasl) = k.sasl() {
+        set(names::KAFKA_SASL_MECHANISM, sasl.mechanism.clone());
+    }
+    let files = |tls: &Option<TlsSpec>, ca_dir: &str, client_dir: &str| {
+        let ca = tls
+            .as_ref()
+            .and_then(|t| t.ca.as_ref())
+            .map(|_| format!("{ca_dir}/{CA_FILE}"));
+        let client = tls.as_ref().and_then(|t| t.client_cert.as_ref()).map(|_| {
+            (
+                format!("{client_dir}/{CERT_FILE}"),
+                format!("{client_dir}/{KEY_FILE}"),
+            )
+        });
+        (ca, client)
+    };
+    let (ca, client) = files(&k.tls, KAFKA_CA_DIR, KAFKA_CLIENT_DIR);
+    if let Some(ca) = ca {
+        set(names::KAFKA_TLS_CA_FILE, ca);
+    }
+    if let Some((cert, key)) = client {
+        set(names::KAFKA_TLS_CERT_FILE, cert);
+        set(names::KAFKA_TLS_KEY_FILE, key);
+    }
+    let (ca, client) = files(&sp.spec.redis.tls, REDIS_CA_DIR, REDIS_CLIENT_DIR);
+    if let Some(ca) = ca {
+        set(names::REDIS_TLS_CA_FILE, ca);
+    }
+    if let Some((cert, key)) = client {
+        set(names::REDIS_TLS_CERT_FILE, cert);
+        set(names::REDIS_TLS_KEY_FILE, key);
+    }
     d
 }
 
@@ -160,27 +210,101 @@ pub fn config_hash(sp: &StreamPipeline) -> String {
     config_data(sp).hash(&mut h);
     sp.spec.redis.url_secret.name.hash(&mut h);
     sp.spec.redis.url_secret.key.hash(&mut h);
+    // Which Secrets and ConfigMaps feed the pods (hashed only when set, so
+    // a pipeline without them keeps its hash across operator versions).
+    let k = &sp.spec.kafka;
+    if let Some(sasl) = k.sasl() {
+        serde_json::to_string(sasl).unwrap_or_default().hash(&mut h);
+    }
+    for t in [&k.tls, &sp.spec.redis.tls].into_iter().flatten() {
+        serde_json::to_string(t).unwrap_or_default().hash(&mut h);
+    }
+    if let Some(p) = &sp.spec.redis.password_secret {
+        serde_json::to_string(p).unwrap_or_default().hash(&mut h);
+    }
     format!("{:016x}", h.finish())
 }
 
+fn secret_env(name: &str, secret: &str, key: &str) -> Value {
+    json!({"name": name, "valueFrom": {"secretKeyRef": {"name": secret, "key": key}}})
+}
+
 fn env(sp: &StreamPipeline, role: &RoleSpec, listen_port: i32) -> Value {
+    let redis = &sp.spec.redis;
     let mut env = vec![
-        json!({"name": "STREAMPIPE_LISTEN", "value": format!("0.0.0.0:{listen_port}")}),
-        json!({"name": "STREAMPIPE_REDIS_URL", "valueFrom": {"secretKeyRef": {
-            "name": sp.spec.redis.url_secret.name, "key": sp.spec.redis.url_secret.key}}}),
+        json!({"name": names::LISTEN, "value": format!("0.0.0.0:{listen_port}")}),
+        secret_env(
+            names::REDIS_URL,
+            &redis.url_secret.name,
+            &redis.url_secret.key,
+        ),
     ];
-    if let Some(c) = &sp.spec.kafka.credentials {
-        env.push(json!({"name": "KAFKA_USERNAME", "valueFrom": {"secretKeyRef": {"name": c.secret_name, "key": c.username_key}}}));
-        env.push(json!({"name": "KAFKA_PASSWORD", "valueFrom": {"secretKeyRef": {"name": c.secret_name, "key": c.password_key}}}));
-        // Kubernetes expands $(VAR) from variables defined before this one.
-        env.push(json!({"name": "STREAMPIPE_KAFKA_OPTIONS", "value": format!(
-            "security.protocol=SASL_SSL,sasl.mechanism={},sasl.username=$(KAFKA_USERNAME),sasl.password=$(KAFKA_PASSWORD)",
-            c.mechanism)}));
+    if let Some(p) = &redis.password_secret {
+        env.push(secret_env(names::REDIS_PASSWORD, &p.name, &p.key));
+    }
+    // Each credential is its own variable straight from its Secret: no
+    // `$(VAR)` expansion into a list, so no character of it is special.
+    if let Some(c) = sp.spec.kafka.sasl() {
+        env.push(secret_env(
+            names::KAFKA_SASL_USERNAME,
+            &c.secret_name,
+            &c.username_key,
+        ));
+        env.push(secret_env(
+            names::KAFKA_SASL_PASSWORD,
+            &c.secret_name,
+            &c.password_key,
+        ));
     }
     for e in &role.env {
         env.push(serde_json::to_value(e).expect("EnvVar serialises"));
     }
     Value::Array(env)
+}
+
+/// The read-only volumes (and their mounts) of the TLS material: each
+/// user key is mapped to the fixed file name [`config_data`] points at.
+fn tls_volumes(sp: &StreamPipeline) -> (Vec<Value>, Vec<Value>) {
+    let (mut volumes, mut mounts) = (Vec::new(), Vec::new());
+    let mut add = |name: &str, dir: &str, source: Value| {
+        volumes.push(json!({"name": name}));
+        let v = volumes.last_mut().expect("just pushed");
+        for (k, val) in source.as_object().expect("a volume source object") {
+            v[k] = val.clone();
+        }
+        mounts.push(json!({"name": name, "mountPath": dir, "readOnly": true}));
+    };
+    for (prefix, tls, ca_dir, client_dir) in [
+        ("kafka", &sp.spec.kafka.tls, KAFKA_CA_DIR, KAFKA_CLIENT_DIR),
+        ("redis", &sp.spec.redis.tls, REDIS_CA_DIR, REDIS_CLIENT_DIR),
+    ] {
+        let Some(tls) = tls else { continue };
+        if let Some(ca) = &tls.ca {
+            let items = |key: &str| json!([{"key": key, "path": CA_FILE}]);
+            let source = match (&ca.secret, &ca.config_map) {
+                (Some(s), _) => {
+                    json!({"secret": {"secretName": s.name, "items": items(&s.key)}})
+                }
+                (None, Some(c)) => {
+                    json!({"configMap": {"name": c.name, "items": items(&c.key)}})
+                }
+                // Refused by `crd::validate` before anything is built.
+                (None, None) => continue,
+            };
+            add(&format!("{prefix}-tls-ca"), ca_dir, source);
+        }
+        if let Some(c) = &tls.client_cert {
+            add(
+                &format!("{prefix}-tls-client"),
+                client_dir,
+                json!({"secret": {"secretName": c.secret_name, "items": [
+                    {"key": c.cert_key, "path": CERT_FILE},
+                    {"key": c.key_key, "path": KEY_FILE},
+                ]}}),
+            );
+        }
+    }
+    (volumes, mounts)
 }
 
 fn deployment(sp: &StreamPipeline, role: Role) -> Value {
@@ -218,7 +342,11 @@ fn deployment(sp: &StreamPipeline, role: Role) -> Value {
     if let Some(r) = &spec.resources {
         container["resources"] = serde_json::to_value(r).expect("resources serialise");
     }
-    json!({
+    let (volumes, mounts) = tls_volumes(sp);
+    if !mounts.is_empty() {
+        container["volumeMounts"] = Value::Array(mounts);
+    }
+    let mut d = json!({
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": metadata(sp, child_name(sp, role), Some(role)),
@@ -239,7 +367,11 @@ fn deployment(sp: &StreamPipeline, role: Role) -> Value {
                 },
             },
         },
-    })
+    });
+    if !volumes.is_empty() {
+        d["spec"]["template"]["spec"]["volumes"] = Value::Array(volumes);
+    }
+    d
 }
 
 /// The reducer Deployment.
@@ -396,36 +528,154 @@ pub(crate) mod tests {
         assert_eq!(ann["prometheus.io/port"], PUBLISHER_PORT.to_string());
     }
 
+    fn container(d: &Value) -> &Value {
+        &d["spec"]["template"]["spec"]["containers"][0]
+    }
+
+    fn env_of(d: &Value, n: &str) -> Value {
+        container(d)["env"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["name"] == n)
+            .cloned()
+            .unwrap_or_else(|| panic!("no env {n}"))
+    }
+
     #[test]
     fn credentials_come_from_secrets() {
         let d = reducer_deployment(&sample());
-        let env = d["spec"]["template"]["spec"]["containers"][0]["env"]
-            .as_array()
-            .unwrap()
-            .clone();
-        let find = |n: &str| {
-            env.iter()
-                .find(|e| e["name"] == n)
-                .cloned()
-                .unwrap_or_else(|| panic!("no env {n}"))
-        };
         assert_eq!(
-            find("STREAMPIPE_REDIS_URL")["valueFrom"]["secretKeyRef"],
+            env_of(&d, names::REDIS_URL)["valueFrom"]["secretKeyRef"],
             json!({"name": "redis", "key": "url"})
         );
         assert_eq!(
-            find("KAFKA_PASSWORD")["valueFrom"]["secretKeyRef"],
+            env_of(&d, names::KAFKA_SASL_PASSWORD)["valueFrom"]["secretKeyRef"],
             json!({"name": "kafka-user", "key": "password"})
         );
-        assert!(find("STREAMPIPE_KAFKA_OPTIONS")["value"]
-            .as_str()
-            .unwrap()
-            .contains("sasl.password=$(KAFKA_PASSWORD)"));
-        assert_eq!(find("RUST_LOG")["value"], "debug", "user env kept");
-        assert!(
-            !serde_json::to_string(&d).unwrap().contains("secret-value"),
-            "no secret values inline"
+        assert_eq!(
+            env_of(&d, names::KAFKA_SASL_USERNAME)["valueFrom"]["secretKeyRef"],
+            json!({"name": "kafka-user", "key": "username"})
         );
+        // The deprecated `credentials` means SASL_SSL + its mechanism.
+        let data = config_data(&sample());
+        assert_eq!(data[names::KAFKA_SECURITY_PROTOCOL], "SASL_SSL");
+        assert_eq!(data[names::KAFKA_SASL_MECHANISM], "SCRAM-SHA-512");
+        assert_eq!(env_of(&d, "RUST_LOG")["value"], "debug", "user env kept");
+        let all = serde_json::to_string(&d).unwrap();
+        assert!(!all.contains(names::KAFKA_OPTIONS), "no option list");
+        assert!(!all.contains("$("), "no variable expansion");
+    }
+
+    fn tls_pipeline() -> StreamPipeline {
+        pipeline(json!({
+            "kafka": {"bootstrapServers": "kafka:9093", "dataTopic": "odds", "commandTopic": "odds.commands",
+                      "securityProtocol": "SSL",
+                      "tls": {"ca": {"configMap": {"name": "kafka-ca", "key": "bundle.pem"}},
+                              "clientCert": {"secretName": "kafka-client"}}},
+            "redis": {"urlSecret": {"name": "redis", "key": "url"},
+                      "passwordSecret": {"name": "redis-auth", "key": "password"},
+                      "tls": {"ca": {"secret": {"name": "redis-ca", "key": "ca.crt"}}}},
+        }))
+    }
+
+    #[test]
+    fn tls_material_is_mounted_read_only_and_named_by_env() {
+        let sp = tls_pipeline();
+        let data = config_data(&sp);
+        assert_eq!(data[names::KAFKA_SECURITY_PROTOCOL], "SSL");
+        assert!(!data.contains_key(names::KAFKA_SASL_MECHANISM));
+        assert_eq!(
+            data[names::KAFKA_TLS_CA_FILE],
+            format!("{KAFKA_CA_DIR}/ca.crt")
+        );
+        assert_eq!(
+            data[names::KAFKA_TLS_KEY_FILE],
+            format!("{KAFKA_CLIENT_DIR}/tls.key")
+        );
+        assert_eq!(
+            data[names::REDIS_TLS_CA_FILE],
+            format!("{REDIS_CA_DIR}/ca.crt")
+        );
+        assert!(!data.contains_key(names::REDIS_TLS_CERT_FILE));
+        for d in [reducer_deployment(&sp), publisher_deployment(&sp)] {
+            let vols = d["spec"]["template"]["spec"]["volumes"].as_array().unwrap();
+            assert_eq!(vols.len(), 3);
+            let ca = vols.iter().find(|v| v["name"] == "kafka-tls-ca").unwrap();
+            assert_eq!(
+                ca["configMap"],
+                json!({"name": "kafka-ca", "items": [{"key": "bundle.pem", "path": "ca.crt"}]})
+            );
+            let client = vols
+                .iter()
+                .find(|v| v["name"] == "kafka-tls-client")
+                .unwrap();
+            assert_eq!(client["secret"]["secretName"], "kafka-client");
+            assert_eq!(
+                client["secret"]["items"][1],
+                json!({"key": "tls.key", "path": "tls.key"})
+            );
+            let mounts = container(&d)["volumeMounts"].as_array().unwrap();
+            assert_eq!(mounts.len(), 3);
+            assert!(mounts.iter().all(|m| m["readOnly"] == true));
+            assert_eq!(
+                env_of(&d, names::REDIS_PASSWORD)["valueFrom"]["secretKeyRef"],
+                json!({"name": "redis-auth", "key": "password"})
+            );
+        }
+        assert_ne!(config_hash(&sp), config_hash(&sample()));
+        // No TLS: no volumes at all.
+        let plain = reducer_deployment(&sample());
+        assert!(plain["spec"]["template"]["spec"].get("volumes").is_none());
+        assert!(container(&plain).get("volumeMounts").is_none());
+    }
+
+    #[test]
+    fn sasl_plaintext_and_sasl_ssl_are_expressible() {
+        let sp = pipeline(json!({
+            "kafka": {"bootstrapServers": "kafka:9092", "dataTopic": "odds", "commandTopic": "odds.commands",
+                      "securityProtocol": "SASL_PLAINTEXT",
+                      "sasl": {"secretName": "kafka-user", "mechanism": "SCRAM-SHA-256"}},
+            "redis": {"urlSecret": {"name": "redis", "key": "url"}},
+        }));
+        assert!(crate::crd::validate(&sp.spec).is_empty());
+        let data = config_data(&sp);
+        assert_eq!(data[names::KAFKA_SECURITY_PROTOCOL], "SASL_PLAINTEXT");
+        assert_eq!(data[names::KAFKA_SASL_MECHANISM], "SCRAM-SHA-256");
+        let sp = pipeline(json!({
+            "kafka": {"bootstrapServers": "kafka:9092", "dataTopic": "odds", "commandTopic": "odds.commands",
+                      "sasl": {"secretName": "kafka-user", "mechanism": "PLAIN"},
+                      "tls": {"ca": {"secret": {"name": "ca", "key": "ca.crt"}}}},
+            "redis": {"urlSecret": {"name": "redis", "key": "url"}},
+        }));
+        assert_eq!(config_data(&sp)[names::KAFKA_SECURITY_PROTOCOL], "SASL_SSL");
+        let plain = pipeline(json!({
+            "kafka": {"bootstrapServers": "kafka:9092", "dataTopic": "odds", "commandTopic": "odds.commands"},
+            "redis": {"urlSecret": {"name": "redis", "key": "url"}},
+        }));
+        assert!(!config_data(&plain).contains_key(names::KAFKA_SECURITY_PROTOCOL));
+    }
+
+    #[test]
+    fn contradictory_security_settings_are_invalid() {
+        let bad = [
+            json!({"securityProtocol": "SASL_SSL"}),
+            json!({"securityProtocol": "PLAINTEXT", "sasl": {"secretName": "u"}}),
+            json!({"securityProtocol": "SASL_PLAINTEXT", "sasl": {"secretName": "u"},
+                   "tls": {"ca": {"secret": {"name": "ca", "key": "k"}}}}),
+            json!({"tls": {"ca": {"secret": {"name": "ca", "key": "k"}, "configMap": {"name": "ca", "key": "k"}}}}),
+            json!({"sasl": {"secretName": "u"}, "credentials": {"secretName": "u"}}),
+        ];
+        for extra in bad {
+            let mut kafka = json!({"bootstrapServers": "kafka:9092", "dataTopic": "odds", "commandTopic": "odds.commands"});
+            for (k, v) in extra.as_object().unwrap() {
+                kafka[k] = v.clone();
+            }
+            let sp = pipeline(
+                json!({"kafka": kafka, "redis": {"urlSecret": {"name": "redis", "key": "url"}}}),
+            );
+            assert!(!crate::crd::validate(&sp.spec).is_empty(), "{extra}");
+        }
     }
 
     #[test]

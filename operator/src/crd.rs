@@ -12,6 +12,7 @@ use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use streampipe_contract::deploy::SecurityProtocol;
 
 /// Default container image of the reducer.
 pub const DEFAULT_REDUCER_IMAGE: &str = "ghcr.io/streampipe/streampipe-reducer:0.1.0";
@@ -154,7 +155,8 @@ pub struct KafkaSpec {
     /// The command topic; must have the data topic's partition count.
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
     pub command_topic: String,
-    /// Dead-letter topic for malformed records [default: `<dataTopic>.dead-letter`].
+    /// Dead-letter topic for malformed records [default: `<name>.dead-letter`,
+    /// the binaries' default].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 249), regex(pattern = r"^[A-Za-z0-9._-]+$"))]
     pub dead_letter_topic: Option<String>,
@@ -162,9 +164,22 @@ pub struct KafkaSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 249))]
     pub consumer_group: Option<String>,
-    /// SASL credentials, from a Secret in the same namespace.
+    /// Deprecated: SASL credentials, always over TLS. Same as
+    /// `securityProtocol: SASL_SSL` with `sasl` holding these fields.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials: Option<KafkaCredentials>,
+    /// `PLAINTEXT`, `SSL`, `SASL_PLAINTEXT` or `SASL_SSL` [default:
+    /// `SASL_SSL` with `sasl`, `SSL` with only `tls`, else `PLAINTEXT`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(PLAINTEXT|SSL|SASL_PLAINTEXT|SASL_SSL)$"))]
+    pub security_protocol: Option<String>,
+    /// SASL authentication; the user name and password come from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<KafkaCredentials>,
+    /// TLS: the CA bundle that signs the brokers' certificates and an
+    /// optional client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 /// SASL credentials by Secret reference.
@@ -179,9 +194,11 @@ pub struct KafkaCredentials {
     pub secret_name: String,
     /// Key holding the user name.
     #[serde(default = "default_username_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub username_key: String,
     /// Key holding the password.
     #[serde(default = "default_password_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
     pub password_key: String,
     /// SASL mechanism.
     #[serde(default = "default_mechanism")]
@@ -199,6 +216,83 @@ fn default_mechanism() -> String {
     "SCRAM-SHA-512".into()
 }
 
+/// TLS material of a Kafka or Redis connection, by reference. Pods get it
+/// as read-only mounted files, the operator's lag reader through the API.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSpec {
+    /// CA bundle (PEM) that signs the server certificates [default: the
+    /// image's system CAs].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<CaSource>,
+    /// Client certificate and key (PEM) for mutual TLS, from a Secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<ClientCertRef>,
+}
+
+/// Where a CA bundle is: a key of a Secret or of a ConfigMap (exactly one).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CaSource {
+    /// A Secret holding the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<SecretKeyRef>,
+    /// A ConfigMap holding the bundle.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_map: Option<SecretKeyRef>,
+}
+
+/// A Secret with a client certificate and its key (a `kubernetes.io/tls`
+/// Secret by default).
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertRef {
+    /// Name of the Secret.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub secret_name: String,
+    /// Key holding the certificate (chain).
+    #[serde(default = "default_cert_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub cert_key: String,
+    /// Key holding the private key.
+    #[serde(default = "default_key_key")]
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key_key: String,
+}
+
+fn default_cert_key() -> String {
+    "tls.crt".into()
+}
+fn default_key_key() -> String {
+    "tls.key".into()
+}
+
+impl KafkaSpec {
+    /// The SASL settings: `sasl`, or the deprecated `credentials`.
+    pub fn sasl(&self) -> Option<&KafkaCredentials> {
+        self.sasl.as_ref().or(self.credentials.as_ref())
+    }
+
+    /// The effective security protocol (see `securityProtocol`).
+    pub fn protocol(&self) -> SecurityProtocol {
+        if let Some(p) = self
+            .security_protocol
+            .as_deref()
+            .and_then(|p| p.parse().ok())
+        {
+            return p;
+        }
+        match (self.sasl().is_some(), self.tls.is_some()) {
+            (true, _) => SecurityProtocol::SaslSsl,
+            (false, true) => SecurityProtocol::Ssl,
+            (false, false) => SecurityProtocol::Plaintext,
+        }
+    }
+}
+
 /// Redis settings.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
@@ -211,6 +305,12 @@ pub struct RedisSpec {
     /// subscription per master. Standalone Redis when absent.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub cluster: bool,
+    /// A Secret key holding the Redis password; it overrides one in the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<SecretKeyRef>,
+    /// TLS files for a `rediss://` URL (the URL's scheme turns TLS on).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 /// A key of a Secret in the resource's namespace.
@@ -433,6 +533,7 @@ pub fn validate(spec: &StreamPipelineSpec) -> Vec<Invalid> {
             });
         }
     }
+    out.extend(validate_security(spec));
     for (field, role) in [
         ("spec.reducer.image", &spec.reducer),
         ("spec.publisher.image", &spec.publisher.role),
@@ -442,6 +543,51 @@ pub fn validate(spec: &StreamPipelineSpec) -> Vec<Invalid> {
                 out.push(Invalid {
                     field,
                     message: format!("{img:?} is not a container image reference"),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Checks that the Kafka and Redis security settings fit together.
+fn validate_security(spec: &StreamPipelineSpec) -> Vec<Invalid> {
+    let mut out = Vec::new();
+    let k = &spec.kafka;
+    let p = k.protocol();
+    if k.sasl.is_some() && k.credentials.is_some() {
+        out.push(Invalid {
+            field: "spec.kafka.credentials",
+            message: "give either sasl or the deprecated credentials, not both".into(),
+        });
+    }
+    if p.sasl() && k.sasl().is_none() {
+        out.push(Invalid {
+            field: "spec.kafka.sasl",
+            message: format!("securityProtocol {} needs sasl", p.as_str()),
+        });
+    }
+    if !p.sasl() && k.sasl().is_some() {
+        out.push(Invalid {
+            field: "spec.kafka.securityProtocol",
+            message: format!("{} does not use the sasl settings given", p.as_str()),
+        });
+    }
+    if !p.tls() && k.tls.is_some() {
+        out.push(Invalid {
+            field: "spec.kafka.securityProtocol",
+            message: format!("{} does not use the tls settings given", p.as_str()),
+        });
+    }
+    for (field, tls) in [
+        ("spec.kafka.tls.ca", &k.tls),
+        ("spec.redis.tls.ca", &spec.redis.tls),
+    ] {
+        if let Some(ca) = tls.as_ref().and_then(|t| t.ca.as_ref()) {
+            if ca.secret.is_some() == ca.config_map.is_some() {
+                out.push(Invalid {
+                    field,
+                    message: "give exactly one of secret and configMap".into(),
                 });
             }
         }

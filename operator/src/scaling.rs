@@ -3,12 +3,11 @@
 //! subresource (as an HPA would), with Events saying why.
 //!
 //! The pipeline's state is taken out of [`crate::plan::Scalers`] for the
-//! pass and put back at the end, so no lock is held across the Secret read,
+//! pass and put back at the end, so no lock is held across the Secret/ConfigMap reads,
 //! the (blocking, seconds-long) Kafka read, Events or the scale patch.
 
 use std::time::Instant;
 
-use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::EventType;
 use kube::ResourceExt;
@@ -21,29 +20,15 @@ use crate::crd::{AutoscalingSpec, StreamPipeline};
 use crate::error::{Error, Result};
 use crate::lag::{read_lag, Uncommitted};
 use crate::plan::{self, ScalerState, Scaling, Step};
+use streampipe_contract::deploy::KafkaSecurity;
 
-/// librdkafka properties for the pipeline's credentials, read from its Secret.
-async fn kafka_options(sp: &StreamPipeline, ctx: &Context) -> Result<Vec<(String, String)>> {
-    let Some(c) = &sp.spec.kafka.credentials else {
-        return Ok(Vec::new());
-    };
-    let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
-    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
-    let secret = secrets.get(&c.secret_name).await?;
-    let field = |k: &str| {
-        secret
-            .data
-            .as_ref()
-            .and_then(|d| d.get(k))
-            .map(|b| String::from_utf8_lossy(&b.0).into_owned())
-            .unwrap_or_default()
-    };
-    Ok(vec![
-        ("security.protocol".into(), "SASL_SSL".into()),
-        ("sasl.mechanism".into(), c.mechanism.clone()),
-        ("sasl.username".into(), field(&c.username_key)),
-        ("sasl.password".into(), field(&c.password_key)),
-    ])
+/// The lag reader's TLS and SASL, read from the pipeline's Secrets/ConfigMaps.
+async fn kafka_security(
+    sp: &StreamPipeline,
+    ctx: &Context,
+) -> std::result::Result<KafkaSecurity, String> {
+    let ns = sp.namespace().ok_or("resource has no namespace")?;
+    crate::lag::kafka_security(&ctx.client, &ns, &sp.spec.kafka).await
 }
 
 /// Polls Kafka when due, decides, and scales. Returns the effective
@@ -84,19 +69,19 @@ async fn pass(
     state.last_poll = Some(Instant::now());
     let brokers = sp.spec.kafka.bootstrap_servers.clone();
     let topic = sp.spec.kafka.data_topic.clone();
-    let group = builders::config_data(sp)["STREAMPIPE_GROUP"].clone();
+    let group = builders::config_data(sp)[streampipe_contract::deploy::env::GROUP].clone();
     let uncommitted = if a.uncommitted_offset_policy == "latest" {
         Uncommitted::Latest
     } else {
         Uncommitted::Earliest
     };
-    let report = match kafka_options(sp, ctx).await {
-        Ok(options) => tokio::task::spawn_blocking(move || {
-            read_lag(&brokers, &topic, &group, &options, uncommitted)
+    let report = match kafka_security(sp, ctx).await {
+        Ok(security) => tokio::task::spawn_blocking(move || {
+            read_lag(&brokers, &topic, &group, &security, uncommitted)
         })
         .await
         .unwrap_or_else(|e| Err(format!("lag reader: {e}"))),
-        Err(e) => Err(format!("credentials: {e}")),
+        Err(e) => Err(format!("kafka security: {e}")),
     };
     let obs = match &report {
         Ok(r) => {

@@ -11,9 +11,10 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use streampipe_contract::deploy::{self, KafkaSecurity};
 use streampipe_contract::{encode_command, Command, CommandKind};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 
 /// How long a command may wait for the broker before the request fails with
@@ -28,8 +29,14 @@ pub struct Commands {
 }
 
 impl Commands {
-    /// Creates the producer; `options` are extra librdkafka properties.
-    pub fn new(brokers: &str, topic: &str, options: &[(String, String)]) -> Result<Self> {
+    /// Creates the producer with `security`; `options` are extra librdkafka
+    /// properties for tuning (security keys are refused).
+    pub fn new(
+        brokers: &str,
+        topic: &str,
+        security: &KafkaSecurity,
+        options: &[(String, String)],
+    ) -> Result<Self> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", brokers)
             .set("partitioner", "murmur2_random")
@@ -40,7 +47,12 @@ impl Commands {
                 COMMAND_TIMEOUT.as_millis().to_string(),
             )
             .set("client.id", "streampipe-publisher");
+        let config_err = |e: streampipe_contract::ContractError| Error::Config(e.to_string());
+        for (k, v) in security.properties().map_err(config_err)? {
+            c.set(k, v);
+        }
         for (k, v) in options {
+            deploy::check_kafka_option(k).map_err(config_err)?;
             c.set(k, v);
         }
         Ok(Commands {

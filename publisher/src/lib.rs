@@ -9,12 +9,14 @@
 //!   its own bounded, conflating [`outbox`].
 //! - [`registry`], [`commands`]: Redis and Kafka adapters; [`pubsub`] and
 //!   [`resp`]: our own bounded subscribed-mode Redis connection.
+//! - [`cli`]: flags and environment (names from the deployment contract).
 //! - The live odds page and the JS client are embedded static files.
 
 // warp's composed filter types are deep; release builds need a higher limit.
 #![recursion_limit = "256"]
 
 pub mod api;
+pub mod cli;
 pub mod commands;
 pub mod error;
 pub mod hub;
@@ -36,6 +38,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use serde::Deserialize;
+use streampipe_contract::deploy::{self, KafkaSecurity, RedisTls};
 use streampipe_contract::{validate_market_id, Keys};
 use tokio::sync::watch;
 use warp::http::StatusCode;
@@ -57,8 +60,12 @@ pub struct Config {
     pub brokers: String,
     /// The command topic.
     pub command_topic: String,
-    /// Extra librdkafka properties.
+    /// Extra librdkafka properties (tuning; security keys are refused).
     pub kafka_options: Vec<(String, String)>,
+    /// Kafka TLS and SASL, each its own setting.
+    pub kafka_security: KafkaSecurity,
+    /// TLS files for a `rediss://` URL.
+    pub redis_tls: RedisTls,
     /// Origins allowed to open streams; empty allows all.
     pub allowed_origins: Vec<String>,
     /// Markets the demo page shows (`GET /v1/demo/markets`).
@@ -84,8 +91,10 @@ impl Config {
             redis_url: redis_url.into(),
             redis_cluster: false,
             brokers: brokers.into(),
-            command_topic: format!("{pipeline}.commands"),
+            command_topic: deploy::default_command_topic(pipeline),
             kafka_options: Vec::new(),
+            kafka_security: KafkaSecurity::default(),
+            redis_tls: RedisTls::default(),
             allowed_origins: Vec::new(),
             demo_markets: Vec::new(),
             channel_idle_ttl: DEFAULT_CHANNEL_IDLE_TTL,
@@ -172,14 +181,24 @@ pub async fn context(
     shutdown: watch::Receiver<bool>,
 ) -> Result<Arc<Context>> {
     let keys = Keys::new(&config.pipeline);
-    let registry =
-        registry::Registry::connect(&config.redis_url, keys.clone(), config.redis_cluster).await?;
+    let tls = config
+        .redis_tls
+        .load(&config.redis_url)
+        .map_err(|e| Error::Config(e.to_string()))?;
+    let registry = registry::Registry::connect(
+        &config.redis_url,
+        keys.clone(),
+        config.redis_cluster,
+        tls.as_ref(),
+    )
+    .await?;
     let commands = commands::Commands::new(
         &config.brokers,
         &config.command_topic,
+        &config.kafka_security,
         &config.kafka_options,
     )?;
-    let target = pubsub::Target::from_url(&config.redis_url, config.redis_cluster)?;
+    let target = pubsub::Target::from_url(&config.redis_url, config.redis_cluster, tls.as_ref())?;
     let hub = hub::Hub::start(target, keys, registry.clone(), metrics.clone())?;
     let ctx = Arc::new(Context {
         config,

@@ -1,4 +1,5 @@
-//! One subscribed-mode Redis connection over a plain socket.
+//! One subscribed-mode Redis connection over a plain or TLS socket
+//! (`rediss://`: tokio-rustls, the same rustls redis-rs uses here).
 //!
 //! The hub drives it: it queues (un)subscriptions and `PING <token>`
 //! barriers, flushes them, and pulls pushes out one at a time. The socket is
@@ -8,12 +9,18 @@
 //! hub reconnects and tells its clients `reset`) — memory here never grows
 //! with the offered load.
 
+use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
 use redis::{ConnectionAddr, ConnectionInfo, IntoConnectionInfo};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use streampipe_contract::deploy::RedisTlsPem;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use crate::error::{Error, Result};
 use crate::resp::{self, Frame, Push};
@@ -43,7 +50,7 @@ pub struct Endpoint {
 }
 
 /// Where and how to connect: one Redis, or the seed nodes of a Redis Cluster.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Target {
     /// The Redis (standalone) or the cluster's seed nodes.
     pub seeds: Vec<Endpoint>,
@@ -51,42 +58,82 @@ pub struct Target {
     pub cluster: bool,
     username: Option<String>,
     password: Option<String>,
+    /// TLS settings of `rediss://` URLs.
+    tls: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl fmt::Debug for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Target")
+            .field("seeds", &self.seeds)
+            .field("cluster", &self.cluster)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
 }
 
 impl Target {
-    /// From a `redis://[user:password@]host:port[/db]` URL; with `cluster`,
-    /// a comma-separated list of such URLs (any reachable one is enough).
-    pub fn from_url(url: &str, cluster: bool) -> Result<Self> {
+    /// From a `redis[s]://[user:password@]host:port[/db]` URL; with
+    /// `cluster`, a comma-separated list of such URLs (any reachable one is
+    /// enough). `tls` holds the CA bundle and client certificate for
+    /// `rediss://` (the system's CAs when it has none).
+    pub fn from_url(url: &str, cluster: bool, tls: Option<&RedisTlsPem>) -> Result<Self> {
         let mut seeds = Vec::new();
         let (mut username, mut password) = (None, None);
+        let mut secure = None;
         for u in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
             let info: ConnectionInfo = u.into_connection_info()?;
-            match info.addr() {
-                ConnectionAddr::Tcp(h, p) => seeds.push(Endpoint {
-                    host: h.clone(),
-                    port: *p,
-                }),
+            let (host, port, is_tls) = match info.addr() {
+                ConnectionAddr::Tcp(h, p) => (h.clone(), *p, false),
+                ConnectionAddr::TcpTls {
+                    host,
+                    port,
+                    insecure,
+                    ..
+                } => {
+                    if *insecure {
+                        return Err(Error::Config(
+                            "rediss:// with #insecure is not supported: give the CA instead".into(),
+                        ));
+                    }
+                    (host.clone(), *port, true)
+                }
                 other => {
                     return Err(Error::Config(format!(
-                        "pub/sub needs a plain TCP Redis address, got {other}"
+                        "pub/sub needs a TCP Redis address, got {other}"
                     )))
                 }
+            };
+            if secure.is_some_and(|s| s != is_tls) {
+                return Err(Error::Config(
+                    "Redis URLs mix redis:// and rediss://".into(),
+                ));
             }
+            secure = Some(is_tls);
+            seeds.push(Endpoint { host, port });
             let settings = info.redis_settings();
             username = username.or(settings.username().map(str::to_owned));
             password = password.or(settings.password().map(str::to_owned));
         }
         if seeds.is_empty() || (!cluster && seeds.len() > 1) {
             return Err(Error::Config(format!(
-                "expected {} Redis URL, got {url:?}",
-                if cluster { "at least one" } else { "one" }
+                "expected {} Redis URL, got {} URLs",
+                if cluster { "at least one" } else { "one" },
+                seeds.len()
             )));
         }
+        let tls = match secure {
+            Some(true) => Some(Arc::new(tls_config(tls)?)),
+            _ => None,
+        };
         Ok(Target {
             seeds,
             cluster,
             username,
             password,
+            tls,
         })
     }
 
@@ -98,6 +145,51 @@ impl Target {
         }
     }
 }
+
+/// The rustls client settings for `rediss://`: the given CA bundle (else
+/// the system's) and the client certificate, if any. Errors name what is
+/// wrong, never the key.
+fn tls_config(pem: Option<&RedisTlsPem>) -> Result<rustls::ClientConfig> {
+    let bad = |what: &str, e: &dyn fmt::Display| Error::Config(format!("Redis TLS {what}: {e}"));
+    let mut roots = rustls::RootCertStore::empty();
+    match pem.and_then(|p| p.ca.as_deref()) {
+        Some(ca) => {
+            for cert in CertificateDer::pem_slice_iter(ca) {
+                let cert = cert.map_err(|e| bad("CA bundle", &e))?;
+                roots.add(cert).map_err(|e| bad("CA bundle", &e))?;
+            }
+        }
+        None => {
+            for cert in rustls_native_certs::load_native_certs().certs {
+                // A system store with a certificate rustls cannot use keeps the others.
+                let _ = roots.add(cert);
+            }
+        }
+    }
+    if roots.is_empty() {
+        return Err(Error::Config(
+            "Redis TLS: no CA certificate to trust".into(),
+        ));
+    }
+    let builder = rustls::ClientConfig::builder().with_root_certificates(roots);
+    match pem.and_then(|p| p.client.as_ref()) {
+        Some((cert, key)) => {
+            let chain = CertificateDer::pem_slice_iter(cert)
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| bad("client certificate", &e))?;
+            let key = PrivateKeyDer::from_pem_slice(key)
+                .map_err(|_| Error::Config("Redis TLS client key: not a PEM private key".into()))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| bad("client certificate", &e))
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// The socket under a subscribed connection: TCP, or TLS over TCP.
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 /// A master's share of a cluster's slots: `first..=last` are served by `node`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -158,7 +250,7 @@ pub fn parse_cluster_slots(reply: &Frame) -> Result<Vec<SlotRange>> {
 
 /// A subscribed-mode connection.
 pub struct SubConn {
-    stream: TcpStream,
+    stream: Box<dyn Io>,
     rbuf: BytesMut,
     wbuf: BytesMut,
     flavour: Flavour,
@@ -169,8 +261,26 @@ impl SubConn {
     pub async fn connect(target: &Target, node: &Endpoint) -> Result<Self> {
         let flavour = target.flavour();
         let fut = async {
-            let stream = TcpStream::connect((node.host.as_str(), node.port)).await?;
-            stream.set_nodelay(true)?;
+            let tcp = TcpStream::connect((node.host.as_str(), node.port)).await?;
+            tcp.set_nodelay(true)?;
+            let stream: Box<dyn Io> = match &target.tls {
+                None => Box::new(tcp),
+                Some(cfg) => {
+                    let name = ServerName::try_from(node.host.clone()).map_err(|e| {
+                        Error::Config(format!("Redis TLS server name {:?}: {e}", node.host))
+                    })?;
+                    let tls = TlsConnector::from(cfg.clone())
+                        .connect(name, tcp)
+                        .await
+                        .map_err(|e| {
+                            Error::Config(format!(
+                                "Redis TLS handshake with {}:{}: {e}",
+                                node.host, node.port
+                            ))
+                        })?;
+                    Box::new(tls)
+                }
+            };
             let mut c = SubConn {
                 stream,
                 rbuf: BytesMut::with_capacity(READ_CHUNK),
@@ -334,13 +444,18 @@ mod tests {
 
     #[test]
     fn urls_name_one_redis_or_cluster_seeds() {
-        let t = Target::from_url("redis://:pw@127.0.0.1:7000", false).unwrap();
+        let t = Target::from_url("redis://:pw@127.0.0.1:7000", false, None).unwrap();
         assert_eq!(t.seeds.len(), 1);
         assert_eq!(t.password.as_deref(), Some("pw"));
-        let t = Target::from_url("redis://a:1, redis://b:2", true).unwrap();
+        assert!(
+            !format!("{t:?}").contains("pw"),
+            "Debug redacts the password"
+        );
+        let t = Target::from_url("redis://a:1, redis://b:2", true, None).unwrap();
         assert_eq!(t.seeds.len(), 2);
         assert_eq!(t.flavour(), Flavour::Sharded);
-        assert!(Target::from_url("redis://a:1,redis://b:2", false).is_err());
-        assert!(Target::from_url("", true).is_err());
+        assert!(Target::from_url("redis://a:1,redis://b:2", false, None).is_err());
+        assert!(Target::from_url("", true, None).is_err());
+        assert!(Target::from_url("rediss://a:1,redis://b:2", true, None).is_err());
     }
 }

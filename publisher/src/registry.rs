@@ -11,6 +11,7 @@ use futures_util::future::join_all;
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
+use streampipe_contract::deploy::RedisTlsPem;
 use streampipe_contract::{Keys, CHANNEL_CLOSED, CHANNEL_MARKETS_CHANGED};
 
 use crate::error::Result;
@@ -51,6 +52,17 @@ impl redis::aio::ConnectionLike for Conn {
     }
 }
 
+/// redis-rs' form of the TLS material (CA bundle, client certificate).
+pub fn certificates(t: &RedisTlsPem) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: t.client.as_ref().map(|(cert, key)| redis::ClientTlsConfig {
+            client_cert: cert.clone(),
+            client_key: key.clone(),
+        }),
+        root_cert: t.ca.clone(),
+    }
+}
+
 /// Redis access of the control API. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
@@ -62,21 +74,34 @@ pub struct Registry {
 
 impl Registry {
     /// Connects (the connection reconnects by itself after errors). With
-    /// `cluster`, `url` is a comma-separated list of seed node URLs.
-    pub async fn connect(url: &str, keys: Keys, cluster: bool) -> Result<Self> {
+    /// `cluster`, `url` is a comma-separated list of seed node URLs; `tls`
+    /// is the CA bundle and client certificate of `rediss://` URLs.
+    pub async fn connect(
+        url: &str,
+        keys: Keys,
+        cluster: bool,
+        tls: Option<&RedisTlsPem>,
+    ) -> Result<Self> {
         let (conn, publish) = if cluster {
             let seeds: Vec<&str> = url
                 .split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
                 .collect();
-            let client = redis::cluster::ClusterClient::new(seeds)?;
+            let mut builder = redis::cluster::ClusterClient::builder(seeds);
+            if let Some(t) = tls {
+                builder = builder.certs(certificates(t));
+            }
+            let client = builder.build()?;
             (
                 Conn::Cluster(client.get_async_connection().await?),
                 "SPUBLISH",
             )
         } else {
-            let client = redis::Client::open(url)?;
+            let client = match tls {
+                Some(t) => redis::Client::build_with_tls(url, certificates(t))?,
+                None => redis::Client::open(url)?,
+            };
             (
                 Conn::Single(ConnectionManager::new(client).await?),
                 "PUBLISH",

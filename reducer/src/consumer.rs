@@ -28,6 +28,7 @@ use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use streampipe_contract::deploy::{self, KafkaSecurity, RedisTls};
 use streampipe_contract::Keys;
 use tracing::{debug, error, info, warn};
 
@@ -109,8 +110,12 @@ pub struct Config {
     pub session_timeout: Duration,
     /// librdkafka statistics interval (per-partition lag metrics).
     pub statistics_interval: Duration,
-    /// Extra librdkafka properties (credentials, TLS, tuning).
+    /// Extra librdkafka properties (tuning; the binary refuses security keys here).
     pub kafka_options: Vec<(String, String)>,
+    /// Kafka TLS and SASL, each its own setting.
+    pub kafka_security: KafkaSecurity,
+    /// TLS files for a `rediss://` URL.
+    pub redis_tls: RedisTls,
 }
 
 impl Config {
@@ -118,10 +123,10 @@ impl Config {
     pub fn new(brokers: &str, pipeline: &str, redis_url: &str) -> Self {
         Config {
             brokers: brokers.into(),
-            data_topic: format!("{pipeline}.data"),
-            command_topic: format!("{pipeline}.commands"),
-            dead_letter_topic: Some(format!("{pipeline}.dead-letter")),
-            group: format!("{pipeline}.reducers"),
+            data_topic: deploy::default_data_topic(pipeline),
+            command_topic: deploy::default_command_topic(pipeline),
+            dead_letter_topic: Some(deploy::default_dead_letter_topic(pipeline)),
+            group: deploy::default_group(pipeline),
             redis_url: redis_url.into(),
             redis_cluster: false,
             pipeline: pipeline.into(),
@@ -130,16 +135,27 @@ impl Config {
             session_timeout: Duration::from_secs(10),
             statistics_interval: Duration::from_secs(5),
             kafka_options: Vec::new(),
+            kafka_security: KafkaSecurity::default(),
+            redis_tls: RedisTls::default(),
         }
     }
 
-    fn client_config(&self) -> ClientConfig {
+    /// The base client configuration: brokers, security, user options.
+    fn client_config(&self) -> Result<ClientConfig> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers);
-        for (k, v) in &self.kafka_options {
+        let security = self
+            .kafka_security
+            .properties()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        for (k, v) in security {
             c.set(k, v);
         }
-        c
+        for (k, v) in &self.kafka_options {
+            deploy::check_kafka_option(k).map_err(|e| Error::Config(e.to_string()))?;
+            c.set(k, v);
+        }
+        Ok(c)
     }
 }
 
@@ -804,11 +820,15 @@ impl Runner {
         health: Arc<Health>,
     ) -> Result<Self> {
         let keys = Keys::new(&config.pipeline);
+        let tls = config
+            .redis_tls
+            .load(&config.redis_url)
+            .map_err(|e| Error::Config(e.to_string()))?;
         let open = |keys: Keys| {
             if config.redis_cluster {
-                RedisStore::new_cluster(&config.redis_url, keys)
+                RedisStore::new_cluster_tls(&config.redis_url, keys, tls.as_ref())
             } else {
-                RedisStore::new(&config.redis_url, keys)
+                RedisStore::new_tls(&config.redis_url, keys, tls.as_ref())
             }
         };
         let loader = open(keys.clone())?;
@@ -819,7 +839,7 @@ impl Runner {
             shutdown.clone(),
         )?;
         let session_ms = config.session_timeout.as_millis().max(1000) as u64;
-        let mut cc = config.client_config();
+        let mut cc = config.client_config()?;
         cc.set("group.id", &config.group)
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
@@ -844,7 +864,7 @@ impl Runner {
 
         let dead_letters = match &config.dead_letter_topic {
             Some(_) => {
-                let mut pc = config.client_config();
+                let mut pc = config.client_config()?;
                 pc.set("enable.idempotence", "true")
                     .set("partitioner", "murmur2_random")
                     .set("client.id", "streampipe-reducer-dlq");
@@ -857,7 +877,7 @@ impl Runner {
 
         // Partition counts decide market ownership, so check them before
         // joining the group. Wait a while: topics may be created just after us.
-        let probe: BaseConsumer = config.client_config().create()?;
+        let probe: BaseConsumer = config.client_config()?.create()?;
         let data_parts = wait_for_topic(&probe, &config.data_topic, &shutdown)?;
         let cmd_parts = wait_for_topic(&probe, &config.command_topic, &shutdown)?;
         if data_parts != cmd_parts {

@@ -9,7 +9,9 @@
 //! - [`consumer`]: the Kafka adapter (poll loop, batching, rebalances).
 //! - [`writer`]: the thread that executes batches in Redis, in order.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`cli`]: flags and environment (names from the deployment contract).
 
+pub mod cli;
 pub mod consumer;
 pub mod core;
 pub mod error;

@@ -24,7 +24,8 @@ use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-use redis::{Client, Cmd, Connection, Script, Value};
+use redis::{Client, ClientTlsConfig, Cmd, Connection, Script, TlsCertificates, Value};
+use streampipe_contract::deploy::RedisTlsPem;
 use streampipe_contract::{slot, Keys};
 
 use crate::core::Effect;
@@ -115,7 +116,8 @@ pub struct Outcome {
 
 /// Where the store talks to: one Redis, or a Redis Cluster.
 enum Backend {
-    Single(Client),
+    /// Boxed: with TLS compiled in, a client carries its TLS parameters.
+    Single(Box<Client>),
     /// Boxed: with redis-rs' async cluster support compiled in (the
     /// publisher's), the client is several times a single one's size.
     Cluster(Box<ClusterClient>),
@@ -165,25 +167,40 @@ enum Reply {
 impl RedisStore {
     /// Opens a store; the connection itself is made lazily and remade after errors.
     pub fn new(url: &str, keys: Keys) -> Result<Self> {
-        Ok(Self::with_backend(
-            Backend::Single(Client::open(url)?),
-            keys,
-        ))
+        Self::new_tls(url, keys, None)
+    }
+
+    /// Opens a store on a `rediss://` URL with these CAs and client
+    /// certificate (`None`: a plain URL, or TLS with the system's CAs).
+    pub fn new_tls(url: &str, keys: Keys, tls: Option<&RedisTlsPem>) -> Result<Self> {
+        let client = match tls {
+            Some(t) => Client::build_with_tls(url, certificates(t))?,
+            None => Client::open(url)?,
+        };
+        Ok(Self::with_backend(Backend::Single(Box::new(client)), keys))
     }
 
     /// Opens a store on a Redis Cluster; `seeds` is a comma-separated list of
     /// node URLs (any reachable one is enough to discover the rest). Topics
     /// are published with `SPUBLISH`.
     pub fn new_cluster(seeds: &str, keys: Keys) -> Result<Self> {
+        Self::new_cluster_tls(seeds, keys, None)
+    }
+
+    /// [`RedisStore::new_cluster`] over TLS (`rediss://` seeds).
+    pub fn new_cluster_tls(seeds: &str, keys: Keys, tls: Option<&RedisTlsPem>) -> Result<Self> {
         let nodes: Vec<&str> = seeds
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .collect();
-        let client = ClusterClient::builder(nodes)
+        let mut builder = ClusterClient::builder(nodes)
             .connection_timeout(REDIS_TIMEOUT)
-            .response_timeout(REDIS_TIMEOUT)
-            .build()?;
+            .response_timeout(REDIS_TIMEOUT);
+        if let Some(t) = tls {
+            builder = builder.certs(certificates(t));
+        }
+        let client = builder.build()?;
         Ok(Self::with_backend(Backend::Cluster(Box::new(client)), keys)
             .with_publish_command(PublishCommand::SPublish))
     }
@@ -509,6 +526,17 @@ impl Batch {
                 Ok((values, unreplicated))
             }
         }
+    }
+}
+
+/// redis-rs' form of the TLS material (CA bundle, client certificate).
+fn certificates(t: &RedisTlsPem) -> TlsCertificates {
+    TlsCertificates {
+        client_tls: t.client.as_ref().map(|(cert, key)| ClientTlsConfig {
+            client_cert: cert.clone(),
+            client_key: key.clone(),
+        }),
+        root_cert: t.ca.clone(),
     }
 }
 

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use streampipe_contract::deploy::KafkaSecurity;
 use streampipe_operator::autoscale::{recommend, Policy};
 use streampipe_operator::lag::{read_lag, Uncommitted};
 use streampipe_reducer::{spawn, Metrics};
@@ -44,7 +45,7 @@ fn lag_is_read_from_kafka_and_falls_when_a_reducer_consumes() {
         &c.brokers,
         &c.data_topic,
         &c.group,
-        &[],
+        &KafkaSecurity::default(),
         Uncommitted::Earliest,
     )
     .expect("lag");
@@ -65,7 +66,7 @@ fn lag_is_read_from_kafka_and_falls_when_a_reducer_consumes() {
         &c.brokers,
         &c.data_topic,
         &c.group,
-        &[],
+        &KafkaSecurity::default(),
         Uncommitted::Latest,
     )
     .unwrap();
@@ -81,7 +82,7 @@ fn lag_is_read_from_kafka_and_falls_when_a_reducer_consumes() {
             &c.brokers,
             &c.data_topic,
             &c.group,
-            &[],
+            &KafkaSecurity::default(),
             Uncommitted::Earliest,
         )
         .ok()?;
@@ -103,7 +104,7 @@ fn lag_is_read_from_kafka_and_falls_when_a_reducer_consumes() {
         &c.brokers,
         "no-such-topic-xyz",
         &c.group,
-        &[],
+        &KafkaSecurity::default(),
         Uncommitted::Earliest,
     )
     .unwrap_err();

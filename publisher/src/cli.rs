@@ -1,0 +1,145 @@
+//! The publisher's command line: every flag with its environment variable,
+//! named by the deployment contract ([`streampipe_contract::deploy`]) so the
+//! operator sets exactly what is read here, and its translation to [`Config`].
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use streampipe_contract::deploy::{self, env, KafkaSecurityArgs, RedisTlsArgs};
+
+use crate::error::{Error, Result};
+use crate::{Config, DEFAULT_CHANNEL_IDLE_TTL};
+
+/// Default listen address (port [`deploy::PUBLISHER_HTTP_PORT`], checked by a test).
+const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+
+/// Serves browsers: WebSocket and SSE streams of their channels, the REST
+/// control API, and the live odds page.
+#[derive(Debug, Parser)]
+#[command(name = "streampipe-publisher", version, about)]
+pub struct Args {
+    /// Kafka bootstrap servers.
+    #[arg(
+        long,
+        env = env::KAFKA_BROKERS,
+        default_value = "127.0.0.1:9092"
+    )]
+    pub brokers: String,
+    /// Pipeline name (Redis prefix, default topic names).
+    #[arg(long, env = env::PIPELINE, default_value = "streampipe")]
+    pub pipeline: String,
+    /// Command topic [default: <pipeline>.commands].
+    #[arg(long, env = env::COMMAND_TOPIC)]
+    pub command_topic: Option<String>,
+    /// Redis URL.
+    #[arg(
+        long,
+        env = env::REDIS_URL,
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+    /// Redis is a Redis Cluster (the URL may then list several seed nodes, comma-separated).
+    #[arg(long, env = env::REDIS_CLUSTER, default_value_t = false)]
+    pub redis_cluster: bool,
+    /// Address to serve on (API, streams, page, /metrics, /healthz, /readyz).
+    #[arg(long, env = env::LISTEN, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// Origins allowed to open streams (comma-separated); empty allows all.
+    #[arg(long, env = env::ALLOWED_ORIGINS, value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Markets the demo page shows (comma-separated).
+    #[arg(long, env = env::DEMO_MARKETS, value_delimiter = ',')]
+    pub demo_markets: Vec<String>,
+    /// Close channels with no stream for this many seconds (and unsubscribe their markets).
+    #[arg(long, env = env::CHANNEL_IDLE_TTL_SECONDS, default_value_t = DEFAULT_CHANNEL_IDLE_TTL.as_secs())]
+    pub channel_idle_ttl_seconds: u64,
+    /// Extra librdkafka property for tuning, `key=value` (repeatable; comma-separated in
+    /// the variable). Security settings are refused here: they have their own flags.
+    #[arg(long = "kafka-option", env = env::KAFKA_OPTIONS, value_delimiter = ',', value_parser = parse_kafka_option)]
+    pub kafka_options: Vec<(String, String)>,
+    /// Kafka TLS and SASL.
+    #[command(flatten)]
+    pub kafka_security: KafkaSecurityArgs,
+    /// Redis password and TLS files.
+    #[command(flatten)]
+    pub redis_tls: RedisTlsArgs,
+    /// Log format.
+    #[arg(long, env = env::LOG_FORMAT, default_value = "json", value_parser = ["json", "text"])]
+    pub log_format: String,
+}
+
+/// Splits one generic librdkafka option; security keys are refused (they
+/// have their own flags), and errors never echo the value.
+pub fn parse_kafka_option(s: &str) -> std::result::Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| "expected key=value".to_owned())?;
+    deploy::check_kafka_option(k).map_err(|e| e.to_string())?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
+impl Args {
+    /// The publisher configuration these flags describe.
+    pub fn config(&self) -> Result<Config> {
+        let redis_url = self
+            .redis_tls
+            .url_with_password(&self.redis_url)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let mut config = Config::new(&self.brokers, &self.pipeline, &redis_url);
+        config.redis_cluster = self.redis_cluster;
+        config.redis_tls = self.redis_tls.tls();
+        if let Some(t) = &self.command_topic {
+            config.command_topic = t.clone();
+        }
+        config.kafka_options = self.kafka_options.clone();
+        config.kafka_security = self
+            .kafka_security
+            .security()
+            .map_err(|e| Error::Config(e.to_string()))?;
+        config.allowed_origins = self
+            .allowed_origins
+            .iter()
+            .filter(|o| !o.is_empty())
+            .cloned()
+            .collect();
+        config.demo_markets = self
+            .demo_markets
+            .iter()
+            .filter(|m| !m.is_empty())
+            .cloned()
+            .collect();
+        config.channel_idle_ttl = Duration::from_secs(self.channel_idle_ttl_seconds);
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_default_uses_the_contract_port() {
+        assert!(DEFAULT_LISTEN.ends_with(&format!(":{}", deploy::PUBLISHER_HTTP_PORT)));
+    }
+
+    #[test]
+    fn security_options_are_refused_and_passwords_kept_whole() {
+        assert!(Args::try_parse_from(["p", "--kafka-option", "sasl.username=x"]).is_err());
+        let a = Args::try_parse_from([
+            "p",
+            "--kafka-security-protocol",
+            "SASL_SSL",
+            "--kafka-sasl-mechanism",
+            "PLAIN",
+            "--kafka-sasl-username",
+            "u",
+            "--kafka-sasl-password",
+            "x,security.protocol=PLAINTEXT",
+        ])
+        .unwrap();
+        let props = a.config().unwrap().kafka_security.properties().unwrap();
+        assert!(props.contains(&("security.protocol", "SASL_SSL".to_owned())));
+        assert!(props.contains(&("sasl.password", "x,security.protocol=PLAINTEXT".to_owned())));
+    }
+}
