@@ -412,27 +412,6 @@ pub fn publisher_pdb(sp: &StreamPipeline) -> Value {
     })
 }
 
-/// Whether every field of `desired` is present with the same value in
-/// `live` (arrays element by element, same length). The API server adds
-/// defaults to what we applied; those extra fields do not count as drift.
-pub fn is_subset(desired: &Value, live: &Value) -> bool {
-    match (desired, live) {
-        (Value::Object(d), Value::Object(l)) => d.iter().all(|(k, dv)| match l.get(k) {
-            Some(lv) => is_subset(dv, lv),
-            None => {
-                dv.is_null()
-                    || dv.as_array().is_some_and(|a| a.is_empty())
-                    || dv.as_object().is_some_and(|o| o.is_empty())
-            }
-        }),
-        (Value::Array(d), Value::Array(l)) => {
-            d.len() == l.len() && d.iter().zip(l).all(|(a, b)| is_subset(a, b))
-        }
-        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
-        (a, b) => a == b,
-    }
-}
-
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
@@ -714,18 +693,5 @@ pub(crate) mod tests {
         assert_eq!(s["spec"]["type"], "ClusterIP");
         assert_eq!(publisher_pdb(&sp)["spec"]["maxUnavailable"], 1);
         assert_eq!(reducer_selector(&sp), "app.kubernetes.io/component=reducer,app.kubernetes.io/instance=odds,app.kubernetes.io/name=streampipe");
-    }
-
-    #[test]
-    fn subset_ignores_server_defaults_but_sees_drift() {
-        let desired = reducer_deployment(&sample());
-        let mut live = desired.clone();
-        live["metadata"]["resourceVersion"] = json!("42");
-        live["spec"]["template"]["spec"]["containers"][0]["imagePullPolicy"] =
-            json!("IfNotPresent");
-        live["spec"]["progressDeadlineSeconds"] = json!(600);
-        assert!(is_subset(&desired, &live));
-        live["spec"]["replicas"] = json!(7);
-        assert!(!is_subset(&desired, &live));
     }
 }

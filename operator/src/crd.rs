@@ -421,7 +421,7 @@ pub struct StreamPipelineStatus {
     /// When the autoscaler last changed the replicas (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<String>,
-    /// Conditions: Ready, Progressing, Degraded.
+    /// Conditions: Ready, Progressing, Degraded, Conflict.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -464,7 +464,7 @@ fn no_defaults(schema: &mut schemars::Schema) {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready`, `Progressing`, `Degraded`.
+    /// `Ready`, `Progressing`, `Degraded`, `Conflict`.
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False`, `Unknown`.
