@@ -79,7 +79,12 @@ pub fn spawn(ctx: Arc<Context>) {
                         warn!(error = %e, "channel janitor round failed");
                     }
                 }
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    if let Err(e) = ctx.registry.unlock(&token).await {
+                        warn!(error = %e, "releasing the janitor lock failed; it expires by itself");
+                    }
+                    return;
+                }
             }
         }
     });

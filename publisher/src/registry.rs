@@ -16,6 +16,15 @@ use streampipe_contract::{Keys, CHANNEL_CLOSED, CHANNEL_MARKETS_CHANGED};
 
 use crate::error::Result;
 
+/// KEYS[1]: the janitor lock; ARGV[1]: our token. Deletes the lock only if
+/// we hold it (another pod may have taken it after ours expired).
+const UNLOCK_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"#;
+
 /// A connection to one Redis or to a Redis Cluster (which routes every
 /// command by its key, and follows failovers by itself).
 #[derive(Clone)]
@@ -296,6 +305,18 @@ impl Registry {
             .query_async(&mut c)
             .await?;
         Ok(r.is_some())
+    }
+
+    /// Releases the janitor lock if `token` still holds it, so a pod that
+    /// stops does not keep the others from sweeping for a whole period.
+    pub async fn unlock(&self, token: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: i64 = redis::Script::new(UNLOCK_SCRIPT)
+            .key(self.keys.janitor_lock())
+            .arg(token)
+            .invoke_async(&mut c)
+            .await?;
+        Ok(())
     }
 
     /// The stored state message of each market (`None` where there is none).

@@ -376,9 +376,9 @@ async fn abandoned_channels_expire() {
     })
     .await
     .unwrap();
-    let mut publ = InProcess::start(&p).await;
-    // Restart with a short TTL: the janitor uses the context's config.
-    drop(publ);
+    // A short TTL from the start: a first publisher with the default config
+    // would take the janitor lock for its 60 s period (the race that once
+    // failed CI).
     let mut config = streampipe_publisher::Config::new(
         &p.broker.bootstrap(),
         &p.name,
@@ -387,7 +387,7 @@ async fn abandoned_channels_expire() {
     config.command_topic = p.config.command_topic.clone();
     config.channel_idle_ttl = Duration::from_secs(2);
     config.janitor_interval = Duration::from_millis(500);
-    publ = InProcess::start_with_config(config).await;
+    let publ = InProcess::start_with_config(config).await;
 
     let abandoned = create_channel(publ.addr, &["J1", "J2"]).await;
     let kept = create_channel(publ.addr, &["J1"]).await;
@@ -427,4 +427,33 @@ async fn abandoned_channels_expire() {
     drop(ws);
     drop(publ);
     blocking(move || reducer.shutdown().unwrap()).await;
+}
+
+/// A publisher that stops hands the janitor lock back: with the default
+/// 60 s period, the pods left would otherwise not sweep for a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_publisher_releases_the_janitor_lock() {
+    let p = Arc::new(blocking(|| Pipeline::new(Broker::Dev, 2)).await);
+    let publ = InProcess::start(&p).await;
+    let (pc, key) = (p.clone(), p.keys().janitor_lock());
+    let held = blocking(move || {
+        wait_for(Duration::from_secs(10), "janitor lock taken", || {
+            redis::cmd("GET")
+                .arg(&key)
+                .query::<Option<String>>(&mut pc.redis())
+                .ok()
+                .flatten()
+        })
+    })
+    .await;
+    assert!(!held.is_empty());
+    drop(publ);
+    let (pc, key) = (p.clone(), p.keys().janitor_lock());
+    blocking(move || {
+        wait_for(Duration::from_secs(10), "janitor lock released", || {
+            let v: Option<String> = redis::cmd("GET").arg(&key).query(&mut pc.redis()).ok()?;
+            v.is_none().then_some(())
+        })
+    })
+    .await;
 }
