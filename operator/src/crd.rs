@@ -463,7 +463,8 @@ pub struct StreamPipelineStatus {
     /// When the autoscaler last changed the replicas (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<String>,
-    /// Conditions: Ready, Progressing, Degraded, Conflict.
+    /// Conditions: Ready, Progressing, Degraded, Conflict, SharedConsumerGroup
+    /// (a warning), and ScalingActive/ScalingLimited with autoscaling.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
 }
@@ -506,7 +507,7 @@ fn no_defaults(schema: &mut schemars::Schema) {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct Condition {
-    /// `Ready`, `Progressing`, `Degraded`, `Conflict`.
+    /// `Ready`, `Progressing`, `Degraded`, `Conflict`, `SharedConsumerGroup`, ...
     #[serde(rename = "type")]
     pub type_: String,
     /// `True`, `False`, `Unknown`.
