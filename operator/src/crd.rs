@@ -2,9 +2,13 @@
 //!
 //! Defined in Rust; `crdgen` writes `crds/streampipeline.yaml` from these
 //! types (a test fails when the committed file differs). The schema carries
-//! what it can check (required fields, `replicas >= 0`, non-empty topics,
-//! Secret name syntax); the rest is checked in reconcile ([`validate`]) and
-//! reported as a `Degraded` condition plus a Warning Event naming the field.
+//! what it can check per field (required fields, ranges, lengths, and
+//! patterns: topic names, bootstrap-server lists, image references, Secret
+//! names); the cross-field rules are checked in reconcile ([`validate`],
+//! [`crate::validate`], which also re-checks the patterns) and reported as a
+//! `Degraded` condition plus a Warning Event naming the field. No CEL
+//! (`x-kubernetes-validations`): kubectl refuses a CRD with it on the
+//! Kubernetes 1.20 the project supports (see docs/operations.md).
 
 use std::collections::BTreeMap;
 
@@ -650,6 +654,19 @@ mod tests {
             committed == crd_yaml(),
             "crds/streampipeline.yaml is stale: run `cargo run -p streampipe-operator --bin crdgen > crds/streampipeline.yaml`"
         );
+    }
+
+    #[test]
+    fn crd_has_no_field_kubernetes_1_20_refuses() {
+        // kubectl validates a CRD against the server's OpenAPI: on 1.20 an
+        // `x-kubernetes-validations` (CEL) anywhere fails the whole install.
+        let yaml = crd_yaml();
+        assert!(!yaml.contains("x-kubernetes-validations"));
+        // 1.20 also refuses defaults in the status schema.
+        let crd = serde_json::to_value(StreamPipeline::crd()).unwrap();
+        let status =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert!(!status.to_string().contains("\"default\""));
     }
 
     #[test]
