@@ -101,6 +101,9 @@ pub struct Context {
     pub(crate) stores: RwLock<Option<ChildStores>>,
     /// Our own latest writes, until the caches catch up.
     pub(crate) written: Written,
+    /// The controller's cache of the pipelines themselves, once listed
+    /// (the consumer-group comparison); without it, a LIST.
+    pub(crate) pipelines: RwLock<Option<Store<StreamPipeline>>>,
 }
 
 /// The pipeline as Events refer to it: without `resourceVersion`, which
@@ -128,6 +131,7 @@ impl Context {
             scalers: Scalers::default(),
             stores: RwLock::new(None),
             written: Written::default(),
+            pipelines: RwLock::new(None),
         }
     }
 
@@ -139,9 +143,26 @@ impl Context {
             .clone()
     }
 
-    /// Installs (or with `None` drops) the children caches.
+    /// Installs (or with `None` drops) the children caches; `None` drops
+    /// the pipeline cache too (the controller that filled it stopped).
     pub fn set_stores(&self, stores: Option<ChildStores>) {
+        if stores.is_none() {
+            self.set_pipelines(None);
+        }
         *self.stores.write().unwrap_or_else(|p| p.into_inner()) = stores;
+    }
+
+    /// The controller's pipeline cache, once it has listed.
+    pub fn pipelines(&self) -> Option<Store<StreamPipeline>> {
+        self.pipelines
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Installs (or with `None` drops) the pipeline cache.
+    pub fn set_pipelines(&self, store: Option<Store<StreamPipeline>>) {
+        *self.pipelines.write().unwrap_or_else(|p| p.into_inner()) = store;
     }
 
     /// Records an Event about the pipeline.

@@ -33,6 +33,7 @@ use crate::crd::{Invalid, StreamPipeline, StreamPipelineStatus};
 use crate::error::{Error, Result};
 use crate::plan::Scaling;
 use crate::scaling::autoscale;
+use crate::sharing::{self, Sharing};
 use crate::status::{self, Pass, Problem, Rollout};
 use crate::validate::validate;
 
@@ -90,7 +91,7 @@ async fn write_status(
 }
 
 /// A pass that did not look at the Deployments: their counts as last seen.
-fn unobserved_pass(sp: &StreamPipeline, problem: Problem) -> Pass<'static> {
+fn unobserved_pass(sp: &StreamPipeline, problem: Problem, sharing: Sharing) -> Pass<'static> {
     let prev = sp.status.clone().unwrap_or_default();
     Pass {
         generation: sp.metadata.generation,
@@ -107,6 +108,7 @@ fn unobserved_pass(sp: &StreamPipeline, problem: Problem) -> Pass<'static> {
         ),
         problem: Some(problem),
         autoscaling: autoscaling_on(sp),
+        sharing,
         now: now_rfc3339(),
         ..Default::default()
     }
@@ -147,7 +149,7 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
                 message: crate::events::truncate(&message, crate::events::NOTE_MAX),
             };
             let prev = sp.status.clone().unwrap_or_default();
-            let status = status::status(&prev, &unobserved_pass(&sp, problem));
+            let status = status::status(&prev, &unobserved_pass(&sp, problem, Sharing::Unchecked));
             if let Err(w) = write_status(&ctx, &sp, status).await {
                 warn!(pipeline = %key(&sp), error = %w, "could not write the failure status");
             }
@@ -157,7 +159,22 @@ pub async fn reconcile(sp: Arc<StreamPipeline>, ctx: Arc<Context>) -> Result<Act
 }
 
 /// Phase 1: what the schema could not check. `Some` ends the pass.
-async fn validate_phase(sp: &StreamPipeline, ctx: &Context) -> Result<Option<Action>> {
+async fn validate_phase(
+    sp: &StreamPipeline,
+    ctx: &Context,
+    sharing: &Sharing,
+) -> Result<Option<Action>> {
+    if let Sharing::Shared(note) = sharing {
+        // A warning only: the pass goes on (the recorder folds repeats).
+        ctx.event(
+            sp,
+            EventType::Warning,
+            status::SHARED_CONSUMER_GROUP,
+            "Validate",
+            note.clone(),
+        )
+        .await;
+    }
     let problems: Vec<Invalid> = validate(sp);
     if problems.is_empty() {
         return Ok(None);
@@ -186,7 +203,7 @@ async fn validate_phase(sp: &StreamPipeline, ctx: &Context) -> Result<Option<Act
     write_status(
         ctx,
         sp,
-        status::status(&prev, &unobserved_pass(sp, problem)),
+        status::status(&prev, &unobserved_pass(sp, problem, sharing.clone())),
     )
     .await?;
     ctx.metrics.reconciles.with_label_values(&["invalid"]).inc();
@@ -248,6 +265,7 @@ fn observe(
     sp: &StreamPipeline,
     report: &Report,
     scaling: Option<&Scaling>,
+    sharing: Sharing,
 ) -> StreamPipelineStatus {
     let prev = sp.status.clone().unwrap_or_default();
     let pass = Pass {
@@ -267,13 +285,15 @@ fn observe(
         conflicts: report.conflicts.iter().map(|c| c.message()).collect(),
         scaling,
         autoscaling: autoscaling_on(sp),
+        sharing,
         now: now_rfc3339(),
     };
     status::status(&prev, &pass)
 }
 
 async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
-    if let Some(done) = validate_phase(sp, ctx).await? {
+    let sharing = sharing::check(sp, ctx).await;
+    if let Some(done) = validate_phase(sp, ctx, &sharing).await? {
         return Ok(done);
     }
 
@@ -294,7 +314,7 @@ async fn reconcile_inner(sp: &StreamPipeline, ctx: &Context) -> Result<Action> {
     let report = apply_children(sp, ctx).await?;
     report_changes(sp, ctx, &report).await;
 
-    let status = observe(sp, &report, scaling.as_ref());
+    let status = observe(sp, &report, scaling.as_ref(), sharing);
     // A stalled rollout is news worth an Event too (repeats fold into one).
     if let Some(c) = status
         .conditions
@@ -458,6 +478,8 @@ async fn prune_forgotten(ctx: Arc<Context>, pipelines: reflector::Store<StreamPi
     if pipelines.wait_until_ready().await.is_err() {
         return;
     }
+    // Listed: consumer groups are compared on this cache from now on.
+    ctx.set_pipelines(Some(pipelines.clone()));
     loop {
         tokio::time::sleep(PRUNE_EVERY).await;
         let live: std::collections::HashSet<String> =

@@ -14,6 +14,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use crate::autoscale::Limit;
 use crate::crd::{Condition, RoleStatus, StreamPipelineStatus};
 use crate::plan::Scaling;
+use crate::sharing::Sharing;
 
 /// Condition types.
 pub const READY: &str = "Ready";
@@ -23,6 +24,9 @@ pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 /// A child's name is taken by an object this pipeline does not control.
 pub const CONFLICT: &str = "Conflict";
+/// Another pipeline in the namespace uses the same consumer group (a
+/// warning: it does not make the pipeline Degraded or not Ready).
+pub const SHARED_CONSUMER_GROUP: &str = "SharedConsumerGroup";
 /// See [`READY`].
 pub const SCALING_ACTIVE: &str = "ScalingActive";
 /// See [`READY`].
@@ -131,6 +135,8 @@ pub struct Pass<'a> {
     pub scaling: Option<&'a Scaling>,
     /// Autoscaling is on (keep the previous scaling status when it did not run).
     pub autoscaling: bool,
+    /// Whether other pipelines share the consumer group.
+    pub sharing: Sharing,
     /// Now, RFC 3339 (transition times).
     pub now: String,
 }
@@ -304,6 +310,31 @@ pub fn status(prev: &StreamPipelineStatus, pass: &Pass) -> StreamPipelineStatus 
             ),
         },
     ];
+    match &pass.sharing {
+        Sharing::Shared(m) => conditions.push(condition(
+            pc,
+            SHARED_CONSUMER_GROUP,
+            true,
+            SHARED_CONSUMER_GROUP,
+            m.clone(),
+            g,
+            now,
+        )),
+        Sharing::Exclusive => conditions.push(condition(
+            pc,
+            SHARED_CONSUMER_GROUP,
+            false,
+            "ExclusiveConsumerGroup",
+            "no other pipeline in this namespace uses this consumer group".into(),
+            g,
+            now,
+        )),
+        Sharing::Unchecked => conditions.extend(
+            pc.iter()
+                .filter(|c| c.type_ == SHARED_CONSUMER_GROUP)
+                .cloned(),
+        ),
+    }
     let mut status = StreamPipelineStatus {
         observed_generation: g,
         ready: Some(if ready { "True" } else { "False" }.into()),
@@ -478,6 +509,35 @@ mod tests {
             ("True", PROGRESS_DEADLINE_EXCEEDED)
         );
         assert!(deg.message.contains("Deployment odds-reducer"));
+    }
+
+    #[test]
+    fn a_shared_group_is_a_warning_condition_not_degraded() {
+        let mut p = pass();
+        p.sharing = Sharing::Shared("consumer group \"g\" is also used by pipeline b".into());
+        let s = status(&Default::default(), &p);
+        let c = cond(&s, SHARED_CONSUMER_GROUP);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", SHARED_CONSUMER_GROUP)
+        );
+        assert!(c.message.contains("pipeline b"));
+        assert_eq!(cond(&s, DEGRADED).status, "False");
+        assert_eq!(s.ready.as_deref(), Some("True"));
+        // Unchecked keeps what was there; exclusive clears it.
+        let mut unchecked = pass();
+        unchecked.sharing = Sharing::Unchecked;
+        assert_eq!(cond(&status(&s, &unchecked), SHARED_CONSUMER_GROUP), c);
+        assert!(status(&Default::default(), &unchecked)
+            .conditions
+            .iter()
+            .all(|c| c.type_ != SHARED_CONSUMER_GROUP));
+        let mut alone = pass();
+        alone.sharing = Sharing::Exclusive;
+        assert_eq!(
+            cond(&status(&s, &alone), SHARED_CONSUMER_GROUP).status,
+            "False"
+        );
     }
 
     #[test]

@@ -736,6 +736,8 @@ async fn children_are_read_from_the_watch_caches_not_with_gets() {
     use streampipe_operator::context::ChildStores;
     let sp = pipeline(spec(1));
     let (fake, ctx) = setup(&sp).await;
+    // The pipelines too (the consumer-group comparison), as the controller has.
+    ctx.set_pipelines(Some(store_of::<StreamPipeline>(&fake, &[SP])));
     reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
     ctx.set_stores(Some(ChildStores {
         deployments: store_of::<Deployment>(&fake, &[REDUCER, PUBLISHER]),
@@ -771,4 +773,123 @@ async fn children_are_read_from_the_watch_caches_not_with_gets() {
         events(&w).iter().all(|e| e["reason"] != "Updated"),
         "no spurious Updated"
     );
+}
+
+const SPL_LIST: &str = "/apis/streampipe.dev/v1alpha1/namespaces/prod/streampipelines";
+
+fn list_of(items: &[Value]) -> Value {
+    json!({"apiVersion": "streampipe.dev/v1alpha1", "kind": "StreamPipelineList",
+           "metadata": {"resourceVersion": "1"}, "items": items})
+}
+
+fn other_pipeline(name: &str, group: &str) -> Value {
+    let mut s = spec(1);
+    s["kafka"]["consumerGroup"] = json!(group);
+    json!({"apiVersion": "streampipe.dev/v1alpha1", "kind": "StreamPipeline",
+           "metadata": {"name": name, "namespace": "prod", "uid": format!("{name}-uid")},
+           "spec": s})
+}
+
+#[tokio::test]
+async fn a_shared_consumer_group_is_a_warning_condition_and_event_not_degraded() {
+    let mut s = spec(1);
+    s["kafka"]["consumerGroup"] = json!("odds-group");
+    let sp = pipeline(s);
+    let (fake, ctx) = setup(&sp).await;
+    let me = serde_json::to_value(&sp).unwrap();
+    fake.put(
+        SPL_LIST,
+        list_of(&[me.clone(), other_pipeline("odds-copy", "odds-group")]),
+    );
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    let w = fake.writes();
+    // Still applied: a warning does not stop the pass.
+    for path in [CM, REDUCER, PUBLISHER, SVC] {
+        assert!(patched(&w, path), "{path} applied");
+    }
+    let shared = condition(&fake, "SharedConsumerGroup");
+    assert_eq!(shared["status"], "True");
+    assert_eq!(shared["reason"], "SharedConsumerGroup");
+    let m = shared["message"].as_str().unwrap();
+    assert!(
+        m.contains("\"odds-group\"") && m.contains("odds-copy"),
+        "{m}"
+    );
+    assert_eq!(condition(&fake, "Degraded")["status"], "False");
+    let evs = events(&w);
+    assert!(
+        evs.iter().any(|e| e["type"] == "Warning"
+            && e["reason"] == "SharedConsumerGroup"
+            && e["note"].as_str().unwrap().contains("odds-copy")),
+        "{evs:?}"
+    );
+
+    // The same situation again: no new Event, no status write.
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    assert!(fake.writes().is_empty(), "{:?}", paths(&fake.writes()));
+
+    // The other pipeline moves to its own group: the condition clears.
+    fake.put(
+        SPL_LIST,
+        list_of(&[me.clone(), other_pipeline("odds-copy", "copy-group")]),
+    );
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let cleared = condition(&fake, "SharedConsumerGroup");
+    assert_eq!(
+        (cleared["status"].as_str(), cleared["reason"].as_str()),
+        (Some("False"), Some("ExclusiveConsumerGroup"))
+    );
+
+    // With the controller's pipeline cache there is no LIST.
+    let (store, mut writer) = kube::runtime::reflector::store::<StreamPipeline>();
+    for v in [me, other_pipeline("odds-copy", "odds-group")] {
+        writer.apply_watcher_event(&kube::runtime::watcher::Event::Apply(
+            serde_json::from_value(v).unwrap(),
+        ));
+    }
+    ctx.set_pipelines(Some(store));
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let log = fake.log.lock().unwrap().clone();
+    assert!(
+        log.iter().all(|(_, p, _)| p != SPL_LIST),
+        "read from the cache: {:?}",
+        paths(&log)
+    );
+    assert_eq!(condition(&fake, "SharedConsumerGroup")["status"], "True");
+}
+
+#[tokio::test]
+async fn an_invalid_spec_from_the_issue_is_degraded_naming_each_field() {
+    let mut s = spec(1);
+    s["kafka"]["bootstrapServers"] = json!("kafka:9092;kafka2:9092");
+    s["kafka"]["dataTopic"] = json!("..");
+    s["kafka"]["consumerGroup"] = json!("  ");
+    s["reducer"]["image"] = json!("UPPER/Case:1");
+    let sp = pipeline(s);
+    let (fake, ctx) = setup(&sp).await;
+    reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
+    let w = fake.writes();
+    for path in [CM, REDUCER, PUBLISHER, SVC] {
+        assert!(!patched(&w, path), "{path} must not be written");
+    }
+    let degraded = condition(&fake, "Degraded");
+    assert_eq!(degraded["reason"], "InvalidSpec");
+    let m = degraded["message"].as_str().unwrap();
+    for field in [
+        "spec.kafka.bootstrapServers",
+        "spec.kafka.dataTopic",
+        "spec.kafka.consumerGroup",
+        "spec.reducer.image",
+    ] {
+        assert!(m.contains(field), "{field} in {m}");
+        assert!(
+            events(&w)
+                .iter()
+                .any(|e| e["reason"] == "InvalidSpec"
+                    && e["note"].as_str().unwrap().starts_with(field)),
+            "an Event names {field}"
+        );
+    }
 }

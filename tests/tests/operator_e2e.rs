@@ -315,6 +315,27 @@ fn operator_end_to_end_on_a_real_api_server() {
         !ok && err.contains("replicas"),
         "schema rejects replicas < 0: {err}"
     );
+    // The issue's inputs the schema's patterns refuse at apply time (the
+    // operator checks the same patterns again at reconcile).
+    for (patch, field) in [
+        (
+            r#"{"spec":{"kafka":{"bootstrapServers":"kafka:9092;kafka2:9092"}}}"#,
+            "bootstrapServers",
+        ),
+        (
+            r#"{"spec":{"kafka":{"bootstrapServers":"http://kafka:9092"}}}"#,
+            "bootstrapServers",
+        ),
+        (r#"{"spec":{"kafka":{"dataTopic":".."}}}"#, "dataTopic"),
+        (
+            r#"{"spec":{"kafka":{"consumerGroup":"  "}}}"#,
+            "consumerGroup",
+        ),
+        (r#"{"spec":{"reducer":{"image":"UPPER/Case:1"}}}"#, "image"),
+    ] {
+        let (ok, _, err) = patch_spl(&ns, "odds", patch);
+        assert!(!ok && err.contains(field), "schema rejects {patch}: {err}");
+    }
     patch_spl_ok(&ns, "odds", r#"{"spec":{"kafka":{"commandTopic":"odds"}}}"#);
     let bad = wait_get("Degraded InvalidSpec", "streampipeline", &ns, "odds", |v| {
         condition(v, "Degraded")
