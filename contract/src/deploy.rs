@@ -288,6 +288,17 @@ pub fn check_kafka_option(key: &str) -> Result<(), ContractError> {
     Ok(())
 }
 
+/// Splits one generic librdkafka option `key=value` (the `--kafka-option`
+/// value parser of both binaries); security keys are refused (they have
+/// their own flags), and errors never echo the value.
+pub fn parse_kafka_option(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| "expected key=value".to_owned())?;
+    check_kafka_option(k).map_err(|e| e.to_string())?;
+    Ok((k.trim().to_owned(), v.trim().to_owned()))
+}
+
 impl KafkaSecurity {
     /// The librdkafka properties for these settings, after checking they
     /// make sense together. Errors never contain the password or a key.

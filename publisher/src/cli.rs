@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use streampipe_contract::deploy::{self, env, KafkaSecurityArgs, RedisTlsArgs};
+use streampipe_contract::deploy::{env, parse_kafka_option, KafkaSecurityArgs, RedisTlsArgs};
 
 use crate::error::{Error, Result};
 use crate::{Config, DEFAULT_CHANNEL_IDLE_TTL};
 
-/// Default listen address (port [`deploy::PUBLISHER_HTTP_PORT`], checked by a test).
+/// Default listen address (port [`streampipe_contract::deploy::PUBLISHER_HTTP_PORT`], checked by a test).
 const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 
 /// Serves browsers: WebSocket and SSE streams of their channels, the REST
@@ -69,16 +69,6 @@ pub struct Args {
     pub log_format: String,
 }
 
-/// Splits one generic librdkafka option; security keys are refused (they
-/// have their own flags), and errors never echo the value.
-pub fn parse_kafka_option(s: &str) -> std::result::Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| "expected key=value".to_owned())?;
-    deploy::check_kafka_option(k).map_err(|e| e.to_string())?;
-    Ok((k.trim().to_owned(), v.trim().to_owned()))
-}
-
 impl Args {
     /// The publisher configuration these flags describe.
     pub fn config(&self) -> Result<Config> {
@@ -120,7 +110,10 @@ mod tests {
 
     #[test]
     fn listen_default_uses_the_contract_port() {
-        assert!(DEFAULT_LISTEN.ends_with(&format!(":{}", deploy::PUBLISHER_HTTP_PORT)));
+        assert!(DEFAULT_LISTEN.ends_with(&format!(
+            ":{}",
+            streampipe_contract::deploy::PUBLISHER_HTTP_PORT
+        )));
     }
 
     #[test]

@@ -6,13 +6,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use streampipe_contract::deploy::{self, env, KafkaSecurityArgs, RedisTlsArgs};
+use streampipe_contract::deploy::{env, parse_kafka_option, KafkaSecurityArgs, RedisTlsArgs};
 
 use crate::consumer::{Config, DEFAULT_BATCH_MAX_DELAY, DEFAULT_BATCH_MAX_RECORDS};
 use crate::error::{Error, Result};
 
 /// Default listen address of the HTTP endpoints (port
-/// [`deploy::REDUCER_HTTP_PORT`], checked by a test).
+/// [`streampipe_contract::deploy::REDUCER_HTTP_PORT`], checked by a test).
 const DEFAULT_LISTEN: &str = "0.0.0.0:9090";
 
 /// Consumes a pipeline's data and command topics, stores each market's state
@@ -80,16 +80,6 @@ pub struct Args {
     pub log_format: String,
 }
 
-/// Splits one generic librdkafka option; security keys are refused (they
-/// have their own flags), and errors never echo the value.
-pub fn parse_kafka_option(s: &str) -> std::result::Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| "expected key=value".to_owned())?;
-    deploy::check_kafka_option(k).map_err(|e| e.to_string())?;
-    Ok((k.trim().to_owned(), v.trim().to_owned()))
-}
-
 impl Args {
     /// The reducer configuration these flags describe.
     pub fn config(&self) -> Result<Config> {
@@ -130,7 +120,10 @@ mod tests {
 
     #[test]
     fn listen_default_uses_the_contract_port() {
-        assert!(DEFAULT_LISTEN.ends_with(&format!(":{}", deploy::REDUCER_HTTP_PORT)));
+        assert!(DEFAULT_LISTEN.ends_with(&format!(
+            ":{}",
+            streampipe_contract::deploy::REDUCER_HTTP_PORT
+        )));
     }
 
     #[test]
