@@ -61,16 +61,21 @@ pub struct Change {
     pub name: String,
 }
 
+/// A reference to a child object in `ns`, for Events.
+fn child_ref(api_version: &str, kind: &str, name: &str, ns: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(api_version.into()),
+        kind: Some(kind.into()),
+        name: Some(name.into()),
+        namespace: Some(ns.into()),
+        ..Default::default()
+    }
+}
+
 impl Change {
     /// A reference to the child, for Events.
     pub fn object_ref(&self, ns: &str) -> ObjectReference {
-        ObjectReference {
-            api_version: Some(self.api_version.into()),
-            kind: Some(self.kind.into()),
-            name: Some(self.name.clone()),
-            namespace: Some(ns.into()),
-            ..Default::default()
-        }
+        child_ref(self.api_version, self.kind, &self.name, ns)
     }
 }
 
@@ -90,13 +95,7 @@ pub struct Conflict {
 impl Conflict {
     /// A reference to the object, for Events.
     pub fn object_ref(&self, ns: &str) -> ObjectReference {
-        ObjectReference {
-            api_version: Some(self.api_version.into()),
-            kind: Some(self.kind.into()),
-            name: Some(self.name.clone()),
-            namespace: Some(ns.into()),
-            ..Default::default()
-        }
+        child_ref(self.api_version, self.kind, &self.name, ns)
     }
 
     /// For the condition and the Event.
