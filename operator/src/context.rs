@@ -97,8 +97,9 @@ pub struct Context {
     pub(crate) failures: Mutex<HashMap<String, u32>>,
     /// Autoscaler state per pipeline.
     pub(crate) scalers: Scalers,
-    /// The running controller's caches; without them (tests) children are read with GETs.
-    pub(crate) stores: RwLock<Option<ChildStores>>,
+    /// The running controllers' caches, per watched namespace (`None`:
+    /// every namespace); without them (tests) children are read with GETs.
+    pub(crate) stores: RwLock<HashMap<Option<String>, ChildStores>>,
     /// Our own latest writes, until the caches catch up.
     pub(crate) written: Written,
 }
@@ -126,22 +127,31 @@ impl Context {
             features,
             failures: Mutex::new(HashMap::new()),
             scalers: Scalers::default(),
-            stores: RwLock::new(None),
+            stores: RwLock::new(HashMap::new()),
             written: Written::default(),
         }
     }
 
-    /// The children caches, if the controller runs.
-    pub fn stores(&self) -> Option<ChildStores> {
-        self.stores
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The children caches covering `namespace`, if its controller runs.
+    pub fn stores(&self, namespace: &str) -> Option<ChildStores> {
+        let s = self.stores.read().unwrap_or_else(|p| p.into_inner());
+        s.get(&Some(namespace.to_owned()))
+            .or_else(|| s.get(&None))
+            .cloned()
     }
 
-    /// Installs (or with `None` drops) the children caches.
-    pub fn set_stores(&self, stores: Option<ChildStores>) {
-        *self.stores.write().unwrap_or_else(|p| p.into_inner()) = stores;
+    /// Installs (or with `None` drops) the children caches of the
+    /// controller watching `namespace` (`None`: every namespace).
+    pub fn set_stores(&self, namespace: Option<String>, stores: Option<ChildStores>) {
+        let mut s = self.stores.write().unwrap_or_else(|p| p.into_inner());
+        match stores {
+            Some(st) => {
+                s.insert(namespace, st);
+            }
+            None => {
+                s.remove(&namespace);
+            }
+        }
     }
 
     /// Records an Event about the pipeline.

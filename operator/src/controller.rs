@@ -33,6 +33,7 @@ use crate::crd::{Invalid, StreamPipeline, StreamPipelineStatus};
 use crate::error::{Error, Result};
 use crate::plan::Scaling;
 use crate::scaling::autoscale;
+use crate::scope::WatchScope;
 use crate::status::{self, Pass, Problem, Rollout};
 use crate::validate::validate;
 
@@ -405,46 +406,81 @@ where
     (store, stream)
 }
 
-/// Runs the controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    namespace: Option<String>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+/// One namespace's (or, with `None`, every namespace's) controller: the
+/// pipelines watch and the cached watches of their children.
+fn controller_for(
+    ctx: &Context,
+    namespace: &Option<String>,
+) -> (Controller<StreamPipeline>, ChildStores) {
     let client = ctx.client.clone();
-    let pipelines: Api<StreamPipeline> = api(&client, &namespace);
-    let (deployments, dep_stream) = children::<Deployment>(&client, &namespace);
-    let (config_maps, cm_stream) = children::<ConfigMap>(&client, &namespace);
-    let (services, svc_stream) = children::<Service>(&client, &namespace);
+    let pipelines: Api<StreamPipeline> = api(&client, namespace);
+    let (deployments, dep_stream) = children::<Deployment>(&client, namespace);
+    let (config_maps, cm_stream) = children::<ConfigMap>(&client, namespace);
+    let (services, svc_stream) = children::<Service>(&client, namespace);
     let mut controller = Controller::new(pipelines, watcher::Config::default())
         .watches_stream(dep_stream, |d| pipelines_of(&d))
         .watches_stream(cm_stream, |c| pipelines_of(&c))
         .watches_stream(svc_stream, |s| pipelines_of(&s));
     let mut pdbs = None;
     if ctx.features.pdb {
-        let (store, stream) = children::<PodDisruptionBudget>(&client, &namespace);
+        let (store, stream) = children::<PodDisruptionBudget>(&client, namespace);
         controller = controller.watches_stream(stream, |p| pipelines_of(&p));
         pdbs = Some(store);
     }
-    let pruner = tokio::spawn(prune_forgotten(ctx.clone(), controller.store()));
-    ctx.set_stores(Some(ChildStores {
+    let stores = ChildStores {
         deployments,
         config_maps,
         services,
         pdbs,
-    }));
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "controller event");
-            }
-        })
-        .await;
+    };
+    (controller, stores)
+}
+
+/// Runs the controllers of `scope` until `shutdown` resolves.
+///
+/// A namespace-scoped install runs one controller per watched namespace,
+/// each with namespaced watches only (so a RoleBinding per namespace is all
+/// the rights it needs); all of them share the one `reconcile` and the
+/// context. A namespace whose rights are missing only stalls its own
+/// controller (its watches retry with backoff); the others carry on.
+pub async fn run(
+    ctx: Arc<Context>,
+    scope: WatchScope,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    use futures_util::FutureExt as _;
+    let shutdown = (Box::pin(shutdown)
+        as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>)
+        .shared();
+    let mut runs = Vec::new();
+    let mut pipeline_stores = Vec::new();
+    for namespace in scope.watches() {
+        let (controller, stores) = controller_for(&ctx, &namespace);
+        pipeline_stores.push(controller.store());
+        ctx.set_stores(namespace.clone(), Some(stores));
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        runs.push(async move {
+            controller
+                .graceful_shutdown_on(shutdown)
+                .run(reconcile, error_policy, ctx.clone())
+                .for_each(|res| {
+                    let namespace = namespace.clone();
+                    async move {
+                        if let Err(e) = res {
+                            warn!(namespace = namespace.as_deref().unwrap_or("*"), error = %e, "controller event");
+                        }
+                    }
+                })
+                .await;
+            // A later leadership term starts with fresh caches.
+            ctx.set_stores(namespace, None);
+        });
+    }
+    info!(%scope, "watching");
+    let pruner = tokio::spawn(prune_forgotten(ctx.clone(), pipeline_stores));
+    futures_util::future::join_all(runs).await;
     pruner.abort();
-    // A later leadership term starts with fresh caches.
-    ctx.set_stores(None);
 }
 
 /// How often per-pipeline memory of deleted pipelines is dropped.
@@ -453,15 +489,20 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Drops what the operator remembers per pipeline (autoscaler state,
 /// failure count, metric series) once the pipeline is gone: a deleted
 /// pipeline gets no last reconcile to clean up after itself.
-async fn prune_forgotten(ctx: Arc<Context>, pipelines: reflector::Store<StreamPipeline>) {
+async fn prune_forgotten(ctx: Arc<Context>, pipelines: Vec<reflector::Store<StreamPipeline>>) {
     // Before the first list an empty store would mean "all deleted".
-    if pipelines.wait_until_ready().await.is_err() {
-        return;
+    for store in &pipelines {
+        if store.wait_until_ready().await.is_err() {
+            return;
+        }
     }
     loop {
         tokio::time::sleep(PRUNE_EVERY).await;
-        let live: std::collections::HashSet<String> =
-            pipelines.state().iter().map(|sp| key(sp)).collect();
+        let live: std::collections::HashSet<String> = pipelines
+            .iter()
+            .flat_map(|s| s.state())
+            .map(|sp| key(&sp))
+            .collect();
         for gone in ctx.scalers.retain(|k| live.contains(k)) {
             if let Some((ns, name)) = gone.split_once('/') {
                 let _ = ctx.metrics.lag.remove_label_values(&[ns, name]);

@@ -8,6 +8,7 @@
 //! - Phases: [`validate`], [`apply`] (with [`ownership`], [`drift`],
 //!   [`quantity`]), [`status`]; the autoscaler: [`autoscale`] (decision),
 //!   [`plan`] (state and steps), [`scaling`] (its I/O), [`lag`].
+//! - [`scope`]: which namespaces are watched (namespaced by default).
 //! - [`events`], [`metrics`], [`error`].
 
 pub mod apply;
@@ -25,6 +26,7 @@ pub mod ownership;
 pub mod plan;
 pub mod quantity;
 pub mod scaling;
+pub mod scope;
 pub mod status;
 pub mod validate;
 

@@ -735,14 +735,23 @@ async fn children_are_read_from_the_watch_caches_not_with_gets() {
     use k8s_openapi::api::core::v1::{ConfigMap, Service};
     use streampipe_operator::context::ChildStores;
     let sp = pipeline(spec(1));
+    let ns = sp.metadata.namespace.clone();
     let (fake, ctx) = setup(&sp).await;
     reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
-    ctx.set_stores(Some(ChildStores {
+    let stores = || ChildStores {
         deployments: store_of::<Deployment>(&fake, &[REDUCER, PUBLISHER]),
         config_maps: store_of::<ConfigMap>(&fake, &[CM]),
         services: store_of::<Service>(&fake, &[SVC]),
         pdbs: None,
-    }));
+    };
+    // Caches are per watched namespace: another namespace's are not used.
+    ctx.set_stores(Some("elsewhere".into()), Some(stores()));
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let log = fake.log.lock().unwrap().clone();
+    assert!(!log.is_empty(), "read with GETs: {:?}", paths(&log));
+    ctx.set_stores(Some("elsewhere".into()), None);
+    ctx.set_stores(ns, Some(stores()));
     fake.clear_log();
     reconcile(current(&fake), ctx.clone()).await.unwrap();
     let log = fake.log.lock().unwrap().clone();
