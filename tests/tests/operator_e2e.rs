@@ -129,8 +129,13 @@ impl Operator {
     }
 
     fn start_with(kubeconfig: &PathBuf, extra: &[&str]) -> Self {
+        Self::start_with_env(kubeconfig, extra, &[])
+    }
+
+    fn start_with_env(kubeconfig: &PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let child = Command::new(workspace_bin("streampipe-operator"))
+            .envs(env.iter().copied())
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),
@@ -297,7 +302,7 @@ fn operator_end_to_end_on_a_real_api_server() {
     // The sample pipeline.
     let sample = std::fs::read_to_string(repo().join("manifests/sample.yaml"))
         .unwrap()
-        .replace("namespace: default", &format!("namespace: {ns}"));
+        .replace("namespace: streampipe-system", &format!("namespace: {ns}"));
     let path = std::env::temp_dir().join(format!("{ns}-sample.yaml"));
     std::fs::write(&path, sample).unwrap();
     kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
@@ -474,7 +479,10 @@ fn operator_end_to_end_on_a_real_api_server() {
     // (it could not be reconciled there anyway).
     let sample = std::fs::read_to_string(repo().join("manifests/sample.yaml"))
         .unwrap()
-        .replace("namespace: default", &format!("namespace: {unwatched}"));
+        .replace(
+            "namespace: streampipe-system",
+            &format!("namespace: {unwatched}"),
+        );
     let other = std::env::temp_dir().join(format!("{unwatched}-sample.yaml"));
     std::fs::write(&other, sample).unwrap();
     kubectl_ok(&["apply", "-f", other.to_str().unwrap()]);
@@ -713,9 +721,12 @@ fn ownership_status_and_drift_on_a_real_api_server() {
     kubectl_ok(&["create", "namespace", &ns]);
     grant(&ns);
     let kubeconfig = operator_kubeconfig();
-    let op = Operator::start_with(
+    // The default scope: the operator's own namespace (as in a pod, from
+    // the downward API's POD_NAMESPACE), with no --namespaces.
+    let op = Operator::start_with_env(
         &kubeconfig,
-        &["--leader-election=false", "--namespaces", &ns],
+        &["--leader-election=false"],
+        &[("POD_NAMESPACE", ns.as_str())],
     );
 
     // A user's ConfigMap that happens to have the child's name.
