@@ -456,7 +456,7 @@ pub async fn run(
     let mut pipeline_stores = Vec::new();
     for namespace in scope.watches() {
         let (controller, stores) = controller_for(&ctx, &namespace);
-        pipeline_stores.push(controller.store());
+        pipeline_stores.push((namespace.clone(), controller.store()));
         ctx.set_stores(namespace.clone(), Some(stores));
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
@@ -489,21 +489,26 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Drops what the operator remembers per pipeline (autoscaler state,
 /// failure count, metric series) once the pipeline is gone: a deleted
 /// pipeline gets no last reconcile to clean up after itself.
-async fn prune_forgotten(ctx: Arc<Context>, pipelines: Vec<reflector::Store<StreamPipeline>>) {
-    // Before the first list an empty store would mean "all deleted".
-    for store in &pipelines {
-        if store.wait_until_ready().await.is_err() {
-            return;
-        }
-    }
+async fn prune_forgotten(
+    ctx: Arc<Context>,
+    pipelines: Vec<(Option<String>, reflector::Store<StreamPipeline>)>,
+) {
+    use futures_util::FutureExt as _;
     loop {
         tokio::time::sleep(PRUNE_EVERY).await;
-        let live: std::collections::HashSet<String> = pipelines
-            .iter()
-            .flat_map(|s| s.state())
-            .map(|sp| key(&sp))
-            .collect();
-        for gone in ctx.scalers.retain(|k| live.contains(k)) {
+        // Before a namespace's first list an empty store would mean "all
+        // deleted" (its rights may be missing): its entries are kept.
+        let mut live = std::collections::HashSet::new();
+        let mut unlisted = Vec::new();
+        for (namespace, store) in &pipelines {
+            if matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))) {
+                live.extend(store.state().iter().map(|sp| key(sp)));
+            } else {
+                unlisted.push(namespace.clone());
+            }
+        }
+        let keep = |k: &str| kept(k, &live, &unlisted);
+        for gone in ctx.scalers.retain(|k| keep(k)) {
             if let Some((ns, name)) = gone.split_once('/') {
                 let _ = ctx.metrics.lag.remove_label_values(&[ns, name]);
                 let _ = ctx
@@ -515,14 +520,37 @@ async fn prune_forgotten(ctx: Arc<Context>, pipelines: Vec<reflector::Store<Stre
         ctx.failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| live.contains(k));
+            .retain(|k, _| keep(k));
     }
+}
+
+/// Whether the memory of pipeline `key` (`namespace/name`) is kept: it is
+/// live, or its namespace (`None`: every namespace) was not listed yet.
+fn kept(key: &str, live: &std::collections::HashSet<String>, unlisted: &[Option<String>]) -> bool {
+    live.contains(key)
+        || unlisted.iter().any(|ns| match ns {
+            None => true,
+            Some(ns) => key.split_once('/').is_some_and(|(n, _)| n == ns),
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    #[test]
+    fn memory_of_pipelines_is_kept_while_their_namespace_is_unlisted() {
+        let live: std::collections::HashSet<String> = ["a/live".to_owned()].into();
+        assert!(kept("a/live", &live, &[]));
+        assert!(!kept("a/gone", &live, &[]));
+        assert!(kept("b/x", &live, &[Some("b".into())]), "b not listed yet");
+        assert!(!kept("bb/x", &live, &[Some("b".into())]));
+        assert!(
+            kept("a/gone", &live, &[None]),
+            "cluster-wide not listed yet"
+        );
+    }
 
     #[test]
     fn children_map_to_their_pipeline_by_owner_and_by_label() {
