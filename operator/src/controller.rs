@@ -460,8 +460,18 @@ pub async fn run(
         ctx.set_stores(namespace.clone(), Some(stores));
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
+        let (listed, stopped) = (controller.store(), shutdown.clone());
+        // A controller whose pipelines were never listed (its namespace's
+        // RoleBinding is missing) has nothing in flight, but its graceful
+        // shutdown would wait for that first list forever: it is dropped.
+        let abandoned = async move {
+            stopped.await;
+            if matches!(listed.wait_until_ready().now_or_never(), Some(Ok(()))) {
+                std::future::pending::<()>().await;
+            }
+        };
         runs.push(async move {
-            controller
+            let run = controller
                 .graceful_shutdown_on(shutdown)
                 .run(reconcile, error_policy, ctx.clone())
                 .for_each(|res| {
@@ -471,8 +481,11 @@ pub async fn run(
                             warn!(namespace = namespace.as_deref().unwrap_or("*"), error = %e, "controller event");
                         }
                     }
-                })
-                .await;
+                });
+            tokio::select! {
+                _ = run => {}
+                _ = abandoned => {}
+            }
             // A later leadership term starts with fresh caches.
             ctx.set_stores(namespace, None);
         });

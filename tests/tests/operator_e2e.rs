@@ -287,11 +287,14 @@ fn operator_end_to_end_on_a_real_api_server() {
     );
     assert_eq!(can.trim(), "yes");
     kubectl_ok(&["delete", "secret", &probe, "-n", "kube-system"]);
-    let mut first = Operator::start(&kubeconfig, "op-a", &ns);
+    // Both replicas also list a namespace they were given no RoleBinding in:
+    // its watches are refused, and only that namespace is stalled.
+    let watched = format!("{ns},{}", unique("e2e-unbound"));
+    let mut first = Operator::start(&kubeconfig, "op-a", &watched);
     wait_for(Duration::from_secs(60), "first operator leads", || {
         first.leading().filter(|l| *l)
     });
-    let mut second = Operator::start(&kubeconfig, "op-b", &ns);
+    let mut second = Operator::start(&kubeconfig, "op-b", &watched);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         second.leading(),
