@@ -287,7 +287,7 @@ impl Phase<'_> {
 /// Applies every child of `sp`.
 pub async fn apply_children(sp: &StreamPipeline, ctx: &Context) -> Result<Report> {
     let ns = sp.namespace().ok_or(Error::MissingField("namespace"))?;
-    let stores = ctx.stores();
+    let stores = ctx.stores(&ns);
     let client = &ctx.client;
     let mut phase = Phase {
         sp,

@@ -97,13 +97,15 @@ pub struct Context {
     pub(crate) failures: Mutex<HashMap<String, u32>>,
     /// Autoscaler state per pipeline.
     pub(crate) scalers: Scalers,
-    /// The running controller's caches; without them (tests) children are read with GETs.
-    pub(crate) stores: RwLock<Option<ChildStores>>,
+    /// The running controllers' caches, per watched namespace (`None`:
+    /// every namespace); without them (tests) children are read with GETs.
+    pub(crate) stores: RwLock<HashMap<Option<String>, ChildStores>>,
     /// Our own latest writes, until the caches catch up.
     pub(crate) written: Written,
-    /// The controller's cache of the pipelines themselves, once listed
-    /// (the consumer-group comparison); without it, a LIST.
-    pub(crate) pipelines: RwLock<Option<Store<StreamPipeline>>>,
+    /// The controllers' caches of the pipelines themselves, per watched
+    /// namespace once listed (the consumer-group comparison); without
+    /// one, a LIST.
+    pub(crate) pipelines: RwLock<HashMap<Option<String>, Store<StreamPipeline>>>,
 }
 
 /// The pipeline as Events refer to it: without `resourceVersion`, which
@@ -129,40 +131,58 @@ impl Context {
             features,
             failures: Mutex::new(HashMap::new()),
             scalers: Scalers::default(),
-            stores: RwLock::new(None),
+            stores: RwLock::new(HashMap::new()),
             written: Written::default(),
-            pipelines: RwLock::new(None),
+            pipelines: RwLock::new(HashMap::new()),
         }
     }
 
-    /// The children caches, if the controller runs.
-    pub fn stores(&self) -> Option<ChildStores> {
-        self.stores
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The children caches covering `namespace`, if its controller runs.
+    pub fn stores(&self, namespace: &str) -> Option<ChildStores> {
+        let s = self.stores.read().unwrap_or_else(|p| p.into_inner());
+        s.get(&Some(namespace.to_owned()))
+            .or_else(|| s.get(&None))
+            .cloned()
     }
 
-    /// Installs (or with `None` drops) the children caches; `None` drops
-    /// the pipeline cache too (the controller that filled it stopped).
-    pub fn set_stores(&self, stores: Option<ChildStores>) {
+    /// Installs (or with `None` drops) the children caches of the
+    /// controller watching `namespace` (`None`: every namespace); `None`
+    /// drops its pipeline cache too (the controller that filled it stopped).
+    pub fn set_stores(&self, namespace: Option<String>, stores: Option<ChildStores>) {
         if stores.is_none() {
-            self.set_pipelines(None);
+            self.set_pipelines(namespace.clone(), None);
         }
-        *self.stores.write().unwrap_or_else(|p| p.into_inner()) = stores;
+        let mut s = self.stores.write().unwrap_or_else(|p| p.into_inner());
+        match stores {
+            Some(st) => {
+                s.insert(namespace, st);
+            }
+            None => {
+                s.remove(&namespace);
+            }
+        }
     }
 
-    /// The controller's pipeline cache, once it has listed.
-    pub fn pipelines(&self) -> Option<Store<StreamPipeline>> {
-        self.pipelines
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+    /// The pipeline cache covering `namespace`, once its controller listed.
+    pub fn pipelines(&self, namespace: &str) -> Option<Store<StreamPipeline>> {
+        let s = self.pipelines.read().unwrap_or_else(|p| p.into_inner());
+        s.get(&Some(namespace.to_owned()))
+            .or_else(|| s.get(&None))
+            .cloned()
     }
 
-    /// Installs (or with `None` drops) the pipeline cache.
-    pub fn set_pipelines(&self, store: Option<Store<StreamPipeline>>) {
-        *self.pipelines.write().unwrap_or_else(|p| p.into_inner()) = store;
+    /// Installs (or with `None` drops) the pipeline cache of the controller
+    /// watching `namespace` (`None`: every namespace).
+    pub fn set_pipelines(&self, namespace: Option<String>, store: Option<Store<StreamPipeline>>) {
+        let mut s = self.pipelines.write().unwrap_or_else(|p| p.into_inner());
+        match store {
+            Some(st) => {
+                s.insert(namespace, st);
+            }
+            None => {
+                s.remove(&namespace);
+            }
+        }
     }
 
     /// Records an Event about the pipeline.

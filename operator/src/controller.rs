@@ -33,6 +33,7 @@ use crate::crd::{Invalid, StreamPipeline, StreamPipelineStatus};
 use crate::error::{Error, Result};
 use crate::plan::Scaling;
 use crate::scaling::autoscale;
+use crate::scope::WatchScope;
 use crate::sharing::{self, Sharing};
 use crate::status::{self, Pass, Problem, Rollout};
 use crate::validate::validate;
@@ -425,46 +426,103 @@ where
     (store, stream)
 }
 
-/// Runs the controller until `shutdown` resolves.
-pub async fn run(
-    ctx: Arc<Context>,
-    namespace: Option<String>,
-    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
-) {
+/// One namespace's (or, with `None`, every namespace's) controller: the
+/// pipelines watch and the cached watches of their children.
+fn controller_for(
+    ctx: &Context,
+    namespace: &Option<String>,
+) -> (Controller<StreamPipeline>, ChildStores) {
     let client = ctx.client.clone();
-    let pipelines: Api<StreamPipeline> = api(&client, &namespace);
-    let (deployments, dep_stream) = children::<Deployment>(&client, &namespace);
-    let (config_maps, cm_stream) = children::<ConfigMap>(&client, &namespace);
-    let (services, svc_stream) = children::<Service>(&client, &namespace);
+    let pipelines: Api<StreamPipeline> = api(&client, namespace);
+    let (deployments, dep_stream) = children::<Deployment>(&client, namespace);
+    let (config_maps, cm_stream) = children::<ConfigMap>(&client, namespace);
+    let (services, svc_stream) = children::<Service>(&client, namespace);
     let mut controller = Controller::new(pipelines, watcher::Config::default())
         .watches_stream(dep_stream, |d| pipelines_of(&d))
         .watches_stream(cm_stream, |c| pipelines_of(&c))
         .watches_stream(svc_stream, |s| pipelines_of(&s));
     let mut pdbs = None;
     if ctx.features.pdb {
-        let (store, stream) = children::<PodDisruptionBudget>(&client, &namespace);
+        let (store, stream) = children::<PodDisruptionBudget>(&client, namespace);
         controller = controller.watches_stream(stream, |p| pipelines_of(&p));
         pdbs = Some(store);
     }
-    let pruner = tokio::spawn(prune_forgotten(ctx.clone(), controller.store()));
-    ctx.set_stores(Some(ChildStores {
+    let stores = ChildStores {
         deployments,
         config_maps,
         services,
         pdbs,
-    }));
-    controller
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx.clone())
-        .for_each(|res| async move {
-            if let Err(e) = res {
-                warn!(error = %e, "controller event");
+    };
+    (controller, stores)
+}
+
+/// Runs the controllers of `scope` until `shutdown` resolves.
+///
+/// A namespace-scoped install runs one controller per watched namespace,
+/// each with namespaced watches only (so a RoleBinding per namespace is all
+/// the rights it needs); all of them share the one `reconcile` and the
+/// context. A namespace whose rights are missing only stalls its own
+/// controller (its watches retry with backoff); the others carry on.
+pub async fn run(
+    ctx: Arc<Context>,
+    scope: WatchScope,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    use futures_util::FutureExt as _;
+    let shutdown = (Box::pin(shutdown)
+        as std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + Sync>>)
+        .shared();
+    let mut runs = Vec::new();
+    let mut pipeline_stores = Vec::new();
+    for namespace in scope.watches() {
+        let (controller, stores) = controller_for(&ctx, &namespace);
+        pipeline_stores.push((namespace.clone(), controller.store()));
+        ctx.set_stores(namespace.clone(), Some(stores));
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        let (listed, stopped) = (controller.store(), shutdown.clone());
+        let pipelines = controller.store();
+        // A controller whose pipelines were never listed (its namespace's
+        // RoleBinding is missing) has nothing in flight, but its graceful
+        // shutdown would wait for that first list forever: it is dropped.
+        let abandoned = async move {
+            stopped.await;
+            if matches!(listed.wait_until_ready().now_or_never(), Some(Ok(()))) {
+                std::future::pending::<()>().await;
             }
-        })
-        .await;
+        };
+        runs.push(async move {
+            let run = controller
+                .graceful_shutdown_on(shutdown)
+                .run(reconcile, error_policy, ctx.clone())
+                .for_each(|res| {
+                    let namespace = namespace.clone();
+                    async move {
+                        if let Err(e) = res {
+                            warn!(namespace = namespace.as_deref().unwrap_or("*"), error = %e, "controller event");
+                        }
+                    }
+                });
+            // Once listed, consumer groups are compared on this cache.
+            let cache = async {
+                if pipelines.wait_until_ready().await.is_ok() {
+                    ctx.set_pipelines(namespace.clone(), Some(pipelines));
+                }
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                _ = run => {}
+                _ = abandoned => {}
+                _ = cache => {}
+            }
+            // A later leadership term starts with fresh caches.
+            ctx.set_stores(namespace, None);
+        });
+    }
+    info!(%scope, "watching");
+    let pruner = tokio::spawn(prune_forgotten(ctx.clone(), pipeline_stores));
+    futures_util::future::join_all(runs).await;
     pruner.abort();
-    // A later leadership term starts with fresh caches.
-    ctx.set_stores(None);
 }
 
 /// How often per-pipeline memory of deleted pipelines is dropped.
@@ -473,18 +531,26 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Drops what the operator remembers per pipeline (autoscaler state,
 /// failure count, metric series) once the pipeline is gone: a deleted
 /// pipeline gets no last reconcile to clean up after itself.
-async fn prune_forgotten(ctx: Arc<Context>, pipelines: reflector::Store<StreamPipeline>) {
-    // Before the first list an empty store would mean "all deleted".
-    if pipelines.wait_until_ready().await.is_err() {
-        return;
-    }
-    // Listed: consumer groups are compared on this cache from now on.
-    ctx.set_pipelines(Some(pipelines.clone()));
+async fn prune_forgotten(
+    ctx: Arc<Context>,
+    pipelines: Vec<(Option<String>, reflector::Store<StreamPipeline>)>,
+) {
+    use futures_util::FutureExt as _;
     loop {
         tokio::time::sleep(PRUNE_EVERY).await;
-        let live: std::collections::HashSet<String> =
-            pipelines.state().iter().map(|sp| key(sp)).collect();
-        for gone in ctx.scalers.retain(|k| live.contains(k)) {
+        // Before a namespace's first list an empty store would mean "all
+        // deleted" (its rights may be missing): its entries are kept.
+        let mut live = std::collections::HashSet::new();
+        let mut unlisted = Vec::new();
+        for (namespace, store) in &pipelines {
+            if matches!(store.wait_until_ready().now_or_never(), Some(Ok(()))) {
+                live.extend(store.state().iter().map(|sp| key(sp)));
+            } else {
+                unlisted.push(namespace.clone());
+            }
+        }
+        let keep = |k: &str| kept(k, &live, &unlisted);
+        for gone in ctx.scalers.retain(|k| keep(k)) {
             if let Some((ns, name)) = gone.split_once('/') {
                 let _ = ctx.metrics.lag.remove_label_values(&[ns, name]);
                 let _ = ctx
@@ -496,14 +562,37 @@ async fn prune_forgotten(ctx: Arc<Context>, pipelines: reflector::Store<StreamPi
         ctx.failures
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|k, _| live.contains(k));
+            .retain(|k, _| keep(k));
     }
+}
+
+/// Whether the memory of pipeline `key` (`namespace/name`) is kept: it is
+/// live, or its namespace (`None`: every namespace) was not listed yet.
+fn kept(key: &str, live: &std::collections::HashSet<String>, unlisted: &[Option<String>]) -> bool {
+    live.contains(key)
+        || unlisted.iter().any(|ns| match ns {
+            None => true,
+            Some(ns) => key.split_once('/').is_some_and(|(n, _)| n == ns),
+        })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+
+    #[test]
+    fn memory_of_pipelines_is_kept_while_their_namespace_is_unlisted() {
+        let live: std::collections::HashSet<String> = ["a/live".to_owned()].into();
+        assert!(kept("a/live", &live, &[]));
+        assert!(!kept("a/gone", &live, &[]));
+        assert!(kept("b/x", &live, &[Some("b".into())]), "b not listed yet");
+        assert!(!kept("bb/x", &live, &[Some("b".into())]));
+        assert!(
+            kept("a/gone", &live, &[None]),
+            "cluster-wide not listed yet"
+        );
+    }
 
     #[test]
     fn children_map_to_their_pipeline_by_owner_and_by_label() {

@@ -9,6 +9,7 @@
 //!   [`quantity`]), [`status`]; the autoscaler: [`autoscale`] (decision),
 //!   [`plan`] (state and steps), [`scaling`] (its I/O), [`lag`].
 //! - [`sharing`]: pipelines sharing a consumer group (a warning).
+//! - [`scope`]: which namespaces are watched (namespaced by default).
 //! - [`events`], [`metrics`], [`error`].
 
 pub mod apply;
@@ -26,6 +27,7 @@ pub mod ownership;
 pub mod plan;
 pub mod quantity;
 pub mod scaling;
+pub mod scope;
 pub mod sharing;
 pub mod status;
 pub mod validate;

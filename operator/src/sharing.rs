@@ -95,13 +95,13 @@ pub fn sharing<'a>(
 /// The check against the namespace's other pipelines: from the controller's
 /// cache, else a LIST; a failed LIST leaves it unchecked (it is a warning).
 pub async fn check(sp: &StreamPipeline, ctx: &Context) -> Sharing {
-    if let Some(store) = ctx.pipelines() {
-        let all = store.state();
-        return sharing(sp, all.iter().map(|p| p.as_ref()));
-    }
     let Some(ns) = sp.namespace() else {
         return Sharing::Unchecked;
     };
+    if let Some(store) = ctx.pipelines(&ns) {
+        let all = store.state();
+        return sharing(sp, all.iter().map(|p| p.as_ref()));
+    }
     let api: Api<StreamPipeline> = Api::namespaced(ctx.client.clone(), &ns);
     match api.list(&ListParams::default()).await {
         Ok(list) => sharing(sp, list.items.iter()),

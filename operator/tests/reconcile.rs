@@ -735,16 +735,25 @@ async fn children_are_read_from_the_watch_caches_not_with_gets() {
     use k8s_openapi::api::core::v1::{ConfigMap, Service};
     use streampipe_operator::context::ChildStores;
     let sp = pipeline(spec(1));
+    let ns = sp.metadata.namespace.clone();
     let (fake, ctx) = setup(&sp).await;
     // The pipelines too (the consumer-group comparison), as the controller has.
-    ctx.set_pipelines(Some(store_of::<StreamPipeline>(&fake, &[SP])));
+    ctx.set_pipelines(ns.clone(), Some(store_of::<StreamPipeline>(&fake, &[SP])));
     reconcile(Arc::new(sp), ctx.clone()).await.unwrap();
-    ctx.set_stores(Some(ChildStores {
+    let stores = || ChildStores {
         deployments: store_of::<Deployment>(&fake, &[REDUCER, PUBLISHER]),
         config_maps: store_of::<ConfigMap>(&fake, &[CM]),
         services: store_of::<Service>(&fake, &[SVC]),
         pdbs: None,
-    }));
+    };
+    // Caches are per watched namespace: another namespace's are not used.
+    ctx.set_stores(Some("elsewhere".into()), Some(stores()));
+    fake.clear_log();
+    reconcile(current(&fake), ctx.clone()).await.unwrap();
+    let log = fake.log.lock().unwrap().clone();
+    assert!(!log.is_empty(), "read with GETs: {:?}", paths(&log));
+    ctx.set_stores(Some("elsewhere".into()), None);
+    ctx.set_stores(ns, Some(stores()));
     fake.clear_log();
     reconcile(current(&fake), ctx.clone()).await.unwrap();
     let log = fake.log.lock().unwrap().clone();
@@ -795,6 +804,7 @@ async fn a_shared_consumer_group_is_a_warning_condition_and_event_not_degraded()
     let mut s = spec(1);
     s["kafka"]["consumerGroup"] = json!("odds-group");
     let sp = pipeline(s);
+    let ns = sp.metadata.namespace.clone();
     let (fake, ctx) = setup(&sp).await;
     let me = serde_json::to_value(&sp).unwrap();
     fake.put(
@@ -848,7 +858,7 @@ async fn a_shared_consumer_group_is_a_warning_condition_and_event_not_degraded()
             serde_json::from_value(v).unwrap(),
         ));
     }
-    ctx.set_pipelines(Some(store));
+    ctx.set_pipelines(ns, Some(store));
     fake.clear_log();
     reconcile(current(&fake), ctx.clone()).await.unwrap();
     let log = fake.log.lock().unwrap().clone();

@@ -67,6 +67,43 @@ fn operator_kubeconfig() -> PathBuf {
     path
 }
 
+/// `kubectl` as the operator's ServiceAccount (`kubeconfig` from [`operator_kubeconfig`]).
+fn kubectl_as(kubeconfig: &PathBuf, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new("kubectl")
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .output()
+        .expect("kubectl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Lets the operator watch `ns` (namespaced install): the documented
+/// RoleBinding to the `streampipe-operator` ClusterRole (docs/security.md).
+fn grant(ns: &str) {
+    kubectl_ok(&[
+        "create",
+        "rolebinding",
+        "streampipe-operator",
+        "-n",
+        ns,
+        "--clusterrole=streampipe-operator",
+        "--serviceaccount=streampipe-system:streampipe-operator",
+    ]);
+}
+
+/// The operator's token is refused `args` (HTTP 403 Forbidden).
+fn assert_forbidden(kubeconfig: &PathBuf, args: &[&str]) {
+    let (ok, out, err) = kubectl_as(kubeconfig, args);
+    assert!(
+        !ok && err.to_lowercase().contains("forbidden"),
+        "the operator may {args:?}: ok={ok} {out} {err}"
+    );
+}
+
 struct Operator {
     child: Child,
     addr: String,
@@ -82,17 +119,23 @@ impl Operator {
                 "streampipe-system",
                 "--identity",
                 identity,
+                // The default duration: a graceful hand-over must not wait for it.
                 "--lease-duration",
-                "6",
-                "--namespace",
+                "15",
+                "--namespaces",
                 namespace,
             ],
         )
     }
 
     fn start_with(kubeconfig: &PathBuf, extra: &[&str]) -> Self {
+        Self::start_with_env(kubeconfig, extra, &[])
+    }
+
+    fn start_with_env(kubeconfig: &PathBuf, extra: &[&str], env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let child = Command::new(workspace_bin("streampipe-operator"))
+            .envs(env.iter().copied())
             .args([
                 "--listen",
                 &format!("127.0.0.1:{port}"),
@@ -192,13 +235,66 @@ fn operator_end_to_end_on_a_real_api_server() {
     install();
     let ns = unique("e2e");
     kubectl_ok(&["create", "namespace", &ns]);
+    grant(&ns);
 
     let kubeconfig = operator_kubeconfig();
-    let mut first = Operator::start(&kubeconfig, "op-a", &ns);
+
+    // Least privilege (namespaced install): the operator's own token reads
+    // Secrets and creates Deployments in its watched namespace only.
+    let unwatched = unique("e2e-unwatched");
+    kubectl_ok(&["create", "namespace", &unwatched]);
+    let probe = unique("probe");
+    for n in ["kube-system", ns.as_str(), unwatched.as_str()] {
+        kubectl_ok(&[
+            "create",
+            "secret",
+            "generic",
+            &probe,
+            "-n",
+            n,
+            "--from-literal=k=v",
+        ]);
+    }
+    assert_forbidden(&kubeconfig, &["get", "secret", &probe, "-n", "kube-system"]);
+    assert_forbidden(&kubeconfig, &["get", "secrets", "-n", "kube-system"]);
+    assert_forbidden(&kubeconfig, &["get", "secret", &probe, "-n", &unwatched]);
+    assert_forbidden(&kubeconfig, &["get", "secrets", "--all-namespaces"]);
+    for n in [unwatched.as_str(), "kube-system"] {
+        assert_forbidden(
+            &kubeconfig,
+            &[
+                "create",
+                "deployment",
+                "probe",
+                "--image=example/probe:1",
+                "-n",
+                n,
+            ],
+        );
+    }
+    assert_forbidden(&kubeconfig, &["get", "deployments", "--all-namespaces"]);
+    assert_forbidden(&kubeconfig, &["get", "streampipelines", "--all-namespaces"]);
+    // What it needs in the watched namespace, it has (a by-name Secret read).
+    let (ok, _, err) = kubectl_as(&kubeconfig, &["get", "secret", &probe, "-n", &ns]);
+    assert!(
+        ok,
+        "the operator reads a Secret in its watched namespace: {err}"
+    );
+    assert_forbidden(&kubeconfig, &["get", "secrets", "-n", &ns]);
+    let (_, can, _) = kubectl_as(
+        &kubeconfig,
+        &["auth", "can-i", "create", "deployments.apps", "-n", &ns],
+    );
+    assert_eq!(can.trim(), "yes");
+    kubectl_ok(&["delete", "secret", &probe, "-n", "kube-system"]);
+    // Both replicas also list a namespace they were given no RoleBinding in:
+    // its watches are refused, and only that namespace is stalled.
+    let watched = format!("{ns},{}", unique("e2e-unbound"));
+    let mut first = Operator::start(&kubeconfig, "op-a", &watched);
     wait_for(Duration::from_secs(60), "first operator leads", || {
         first.leading().filter(|l| *l)
     });
-    let mut second = Operator::start(&kubeconfig, "op-b", &ns);
+    let mut second = Operator::start(&kubeconfig, "op-b", &watched);
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(
         second.leading(),
@@ -209,7 +305,7 @@ fn operator_end_to_end_on_a_real_api_server() {
     // The sample pipeline.
     let sample = std::fs::read_to_string(repo().join("manifests/sample.yaml"))
         .unwrap()
-        .replace("namespace: default", &format!("namespace: {ns}"));
+        .replace("namespace: streampipe-system", &format!("namespace: {ns}"));
     let path = std::env::temp_dir().join(format!("{ns}-sample.yaml"));
     std::fs::write(&path, sample).unwrap();
     kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
@@ -362,11 +458,24 @@ fn operator_end_to_end_on_a_real_api_server() {
         condition(v, "Degraded").is_some_and(|c| c["status"] == "False")
     });
 
-    // Leader hand-over: the first stops (releasing the Lease); the second takes over and reconciles.
+    // Leader hand-over: the first stops (releasing the Lease); the second
+    // takes over at once (it watches the Lease; the 15 s lock is not waited
+    // out) and reconciles.
+    let term = Instant::now();
     first.terminate();
+    let released = Instant::now();
     wait_for(Duration::from_secs(30), "second operator leads", || {
         second.leading().filter(|l| *l)
     });
+    let takeover = released.elapsed();
+    eprintln!(
+        "standby took over {takeover:?} after the leader released the Lease and exited ({:?} after SIGTERM; lease duration 15 s)",
+        term.elapsed()
+    );
+    assert!(
+        takeover < Duration::from_secs(3),
+        "standby took {takeover:?} after a graceful release"
+    );
     kubectl_ok(&["scale", "spl/odds", "-n", &ns, "--replicas=1"]);
     wait_get(
         "the new leader reconciles",
@@ -390,7 +499,24 @@ fn operator_end_to_end_on_a_real_api_server() {
             gone.then_some(())
         },
     );
+    // A pipeline in a namespace the operator does not watch is left alone
+    // (it could not be reconciled there anyway).
+    let sample = std::fs::read_to_string(repo().join("manifests/sample.yaml"))
+        .unwrap()
+        .replace(
+            "namespace: streampipe-system",
+            &format!("namespace: {unwatched}"),
+        );
+    let other = std::env::temp_dir().join(format!("{unwatched}-sample.yaml"));
+    std::fs::write(&other, sample).unwrap();
+    kubectl_ok(&["apply", "-f", other.to_str().unwrap()]);
+    std::thread::sleep(Duration::from_secs(3));
+    let sp = get("streampipeline", &unwatched, "odds").unwrap();
+    assert!(sp["status"].is_null(), "not reconciled: {sp}");
+    assert!(get("deployment", &unwatched, "odds-reducer").is_none());
+    let _ = std::fs::remove_file(other);
     drop(second);
+    let _ = kubectl(&["delete", "namespace", &unwatched, "--wait=false"]);
     let _ = kubectl(&["delete", "namespace", &ns, "--wait=false"]);
     let _ = std::fs::remove_file(kubeconfig);
     eprintln!("operator e2e took {:?}", t0.elapsed());
@@ -406,6 +532,7 @@ fn autoscaling_follows_kafka_lag_on_a_real_api_server() {
     install();
     let ns = unique("e2e-scale");
     kubectl_ok(&["create", "namespace", &ns]);
+    grant(&ns);
     let base = unique("lag");
     let (data, commands, group) = (
         format!("{base}.data"),
@@ -428,7 +555,7 @@ fn autoscaling_follows_kafka_lag_on_a_real_api_server() {
     let kubeconfig = operator_kubeconfig();
     let _op = Operator::start_with(
         &kubeconfig,
-        &["--leader-election=false", "--namespace", &ns],
+        &["--leader-election=false", "--namespaces", &ns],
     );
     // The API server publishes an updated CRD schema a moment after the apply.
     wait_for(Duration::from_secs(30), "pipeline accepted", || {
@@ -616,10 +743,14 @@ fn ownership_status_and_drift_on_a_real_api_server() {
     install();
     let ns = unique("e2e-own");
     kubectl_ok(&["create", "namespace", &ns]);
+    grant(&ns);
     let kubeconfig = operator_kubeconfig();
-    let op = Operator::start_with(
+    // The default scope: the operator's own namespace (as in a pod, from
+    // the downward API's POD_NAMESPACE), with no --namespaces.
+    let op = Operator::start_with_env(
         &kubeconfig,
-        &["--leader-election=false", "--namespace", &ns],
+        &["--leader-election=false"],
+        &[("POD_NAMESPACE", ns.as_str())],
     );
 
     // A user's ConfigMap that happens to have the child's name.
