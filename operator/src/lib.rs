@@ -1,6 +1,7 @@
 //! streampipe's Kubernetes operator.
 //!
-//! - [`crd`]: the `StreamPipeline` custom resource and its spec rules.
+//! - [`crd`]: the `StreamPipeline` custom resource and its spec rules;
+//!   [`cel`]: the same rules as CEL for servers ≥ 1.25.
 //! - [`builders`]: pure functions building the desired children.
 //! - [`controller`]: `reconcile` (validate → apply children → observe
 //!   status), the error policy and the controller loop; [`context`] is what
@@ -15,6 +16,7 @@
 pub mod apply;
 pub mod autoscale;
 pub mod builders;
+pub mod cel;
 pub mod context;
 pub mod controller;
 pub mod crd;
