@@ -24,6 +24,9 @@ pub const PUBLISHER_HTTP_PORT: u16 = 8080;
 pub mod env {
     /// Pipeline name (Redis key prefix, default topic and group names).
     pub const PIPELINE: &str = "STREAMPIPE_PIPELINE";
+    /// Kubernetes namespace of the pipeline: part of every Redis key, so
+    /// same-named pipelines of two namespaces sharing one Redis stay apart.
+    pub const KEY_NAMESPACE: &str = "STREAMPIPE_KEY_NAMESPACE";
     /// Kafka bootstrap servers.
     pub const KAFKA_BROKERS: &str = "STREAMPIPE_KAFKA_BROKERS";
     /// Data topic.

@@ -1,7 +1,8 @@
 //! The Redis key schema.
 //!
-//! Every key of a pipeline starts with `sp:<pipeline>:` so several pipelines
-//! can share one Redis. Keys about one market carry the hash tag `{m:<id>}`
+//! Every key of a pipeline starts with `sp:<pipeline>:` — or, for a pipeline
+//! the operator runs, `sp:<namespace>/<pipeline>:` — so several pipelines
+//! (also same-named ones of two Kubernetes namespaces) can share one Redis. Keys about one market carry the hash tag `{m:<id>}`
 //! and keys about one channel carry `{c:<id>}`, so a Redis Cluster keeps a
 //! market's state and subscriber set in one slot (the reducer's update script
 //! touches both). Ids are validated by [`crate::message`] and cannot contain
@@ -16,9 +17,16 @@ pub struct Keys {
 impl Keys {
     /// Keys for the pipeline called `pipeline`.
     pub fn new(pipeline: &str) -> Self {
-        Keys {
-            prefix: format!("sp:{pipeline}:"),
-        }
+        Self::scoped(None, pipeline)
+    }
+
+    /// Keys for `pipeline` of the Kubernetes `namespace`, if it has one.
+    pub fn scoped(namespace: Option<&str>, pipeline: &str) -> Self {
+        let prefix = match namespace {
+            Some(ns) if !ns.is_empty() => format!("sp:{ns}/{pipeline}:"),
+            _ => format!("sp:{pipeline}:"),
+        };
+        Keys { prefix }
     }
 
     /// The common prefix of all keys of this pipeline (for scans in tests and tools).
@@ -111,6 +119,8 @@ mod tests {
 
     #[test]
     fn market_keys_share_a_hash_tag() {
+        assert_eq!(Keys::scoped(Some("prod"), "odds").prefix(), "sp:prod/odds:");
+        assert_eq!(Keys::scoped(Some(""), "odds"), Keys::new("odds"));
         let k = Keys::new("odds");
         assert_eq!(k.market_channels("M1"), "sp:odds:{m:M1}:m2c");
         assert_eq!(k.market_state("M1"), "sp:odds:{m:M1}:state");

@@ -29,6 +29,10 @@ pub struct Args {
     /// Pipeline name (Redis prefix, default topic names).
     #[arg(long, env = env::PIPELINE, default_value = "streampipe")]
     pub pipeline: String,
+    /// Kubernetes namespace of the pipeline, part of every Redis key (the
+    /// operator sets it; unset, keys are `sp:<pipeline>:...`).
+    #[arg(long, env = env::KEY_NAMESPACE)]
+    pub key_namespace: Option<String>,
     /// Command topic [default: <pipeline>.commands].
     #[arg(long, env = env::COMMAND_TOPIC)]
     pub command_topic: Option<String>,
@@ -77,6 +81,7 @@ impl Args {
             .url_with_password(&self.redis_url)
             .map_err(|e| Error::Config(e.to_string()))?;
         let mut config = Config::new(&self.brokers, &self.pipeline, &redis_url);
+        config.key_namespace = self.key_namespace.clone().filter(|n| !n.is_empty());
         config.redis_cluster = self.redis_cluster;
         config.redis_tls = self.redis_tls.tls();
         if let Some(t) = &self.command_topic {

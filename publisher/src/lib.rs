@@ -52,6 +52,8 @@ pub use metrics::Metrics;
 pub struct Config {
     /// Pipeline name (Redis prefix).
     pub pipeline: String,
+    /// Kubernetes namespace of the pipeline, part of the Redis key prefix.
+    pub key_namespace: Option<String>,
     /// Redis URL (with `redis_cluster`: comma-separated seed node URLs).
     pub redis_url: String,
     /// Redis is a Redis Cluster: sharded topics, one subscription per master.
@@ -88,6 +90,7 @@ impl Config {
     pub fn new(brokers: &str, pipeline: &str, redis_url: &str) -> Self {
         Config {
             pipeline: pipeline.into(),
+            key_namespace: None,
             redis_url: redis_url.into(),
             redis_cluster: false,
             brokers: brokers.into(),
@@ -180,7 +183,7 @@ pub async fn context(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Arc<Context>> {
-    let keys = Keys::new(&config.pipeline);
+    let keys = Keys::scoped(config.key_namespace.as_deref(), &config.pipeline);
     let tls = config
         .redis_tls
         .load(&config.redis_url)

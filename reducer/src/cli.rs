@@ -30,6 +30,10 @@ pub struct Args {
     /// Pipeline name: Redis key prefix and default for topics and group.
     #[arg(long, env = env::PIPELINE, default_value = "streampipe")]
     pub pipeline: String,
+    /// Kubernetes namespace of the pipeline, part of every Redis key (the
+    /// operator sets it; unset, keys are `sp:<pipeline>:...`).
+    #[arg(long, env = env::KEY_NAMESPACE)]
+    pub key_namespace: Option<String>,
     /// Data topic [default: <pipeline>.data].
     #[arg(long, env = env::DATA_TOPIC)]
     pub data_topic: Option<String>,
@@ -88,6 +92,7 @@ impl Args {
             .url_with_password(&self.redis_url)
             .map_err(|e| Error::Config(e.to_string()))?;
         let mut config = Config::new(&self.brokers, &self.pipeline, &redis_url);
+        config.key_namespace = self.key_namespace.clone().filter(|n| !n.is_empty());
         if let Some(t) = &self.data_topic {
             config.data_topic = t.clone();
         }

@@ -102,6 +102,8 @@ pub struct Config {
     pub redis_cluster: bool,
     /// Pipeline name, the Redis key prefix.
     pub pipeline: String,
+    /// Kubernetes namespace of the pipeline, part of the Redis key prefix.
+    pub key_namespace: Option<String>,
     /// Most records per batch.
     pub batch_max_records: usize,
     /// Longest time a record waits in a batch.
@@ -130,6 +132,7 @@ impl Config {
             redis_url: redis_url.into(),
             redis_cluster: false,
             pipeline: pipeline.into(),
+            key_namespace: None,
             batch_max_records: DEFAULT_BATCH_MAX_RECORDS,
             batch_max_delay: DEFAULT_BATCH_MAX_DELAY,
             session_timeout: Duration::from_secs(10),
@@ -819,7 +822,7 @@ impl Runner {
         shutdown: Arc<AtomicBool>,
         health: Arc<Health>,
     ) -> Result<Self> {
-        let keys = Keys::new(&config.pipeline);
+        let keys = Keys::scoped(config.key_namespace.as_deref(), &config.pipeline);
         let tls = config
             .redis_tls
             .load(&config.redis_url)
