@@ -20,6 +20,7 @@ use std::fmt::Debug;
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -338,6 +339,14 @@ pub async fn apply_children(sp: &StreamPipeline, ctx: &Context) -> Result<Report
     let store = stores.as_ref().map(|s| &s.services);
     let desired = builders::publisher_service(sp);
     phase.one(&svcs, store, "Service", "v1", desired).await?;
+
+    let nps: Api<NetworkPolicy> = Api::namespaced(client.clone(), &ns);
+    let store = stores.as_ref().map(|s| &s.network_policies);
+    for role in [Role::Reducer, Role::Publisher] {
+        let desired = builders::network_policy(sp, role);
+        let (kind, version) = ("NetworkPolicy", "networking.k8s.io/v1");
+        phase.one(&nps, store, kind, version, desired).await?;
+    }
 
     if ctx.features.pdb {
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);

@@ -429,6 +429,29 @@ pub fn publisher_service(sp: &StreamPipeline) -> Value {
     })
 }
 
+/// The role's NetworkPolicy (`networking.k8s.io/v1`): ingress to the role's
+/// pods only on their HTTP port (publishers: API and streams; reducers:
+/// metrics and probes), from anywhere — nothing else listens, and a port
+/// opened later by mistake stays closed. Egress is left open: the Kafka and
+/// Redis addresses are outside what the operator knows. Policies add up, so
+/// a cluster that needs more (a mesh sidecar port) adds its own.
+pub fn network_policy(sp: &StreamPipeline, role: Role) -> Value {
+    let port = match role {
+        Role::Reducer => REDUCER_PORT,
+        Role::Publisher => PUBLISHER_PORT,
+    };
+    json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(sp, child_name(sp, role), Some(role)),
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(sp, role)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"ports": [{"protocol": "TCP", "port": port}]}],
+        },
+    })
+}
+
 /// The publishers' PodDisruptionBudget (`policy/v1`): a voluntary eviction
 /// takes at most one publisher at a time, so browsers reconnect gradually.
 pub fn publisher_pdb(sp: &StreamPipeline) -> Value {
@@ -565,6 +588,27 @@ pub(crate) mod tests {
             container(&d)["resources"],
             json!({"limits": {"memory": "1Gi"}})
         );
+    }
+
+    #[test]
+    fn network_policies_admit_only_the_http_port() {
+        for (role, port) in [
+            (Role::Reducer, REDUCER_PORT),
+            (Role::Publisher, PUBLISHER_PORT),
+        ] {
+            let np = network_policy(&sample(), role);
+            assert_eq!(np["metadata"]["name"], child_name(&sample(), role));
+            assert_eq!(
+                np["spec"]["podSelector"]["matchLabels"],
+                json!(selector_labels(&sample(), role))
+            );
+            assert_eq!(np["spec"]["policyTypes"], json!(["Ingress"]));
+            assert_eq!(
+                np["spec"]["ingress"],
+                json!([{"ports": [{"protocol": "TCP", "port": port}]}])
+            );
+            assert!(np["metadata"]["ownerReferences"].is_array());
+        }
     }
 
     #[test]

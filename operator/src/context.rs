@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::runtime::events::{EventType, Reporter};
 use kube::runtime::reflector::Store;
@@ -35,6 +36,8 @@ pub struct ChildStores {
     pub config_maps: Store<ConfigMap>,
     /// Services.
     pub services: Store<Service>,
+    /// NetworkPolicies.
+    pub network_policies: Store<NetworkPolicy>,
     /// PodDisruptionBudgets (when served).
     pub pdbs: Option<Store<PodDisruptionBudget>>,
 }

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -437,10 +438,12 @@ fn controller_for(
     let (deployments, dep_stream) = children::<Deployment>(&client, namespace);
     let (config_maps, cm_stream) = children::<ConfigMap>(&client, namespace);
     let (services, svc_stream) = children::<Service>(&client, namespace);
+    let (network_policies, np_stream) = children::<NetworkPolicy>(&client, namespace);
     let mut controller = Controller::new(pipelines, watcher::Config::default())
         .watches_stream(dep_stream, |d| pipelines_of(&d))
         .watches_stream(cm_stream, |c| pipelines_of(&c))
-        .watches_stream(svc_stream, |s| pipelines_of(&s));
+        .watches_stream(svc_stream, |s| pipelines_of(&s))
+        .watches_stream(np_stream, |n| pipelines_of(&n));
     let mut pdbs = None;
     if ctx.features.pdb {
         let (store, stream) = children::<PodDisruptionBudget>(&client, namespace);
@@ -451,6 +454,7 @@ fn controller_for(
         deployments,
         config_maps,
         services,
+        network_policies,
         pdbs,
     };
     (controller, stores)

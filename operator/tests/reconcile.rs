@@ -17,6 +17,9 @@ const CM: &str = "/api/v1/namespaces/prod/configmaps/odds-config";
 const REDUCER: &str = "/apis/apps/v1/namespaces/prod/deployments/odds-reducer";
 const PUBLISHER: &str = "/apis/apps/v1/namespaces/prod/deployments/odds-publisher";
 const SVC: &str = "/api/v1/namespaces/prod/services/odds-publisher";
+const NP_REDUCER: &str = "/apis/networking.k8s.io/v1/namespaces/prod/networkpolicies/odds-reducer";
+const NP_PUBLISHER: &str =
+    "/apis/networking.k8s.io/v1/namespaces/prod/networkpolicies/odds-publisher";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/prod/events";
 
 /// An in-memory API server: objects by path, and a log of requests.
@@ -213,7 +216,7 @@ async fn first_reconcile_applies_children_and_status() {
         .await
         .expect("reconcile");
     let w = fake.writes();
-    for path in [CM, REDUCER, PUBLISHER, SVC] {
+    for path in [CM, REDUCER, PUBLISHER, SVC, NP_REDUCER, NP_PUBLISHER] {
         assert!(patched(&w, path), "{path} applied");
         let obj = fake.get(path).unwrap();
         assert_eq!(
@@ -242,7 +245,7 @@ async fn first_reconcile_applies_children_and_status() {
     let evs = events(&w);
     assert_eq!(
         evs.iter().filter(|e| e["reason"] == "Created").count(),
-        4,
+        6,
         "an Event per created child: {evs:?}"
     );
 }
@@ -733,6 +736,7 @@ where
 async fn children_are_read_from_the_watch_caches_not_with_gets() {
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::{ConfigMap, Service};
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
     use streampipe_operator::context::ChildStores;
     let sp = pipeline(spec(1));
     let ns = sp.metadata.namespace.clone();
@@ -744,6 +748,7 @@ async fn children_are_read_from_the_watch_caches_not_with_gets() {
         deployments: store_of::<Deployment>(&fake, &[REDUCER, PUBLISHER]),
         config_maps: store_of::<ConfigMap>(&fake, &[CM]),
         services: store_of::<Service>(&fake, &[SVC]),
+        network_policies: store_of::<NetworkPolicy>(&fake, &[NP_REDUCER, NP_PUBLISHER]),
         pdbs: None,
     };
     // Caches are per watched namespace: another namespace's are not used.
