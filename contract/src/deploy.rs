@@ -27,6 +27,8 @@ pub mod env {
     /// Kubernetes namespace of the pipeline: part of every Redis key, so
     /// same-named pipelines of two namespaces sharing one Redis stay apart.
     pub const KEY_NAMESPACE: &str = "STREAMPIPE_KEY_NAMESPACE";
+    /// Publisher: the delivery log's Kafka topic (unset or "": no log).
+    pub const DELIVERY_LOG_TOPIC: &str = "STREAMPIPE_DELIVERY_LOG_TOPIC";
     /// Kafka bootstrap servers.
     pub const KAFKA_BROKERS: &str = "STREAMPIPE_KAFKA_BROKERS";
     /// Data topic.

@@ -4,15 +4,18 @@
 //! messages that travel over Kafka and Redis ([`message`]), the Redis key
 //! schema ([`keys`]) and the partitioner that decides which Kafka partition a
 //! market lives on ([`partitioner`]), and the deployment contract
-//! ([`deploy`]): env names, ports and defaults the operator and binaries share. Anything that two components must agree
+//! ([`deploy`]): env names, ports and defaults the operator and binaries share;
+//! and the delivery log's record ([`delivery`]). Anything that two components must agree
 //! on byte for byte lives here and nowhere else.
 
+pub mod delivery;
 pub mod deploy;
 pub mod keys;
 pub mod message;
 pub mod partitioner;
 pub mod slot;
 
+pub use delivery::{decode_delivery, encode_delivery, DeliveryRecord};
 pub use keys::{Keys, Topic};
 pub use message::{
     decode_channel_message, decode_command, decode_published, decode_update, encode_command,

@@ -150,6 +150,9 @@ pub fn config_data(sp: &StreamPipeline) -> BTreeMap<String, String> {
             .unwrap_or_else(|| deploy::default_group(&name)),
     );
     set(names::LOG_FORMAT, "json".into());
+    if let Some(topic) = &k.delivery_log_topic {
+        set(names::DELIVERY_LOG_TOPIC, topic.clone());
+    }
     set(names::REDIS_CLUSTER, sp.spec.redis.cluster.to_string());
     set(
         names::ALLOWED_ORIGINS,
@@ -609,6 +612,17 @@ pub(crate) mod tests {
             );
             assert!(np["metadata"]["ownerReferences"].is_array());
         }
+    }
+
+    #[test]
+    fn the_delivery_log_topic_reaches_the_pods_only_when_set() {
+        assert!(!config_data(&sample()).contains_key(names::DELIVERY_LOG_TOPIC));
+        let mut s = serde_json::to_value(&sample().spec).unwrap();
+        s["kafka"]["deliveryLogTopic"] = json!("odds.delivered");
+        assert_eq!(
+            config_data(&pipeline(s))[names::DELIVERY_LOG_TOPIC],
+            "odds.delivered"
+        );
     }
 
     #[test]

@@ -47,6 +47,12 @@ pub const RULES: &[Rule] = &[
         field: "spec.kafka.deadLetterTopic",
     },
     Rule {
+        at: &["spec"],
+        rule: "!has(self.kafka.deliveryLogTopic) || (self.kafka.deliveryLogTopic != self.kafka.dataTopic && self.kafka.deliveryLogTopic != self.kafka.commandTopic)",
+        message: "spec.kafka.deliveryLogTopic must differ from spec.kafka.dataTopic and commandTopic",
+        field: "spec.kafka.deliveryLogTopic",
+    },
+    Rule {
         at: &["spec", "autoscaling"],
         rule: "self.minReplicas <= self.maxReplicas",
         message: "spec.autoscaling.minReplicas must not be above maxReplicas",
@@ -242,6 +248,24 @@ mod tests {
                 "odds",
                 Box::new(|s| s["kafka"]["deadLetterTopic"] = json!("odds")),
                 &["spec.kafka.deadLetterTopic"],
+            ),
+            (
+                "delivery log into the data",
+                "odds",
+                Box::new(|s| s["kafka"]["deliveryLogTopic"] = json!("odds")),
+                &["spec.kafka.deliveryLogTopic"],
+            ),
+            (
+                "delivery log into the commands",
+                "odds",
+                Box::new(|s| s["kafka"]["deliveryLogTopic"] = json!("odds.commands")),
+                &["spec.kafka.deliveryLogTopic"],
+            ),
+            (
+                "a delivery log of its own",
+                "odds",
+                Box::new(|s| s["kafka"]["deliveryLogTopic"] = json!("odds.delivered")),
+                &[],
             ),
             (
                 "a dead-letter topic of its own",

@@ -204,6 +204,12 @@ pub struct KafkaSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = TOPIC_MAX), regex(pattern = TOPIC_PATTERN))]
     pub dead_letter_topic: Option<String>,
+    /// Delivery log topic: the publishers record every update they hand to
+    /// browsers there (market, version, ts, connections, pod) for audit;
+    /// no log when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = TOPIC_MAX), regex(pattern = TOPIC_PATTERN))]
+    pub delivery_log_topic: Option<String>,
     /// Consumer group of the reducers [default: `<name>.reducers`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 249), regex(pattern = GROUP_PATTERN))]
@@ -567,6 +573,14 @@ pub fn validate(spec: &StreamPipelineSpec) -> Vec<Invalid> {
             field: "spec.kafka.deadLetterTopic",
             message: "must differ from spec.kafka.dataTopic".into(),
         });
+    }
+    if let Some(log) = &spec.kafka.delivery_log_topic {
+        if [&spec.kafka.data_topic, &spec.kafka.command_topic].contains(&log) {
+            out.push(Invalid {
+                field: "spec.kafka.deliveryLogTopic",
+                message: "must differ from spec.kafka.dataTopic and commandTopic".into(),
+            });
+        }
     }
     out.extend(validate_security(spec));
     out

@@ -33,6 +33,10 @@ pub struct Args {
     /// operator sets it; unset, keys are `sp:<pipeline>:...`).
     #[arg(long, env = env::KEY_NAMESPACE)]
     pub key_namespace: Option<String>,
+    /// Kafka topic of the delivery log (a record per update handed to
+    /// browsers, for audit); unset or "": no log.
+    #[arg(long, env = env::DELIVERY_LOG_TOPIC)]
+    pub delivery_log_topic: Option<String>,
     /// Command topic [default: <pipeline>.commands].
     #[arg(long, env = env::COMMAND_TOPIC)]
     pub command_topic: Option<String>,
@@ -82,6 +86,7 @@ impl Args {
             .map_err(|e| Error::Config(e.to_string()))?;
         let mut config = Config::new(&self.brokers, &self.pipeline, &redis_url);
         config.key_namespace = self.key_namespace.clone().filter(|n| !n.is_empty());
+        config.delivery_log_topic = self.delivery_log_topic.clone().filter(|t| !t.is_empty());
         config.redis_cluster = self.redis_cluster;
         config.redis_tls = self.redis_tls.tls();
         if let Some(t) = &self.command_topic {

@@ -34,6 +34,7 @@ use streampipe_contract::{decode_channel_message, peek_update, ChannelMessage, K
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
+use crate::delivery_log::{Delivery, DeliveryLog};
 use crate::error::{Error, Result};
 use crate::ingest::{Ingest, Ingested};
 use crate::metrics::Metrics;
@@ -68,6 +69,8 @@ struct Inner {
     commands: mpsc::Sender<Reconcile>,
     next_id: AtomicU64,
     connected: watch::Sender<bool>,
+    /// The delivery log, when the pipeline keeps one.
+    delivery_log: Option<DeliveryLog>,
     /// Channels with a refresh queued but not started: a burst of `markets`
     /// messages for one channel costs one refresh, not one task each.
     refreshing: Mutex<HashSet<Arc<str>>>,
@@ -101,12 +104,14 @@ struct Synced {
 }
 
 impl Hub {
-    /// Starts the hub: its Redis task and its dispatcher.
+    /// Starts the hub: its Redis task and its dispatcher (which records into
+    /// `delivery_log`, if given).
     pub fn start(
         target: Target,
         keys: Keys,
         registry: Registry,
         metrics: Arc<Metrics>,
+        delivery_log: Option<DeliveryLog>,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel(HUB_COMMAND_QUEUE);
         let (connected, _) = watch::channel(false);
@@ -120,6 +125,7 @@ impl Hub {
                 commands: tx,
                 next_id: AtomicU64::new(1),
                 connected,
+                delivery_log,
                 refreshing: Mutex::new(HashSet::new()),
             }),
         };
@@ -484,21 +490,38 @@ async fn dispatch(hub: Hub) {
             continue;
         }
         let now = Instant::now();
+        let at = now_ms();
         let (mut conflated, mut duplicates, mut slow) = (0u64, 0u64, 0u64);
         {
             let t = hub.table();
             for item in &batch {
                 m.hub_lag
                     .observe(now.duration_since(item.since).as_secs_f64());
+                // Connections that took this version (queued, or in place
+                // of an older one still waiting): what the log records.
+                let mut handed = 0u32;
                 let n = t.for_each_watcher(&item.update.market, |o| {
                     match o.push_update(&item.update) {
-                        Pushed::Queued | Pushed::Closed => {}
-                        Pushed::Conflated => conflated += 1,
+                        Pushed::Queued => handed += 1,
+                        Pushed::Closed => {}
+                        Pushed::Conflated => {
+                            handed += 1;
+                            conflated += 1
+                        }
                         Pushed::Duplicate => duplicates += 1,
                         Pushed::TooSlow => slow += 1,
                     }
                 });
                 m.fanout.observe(n as f64);
+                if let (Some(log), true) = (&hub.inner.delivery_log, handed > 0) {
+                    log.record(Delivery {
+                        market: item.update.market.clone(),
+                        version: item.update.version,
+                        bytes: item.update.bytes.clone(),
+                        connections: handed,
+                        at,
+                    });
+                }
             }
         }
         m.conflated.inc_by(conflated);

@@ -18,6 +18,7 @@
 pub mod api;
 pub mod cli;
 pub mod commands;
+pub mod delivery_log;
 pub mod error;
 pub mod hub;
 pub mod ingest;
@@ -54,6 +55,8 @@ pub struct Config {
     pub pipeline: String,
     /// Kubernetes namespace of the pipeline, part of the Redis key prefix.
     pub key_namespace: Option<String>,
+    /// Kafka topic of the delivery log; `None`: no log.
+    pub delivery_log_topic: Option<String>,
     /// Redis URL (with `redis_cluster`: comma-separated seed node URLs).
     pub redis_url: String,
     /// Redis is a Redis Cluster: sharded topics, one subscription per master.
@@ -91,6 +94,7 @@ impl Config {
         Config {
             pipeline: pipeline.into(),
             key_namespace: None,
+            delivery_log_topic: None,
             redis_url: redis_url.into(),
             redis_cluster: false,
             brokers: brokers.into(),
@@ -202,7 +206,23 @@ pub async fn context(
         &config.kafka_options,
     )?;
     let target = pubsub::Target::from_url(&config.redis_url, config.redis_cluster, tls.as_ref())?;
-    let hub = hub::Hub::start(target, keys, registry.clone(), metrics.clone())?;
+    let delivery_log = match config.delivery_log_topic.as_deref() {
+        Some(topic) => Some(delivery_log::start(
+            &config.brokers,
+            topic,
+            &config.kafka_security,
+            &config.kafka_options,
+            metrics.clone(),
+        )?),
+        None => None,
+    };
+    let hub = hub::Hub::start(
+        target,
+        keys,
+        registry.clone(),
+        metrics.clone(),
+        delivery_log,
+    )?;
     let ctx = Arc::new(Context {
         config,
         registry,

@@ -41,6 +41,8 @@ pub struct Metrics {
     pub requests: IntCounterVec,
     /// Rejected requests and frames, by reason.
     pub rejected: IntCounterVec,
+    /// Delivery log records, by result (`sent`, `failed`, `dropped`).
+    pub delivery_log: IntCounterVec,
     /// Commands produced to Kafka, by type.
     pub commands: IntCounterVec,
     /// Channels closed because no stream used them for the channel TTL.
@@ -208,6 +210,14 @@ impl Metrics {
                     "streampipe_publisher_rejected_total",
                     "Rejected requests and frames",
                     &["reason"]
+                )
+            ),
+            delivery_log: reg!(
+                r,
+                cv(
+                    "streampipe_publisher_delivery_log_total",
+                    "Delivery log records: sent (acknowledged by the broker), failed, dropped (a full queue)",
+                    &["result"]
                 )
             ),
             channels_expired: reg!(

@@ -462,6 +462,36 @@ impl Pipeline {
         eprintln!("rewind accepted after {:?}", t.elapsed());
     }
 
+    /// Every record value of one partition of `topic` from the start, read
+    /// until nothing new arrived for `quiet`.
+    pub fn read_topic_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        quiet: Duration,
+    ) -> Vec<Vec<u8>> {
+        let c: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.broker.bootstrap())
+            .set("group.id", unique("reader"))
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Beginning)
+            .unwrap();
+        c.assign(&tpl).unwrap();
+        let mut out = Vec::new();
+        let mut last = Instant::now();
+        while last.elapsed() < quiet {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(200)) {
+                out.push(m.payload().unwrap_or_default().to_vec());
+                last = Instant::now();
+            }
+        }
+        out
+    }
+
     /// Reads every record of a topic from the start (for dead-letter checks).
     pub fn read_topic(&self, topic: &str, expect: usize) -> Vec<rdkafka::message::OwnedMessage> {
         let c: BaseConsumer = ClientConfig::new()
