@@ -199,10 +199,7 @@ fn redis_outage_stalls_without_losing_updates() {
     wait_for(Duration::from_secs(30), "v1 stored", || {
         (redis.version(&keys, "O1") == Some(1)).then_some(())
     });
-    assert!(reducer
-        .health
-        .ready
-        .load(std::sync::atomic::Ordering::SeqCst));
+    assert!(reducer.health.is_ready());
 
     let port = redis.port;
     drop(redis);
@@ -213,13 +210,7 @@ fn redis_outage_stalls_without_losing_updates() {
     wait_for(
         Duration::from_secs(30),
         "not ready during the outage",
-        || {
-            (!reducer
-                .health
-                .ready
-                .load(std::sync::atomic::Ordering::SeqCst))
-            .then_some(())
-        },
+        || (!reducer.health.is_ready()).then_some(()),
     );
     std::thread::sleep(Duration::from_secs(2)); // several auto-commit intervals
     let part = partition_for(b"O1", 2) as i32;
@@ -247,15 +238,66 @@ fn redis_outage_stalls_without_losing_updates() {
         || (redis.version(&keys, "O1") == Some(5)).then_some(()),
     );
     wait_for(Duration::from_secs(10), "ready again", || {
-        reducer
-            .health
-            .ready
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then_some(())
+        reducer.health.is_ready().then_some(())
     });
     reducer.shutdown().unwrap();
     assert!(
         p.committed_data_offsets()[&part] > v2_offset,
         "offsets committed after recovery"
     );
+}
+
+/// `/readyz` of a reducer whose partitions are quiet still follows Redis: 503
+/// within a few seconds of Redis going away (no batch ever fails, only the
+/// pinger notices), 200 again soon after it is back.
+#[test]
+fn readiness_follows_redis_without_traffic() {
+    let mut p = Pipeline::new(Broker::Dev, 2);
+    let redis = PrivateRedis::start(free_port());
+    p.config.redis_url = redis.url();
+    let mut r = ReducerProcess::spawn(&p);
+    let addr = r.addr.to_string();
+    let readyz = |want: &str| {
+        try_http_request(&addr, "GET", "/readyz")
+            .ok()
+            .is_some_and(|resp| resp.starts_with(want))
+    };
+    wait_for(Duration::from_secs(60), "/readyz 200", || {
+        readyz("HTTP/1.1 200").then_some(())
+    });
+    // Quiet for longer than any batch: nothing but the pinger talks to Redis.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let port = redis.port;
+    let t = Instant::now();
+    drop(redis);
+    wait_for(Duration::from_secs(30), "/readyz 503 without Redis", || {
+        readyz("HTTP/1.1 503").then_some(())
+    });
+    let down = t.elapsed();
+    assert!(
+        down < Duration::from_secs(5),
+        "readiness took {down:?} to notice Redis was gone"
+    );
+    assert_eq!(r.metric("streampipe_reducer_redis_up"), Some(0.0));
+    assert!(
+        http_request(&addr, "GET", "/healthz").starts_with("HTTP/1.1 200"),
+        "a Redis outage is not a reason to restart the reducer"
+    );
+
+    let t = Instant::now();
+    let _redis = PrivateRedis::start(port);
+    wait_for(
+        Duration::from_secs(30),
+        "/readyz 200 with Redis back",
+        || readyz("HTTP/1.1 200").then_some(()),
+    );
+    let up = t.elapsed();
+    assert!(
+        up < Duration::from_secs(5),
+        "readiness took {up:?} to notice Redis was back"
+    );
+    assert_eq!(r.metric("streampipe_reducer_redis_up"), Some(1.0));
+    eprintln!("readiness: 503 after {down:?}, 200 after {up:?}");
+    assert!(r.terminate(), "SIGTERM exits 0");
 }
