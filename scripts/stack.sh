@@ -49,7 +49,11 @@ port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 up() {
     ensure_packages
     mkdir -p "$STACK_DIR"
-    start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' --appendonly no --dir "$STACK_DIR"
+    # AOF, fsynced every second, as production must run it (docs/operations.md,
+    # "Redis durability"): a restarted Redis comes back with its channel and
+    # subscription sets instead of silently empty. No RDB snapshots on top.
+    start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
+        --appendonly yes --appendfsync everysec --dir "$STACK_DIR"
     wait_until "redis" redis-cli -p "$REDIS_PORT" ping
     case " $BROKERS " in *" dev "*)
         [ -x "$BIN_DIR/streampipe-devbroker" ] || ensure_workspace_bins

@@ -20,6 +20,13 @@ pub const REDUCER_HTTP_PORT: u16 = 9090;
 /// Port of the publisher (API, streams, `/metrics`, probes).
 pub const PUBLISHER_HTTP_PORT: u16 = 8080;
 
+/// Seconds a pod gets between SIGTERM and SIGKILL: the operator's
+/// `terminationGracePeriodSeconds` and the default of the reducer's
+/// `--shutdown-grace-seconds`, which ends the process before it (a batch is
+/// milliseconds, a commit and a leave a few round trips when the broker
+/// answers; when it does not, nothing waits for it beyond this).
+pub const TERMINATION_GRACE_SECONDS: u64 = 30;
+
 /// Every environment variable the operator may set on a pod, by name.
 pub mod env {
     /// Pipeline name (Redis key prefix, default topic and group names).
@@ -55,6 +62,8 @@ pub mod env {
     pub const BATCH_MAX_DELAY_MS: &str = "STREAMPIPE_BATCH_MAX_DELAY_MS";
     /// Reducer: consumer group session timeout (ms).
     pub const SESSION_TIMEOUT_MS: &str = "STREAMPIPE_SESSION_TIMEOUT_MS";
+    /// Reducer: seconds from SIGTERM to exit at the latest.
+    pub const SHUTDOWN_GRACE_SECONDS: &str = "STREAMPIPE_SHUTDOWN_GRACE_SECONDS";
     /// Publisher: markets the demo page shows.
     pub const DEMO_MARKETS: &str = "STREAMPIPE_DEMO_MARKETS";
     /// Publisher: idle channel lifetime (s).

@@ -41,9 +41,10 @@ const KEY_FILE: &str = "tls.key";
 pub const SERVICE_PORT: i32 = 80;
 /// UID the containers run as: the distroless `nonroot` user.
 pub const RUN_AS_USER: i64 = 65532;
-/// Seconds a pod gets to finish its batch and leave the group on SIGTERM:
-/// a batch is milliseconds, a commit and a leave a few round trips.
-pub const TERMINATION_GRACE_SECONDS: i64 = 30;
+/// Seconds a pod gets to finish its batch and leave the group on SIGTERM
+/// (the contract's value, which the reducer's shutdown deadline also uses).
+pub const TERMINATION_GRACE_SECONDS: i64 =
+    streampipe_contract::deploy::TERMINATION_GRACE_SECONDS as i64;
 
 /// Which child.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -305,7 +305,17 @@ async fn begin(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, R
         &ctx,
         async {
             check_channel(&id)?;
-            let markets = channel_markets(&ctx, &id).await?;
+            let markets = match channel_markets(&ctx, &id).await {
+                Ok(m) => m,
+                Err(e) => {
+                    // Streams of a vanished channel may still be open on
+                    // some pod: they re-read the registry and close with 4404.
+                    if matches!(e, Error::Invalid { .. }) {
+                        ctx.registry.notify_markets_changed(&id).await?;
+                    }
+                    return Err(e);
+                }
+            };
             take_tokens(&ctx, markets.len())?;
             // The streams of the channel already receive its markets' topics
             // (they joined before this call), so replaying the stored state

@@ -245,12 +245,20 @@ impl Hub {
     /// their current state is read and queued for the connection. The read
     /// happens after Redis confirmed the market topics, so nothing newer can
     /// fall between the state and the live updates. Returns the states queued.
+    ///
+    /// A channel that no longer exists (closed meanwhile, or its registry
+    /// lost) closes the connection with 4404 and is a 404 `unknown_channel`:
+    /// a stream must never stay open silently receiving nothing.
     pub async fn begin(&self, channel: &str, outbox: &Outbox) -> Result<usize> {
         let markets = match self.sync(channel).await? {
             Some(Synced {
                 markets: Some(m), ..
             }) => m,
-            _ => return Ok(0),
+            Some(Synced { markets: None, .. }) => {
+                outbox.close(4404, "unknown channel");
+                return Err(unknown_channel());
+            }
+            None => return Ok(0),
         };
         let states = self.inner.registry.states(&markets).await?;
         let mut queued = 0;
@@ -269,6 +277,13 @@ impl Hub {
             .unwrap_or_else(|p| p.into_inner())
             .remove(channel);
         let added = match self.sync(channel).await {
+            Ok(Some(Synced { markets: None, .. })) => {
+                // The channel is gone (its registry lost, not closed: a
+                // close says `closed`): its streams here would wait forever.
+                self.table()
+                    .for_each_member(channel, |o| o.close(4404, "unknown channel"));
+                return;
+            }
             Ok(Some(s)) => s.added,
             Ok(None) => return,
             Err(e) => {

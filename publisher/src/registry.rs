@@ -147,6 +147,12 @@ impl Registry {
     }
 
     /// The markets of a channel; `None` when the channel is unknown.
+    ///
+    /// A channel exists from its creation until it is closed (`DELETE` or the
+    /// janitor), markets or not: Redis deletes an emptied set, so a channel
+    /// whose last market was removed is recognised by its entry in the
+    /// janitor's set, which only a close removes. It answers `Some([])` and
+    /// can still be closed, streamed, begun and given markets again.
     pub async fn markets(&self, channel: &str) -> Result<Option<Vec<String>>> {
         let mut c = self.conn.clone();
         let mut v: Vec<String> = redis::cmd("SMEMBERS")
@@ -154,7 +160,12 @@ impl Registry {
             .query_async(&mut c)
             .await?;
         if v.is_empty() {
-            return Ok(None);
+            let lease: Option<f64> = redis::cmd("ZSCORE")
+                .arg(self.keys.channel_leases())
+                .arg(channel)
+                .query_async(&mut c)
+                .await?;
+            return Ok(lease.map(|_| Vec::new()));
         }
         v.sort();
         Ok(Some(v))

@@ -11,6 +11,12 @@ use streampipe_contract::deploy::{env, parse_kafka_option, KafkaSecurityArgs, Re
 use crate::consumer::{Config, DEFAULT_BATCH_MAX_DELAY, DEFAULT_BATCH_MAX_RECORDS};
 use crate::error::{Error, Result};
 
+/// How much earlier than the grace period the reducer gives up on a clean
+/// shutdown and exits: covers the delay between the kubelet's SIGTERM and
+/// ours and the process teardown, so the exit is ours (logged) and not the
+/// kubelet's SIGKILL.
+pub const SHUTDOWN_EXIT_MARGIN: Duration = Duration::from_secs(2);
+
 /// Default listen address of the HTTP endpoints (port
 /// [`streampipe_contract::deploy::REDUCER_HTTP_PORT`], checked by a test).
 const DEFAULT_LISTEN: &str = "0.0.0.0:9090";
@@ -69,6 +75,13 @@ pub struct Args {
     /// Consumer group session timeout in milliseconds.
     #[arg(long, env = env::SESSION_TIMEOUT_MS, default_value_t = 10_000)]
     pub session_timeout_ms: u64,
+    /// Seconds from SIGTERM to exit at the latest, whatever the broker's
+    /// state: the pod's terminationGracePeriodSeconds (the reducer gives up
+    /// on the clean leave 2 s before it; offsets not committed by then are
+    /// redelivered, which the version guard makes harmless).
+    #[arg(long, env = env::SHUTDOWN_GRACE_SECONDS,
+        default_value_t = streampipe_contract::deploy::TERMINATION_GRACE_SECONDS)]
+    pub shutdown_grace_seconds: u64,
     /// Extra librdkafka property for tuning, `key=value` (repeatable; comma-separated in
     /// the variable). Security settings are refused here: they have their own flags.
     #[arg(long = "kafka-option", env = env::KAFKA_OPTIONS, value_delimiter = ',', value_parser = parse_kafka_option)]
@@ -85,6 +98,14 @@ pub struct Args {
 }
 
 impl Args {
+    /// How long after SIGTERM the reducer exits at the latest: the grace
+    /// period less [`SHUTDOWN_EXIT_MARGIN`] (half of it when it is shorter
+    /// than twice the margin).
+    pub fn shutdown_deadline(&self) -> Duration {
+        let grace = Duration::from_secs(self.shutdown_grace_seconds);
+        grace.saturating_sub(SHUTDOWN_EXIT_MARGIN).max(grace / 2)
+    }
+
     /// The reducer configuration these flags describe.
     pub fn config(&self) -> Result<Config> {
         let redis_url = self
@@ -129,6 +150,20 @@ mod tests {
             ":{}",
             streampipe_contract::deploy::REDUCER_HTTP_PORT
         )));
+    }
+
+    #[test]
+    fn shutdown_deadline_ends_before_the_grace_period() {
+        let a = Args::try_parse_from(["reducer"]).unwrap();
+        assert_eq!(
+            a.shutdown_grace_seconds,
+            streampipe_contract::deploy::TERMINATION_GRACE_SECONDS
+        );
+        assert_eq!(a.shutdown_deadline(), Duration::from_secs(28));
+        let a = Args::try_parse_from(["reducer", "--shutdown-grace-seconds", "2"]).unwrap();
+        assert_eq!(a.shutdown_deadline(), Duration::from_secs(1));
+        let a = Args::try_parse_from(["reducer", "--shutdown-grace-seconds", "0"]).unwrap();
+        assert_eq!(a.shutdown_deadline(), Duration::ZERO);
     }
 
     #[test]

@@ -34,8 +34,9 @@ use tracing::{debug, error, info, warn};
 
 use crate::core::{Core, Effect, Event, Record, TopicKind};
 use crate::error::{Error, Result};
+use crate::health::{Health, Pinger, REDIS_PING_TIMEOUT};
 use crate::metrics::Metrics;
-use crate::store::RedisStore;
+use crate::store::{RedisStore, REDIS_TIMEOUT};
 use crate::writer::{Done, Job, Writer, RETRY_BACKOFF_MAX, RETRY_BACKOFF_MIN, SHUTDOWN_RETRIES};
 
 /// Default most records per batch: large enough to amortise a Redis round
@@ -160,15 +161,6 @@ impl Config {
         }
         Ok(c)
     }
-}
-
-/// Liveness and readiness, shared with the HTTP endpoints.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// The consumer thread is running.
-    pub alive: AtomicBool,
-    /// Redis answered the last round trip and the consumer is subscribed.
-    pub ready: AtomicBool,
 }
 
 /// A running reducer: its consumer thread and how to stop it.
@@ -453,6 +445,7 @@ impl Inner {
                         markets = subscriptions.len(),
                         "subscriptions loaded"
                     );
+                    self.health.set_redis(true, &self.metrics);
                     let mut announces = Vec::new();
                     self.core.apply(
                         Event::Assigned {
@@ -471,7 +464,7 @@ impl Inner {
                         .load_seconds
                         .with_label_values(&["error"])
                         .observe(t.elapsed().as_secs_f64());
-                    self.health.ready.store(false, Ordering::SeqCst);
+                    self.health.set_redis(false, &self.metrics);
                     warn!(partition, error = %e, attempts, "loading subscriptions failed; retrying");
                     if !self.backoff(&mut backoff, attempts) {
                         // Shutting down: own the partition with what we have
@@ -508,7 +501,7 @@ impl Inner {
                     Err(e) => {
                         attempts += 1;
                         self.metrics.redis_errors.inc();
-                        self.health.ready.store(false, Ordering::SeqCst);
+                        self.health.set_redis(false, &self.metrics);
                         warn!(partition, error = %e, attempts, "announcing watched markets failed; retrying");
                         if !self.backoff(&mut backoff, attempts) {
                             // Shutting down: the partition is about to go, and
@@ -810,6 +803,8 @@ impl Inner {
 /// Owns the consumer and runs the poll loop.
 struct Runner {
     consumer: BaseConsumer<ReducerContext>,
+    /// Keeps readiness true to Redis while no data flows; stops with the runner.
+    _pinger: Pinger,
     inner: Arc<Mutex<Inner>>,
     health: Arc<Health>,
     shutdown: Arc<AtomicBool>,
@@ -827,16 +822,24 @@ impl Runner {
             .redis_tls
             .load(&config.redis_url)
             .map_err(|e| Error::Config(e.to_string()))?;
-        let open = |keys: Keys| {
-            if config.redis_cluster {
-                RedisStore::new_cluster_tls(&config.redis_url, keys, tls.as_ref())
-            } else {
-                RedisStore::new_tls(&config.redis_url, keys, tls.as_ref())
-            }
+        let open = |keys: Keys, timeout| {
+            RedisStore::open(
+                &config.redis_url,
+                config.redis_cluster,
+                keys,
+                tls.as_ref(),
+                timeout,
+            )
         };
-        let loader = open(keys.clone())?;
+        let loader = open(keys.clone(), REDIS_TIMEOUT)?;
+        let pinger = Pinger::start(
+            open(keys.clone(), REDIS_PING_TIMEOUT)?,
+            health.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )?;
         let writer = Writer::start(
-            open(keys)?,
+            open(keys, REDIS_TIMEOUT)?,
             metrics.clone(),
             health.clone(),
             shutdown.clone(),
@@ -924,6 +927,7 @@ impl Runner {
         );
         Ok(Runner {
             consumer,
+            _pinger: pinger,
             inner,
             health,
             shutdown,
@@ -944,6 +948,7 @@ impl Runner {
                     return Err(e);
                 }
             }
+            inner.health.set_redis(true, &inner.metrics);
             inner.health.ready.store(true, Ordering::SeqCst);
         }
         while !self.shutdown.load(Ordering::SeqCst) {

@@ -1,6 +1,7 @@
 //! The reducer's HTTP endpoints: `/metrics` (Prometheus text), `/healthz`
-//! (the consumer thread is alive) and `/readyz` (Redis answers and the
-//! consumer is subscribed).
+//! (the consumer thread is alive) and `/readyz` (the consumer is subscribed
+//! and Redis answered the last round trip, at most a ping interval ago; see
+//! [`crate::health`]).
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -9,7 +10,7 @@ use std::sync::Arc;
 use warp::http::StatusCode;
 use warp::Filter;
 
-use crate::consumer::Health;
+use crate::health::Health;
 use crate::metrics::Metrics;
 
 /// The filters of the three endpoints.
@@ -28,9 +29,9 @@ pub fn routes(
     let healthz = warp::path!("healthz")
         .and(warp::get())
         .map(move || status(h.alive.load(Ordering::SeqCst)));
-    let readyz = warp::path!("readyz").and(warp::get()).map(move || {
-        status(health.alive.load(Ordering::SeqCst) && health.ready.load(Ordering::SeqCst))
-    });
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .map(move || status(health.is_ready()));
     m.or(healthz).or(readyz)
 }
 

@@ -8,6 +8,7 @@
 //! - [`store`]: the Redis adapter that carries out effects.
 //! - [`consumer`]: the Kafka adapter (poll loop, batching, rebalances).
 //! - [`writer`]: the thread that executes batches in Redis, in order.
+//! - [`health`]: liveness, readiness and the Redis pinger behind it.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`cli`]: flags and environment (names from the deployment contract).
 
@@ -15,11 +16,13 @@ pub mod cli;
 pub mod consumer;
 pub mod core;
 pub mod error;
+pub mod health;
 pub mod http;
 pub mod metrics;
 pub mod store;
 pub mod writer;
 
-pub use consumer::{spawn, Config, Health, ReducerHandle};
+pub use consumer::{spawn, Config, ReducerHandle};
 pub use error::{Error, Result};
+pub use health::Health;
 pub use metrics::Metrics;

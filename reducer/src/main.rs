@@ -9,6 +9,10 @@ use clap::Parser;
 use streampipe_reducer::cli::Args;
 use streampipe_reducer::{http, spawn, Metrics};
 
+/// Exit status when the shutdown deadline cut the clean stop short: not 0,
+/// so the abnormal end shows in the pod's status, and not a signal's.
+const SHUTDOWN_TIMED_OUT_EXIT_CODE: i32 = 3;
+
 fn init_tracing(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -61,8 +65,24 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
-    tracing::info!("stopping");
-    let res = tokio::task::spawn_blocking(move || reducer.shutdown()).await?;
+    // A clean stop (last batch, commit, leave) needs the broker; an
+    // unreachable one can hold librdkafka's commit and close for minutes.
+    // Nothing is lost by not waiting: offsets are stored only for batches
+    // Redis has, so whatever is not committed is redelivered.
+    let deadline = args.shutdown_deadline();
+    tracing::info!(?deadline, "stopping");
+    let stopping = tokio::task::spawn_blocking(move || reducer.shutdown());
+    let res = match tokio::time::timeout(deadline, stopping).await {
+        Ok(res) => res?,
+        Err(_) => {
+            tracing::error!(
+                ?deadline,
+                "clean shutdown did not finish in time (is the broker reachable?); \
+                 exiting now: offsets not committed are redelivered"
+            );
+            std::process::exit(SHUTDOWN_TIMED_OUT_EXIT_CODE);
+        }
+    };
     let _ = stop_http.send(());
     res.context("reducer")?;
     Ok(())

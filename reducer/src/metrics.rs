@@ -37,6 +37,9 @@ pub struct Metrics {
     /// Batches a Redis Cluster master accepted without a replica
     /// acknowledging them in time (counted per master).
     pub redis_unreplicated: IntCounter,
+    /// 1 while the last Redis round trip (readiness ping, batch or load)
+    /// succeeded, else 0.
+    pub redis_up: IntGauge,
     /// Rebalance events, by kind (`assign` / `revoke`).
     pub rebalances: IntCounterVec,
     /// Consumer lag per topic partition, from librdkafka statistics.
@@ -167,6 +170,11 @@ impl Metrics {
                 &r,
                 "streampipe_reducer_redis_unreplicated_total",
                 "Batches a cluster master accepted without a replica acknowledging (per master)",
+            ),
+            redis_up: gauge(
+                &r,
+                "streampipe_reducer_redis_up",
+                "1 while the last Redis round trip succeeded",
             ),
             rebalances: counter_vec(
                 &r,

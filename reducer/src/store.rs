@@ -149,6 +149,9 @@ impl Conn {
 /// A Redis connection plus the pipeline's key schema and scripts.
 pub struct RedisStore {
     backend: Backend,
+    /// Connect and I/O timeout of a single Redis' connection (a cluster
+    /// client carries its own, set when it is built).
+    timeout: Duration,
     conn: Option<Conn>,
     keys: Keys,
     publish: PublishCommand,
@@ -173,11 +176,30 @@ impl RedisStore {
     /// Opens a store on a `rediss://` URL with these CAs and client
     /// certificate (`None`: a plain URL, or TLS with the system's CAs).
     pub fn new_tls(url: &str, keys: Keys, tls: Option<&RedisTlsPem>) -> Result<Self> {
+        Self::open(url, false, keys, tls, REDIS_TIMEOUT)
+    }
+
+    /// Opens a store on one Redis or (`cluster`) a Redis Cluster seed list,
+    /// whose connects and replies time out after `timeout`.
+    pub fn open(
+        url: &str,
+        cluster: bool,
+        keys: Keys,
+        tls: Option<&RedisTlsPem>,
+        timeout: Duration,
+    ) -> Result<Self> {
+        if cluster {
+            return Self::cluster(url, keys, tls, timeout);
+        }
         let client = match tls {
             Some(t) => Client::build_with_tls(url, certificates(t))?,
             None => Client::open(url)?,
         };
-        Ok(Self::with_backend(Backend::Single(Box::new(client)), keys))
+        Ok(Self::with_backend(
+            Backend::Single(Box::new(client)),
+            keys,
+            timeout,
+        ))
     }
 
     /// Opens a store on a Redis Cluster; `seeds` is a comma-separated list of
@@ -189,25 +211,37 @@ impl RedisStore {
 
     /// [`RedisStore::new_cluster`] over TLS (`rediss://` seeds).
     pub fn new_cluster_tls(seeds: &str, keys: Keys, tls: Option<&RedisTlsPem>) -> Result<Self> {
+        Self::cluster(seeds, keys, tls, REDIS_TIMEOUT)
+    }
+
+    fn cluster(
+        seeds: &str,
+        keys: Keys,
+        tls: Option<&RedisTlsPem>,
+        timeout: Duration,
+    ) -> Result<Self> {
         let nodes: Vec<&str> = seeds
             .split(',')
             .map(str::trim)
             .filter(|s| !s.is_empty())
             .collect();
         let mut builder = ClusterClient::builder(nodes)
-            .connection_timeout(REDIS_TIMEOUT)
-            .response_timeout(REDIS_TIMEOUT);
+            .connection_timeout(timeout)
+            .response_timeout(timeout);
         if let Some(t) = tls {
             builder = builder.certs(certificates(t));
         }
         let client = builder.build()?;
-        Ok(Self::with_backend(Backend::Cluster(Box::new(client)), keys)
-            .with_publish_command(PublishCommand::SPublish))
+        Ok(
+            Self::with_backend(Backend::Cluster(Box::new(client)), keys, timeout)
+                .with_publish_command(PublishCommand::SPublish),
+        )
     }
 
-    fn with_backend(backend: Backend, keys: Keys) -> Self {
+    fn with_backend(backend: Backend, keys: Keys, timeout: Duration) -> Self {
         RedisStore {
             backend,
+            timeout,
             conn: None,
             keys,
             publish: PublishCommand::default(),
@@ -231,9 +265,9 @@ impl RedisStore {
         if self.conn.is_none() {
             let mut c = match &self.backend {
                 Backend::Single(client) => {
-                    let c = client.get_connection_with_timeout(REDIS_TIMEOUT)?;
-                    c.set_read_timeout(Some(REDIS_TIMEOUT))?;
-                    c.set_write_timeout(Some(REDIS_TIMEOUT))?;
+                    let c = client.get_connection_with_timeout(self.timeout)?;
+                    c.set_read_timeout(Some(self.timeout))?;
+                    c.set_write_timeout(Some(self.timeout))?;
                     Conn::Single(c)
                 }
                 Backend::Cluster(client) => {

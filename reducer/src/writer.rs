@@ -16,9 +16,9 @@ use std::time::{Duration, Instant};
 
 use tracing::warn;
 
-use crate::consumer::Health;
 use crate::core::Effect;
 use crate::error::{Error, Result};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::store::{Outcome, RedisStore};
 
@@ -191,7 +191,7 @@ fn execute(
     loop {
         match store.execute(&job.effects) {
             Ok(outcome) => {
-                health.ready.store(true, Ordering::SeqCst);
+                health.set_redis(true, metrics);
                 metrics.flush_seconds.observe(t.elapsed().as_secs_f64());
                 let now = now_ms();
                 for ts in &job.data_timestamps {
@@ -207,7 +207,7 @@ fn execute(
             Err(error) => {
                 attempts += 1;
                 metrics.redis_errors.inc();
-                health.ready.store(false, Ordering::SeqCst);
+                health.set_redis(false, metrics);
                 warn!(%error, attempts, effects = job.effects.len(), "redis write failed; retrying");
                 if shutdown.load(Ordering::SeqCst) && attempts >= SHUTDOWN_RETRIES {
                     return Done::Failed {

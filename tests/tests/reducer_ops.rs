@@ -199,10 +199,7 @@ fn redis_outage_stalls_without_losing_updates() {
     wait_for(Duration::from_secs(30), "v1 stored", || {
         (redis.version(&keys, "O1") == Some(1)).then_some(())
     });
-    assert!(reducer
-        .health
-        .ready
-        .load(std::sync::atomic::Ordering::SeqCst));
+    assert!(reducer.health.is_ready());
 
     let port = redis.port;
     drop(redis);
@@ -213,13 +210,7 @@ fn redis_outage_stalls_without_losing_updates() {
     wait_for(
         Duration::from_secs(30),
         "not ready during the outage",
-        || {
-            (!reducer
-                .health
-                .ready
-                .load(std::sync::atomic::Ordering::SeqCst))
-            .then_some(())
-        },
+        || (!reducer.health.is_ready()).then_some(()),
     );
     std::thread::sleep(Duration::from_secs(2)); // several auto-commit intervals
     let part = partition_for(b"O1", 2) as i32;
@@ -247,15 +238,190 @@ fn redis_outage_stalls_without_losing_updates() {
         || (redis.version(&keys, "O1") == Some(5)).then_some(()),
     );
     wait_for(Duration::from_secs(10), "ready again", || {
-        reducer
-            .health
-            .ready
-            .load(std::sync::atomic::Ordering::SeqCst)
-            .then_some(())
+        reducer.health.is_ready().then_some(())
     });
     reducer.shutdown().unwrap();
     assert!(
         p.committed_data_offsets()[&part] > v2_offset,
         "offsets committed after recovery"
+    );
+}
+
+/// `/readyz` of a reducer whose partitions are quiet still follows Redis: 503
+/// within a few seconds of Redis going away (no batch ever fails, only the
+/// pinger notices), 200 again soon after it is back.
+#[test]
+fn readiness_follows_redis_without_traffic() {
+    let mut p = Pipeline::new(Broker::Dev, 2);
+    let redis = PrivateRedis::start(free_port());
+    p.config.redis_url = redis.url();
+    let mut r = ReducerProcess::spawn(&p);
+    let addr = r.addr.to_string();
+    let readyz = |want: &str| {
+        try_http_request(&addr, "GET", "/readyz")
+            .ok()
+            .is_some_and(|resp| resp.starts_with(want))
+    };
+    wait_for(Duration::from_secs(60), "/readyz 200", || {
+        readyz("HTTP/1.1 200").then_some(())
+    });
+    // Quiet for longer than any batch: nothing but the pinger talks to Redis.
+    std::thread::sleep(Duration::from_secs(2));
+
+    let port = redis.port;
+    let t = Instant::now();
+    drop(redis);
+    wait_for(Duration::from_secs(30), "/readyz 503 without Redis", || {
+        readyz("HTTP/1.1 503").then_some(())
+    });
+    let down = t.elapsed();
+    assert!(
+        down < Duration::from_secs(5),
+        "readiness took {down:?} to notice Redis was gone"
+    );
+    assert_eq!(r.metric("streampipe_reducer_redis_up"), Some(0.0));
+    assert!(
+        http_request(&addr, "GET", "/healthz").starts_with("HTTP/1.1 200"),
+        "a Redis outage is not a reason to restart the reducer"
+    );
+
+    let t = Instant::now();
+    let _redis = PrivateRedis::start(port);
+    wait_for(
+        Duration::from_secs(30),
+        "/readyz 200 with Redis back",
+        || readyz("HTTP/1.1 200").then_some(()),
+    );
+    let up = t.elapsed();
+    assert!(
+        up < Duration::from_secs(5),
+        "readiness took {up:?} to notice Redis was back"
+    );
+    assert_eq!(r.metric("streampipe_reducer_redis_up"), Some(1.0));
+    eprintln!("readiness: 503 after {down:?}, 200 after {up:?}");
+    assert!(r.terminate(), "SIGTERM exits 0");
+}
+
+/// A dev broker of the test's own (the stack's is shared by every test), so
+/// the test can `kill -9` it.
+struct PrivateDevBroker {
+    child: std::process::Child,
+    bootstrap: String,
+}
+
+impl PrivateDevBroker {
+    fn start(topics: &[(&str, i32)]) -> Self {
+        let bootstrap = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(workspace_bin("streampipe-devbroker"));
+        cmd.arg("--listen")
+            .arg(&bootstrap)
+            .arg("--admin")
+            .arg(&admin);
+        for (name, parts) in topics {
+            cmd.arg("--topic").arg(format!("{name}:{parts}"));
+        }
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn devbroker");
+        wait_for(Duration::from_secs(20), "private dev broker", || {
+            try_http_request(&admin, "GET", "/healthz")
+                .ok()?
+                .starts_with("HTTP/1.1 200")
+                .then_some(())
+        });
+        PrivateDevBroker { child, bootstrap }
+    }
+}
+
+impl Drop for PrivateDevBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// SIGTERM ends a reducer within its grace period even when its broker died
+/// (`kill -9`) under it: the clean leave cannot reach the broker, and the
+/// reducer gives up on it before the grace period ends (a kubelet would
+/// SIGKILL it then). Without the deadline this run took 12.9 s (the
+/// issue's, with more in flight, more than 50 s).
+#[test]
+fn sigterm_with_the_broker_dead_exits_within_the_grace_period() {
+    const GRACE_SECONDS: u64 = 6;
+    let name = unique("tdead");
+    let (data, commands) = (format!("{name}.data"), format!("{name}.commands"));
+    let mut broker = PrivateDevBroker::start(&[(&data, 2), (&commands, 2)]);
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let child = Command::new(workspace_bin("streampipe-reducer"))
+        .args(["--brokers", &broker.bootstrap, "--pipeline", &name])
+        .args(["--redis-url", &streampipe_tests::redis_url()])
+        .args(["--listen", &addr, "--session-timeout-ms", "6000"])
+        .args(["--dead-letter-topic", ""])
+        .args(["--shutdown-grace-seconds", &GRACE_SECONDS.to_string()])
+        .args(["--log-format", "text"])
+        .env("RUST_LOG", "warn")
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn reducer");
+    let mut r = ReducerProcess {
+        child,
+        addr: addr.parse().unwrap(),
+    };
+    wait_for(
+        Duration::from_secs(60),
+        "the reducer owns both partitions",
+        || (r.metric("streampipe_reducer_owned_partitions")? == 2.0).then_some(()),
+    );
+    // Records processed, so there are stored offsets to commit on the way out.
+    let producer: rdkafka::producer::BaseProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &broker.bootstrap)
+        .create()
+        .unwrap();
+    for i in 0..20u64 {
+        let value = format!(
+            r#"{{"v":1,"market":"D{i}","version":1,"ts":{},"payload":1}}"#,
+            streampipe_tests::now_ms()
+        );
+        let key = format!("D{i}");
+        producer
+            .send(
+                rdkafka::producer::BaseRecord::to(&data)
+                    .key(&key)
+                    .payload(&value),
+            )
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    rdkafka::producer::Producer::flush(&producer, Duration::from_secs(10)).unwrap();
+    wait_for(Duration::from_secs(30), "the records are in Redis", || {
+        (r.metric("streampipe_reducer_updates_applied_total")? == 20.0).then_some(())
+    });
+
+    broker.child.kill().unwrap();
+    broker.child.wait().unwrap();
+    std::thread::sleep(Duration::from_secs(1)); // the client notices the dead broker
+    let t = Instant::now();
+    Command::new("kill")
+        .args(["-TERM", &r.child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = wait_for(
+        Duration::from_secs(60),
+        "the reducer exits after SIGTERM",
+        || r.child.try_wait().unwrap(),
+    );
+    let took = t.elapsed();
+    eprintln!("SIGTERM with the broker dead: exited {status} after {took:?}");
+    assert!(
+        took < Duration::from_secs(GRACE_SECONDS),
+        "exited after {took:?}, beyond the {GRACE_SECONDS} s grace period"
+    );
+    assert!(
+        status.code().is_some(),
+        "the reducer exited by itself, not by a signal: {status}"
     );
 }
