@@ -1,0 +1,51 @@
+//! Replays the lag-threshold and drain-time autoscaling policies over the
+//! same synthetic traces (burst, steady ramp, restart spike, saturated
+//! downstream, stuck partition) against the simulated consumer group of
+//! `streampipe_operator::replay`, and prints per policy: scale steps
+//! (= rebalances), peak lag, seconds over the drain target.
+//!
+//! `cargo run -p streampipe-operator --example autoscale_replay`
+
+use std::time::Duration;
+
+use streampipe_operator::autoscale::Policy;
+use streampipe_operator::replay::{replay, traces, REBALANCE};
+
+/// The drain target both policies are judged against (the CRD default).
+const TARGET: Duration = Duration::from_secs(60);
+/// The operator's poll interval (the CRD default).
+const POLL: Duration = Duration::from_secs(10);
+
+fn main() {
+    // The CRD defaults, with a partition-count cap of 8 from the traces.
+    let lag = Policy {
+        min_replicas: 1,
+        max_replicas: 10,
+        lag_threshold: 1000,
+        activation_lag_threshold: 0,
+        scale_up_window: Duration::ZERO,
+        scale_down_window: Duration::from_secs(300),
+        even_spread: false,
+        drain_target: None,
+    };
+    let drain = Policy {
+        drain_target: Some(TARGET),
+        ..lag
+    };
+    println!(
+        "8 partitions, 500 records/s per reducer, 20 min per trace, poll {} s, rebalance pause {REBALANCE} s, drain target {} s",
+        POLL.as_secs(),
+        TARGET.as_secs()
+    );
+    println!("| trace | policy | scale steps | max reducers | peak lag | s over target |");
+    println!("|---|---|---:|---:|---:|---:|");
+    for t in traces() {
+        for (name, p) in [("lag", &lag), ("drainTime", &drain)] {
+            let o = replay(&t, p, POLL, TARGET);
+            println!(
+                "| {} | {name} | {} | {} | {} | {} |",
+                t.name, o.steps, o.max_replicas, o.peak_lag, o.seconds_over
+            );
+        }
+    }
+}
