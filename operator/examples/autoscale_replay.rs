@@ -4,7 +4,8 @@
 //! `streampipe_operator::replay`, and prints per policy: scale steps
 //! (= rebalances), peak lag, seconds over the drain target.
 //!
-//! `cargo run -p streampipe-operator --example autoscale_replay`
+//! `cargo run -p streampipe-operator --example autoscale_replay [-- --show TRACE]`
+//! (`--show` also prints every replica change of that trace, per policy).
 
 use std::time::Duration;
 
@@ -28,6 +29,13 @@ fn main() {
         even_spread: false,
         drain_target: None,
     };
+    // The lag rule tuned for this workload: a threshold above what one
+    // rebalance pause leaves behind at the base rate (so a step does not
+    // trigger the next one).
+    let lag_tuned = Policy {
+        lag_threshold: 5000,
+        ..lag
+    };
     let drain = Policy {
         drain_target: Some(TARGET),
         ..lag
@@ -39,13 +47,38 @@ fn main() {
     );
     println!("| trace | policy | scale steps | max reducers | peak lag | s over target |");
     println!("|---|---|---:|---:|---:|---:|");
+    let args: Vec<String> = std::env::args().collect();
+    let show = args
+        .iter()
+        .position(|a| a == "--show")
+        .and_then(|i| args.get(i + 1));
+    let mut changes = Vec::new();
     for t in traces() {
-        for (name, p) in [("lag", &lag), ("drainTime", &drain)] {
+        for (name, p) in [
+            ("lag", &lag),
+            ("lag 5000", &lag_tuned),
+            ("drainTime", &drain),
+        ] {
             let o = replay(&t, p, POLL, TARGET);
             println!(
                 "| {} | {name} | {} | {} | {} | {} |",
                 t.name, o.steps, o.max_replicas, o.peak_lag, o.seconds_over
             );
+            if show.is_some_and(|s| s == t.name) {
+                let mut last = t.start_replicas;
+                for (at, d) in &o.decisions {
+                    if d.replicas != last {
+                        changes.push(format!(
+                            "{name} t={at}s {last} → {}: {}",
+                            d.replicas, d.reason
+                        ));
+                        last = d.replicas;
+                    }
+                }
+            }
         }
+    }
+    for c in changes {
+        println!("{c}");
     }
 }

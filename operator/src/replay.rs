@@ -24,6 +24,8 @@ use crate::lag::{LagReport, PartitionLag};
 pub const REBALANCE: u32 = 10;
 /// Seconds between offset commits (librdkafka's `auto.commit.interval.ms`).
 pub const COMMIT_EVERY: u32 = 5;
+/// The second within [`COMMIT_EVERY`] at which commits happen.
+const COMMIT_PHASE: u32 = 2;
 
 /// A synthetic workload.
 #[derive(Clone)]
@@ -162,7 +164,9 @@ pub fn replay(trace: &Trace, policy: &Policy, poll: Duration, target: Duration) 
             }
         }
         for p in parts.iter_mut() {
-            if (t + 1) % COMMIT_EVERY == 0 {
+            // Commits out of phase with the polls (which come every 10 s):
+            // a poll sees the 2 s of records consumed since the last commit.
+            if t % COMMIT_EVERY == COMMIT_PHASE {
                 p.committed = p.pos.floor() as i64;
             }
             p.highs.push(p.high);
