@@ -34,6 +34,7 @@ use crate::autoscale::{
     activation_note, below_activation, clamp, clamp_note, lag_estimate, recommend, Autoscaler,
     Decision, Limit, Policy,
 };
+use crate::crd::{POLICY_DRAIN_TIME, POLICY_LAG};
 use crate::lag::LagReport;
 
 /// Samples kept per pipeline: 256 × the poll interval (43 min at the
@@ -522,12 +523,12 @@ pub fn decide(
     let (rec, limit, reason, raw, name) = match policy.drain_target {
         Some(t) => {
             let (n, l, r, raw) = recommend_drain(policy, t, &e, current);
-            (n, l, r, raw, "drainTime")
+            (n, l, r, raw, POLICY_DRAIN_TIME)
         }
         None => {
             let (n, l, r) = recommend(policy, latest.report.partitions, latest.report.total);
             let raw = lag_estimate(policy, latest.report.total);
-            (n, l, r, raw, "lag")
+            (n, l, r, raw, POLICY_LAG)
         }
     };
     let drain_seconds = e.capacity.as_ref().and_then(|c| {

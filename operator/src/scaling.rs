@@ -16,7 +16,7 @@ use serde_json::json;
 use crate::autoscale::{Decision, Observation};
 use crate::builders;
 use crate::context::Context;
-use crate::crd::{AutoscalingSpec, StreamPipeline};
+use crate::crd::{AutoscalingSpec, StreamPipeline, POLICY_DRAIN_TIME};
 use crate::drain::Sample;
 use crate::error::{Error, Result};
 use crate::lag::{read_lag, Uncommitted};
@@ -208,10 +208,13 @@ async fn report_findings(
         return;
     };
     let e = &inputs.estimate;
-    let saturation = match (&decision.limit, &e.saturation) {
-        (crate::autoscale::Limit::Saturated(_), Some(s)) => Some(s.note()),
-        _ => None,
-    };
+    // Per piece of evidence, not per decision it limits: the limit comes
+    // and goes with the lag, the evidence stays for the history's span.
+    let saturation = e
+        .saturation
+        .as_ref()
+        .filter(|_| inputs.policy == POLICY_DRAIN_TIME)
+        .map(|s| s.note());
     if saturation != state.saturation_reported {
         if let Some(note) = &saturation {
             let note = format!("{note} ({})", inputs.note());
