@@ -9,6 +9,10 @@
 //! scale-down the highest recommendation of the scale-down window (default
 //! 300 s). Zero replicas only when `min` is 0 and the lag is below the
 //! activation threshold. When Kafka cannot be read, replicas are held.
+//!
+//! The clamping and the stabilization are shared with the drain-time
+//! policy ([`crate::drain`]), which only computes its raw estimate
+//! differently.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -30,6 +34,8 @@ pub struct Policy {
     pub scale_down_window: Duration,
     /// Round desired replicas up to a divisor of the partition count.
     pub even_spread: bool,
+    /// The drain-time policy's target (`None`: the lag-threshold policy).
+    pub drain_target: Option<Duration>,
 }
 
 /// What Kafka said this poll.
@@ -63,6 +69,31 @@ pub enum Limit {
     KafkaUnavailable,
     /// Held by the stabilization window.
     Stabilizing,
+    /// Not above this many: more reducers did not raise consumption.
+    Saturated(i32),
+    /// Held: the backlog's drain rate is being measured (drain-time policy).
+    Measuring,
+    /// Held: the reducers consumed nothing over the last poll (restarting,
+    /// rebalancing); more of them would not help.
+    NoProgress,
+}
+
+impl Limit {
+    /// The `ScalingLimited` condition reason (and `status.autoscalingDecision.limit`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Limit::None => "WithinRange",
+            Limit::Partitions(_) => "CappedAtPartitions",
+            Limit::Max(_) => "CappedAtMaxReplicas",
+            Limit::Min(_) => "RaisedToMinReplicas",
+            Limit::BelowActivation => "BelowActivationThreshold",
+            Limit::KafkaUnavailable => "KafkaUnavailable",
+            Limit::Stabilizing => "Stabilizing",
+            Limit::Saturated(_) => "DownstreamSaturated",
+            Limit::Measuring => "MeasuringThroughput",
+            Limit::NoProgress => "NoConsumption",
+        }
+    }
 }
 
 /// One decision.
@@ -76,6 +107,8 @@ pub struct Decision {
     pub limit: Limit,
     /// For people: status message and Event note.
     pub reason: String,
+    /// What it was computed from (absent when Kafka could not be read).
+    pub inputs: Option<crate::drain::Inputs>,
 }
 
 fn ceil_div(a: i64, b: i64) -> i64 {
@@ -86,20 +119,10 @@ fn ceil_div(a: i64, b: i64) -> i64 {
     }
 }
 
-/// The unstabilized recommendation for one observation.
-pub fn recommend(policy: &Policy, partitions: i32, total_lag: i64) -> (i32, Limit, String) {
+/// `raw` clamped in replica space to `[min, min(max, partitions)]` and,
+/// with even spread, rounded up to a divisor of the partition count.
+pub fn clamp(policy: &Policy, partitions: i32, raw: i32) -> (i32, Limit) {
     let cap = policy.max_replicas.min(partitions).max(0);
-    if policy.min_replicas == 0 && total_lag < policy.activation_lag_threshold {
-        return (
-            0,
-            Limit::BelowActivation,
-            format!(
-                "lag {total_lag} below activation threshold {}: scaled to zero",
-                policy.activation_lag_threshold
-            ),
-        );
-    }
-    let raw = ceil_div(total_lag, policy.lag_threshold.max(1)).min(i64::from(i32::MAX)) as i32;
     let floor = policy.min_replicas.min(cap);
     let (mut n, limit) = if raw > cap {
         let l = if cap == partitions && partitions <= policy.max_replicas {
@@ -119,16 +142,56 @@ pub fn recommend(policy: &Policy, partitions: i32, total_lag: i64) -> (i32, Limi
             n = d;
         }
     }
-    let reason = match &limit {
-        Limit::Partitions(p) => {
-            format!("lag {total_lag} wants {raw} reducers: capped at {p} partitions")
-        }
-        Limit::Max(m) => format!("lag {total_lag} wants {raw} reducers: capped at maxReplicas {m}"),
-        Limit::Min(m) => format!("lag {total_lag} wants {raw} reducers: raised to minReplicas {m}"),
-        _ => format!(
+    (n, limit)
+}
+
+/// How a clamp changed the estimate `raw`, for people (empty: not at all).
+pub fn clamp_note(raw: i32, limit: &Limit) -> String {
+    match limit {
+        Limit::Partitions(p) => format!("wants {raw} reducers: capped at {p} partitions"),
+        Limit::Max(m) => format!("wants {raw} reducers: capped at maxReplicas {m}"),
+        Limit::Min(m) => format!("wants {raw} reducers: raised to minReplicas {m}"),
+        _ => String::new(),
+    }
+}
+
+/// Whether `total_lag` keeps a pipeline that may scale to zero at zero.
+pub fn below_activation(policy: &Policy, total_lag: i64) -> bool {
+    policy.min_replicas == 0 && total_lag < policy.activation_lag_threshold
+}
+
+/// The reason of a scale-to-zero.
+pub fn activation_note(policy: &Policy, total_lag: i64) -> String {
+    format!(
+        "lag {total_lag} below activation threshold {}: scaled to zero",
+        policy.activation_lag_threshold
+    )
+}
+
+/// The lag rule's raw estimate: `ceil(total_lag / lag_threshold)`.
+pub fn lag_estimate(policy: &Policy, total_lag: i64) -> i32 {
+    ceil_div(total_lag, policy.lag_threshold.max(1)).min(i64::from(i32::MAX)) as i32
+}
+
+/// The unstabilized recommendation for one observation.
+pub fn recommend(policy: &Policy, partitions: i32, total_lag: i64) -> (i32, Limit, String) {
+    if below_activation(policy, total_lag) {
+        return (
+            0,
+            Limit::BelowActivation,
+            activation_note(policy, total_lag),
+        );
+    }
+    let raw = lag_estimate(policy, total_lag);
+    let (n, limit) = clamp(policy, partitions, raw);
+    let note = clamp_note(raw, &limit);
+    let reason = if note.is_empty() {
+        format!(
             "lag {total_lag} / threshold {} → {n} reducers",
             policy.lag_threshold
-        ),
+        )
+    } else {
+        format!("lag {total_lag} {note}")
     };
     (n, limit, reason)
 }
@@ -156,10 +219,24 @@ impl Autoscaler {
                     recommendation: current,
                     limit: Limit::KafkaUnavailable,
                     reason: format!("Kafka unreachable ({why}): holding {current} replicas"),
+                    inputs: None,
                 }
             }
         };
         let (rec, limit, reason) = recommend(policy, partitions, total);
+        self.stabilize(policy, now, current, partitions, (rec, limit, reason))
+    }
+
+    /// Stabilizes the recommendation `(rec, limit, reason)` of this poll
+    /// (HPA windows) and caps the result at the partition count.
+    pub fn stabilize(
+        &mut self,
+        policy: &Policy,
+        now: Instant,
+        current: i32,
+        partitions: i32,
+        (rec, limit, reason): (i32, Limit, String),
+    ) -> Decision {
         self.history.push_back((now, rec));
         let keep = policy.scale_up_window.max(policy.scale_down_window);
         while self
@@ -210,6 +287,7 @@ impl Autoscaler {
             recommendation: rec,
             limit,
             reason,
+            inputs: None,
         }
     }
 }
@@ -227,6 +305,7 @@ mod tests {
             scale_up_window: Duration::ZERO,
             scale_down_window: Duration::from_secs(300),
             even_spread: false,
+            drain_target: None,
         }
     }
 

@@ -554,13 +554,20 @@ async fn prune_forgotten(
             }
         }
         let keep = |k: &str| kept(k, &live, &unlisted);
-        for gone in ctx.scalers.retain(|k| keep(k)) {
+        for (gone, state) in ctx.scalers.retain(|k| keep(k)) {
             if let Some((ns, name)) = gone.split_once('/') {
                 let _ = ctx.metrics.lag.remove_label_values(&[ns, name]);
                 let _ = ctx
                     .metrics
                     .desired_replicas
                     .remove_label_values(&[ns, name]);
+                for p in state.stuck_reported {
+                    let _ = ctx.metrics.stuck_partition_lag.remove_label_values(&[
+                        ns,
+                        name,
+                        &p.to_string(),
+                    ]);
+                }
             }
         }
         ctx.failures

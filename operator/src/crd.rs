@@ -167,6 +167,30 @@ pub struct AutoscalingSpec {
     #[serde(default = "earliest")]
     #[schemars(regex(pattern = r"^(earliest|latest)$"))]
     pub uncommitted_offset_policy: String,
+    /// How the reducer count is sized: `lag` (`ceil(totalLag /
+    /// lagThreshold)`) or `drainTime` (the fewest reducers that keep up
+    /// with the measured arrivals and drain the backlog within
+    /// `targetDrainSeconds`, from measured throughput; stops at a
+    /// saturated downstream and leaves stuck partitions out).
+    #[serde(default = "lag_policy")]
+    #[schemars(regex(pattern = r"^(lag|drainTime)$"))]
+    pub policy: String,
+    /// `drainTime`: the backlog must be gone within this many seconds.
+    #[serde(default = "sixty")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub target_drain_seconds: u32,
+}
+
+/// `spec.autoscaling.policy` of the lag-threshold rule (the default).
+pub const POLICY_LAG: &str = "lag";
+/// `spec.autoscaling.policy` of the drain-time rule.
+pub const POLICY_DRAIN_TIME: &str = "drainTime";
+
+fn lag_policy() -> String {
+    POLICY_LAG.into()
+}
+fn sixty() -> u32 {
+    60
 }
 
 fn ten() -> i32 {
@@ -473,10 +497,46 @@ pub struct StreamPipelineStatus {
     /// When the autoscaler last changed the replicas (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale_time: Option<String>,
+    /// The autoscaler's last decision and what it was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling_decision: Option<AutoscalingDecision>,
     /// Conditions: Ready, Progressing, Degraded, Conflict, SharedConsumerGroup
-    /// (a warning), and ScalingActive/ScalingLimited with autoscaling.
+    /// (a warning), and ScalingActive/ScalingLimited/PartitionsStuck with
+    /// autoscaling.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+}
+
+/// One autoscaling decision and its inputs (readable in `kubectl describe`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", default)]
+#[schemars(transform = no_defaults)]
+pub struct AutoscalingDecision {
+    /// `lag` or `drainTime`.
+    pub policy: String,
+    /// Lag counted (without stuck partitions).
+    pub lag: i64,
+    /// Records/s arriving (high-watermark deltas over the last minute).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arrival_rate: Option<f64>,
+    /// Records/s consumed (committed-offset deltas at the current replicas).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub consumption_rate: Option<f64>,
+    /// Records/s one reducer consumed while busy (last measurement).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reducer_rate: Option<f64>,
+    /// Seconds the current reducers need to drain the lag.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub drain_seconds: Option<f64>,
+    /// Reducers the policy asked for, before clamping.
+    pub estimate: i32,
+    /// Reducers decided.
+    pub replicas: i32,
+    /// What clamped or held it (the `ScalingLimited` reason).
+    pub limit: String,
+    /// Partitions whose committed offset stays put while they have lag.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub stuck_partitions: Vec<i32>,
 }
 
 /// Replica counts of a role.

@@ -8,7 +8,9 @@
 //!   passes share.
 //! - Phases: [`validate`], [`apply`] (with [`ownership`], [`drift`],
 //!   [`quantity`]), [`status`]; the autoscaler: [`autoscale`] (decision),
-//!   [`plan`] (state and steps), [`scaling`] (its I/O), [`lag`].
+//!   [`drain`] (the drain-time policy over a sample history), [`plan`]
+//!   (state and steps), [`scaling`] (its I/O), [`lag`]; [`replay`] runs a
+//!   policy against a simulated consumer group (tests, benchmark).
 //! - [`sharing`]: pipelines sharing a consumer group (a warning).
 //! - [`scope`]: which namespaces are watched (namespaced by default).
 //! - [`events`], [`metrics`], [`error`].
@@ -20,6 +22,7 @@ pub mod cel;
 pub mod context;
 pub mod controller;
 pub mod crd;
+pub mod drain;
 pub mod drift;
 pub mod error;
 pub mod events;
@@ -28,6 +31,7 @@ pub mod metrics;
 pub mod ownership;
 pub mod plan;
 pub mod quantity;
+pub mod replay;
 pub mod scaling;
 pub mod scope;
 pub mod sharing;

@@ -20,6 +20,8 @@ pub struct Metrics {
     pub lag: prometheus::IntGaugeVec,
     /// Reducers the autoscaler wants.
     pub desired_replicas: prometheus::IntGaugeVec,
+    /// Lag of a stuck partition (committed offset not moving), by partition.
+    pub stuck_partition_lag: prometheus::IntGaugeVec,
 }
 
 impl Default for Metrics {
@@ -84,6 +86,16 @@ impl Metrics {
             &["namespace", "name"],
         )
         .expect("valid");
+        let stuck_partition_lag = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "streampipe_operator_stuck_partition_lag",
+                "Lag of a partition whose committed offset does not move",
+            ),
+            &["namespace", "name", "partition"],
+        )
+        .expect("valid");
+        r.register(Box::new(stuck_partition_lag.clone()))
+            .expect("unique");
         r.register(Box::new(lag.clone())).expect("unique");
         r.register(Box::new(desired_replicas.clone()))
             .expect("unique");
@@ -95,6 +107,7 @@ impl Metrics {
             writes,
             lag,
             desired_replicas,
+            stuck_partition_lag,
         }
     }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::autoscale::{Autoscaler, Decision, Policy};
 use crate::crd::AutoscalingSpec;
+use crate::drain::History;
 use crate::lag::LagReport;
 
 /// Longest pause between Kafka reads while Kafka is unreachable.
@@ -36,6 +37,12 @@ pub struct ScalerState {
     pub last: Option<(Decision, Option<LagReport>)>,
     /// Consecutive failed Kafka reads: the next read backs off.
     pub kafka_failures: u32,
+    /// Recent lag samples (rates, stuck partitions, saturation).
+    pub history: History,
+    /// The saturation last reported (an Event only when it changes).
+    pub saturation_reported: Option<String>,
+    /// Stuck partitions last reported (Events and metric series to clear).
+    pub stuck_reported: Vec<i32>,
 }
 
 /// The autoscaler's view for the status.
@@ -65,14 +72,14 @@ impl Scalers {
             .unwrap_or_default()
     }
 
-    /// Forgets every pipeline `keep` says no to (deleted ones); returns their keys.
-    pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+    /// Forgets every pipeline `keep` says no to (deleted ones); returns
+    /// their keys and last states (metric series to remove).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<(String, ScalerState)> {
         let mut states = self.states.lock().unwrap_or_else(|p| p.into_inner());
         let gone: Vec<String> = states.keys().filter(|k| !keep(k)).cloned().collect();
-        for k in &gone {
-            states.remove(k);
-        }
-        gone
+        gone.into_iter()
+            .filter_map(|k| states.remove(&k).map(|s| (k, s)))
+            .collect()
     }
 
     /// Returns the state of `key`.
@@ -94,6 +101,8 @@ pub fn policy_of(a: &AutoscalingSpec) -> Policy {
         scale_up_window: Duration::from_secs(a.scale_up_stabilization_seconds.into()),
         scale_down_window: Duration::from_secs(a.scale_down_stabilization_seconds.into()),
         even_spread: a.even_partition_spread,
+        drain_target: (a.policy == crate::crd::POLICY_DRAIN_TIME)
+            .then(|| Duration::from_secs(a.target_drain_seconds.max(1).into())),
     }
 }
 
@@ -160,6 +169,7 @@ mod tests {
             recommendation: replicas,
             limit: Limit::None,
             reason: "r".into(),
+            inputs: None,
         }
     }
 
@@ -217,6 +227,11 @@ mod tests {
         assert_eq!(scalers.take("ns/a").kafka_failures, 0, "taken out");
         scalers.put("ns/a".into(), ScalerState::default());
         scalers.put("ns/b".into(), ScalerState::default());
-        assert_eq!(scalers.retain(|k| k == "ns/b"), vec!["ns/a".to_owned()]);
+        let gone: Vec<String> = scalers
+            .retain(|k| k == "ns/b")
+            .into_iter()
+            .map(|(k, _)| k)
+            .collect();
+        assert_eq!(gone, vec!["ns/a".to_owned()]);
     }
 }

@@ -13,10 +13,11 @@ use kube::runtime::events::EventType;
 use kube::ResourceExt;
 use serde_json::json;
 
-use crate::autoscale::Observation;
+use crate::autoscale::{Decision, Observation};
 use crate::builders;
 use crate::context::Context;
-use crate::crd::{AutoscalingSpec, StreamPipeline};
+use crate::crd::{AutoscalingSpec, StreamPipeline, POLICY_DRAIN_TIME};
+use crate::drain::Sample;
 use crate::error::{Error, Result};
 use crate::lag::{read_lag, Uncommitted};
 use crate::plan::{self, ScalerState, Scaling, Step};
@@ -108,13 +109,25 @@ async fn pass(
             Observation::Unavailable(e.clone())
         }
     };
-    let decision = state
-        .scaler
-        .decide(&plan::policy_of(a), Instant::now(), current, &obs);
+    let policy = plan::policy_of(a);
+    let now = Instant::now();
+    let decision = match &report {
+        Ok(r) => {
+            state.history.push(Sample {
+                at: now,
+                replicas: current,
+                report: r.clone(),
+            });
+            crate::drain::decide(&policy, &mut state.scaler, &state.history, now, current)
+        }
+        Err(_) => None,
+    }
+    .unwrap_or_else(|| state.scaler.decide(&policy, now, current, &obs));
     let labels = [ns, name];
     if let Ok(r) = &report {
         ctx.metrics.lag.with_label_values(&labels).set(r.total);
     }
+    report_findings(sp, ctx, ns, name, state, &decision).await;
     ctx.metrics
         .desired_replicas
         .with_label_values(&labels)
@@ -141,12 +154,19 @@ async fn pass(
                 &Patch::Merge(json!({"spec": {"replicas": to}})),
             )
             .await?;
-            let inputs = match &report {
-                Ok(r) => format!(
+            let inputs = match (&report, &decision.inputs) {
+                (Ok(r), Some(i)) => format!(
+                    "{}; total lag {}, max partition lag {}, {} partitions",
+                    i.note(),
+                    r.total,
+                    r.max,
+                    r.partitions
+                ),
+                (Ok(r), None) => format!(
                     "total lag {}, max partition lag {}, {} partitions",
                     r.total, r.max, r.partitions
                 ),
-                Err(e) => e.clone(),
+                (Err(e), _) => e.clone(),
             };
             ctx.event(
                 sp,
@@ -171,4 +191,61 @@ async fn pass(
             last_scale_time: state.last_scale_time.clone(),
         },
     ))
+}
+
+/// Events and the metric for what the history showed: a saturated
+/// downstream (once per new evidence, so a standing limit does not flap)
+/// and stuck partitions (once per partition and offset).
+async fn report_findings(
+    sp: &StreamPipeline,
+    ctx: &Context,
+    ns: &str,
+    name: &str,
+    state: &mut ScalerState,
+    decision: &Decision,
+) {
+    let Some(inputs) = &decision.inputs else {
+        return;
+    };
+    let e = &inputs.estimate;
+    // Per piece of evidence, not per decision it limits: the limit comes
+    // and goes with the lag, the evidence stays for the history's span.
+    let saturation = e
+        .saturation
+        .as_ref()
+        .filter(|_| inputs.policy == POLICY_DRAIN_TIME)
+        .map(|s| s.note());
+    if saturation != state.saturation_reported {
+        if let Some(note) = &saturation {
+            let note = format!("{note} ({})", inputs.note());
+            ctx.event(sp, EventType::Warning, "ScalingLimited", "Autoscale", note)
+                .await;
+        }
+        state.saturation_reported = saturation;
+    }
+    let now: Vec<i32> = e.stuck.iter().map(|s| s.partition).collect();
+    for p in &e.stuck {
+        ctx.metrics
+            .stuck_partition_lag
+            .with_label_values(&[ns, name, &p.partition.to_string()])
+            .set(p.lag);
+        if !state.stuck_reported.contains(&p.partition) {
+            let at = p
+                .committed
+                .map_or("no committed offset".to_owned(), |o| format!("offset {o}"));
+            let note = format!(
+                "partition {} has lag {} but its committed offset has not moved from {at} for {} s while others did; not counted in the replica estimate",
+                p.partition, p.lag, p.seconds
+            );
+            ctx.event(sp, EventType::Warning, "PartitionStuck", "Autoscale", note)
+                .await;
+        }
+    }
+    for p in state.stuck_reported.iter().filter(|p| !now.contains(p)) {
+        let _ = ctx
+            .metrics
+            .stuck_partition_lag
+            .remove_label_values(&[ns, name, &p.to_string()]);
+    }
+    state.stuck_reported = now;
 }

@@ -12,7 +12,7 @@
 use k8s_openapi::api::apps::v1::Deployment;
 
 use crate::autoscale::Limit;
-use crate::crd::{Condition, RoleStatus, StreamPipelineStatus};
+use crate::crd::{AutoscalingDecision, Condition, RoleStatus, StreamPipelineStatus};
 use crate::plan::Scaling;
 use crate::sharing::Sharing;
 
@@ -31,6 +31,8 @@ pub const SHARED_CONSUMER_GROUP: &str = "SharedConsumerGroup";
 pub const SCALING_ACTIVE: &str = "ScalingActive";
 /// See [`READY`].
 pub const SCALING_LIMITED: &str = "ScalingLimited";
+/// A partition's committed offset stays put while it has lag (autoscaler).
+pub const PARTITIONS_STUCK: &str = "PartitionsStuck";
 
 /// The Deployment condition reason that means a rollout stopped progressing.
 pub const PROGRESS_DEADLINE_EXCEEDED: &str = "ProgressDeadlineExceeded";
@@ -184,19 +186,62 @@ pub fn scaling_conditions(
 ) -> Vec<Condition> {
     let d = &s.decision;
     let active = d.limit != Limit::KafkaUnavailable;
-    let (limited, reason) = match d.limit {
-        Limit::None => (false, "WithinRange"),
-        Limit::Partitions(_) => (true, "CappedAtPartitions"),
-        Limit::Max(_) => (true, "CappedAtMaxReplicas"),
-        Limit::Min(_) => (true, "RaisedToMinReplicas"),
-        Limit::BelowActivation => (true, "BelowActivationThreshold"),
-        Limit::KafkaUnavailable => (true, "KafkaUnavailable"),
-        Limit::Stabilizing => (true, "Stabilizing"),
-    };
+    let (limited, reason) = (d.limit != Limit::None, d.limit.reason());
     let active_reason = if active {
         "LagRead"
     } else {
         "KafkaUnavailable"
+    };
+    let stuck = d.inputs.as_ref().map(|i| &i.estimate.stuck);
+    let stuck_condition = match stuck {
+        Some(s) if !s.is_empty() => {
+            let list: Vec<String> = s
+                .iter()
+                .map(|p| {
+                    let at = p
+                        .committed
+                        .map_or("no committed offset".to_owned(), |o| format!("offset {o}"));
+                    format!(
+                        "partition {} at {at} for {} s, lag {}",
+                        p.partition, p.seconds, p.lag
+                    )
+                })
+                .collect();
+            condition(
+                prev,
+                PARTITIONS_STUCK,
+                true,
+                "CommittedOffsetNotMoving",
+                format!("{}; not counted in the replica estimate", list.join("; ")),
+                generation,
+                now,
+            )
+        }
+        Some(_) => condition(
+            prev,
+            PARTITIONS_STUCK,
+            false,
+            "AllPartitionsProgressing",
+            "every partition with lag is being consumed".into(),
+            generation,
+            now,
+        ),
+        // Kafka unread: keep what was known.
+        None => prev
+            .iter()
+            .find(|c| c.type_ == PARTITIONS_STUCK)
+            .cloned()
+            .unwrap_or_else(|| {
+                condition(
+                    prev,
+                    PARTITIONS_STUCK,
+                    false,
+                    "Unknown",
+                    "lag not read yet".into(),
+                    generation,
+                    now,
+                )
+            }),
     };
     vec![
         condition(
@@ -217,7 +262,29 @@ pub fn scaling_conditions(
             generation,
             now,
         ),
+        stuck_condition,
     ]
+}
+
+/// The status view of a decision and its inputs (rates to 0.1 record/s,
+/// so an unchanged pipeline does not rewrite its status for noise).
+pub fn decision_status(s: &Scaling) -> Option<AutoscalingDecision> {
+    let d = &s.decision;
+    let i = d.inputs.as_ref()?;
+    let e = &i.estimate;
+    let round = |x: f64| (x * 10.0).round() / 10.0;
+    Some(AutoscalingDecision {
+        policy: i.policy.to_owned(),
+        lag: e.lag,
+        arrival_rate: e.arrival.map(round),
+        consumption_rate: e.consumption.map(round),
+        reducer_rate: e.capacity.as_ref().map(|c| round(c.per_reducer)),
+        drain_seconds: i.drain_seconds.map(round),
+        estimate: i.raw,
+        replicas: d.replicas,
+        limit: d.limit.reason().to_owned(),
+        stuck_partitions: e.stuck.iter().map(|p| p.partition).collect(),
+    })
 }
 
 /// The whole status after `pass`, given the previous one.
@@ -358,6 +425,8 @@ pub fn status(prev: &StreamPipelineStatus, pass: &Pass) -> StreamPipelineStatus 
                 }
             }
             status.desired_replicas = Some(s.decision.replicas);
+            status.autoscaling_decision =
+                decision_status(s).or_else(|| prev.autoscaling_decision.clone());
             status.last_scale_time = s
                 .last_scale_time
                 .clone()
@@ -370,9 +439,13 @@ pub fn status(prev: &StreamPipelineStatus, pass: &Pass) -> StreamPipelineStatus 
             status.max_partition_lag = prev.max_partition_lag;
             status.desired_replicas = prev.desired_replicas;
             status.last_scale_time = prev.last_scale_time.clone();
+            status.autoscaling_decision = prev.autoscaling_decision.clone();
             conditions.extend(
                 pc.iter()
-                    .filter(|c| c.type_ == SCALING_ACTIVE || c.type_ == SCALING_LIMITED)
+                    .filter(|c| {
+                        [SCALING_ACTIVE, SCALING_LIMITED, PARTITIONS_STUCK]
+                            .contains(&c.type_.as_str())
+                    })
                     .cloned(),
             );
         }
@@ -538,6 +611,93 @@ mod tests {
             cond(&status(&s, &alone), SHARED_CONSUMER_GROUP).status,
             "False"
         );
+    }
+
+    #[test]
+    fn a_decision_shows_its_inputs_stuck_partitions_and_saturation() {
+        use crate::autoscale::Decision;
+        use crate::drain::{Capacity, Estimate, Inputs, Saturation, Stuck};
+        let saturation = Saturation {
+            from: 2,
+            before: 1000.0,
+            to: 4,
+            after: 1010.0,
+        };
+        let scaling = Scaling {
+            decision: Decision {
+                replicas: 4,
+                recommendation: 4,
+                limit: Limit::Saturated(4),
+                reason: saturation.note(),
+                inputs: Some(Inputs {
+                    policy: "drainTime",
+                    estimate: Estimate {
+                        partitions: 8,
+                        total_lag: 9000,
+                        lag: 5000,
+                        arrival: Some(1200.04),
+                        consumption: Some(1010.0),
+                        capacity: Some(Capacity {
+                            per_reducer: 252.5,
+                            replicas: 4,
+                        }),
+                        stuck: vec![Stuck {
+                            partition: 3,
+                            committed: Some(77),
+                            lag: 4000,
+                            seconds: 90,
+                        }],
+                        saturation: Some(saturation),
+                        ..Default::default()
+                    },
+                    raw: 9,
+                    drain_seconds: None,
+                }),
+            },
+            report: None,
+            last_scale_time: None,
+        };
+        let mut p = pass();
+        p.scaling = Some(&scaling);
+        p.autoscaling = true;
+        let s = status(&Default::default(), &p);
+        let d = s.autoscaling_decision.as_ref().unwrap();
+        assert_eq!(
+            (
+                d.policy.as_str(),
+                d.lag,
+                d.estimate,
+                d.replicas,
+                d.limit.as_str()
+            ),
+            ("drainTime", 5000, 9, 4, "DownstreamSaturated")
+        );
+        assert_eq!(d.arrival_rate, Some(1200.0), "rounded to 0.1");
+        assert_eq!(d.reducer_rate, Some(252.5));
+        assert_eq!(d.stuck_partitions, vec![3]);
+        let limited = cond(&s, SCALING_LIMITED);
+        assert_eq!(
+            (limited.status.as_str(), limited.reason.as_str()),
+            ("True", "DownstreamSaturated")
+        );
+        assert!(
+            limited.message.contains("2 reducers consumed 1000"),
+            "{}",
+            limited.message
+        );
+        let stuck = cond(&s, PARTITIONS_STUCK);
+        assert_eq!(stuck.status, "True");
+        assert!(
+            stuck.message.contains("partition 3 at offset 77"),
+            "{}",
+            stuck.message
+        );
+        // A pass without the autoscaler keeps all of it.
+        let mut idle = pass();
+        idle.autoscaling = true;
+        let kept = status(&s, &idle);
+        assert_eq!(kept.autoscaling_decision, s.autoscaling_decision);
+        assert_eq!(cond(&kept, PARTITIONS_STUCK), stuck);
     }
 
     #[test]

@@ -20,6 +20,7 @@ fn policy() -> Policy {
         scale_up_window: Duration::ZERO,
         scale_down_window: Duration::from_secs(300),
         even_spread: false,
+        drain_target: None,
     }
 }
 
