@@ -17,8 +17,11 @@ use crate::message::ContractError;
 
 /// Port of the reducer's `/metrics`, `/healthz`, `/readyz`.
 pub const REDUCER_HTTP_PORT: u16 = 9090;
-/// Port of the publisher (API, streams, `/metrics`, probes).
+/// Port of the publisher's public side (API, streams, page, probes).
 pub const PUBLISHER_HTTP_PORT: u16 = 8080;
+/// Port of the publisher's internal side (`/metrics`, probes): never
+/// exposed through the Service browsers reach.
+pub const PUBLISHER_METRICS_PORT: u16 = 9090;
 
 /// Every environment variable the operator may set on a pod, by name.
 pub mod env {
@@ -42,8 +45,16 @@ pub mod env {
     pub const LISTEN: &str = "STREAMPIPE_LISTEN";
     /// `json` or `text`.
     pub const LOG_FORMAT: &str = "STREAMPIPE_LOG_FORMAT";
-    /// Publisher: origins allowed to open streams.
+    /// Publisher: cross-origin pages allowed to use the API and streams.
     pub const ALLOWED_ORIGINS: &str = "STREAMPIPE_ALLOWED_ORIGINS";
+    /// Publisher: `true` allows every origin (development only).
+    pub const DEV_ANY_ORIGIN: &str = "STREAMPIPE_DEV_ANY_ORIGIN";
+    /// Publisher: address of the internal port (`/metrics`, probes).
+    pub const METRICS_LISTEN: &str = "STREAMPIPE_METRICS_LISTEN";
+    /// Publisher: most open connections per pod.
+    pub const MAX_CONNECTIONS: &str = "STREAMPIPE_MAX_CONNECTIONS";
+    /// Publisher: longest life of an SSE stream, seconds.
+    pub const SSE_MAX_LIFETIME_SECONDS: &str = "STREAMPIPE_SSE_MAX_LIFETIME_SECONDS";
     /// Reducer: most records per Redis batch.
     pub const BATCH_MAX_RECORDS: &str = "STREAMPIPE_BATCH_MAX_RECORDS";
     /// Reducer: longest time a record waits in a batch (ms).

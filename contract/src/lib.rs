@@ -7,6 +7,7 @@
 //! ([`deploy`]): env names, ports and defaults the operator and binaries share. Anything that two components must agree
 //! on byte for byte lives here and nowhere else.
 
+pub mod close;
 pub mod deploy;
 pub mod keys;
 pub mod message;

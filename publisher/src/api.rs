@@ -417,8 +417,65 @@ fn with_ctx(
     warp::any().map(move || ctx.clone())
 }
 
+/// A JSON request body, read within [`crate::server::BODY_READ_TIMEOUT`]
+/// (hyper bounds only the head: a client trickling a body byte by byte
+/// would otherwise hold its connection and this task for as long as it likes).
 fn json_body() -> impl Filter<Extract = (MarketsBody,), Error = Rejection> + Clone {
-    warp::body::content_length_limit(MAX_BODY_BYTES).and(warp::body::json())
+    warp::body::content_length_limit(MAX_BODY_BYTES)
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::body::stream())
+        .and_then(read_json)
+}
+
+async fn read_json<S, B>(content_type: Option<String>, body: S) -> Result<MarketsBody, Rejection>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send,
+    B: bytes::Buf,
+{
+    use futures_util::TryStreamExt;
+    if content_type.is_some_and(|ct| {
+        let ct = ct.to_ascii_lowercase();
+        !(ct.starts_with("application/json") || ct.contains("+json"))
+    }) {
+        return Err(warp::reject::custom(Error::invalid(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json",
+        )));
+    }
+    let read = body.try_fold(Vec::new(), |mut acc, mut chunk| async move {
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            acc.extend_from_slice(c);
+            let n = c.len();
+            chunk.advance(n);
+        }
+        Ok(acc)
+    });
+    let bytes = match tokio::time::timeout(crate::server::BODY_READ_TIMEOUT, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            return Err(warp::reject::custom(Error::invalid(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("the body could not be read: {e}"),
+            )))
+        }
+        Err(_) => {
+            return Err(warp::reject::custom(Error::invalid(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive in time",
+            )))
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        warp::reject::custom(Error::invalid(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            e.to_string(),
+        ))
+    })
 }
 
 /// All control API routes under `/v1`.

@@ -14,6 +14,9 @@ use crate::{Config, DEFAULT_CHANNEL_IDLE_TTL};
 /// Default listen address (port [`streampipe_contract::deploy::PUBLISHER_HTTP_PORT`], checked by a test).
 const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 
+/// Default internal address (port [`streampipe_contract::deploy::PUBLISHER_METRICS_PORT`], checked by a test).
+const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
+
 /// Serves browsers: WebSocket and SSE streams of their channels, the REST
 /// control API, and the live odds page.
 #[derive(Debug, Parser)]
@@ -42,9 +45,15 @@ pub struct Args {
     /// Redis is a Redis Cluster (the URL may then list several seed nodes, comma-separated).
     #[arg(long, env = env::REDIS_CLUSTER, default_value_t = false)]
     pub redis_cluster: bool,
-    /// Address to serve on (API, streams, page, /metrics, /healthz, /readyz).
+    /// Public address (API, streams, page, /healthz, /readyz).
     #[arg(long, env = env::LISTEN, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
+    /// Internal address (/metrics, /healthz, /readyz): keep it off the public Service.
+    #[arg(long, env = env::METRICS_LISTEN, default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: SocketAddr,
+    /// Most open connections on the public address; beyond it new ones get 503.
+    #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
     /// Origins allowed to open streams (comma-separated); empty allows all.
     #[arg(long, env = env::ALLOWED_ORIGINS, value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
@@ -100,6 +109,7 @@ impl Args {
             .cloned()
             .collect();
         config.channel_idle_ttl = Duration::from_secs(self.channel_idle_ttl_seconds);
+        config.max_connections = self.max_connections.max(1);
         Ok(config)
     }
 }
@@ -113,6 +123,14 @@ mod tests {
         assert!(DEFAULT_LISTEN.ends_with(&format!(
             ":{}",
             streampipe_contract::deploy::PUBLISHER_HTTP_PORT
+        )));
+    }
+
+    #[test]
+    fn metrics_listen_default_uses_the_contract_port() {
+        assert!(DEFAULT_METRICS_LISTEN.ends_with(&format!(
+            ":{}",
+            streampipe_contract::deploy::PUBLISHER_METRICS_PORT
         )));
     }
 

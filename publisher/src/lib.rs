@@ -27,6 +27,7 @@ pub mod outbox;
 pub mod pubsub;
 pub mod registry;
 pub mod resp;
+pub mod server;
 pub mod sse;
 pub mod subscriber;
 pub mod table;
@@ -74,6 +75,8 @@ pub struct Config {
     pub channel_idle_ttl: std::time::Duration,
     /// How often pods mark live channels and one of them sweeps idle ones.
     pub janitor_interval: std::time::Duration,
+    /// Most open connections on the public port (see [`server`]).
+    pub max_connections: usize,
 }
 
 /// Default channel TTL: a tab left closed for a day does not come back to
@@ -99,6 +102,7 @@ impl Config {
             demo_markets: Vec::new(),
             channel_idle_ttl: DEFAULT_CHANNEL_IDLE_TTL,
             janitor_interval: DEFAULT_JANITOR_INTERVAL,
+            max_connections: server::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -221,7 +225,55 @@ fn static_file(body: &'static str, content_type: &'static str) -> warp::reply::R
     warp::reply::with_header(body, "content-type", content_type).into_response()
 }
 
-/// Every route of the publisher.
+type Route = warp::filters::BoxedFilter<(warp::reply::Response,)>;
+
+/// `/healthz` and `/readyz`: served on both ports (the public one for
+/// load balancers, the internal one next to `/metrics`).
+fn probes(ctx: &Arc<Context>) -> (Route, Route) {
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response())
+        .boxed();
+    let c = ctx.clone();
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .map(move || {
+            if c.hub.is_connected() && !*c.shutdown.borrow() {
+                warp::reply::with_status("ok\n", StatusCode::OK).into_response()
+            } else {
+                warp::reply::with_status("not ready\n", StatusCode::SERVICE_UNAVAILABLE)
+                    .into_response()
+            }
+        })
+        .boxed();
+    (healthz, readyz)
+}
+
+/// The internal port's routes: `/metrics` (never on the public port: it
+/// names channels' counts, error reasons and backend state) and the probes.
+pub fn internal_routes(
+    ctx: Arc<Context>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let m = ctx.metrics.clone();
+    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
+        warp::reply::with_header(m.render(), "content-type", "text/plain; version=0.0.4")
+            .into_response()
+    });
+    let (healthz, readyz) = probes(&ctx);
+    metrics
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .recover(|_| async {
+            Ok::<_, Infallible>(
+                warp::reply::with_status("not found\n", StatusCode::NOT_FOUND).into_response(),
+            )
+        })
+        .unify()
+}
+
+/// Every public route of the publisher.
 pub fn routes(
     ctx: Arc<Context>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
@@ -265,22 +317,7 @@ pub fn routes(
     let client = warp::path!("streampipe.js")
         .and(warp::get())
         .map(|| static_file(CLIENT_JS, "text/javascript; charset=utf-8"));
-    let m = ctx.metrics.clone();
-    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
-        warp::reply::with_header(m.render(), "content-type", "text/plain; version=0.0.4")
-            .into_response()
-    });
-    let healthz = warp::path!("healthz")
-        .and(warp::get())
-        .map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response());
-    let c = ctx.clone();
-    let readyz = warp::path!("readyz").and(warp::get()).map(move || {
-        if c.hub.is_connected() && !*c.shutdown.borrow() {
-            warp::reply::with_status("ok\n", StatusCode::OK).into_response()
-        } else {
-            warp::reply::with_status("not ready\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
-        }
-    });
+    let (healthz, readyz) = probes(&ctx);
     let m = ctx.metrics.clone();
     let log = warp::log::custom(move |info| {
         let route = api::route_label(info.method().as_str(), info.path());
@@ -308,8 +345,6 @@ pub fn routes(
         .or(index)
         .unify()
         .or(client)
-        .unify()
-        .or(metrics)
         .unify()
         .or(healthz)
         .unify()
@@ -342,20 +377,45 @@ fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     Ok(socket.listen(LISTEN_BACKLOG)?)
 }
 
-/// Serves the publisher on `addr` until `shutdown` turns true; returns the
-/// bound address and the server task.
+/// Connections the internal port serves at once: Prometheus and probes.
+pub const MAX_INTERNAL_CONNECTIONS: usize = 64;
+
+/// Serves the publisher's public routes on `addr` until `shutdown` turns
+/// true (see [`server`] for the limits); returns the bound address and the
+/// server task.
 pub async fn serve(
     addr: SocketAddr,
     ctx: Arc<Context>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = listen(addr)?;
     let local = listener.local_addr()?;
-    let mut shutdown = ctx.shutdown.clone();
-    let server = warp::serve(routes(ctx))
-        .incoming(listener)
-        .graceful(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .run();
+    let server = server::run(
+        listener,
+        routes(ctx.clone()),
+        ctx.config.max_connections,
+        server::ConnMetrics {
+            open: ctx.metrics.http_connections.clone(),
+            refused: ctx.metrics.connections_refused.clone(),
+        },
+        ctx.shutdown.clone(),
+    );
+    Ok((local, tokio::spawn(server)))
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on the internal `addr`
+/// (port [`streampipe_contract::deploy::PUBLISHER_METRICS_PORT`] in a pod).
+pub async fn serve_internal(
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = listen(addr)?;
+    let local = listener.local_addr()?;
+    let server = server::run(
+        listener,
+        internal_routes(ctx.clone()),
+        MAX_INTERNAL_CONNECTIONS,
+        server::ConnMetrics::unexported(),
+        ctx.shutdown.clone(),
+    );
     Ok((local, tokio::spawn(server)))
 }
