@@ -61,6 +61,8 @@ pub mod env {
     pub const BATCH_MAX_DELAY_MS: &str = "STREAMPIPE_BATCH_MAX_DELAY_MS";
     /// Reducer: consumer group session timeout (ms).
     pub const SESSION_TIMEOUT_MS: &str = "STREAMPIPE_SESSION_TIMEOUT_MS";
+    /// Reducer: largest version jump over a market's stored version.
+    pub const MAX_VERSION_JUMP: &str = "STREAMPIPE_MAX_VERSION_JUMP";
     /// Publisher: markets the demo page shows.
     pub const DEMO_MARKETS: &str = "STREAMPIPE_DEMO_MARKETS";
     /// Publisher: idle channel lifetime (s).
