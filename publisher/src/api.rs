@@ -99,11 +99,20 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> warp::re
 /// The reply for an [`Error`].
 pub fn error_from(e: &Error) -> warp::reply::Response {
     let (status, code) = e.status_and_code();
-    let message = match e {
+    error_response(status, code, &public_message(e))
+}
+
+/// What a client may read about an error: a 4xx's own message; for a
+/// backend failure only "unavailable" (the cause, which names hosts and
+/// backend state, goes to the log).
+fn public_message(e: &Error) -> String {
+    match e {
         Error::Invalid { message, .. } => message.clone(),
-        other => format!("backend unavailable: {other}"),
-    };
-    error_response(status, code, &message)
+        other => {
+            tracing::warn!(error = %other, "request failed: backend unavailable");
+            "unavailable".to_owned()
+        }
+    }
 }
 
 fn bad(code: &'static str, msg: impl Into<String>) -> Error {
@@ -584,22 +593,23 @@ pub async fn recover(
             "unsupported_media_type",
             "send application/json".to_string(),
         )
-    } else if let Some(e) = err.find::<warp::filters::cors::CorsForbidden>() {
-        (StatusCode::FORBIDDEN, "origin_not_allowed", e.to_string())
+    } else if let Some(e) = err.find::<Error>() {
+        // Before 405: another route's method mismatch must not hide ours
+        // (a refused origin, a body timeout).
+        let (s, c) = e.status_and_code();
+        (s, c, public_message(e))
     } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
         (
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed".to_string(),
         )
-    } else if let Some(e) = err.find::<Error>() {
-        let (s, c) = e.status_and_code();
-        (s, c, e.to_string())
     } else {
+        tracing::warn!(rejection = ?err, "request failed: unhandled rejection");
         (
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            format!("{err:?}"),
+            "internal error".to_string(),
         )
     };
     ctx.metrics.rejected.with_label_values(&[code]).inc();
@@ -657,6 +667,20 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn public_messages_hide_backend_details() {
+        let e = Error::Redis(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "timed out",
+            "redis-0.internal:6379".to_owned(),
+        )));
+        assert_eq!(public_message(&e), "unavailable");
+        let e = Error::Config("rediss://user:secret@host".into());
+        assert_eq!(public_message(&e), "unavailable");
+        let e = Error::invalid(StatusCode::BAD_REQUEST, "invalid_market", "bad id");
+        assert_eq!(public_message(&e), "bad id");
     }
 
     #[test]

@@ -54,9 +54,17 @@ pub struct Args {
     /// Most open connections on the public address; beyond it new ones get 503.
     #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
-    /// Origins allowed to open streams (comma-separated); empty allows all.
+    /// Cross-origin pages allowed to use the API and streams (comma-separated exact
+    /// origins, e.g. https://odds.example). The publisher's own pages are always allowed;
+    /// empty allows no other.
     #[arg(long, env = env::ALLOWED_ORIGINS, value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// Development only: allow every origin.
+    #[arg(long, env = env::DEV_ANY_ORIGIN, default_value_t = false)]
+    pub dev_any_origin: bool,
+    /// Longest life of an SSE stream in seconds; the client then reconnects with `since`.
+    #[arg(long, env = env::SSE_MAX_LIFETIME_SECONDS, default_value_t = crate::sse::DEFAULT_MAX_LIFETIME.as_secs())]
+    pub sse_max_lifetime_seconds: u64,
     /// Markets the demo page shows (comma-separated).
     #[arg(long, env = env::DEMO_MARKETS, value_delimiter = ',')]
     pub demo_markets: Vec<String>,
@@ -96,12 +104,14 @@ impl Args {
             .kafka_security
             .security()
             .map_err(|e| Error::Config(e.to_string()))?;
-        config.allowed_origins = self
+        config.origins.allowed = self
             .allowed_origins
             .iter()
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
             .filter(|o| !o.is_empty())
-            .cloned()
             .collect();
+        config.origins.any = self.dev_any_origin;
+        config.sse_max_lifetime = Duration::from_secs(self.sse_max_lifetime_seconds.max(1));
         config.demo_markets = self
             .demo_markets
             .iter()

@@ -23,6 +23,7 @@ pub mod hub;
 pub mod ingest;
 pub mod janitor;
 pub mod metrics;
+pub mod origin;
 pub mod outbox;
 pub mod pubsub;
 pub mod registry;
@@ -67,8 +68,10 @@ pub struct Config {
     pub kafka_security: KafkaSecurity,
     /// TLS files for a `rediss://` URL.
     pub redis_tls: RedisTls,
-    /// Origins allowed to open streams; empty allows all.
-    pub allowed_origins: Vec<String>,
+    /// Which web pages may use the API and streams (see [`origin`]).
+    pub origins: origin::OriginPolicy,
+    /// Longest life of an SSE stream (see [`sse`]).
+    pub sse_max_lifetime: std::time::Duration,
     /// Markets the demo page shows (`GET /v1/demo/markets`).
     pub demo_markets: Vec<String>,
     /// A channel with no stream for this long is closed.
@@ -98,7 +101,8 @@ impl Config {
             kafka_options: Vec::new(),
             kafka_security: KafkaSecurity::default(),
             redis_tls: RedisTls::default(),
-            allowed_origins: Vec::new(),
+            origins: origin::OriginPolicy::default(),
+            sse_max_lifetime: sse::DEFAULT_MAX_LIFETIME,
             demo_markets: Vec::new(),
             channel_idle_ttl: DEFAULT_CHANNEL_IDLE_TTL,
             janitor_interval: DEFAULT_JANITOR_INTERVAL,
@@ -128,10 +132,9 @@ pub struct Context {
 }
 
 impl Context {
-    /// Whether a stream request from `origin` may connect.
-    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
-        self.config.allowed_origins.is_empty()
-            || origin.is_some_and(|o| self.config.allowed_origins.iter().any(|a| a == o))
+    /// Whether a stream request from `origin` (to `host`) may connect.
+    pub fn origin_allowed(&self, origin: Option<&str>, host: Option<&str>) -> bool {
+        self.config.origins.allows(origin, host)
     }
 }
 
@@ -286,18 +289,22 @@ pub fn routes(
         .and(warp::header::optional::<String>("sec-websocket-version"))
         .and(warp::header::optional::<String>("sec-websocket-key"))
         .and(warp::header::optional::<String>("origin"))
-        .map(|ch: String, connection, upgrade, version, key, origin| {
-            (
-                ch,
-                ws::Upgrade {
-                    connection,
-                    upgrade,
-                    version,
-                    key,
-                    origin,
-                },
-            )
-        })
+        .and(warp::header::optional::<String>("host"))
+        .map(
+            |ch: String, connection, upgrade, version, key, origin, host| {
+                (
+                    ch,
+                    ws::Upgrade {
+                        connection,
+                        upgrade,
+                        version,
+                        key,
+                        origin,
+                        host,
+                    },
+                )
+            },
+        )
         .untuple_one()
         .and(warp::query::<StreamParams>())
         .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
@@ -307,7 +314,6 @@ pub fn routes(
     let sse = warp::path!("v1" / "sse" / String)
         .and(warp::get())
         .and(warp::query::<StreamParams>())
-        .and(warp::header::optional::<String>("origin"))
         .and(with_ctx.clone())
         .and_then(sse::handle)
         .boxed();
@@ -326,32 +332,30 @@ pub fn routes(
             .inc();
     });
     let recover_ctx = ctx.clone();
-    // Cross-origin pages may use the control API and SSE: CORS for the
-    // configured origins (any origin when none is configured).
-    let cors = warp::cors()
-        .allow_methods(["GET", "POST", "DELETE"])
-        .allow_headers(["content-type"])
-        .max_age(600);
-    let cors = if ctx.config.allowed_origins.is_empty() {
-        cors.allow_any_origin()
-    } else {
-        cors.allow_origins(ctx.config.allowed_origins.iter().map(String::as_str))
-    };
-    stream
-        .or(sse)
+    // Origins: the stream endpoint answers a refused origin itself (close
+    // 4403 after the upgrade, so the JS client sees the code); every other
+    // route is guarded before routing (403) and gets CORS headers for an
+    // allowed cross-origin page.
+    let policy = ctx.config.origins.clone();
+    let guarded = origin::guard(policy.clone())
+        .and(
+            sse.or(api::routes(ctx))
+                .unify()
+                .or(index)
+                .unify()
+                .or(client)
+                .unify()
+                .or(healthz)
+                .unify()
+                .or(readyz)
+                .unify(),
+        )
+        .map(origin::with_cors);
+    origin::preflight(policy)
+        .or(stream)
         .unify()
-        .or(api::routes(ctx))
+        .or(guarded)
         .unify()
-        .or(index)
-        .unify()
-        .or(client)
-        .unify()
-        .or(healthz)
-        .unify()
-        .or(readyz)
-        .unify()
-        .with(cors)
-        .map(Reply::into_response)
         .recover(move |err| api::recover(recover_ctx.clone(), err))
         .unify()
         .with(log)
