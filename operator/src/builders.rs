@@ -23,8 +23,11 @@ pub const FIELD_MANAGER: &str = "streampipe-operator";
 
 /// Port of the reducer's `/metrics`, `/healthz`, `/readyz`.
 pub const REDUCER_PORT: i32 = deploy::REDUCER_HTTP_PORT as i32;
-/// Port of the publisher (API, streams, `/metrics`, probes).
+/// Port of the publisher's public side (API, streams, page, probes).
 pub const PUBLISHER_PORT: i32 = deploy::PUBLISHER_HTTP_PORT as i32;
+/// Port of the publisher's internal side (`/metrics`, probes): a container
+/// port for Prometheus, never a port of the publisher Service.
+pub const PUBLISHER_METRICS_PORT: i32 = deploy::PUBLISHER_METRICS_PORT as i32;
 /// Where the Kafka CA bundle is mounted (read-only).
 pub const KAFKA_CA_DIR: &str = "/etc/streampipe/kafka-ca";
 /// Where the Kafka client certificate and key are mounted (read-only).
@@ -308,12 +311,20 @@ fn tls_volumes(sp: &StreamPipeline) -> (Vec<Value>, Vec<Value>) {
 }
 
 fn deployment(sp: &StreamPipeline, role: Role) -> Value {
-    let (spec, image, port) = match role {
-        Role::Reducer => (&sp.spec.reducer, DEFAULT_REDUCER_IMAGE, REDUCER_PORT),
+    // The reducer serves metrics on its only port; the publisher on its
+    // internal one.
+    let (spec, image, port, metrics_port) = match role {
+        Role::Reducer => (
+            &sp.spec.reducer,
+            DEFAULT_REDUCER_IMAGE,
+            REDUCER_PORT,
+            REDUCER_PORT,
+        ),
         Role::Publisher => (
             &sp.spec.publisher.role,
             DEFAULT_PUBLISHER_IMAGE,
             PUBLISHER_PORT,
+            PUBLISHER_METRICS_PORT,
         ),
     };
     let selector = selector_labels(sp, role);
@@ -321,7 +332,7 @@ fn deployment(sp: &StreamPipeline, role: Role) -> Value {
     pod_labels.extend(selector.clone());
     let mut annotations = spec.annotations.clone();
     annotations.insert("prometheus.io/scrape".into(), "true".into());
-    annotations.insert("prometheus.io/port".into(), port.to_string());
+    annotations.insert("prometheus.io/port".into(), metrics_port.to_string());
     annotations.insert("prometheus.io/path".into(), "/metrics".into());
     annotations.insert("streampipe.dev/config-hash".into(), config_hash(sp));
     let mut container = json!({
@@ -339,6 +350,15 @@ fn deployment(sp: &StreamPipeline, role: Role) -> Value {
             "capabilities": {"drop": ["ALL"]},
         },
     });
+    if metrics_port != port {
+        container["ports"]
+            .as_array_mut()
+            .expect("ports")
+            .push(json!({"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}));
+        container["env"].as_array_mut().expect("env").push(
+            json!({"name": names::METRICS_LISTEN, "value": format!("0.0.0.0:{metrics_port}")}),
+        );
+    }
     if let Some(r) = &spec.resources {
         container["resources"] = serde_json::to_value(r).expect("resources serialise");
     }
@@ -504,7 +524,33 @@ pub(crate) mod tests {
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
         let ann = &d["spec"]["template"]["metadata"]["annotations"];
         assert_eq!(ann["prometheus.io/scrape"], "true");
-        assert_eq!(ann["prometheus.io/port"], PUBLISHER_PORT.to_string());
+        assert_eq!(
+            ann["prometheus.io/port"],
+            PUBLISHER_METRICS_PORT.to_string()
+        );
+        // /metrics has its own container port, which the Service leaves out.
+        assert_eq!(
+            c["ports"],
+            json!([
+                {"name": "http", "containerPort": PUBLISHER_PORT, "protocol": "TCP"},
+                {"name": "metrics", "containerPort": PUBLISHER_METRICS_PORT, "protocol": "TCP"},
+            ])
+        );
+        assert_eq!(
+            env_of(&d, names::METRICS_LISTEN)["value"],
+            format!("0.0.0.0:{PUBLISHER_METRICS_PORT}")
+        );
+        let svc = publisher_service(&sample());
+        let ports = svc["spec"]["ports"].as_array().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0]["targetPort"], "http");
+        // The reducer keeps one port for everything.
+        let r = reducer_deployment(&sample());
+        assert_eq!(container(&r)["ports"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            r["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+            REDUCER_PORT.to_string()
+        );
     }
 
     fn container(d: &Value) -> &Value {
