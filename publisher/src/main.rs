@@ -49,7 +49,10 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("shutting down: closing streams with 1001");
     let _ = stop.send(true);
-    ctx.hub.close_all(1001, "publisher shutting down");
+    ctx.hub.close_all(
+        streampipe_contract::close::GOING_AWAY,
+        "publisher shutting down",
+    );
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     while ctx.hub.member_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;
