@@ -109,13 +109,16 @@ for i in $(seq 1 "$REDUCERS"); do
     wait_ready "http://127.0.0.1:$((28380 + i))/readyz"
 done
 ADDRS=()
+METRICS=()
 for i in $(seq 1 "$PUBLISHERS"); do
     port_free $((28280 + i))
     "$R/streampipe-publisher" "${COMMON[@]}" --listen "127.0.0.1:$((28280 + i))" \
+        --metrics-listen "127.0.0.1:$((28180 + i))" --max-connections 1000000 \
         >"$STREAMPIPE_STACK_DIR/publisher-$i.log" 2>&1 &
     PIDS+=($!); PID_ARGS+=(--pid "publisher=$!")
     wait_ready "http://127.0.0.1:$((28280 + i))/readyz"
     ADDRS+=("127.0.0.1:$((28280 + i))")
+    METRICS+=("127.0.0.1:$((28180 + i))")
 done
 
 "$R/streampipe-bench-fanout" run --clients "$CLIENTS" --per-process "$PER_PROCESS" \
@@ -142,7 +145,7 @@ wait "$BENCH" || status=$?
 # hub's ingest queue conflated, frames the outboxes conflated, closes, slow
 # clients closed, pub/sub reconnects. Scraped after the swarm stopped, so
 # closes include the teardown.
-for a in "${ADDRS[@]}"; do
+for a in "${METRICS[@]}"; do
     echo "publisher $a: $(curl -sf "http://$a/metrics" | grep -E '^streampipe_publisher_(hub_conflated_total|conflated_total|closes_total|redis_reconnects_total|slow_clients_closed_total|redis_messages_total)' | tr '\n' ' ')"
 done
 # Where the time went, over the whole run: the reducers' record → publish
@@ -151,7 +154,7 @@ done
 for i in $(seq 1 "$REDUCERS"); do
     echo "reducer $i: $(curl -sf "http://127.0.0.1:$((28380 + i))/metrics" | grep -E '^streampipe_reducer_(record_to_publish_seconds|flush_seconds|batch_records)_(sum|count)' | tr '\n' ' ')"
 done
-for a in "${ADDRS[@]}"; do
+for a in "${METRICS[@]}"; do
     echo "publisher $a: $(curl -sf "http://$a/metrics" | grep -E '^streampipe_publisher_(hub_lag_seconds|update_latency_seconds)_(sum|count)' | tr '\n' ' ')"
 done
 # What the servers logged about the pub/sub connection.

@@ -38,10 +38,12 @@ for scenario in "${SCENARIOS[@]}"; do
     # streampipe publisher (Kafka is not used: channels are registered in Redis
     # directly and updates published to their pub/sub, as reducers do).
     "$R/streampipe-publisher" --brokers 127.0.0.1:1 --pipeline bench --redis-url redis://127.0.0.1:36379 \
-        --listen 127.0.0.1:$((18180 + port)) --log-format text >"$STREAMPIPE_STACK_DIR/publisher.log" 2>&1 &
+        --listen 127.0.0.1:$((18180 + port)) --metrics-listen 127.0.0.1:$((18280 + port)) \
+        --max-connections 1000000 --log-format text >"$STREAMPIPE_STACK_DIR/publisher.log" 2>&1 &
     pub=$!; PIDS+=("$pub")
     for _ in $(seq 1 300); do curl -sf http://127.0.0.1:$((18180 + port))/readyz >/dev/null && break; sleep 0.1; done
-    "$R/streampipe-bench-publisher" --target streampipe --addr 127.0.0.1:$((18180 + port)) --pid "$pub" \
+    "$R/streampipe-bench-publisher" --target streampipe --addr 127.0.0.1:$((18180 + port)) \
+        --metrics-addr 127.0.0.1:$((18280 + port)) --pid "$pub" \
         --clients "$n" --channels "$channels" --markets "$channels" --rate "$RATE" --seconds "$SECONDS_LOAD"
     kill "$pub" 2>/dev/null || true; wait "$pub" 2>/dev/null || true
 

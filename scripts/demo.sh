@@ -11,6 +11,7 @@ STACK_DIR=${STREAMPIPE_STACK_DIR:-$ROOT/.stack}
 REDIS_URL=redis://127.0.0.1:${STREAMPIPE_REDIS_PORT:-16379}
 BROKERS=127.0.0.1:${STREAMPIPE_DEVBROKER_PORT:-19092}
 PUBLISHER_PORT=${STREAMPIPE_PUBLISHER_PORT:-8080}
+PUBLISHER_METRICS_PORT=${STREAMPIPE_PUBLISHER_METRICS_PORT:-9190}
 
 ensure_packages
 ensure_workspace_bins
@@ -35,7 +36,7 @@ done
 DEMO_MARKETS=$("$BIN_DIR/streampipe-feed" --markets 200 --list-markets 12)
 STREAMPIPE_LOG_FORMAT=text RUST_LOG=warn "$BIN_DIR/streampipe-publisher" \
     --brokers "$BROKERS" --redis-url "$REDIS_URL" --listen "127.0.0.1:$PUBLISHER_PORT" \
-    --demo-markets "$DEMO_MARKETS" >"$STACK_DIR/publisher.log" 2>&1 &
+    --metrics-listen "127.0.0.1:$PUBLISHER_METRICS_PORT" --demo-markets "$DEMO_MARKETS" >"$STACK_DIR/publisher.log" 2>&1 &
 pids+=($!)
 "$BIN_DIR/streampipe-feed" --brokers "$BROKERS" --markets 200 --rate 500 \
     --demo-channel demo --demo-markets 5 >"$STACK_DIR/feed.log" 2>&1 &
@@ -51,7 +52,7 @@ cat <<INFO
 
     live odds page:  http://127.0.0.1:$PUBLISHER_PORT/
 
-    publisher: http://127.0.0.1:$PUBLISHER_PORT/metrics (log: $STACK_DIR/publisher.log)
+    publisher: http://127.0.0.1:$PUBLISHER_METRICS_PORT/metrics (log: $STACK_DIR/publisher.log)
     reducers:  http://127.0.0.1:9101/metrics  http://127.0.0.1:9102/metrics
     feed:      200 markets, 500 updates/s (log: $STACK_DIR/feed.log)
     raw pub/sub of the first market (one message per update while a page watches it):

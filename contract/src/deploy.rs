@@ -17,8 +17,11 @@ use crate::message::ContractError;
 
 /// Port of the reducer's `/metrics`, `/healthz`, `/readyz`.
 pub const REDUCER_HTTP_PORT: u16 = 9090;
-/// Port of the publisher (API, streams, `/metrics`, probes).
+/// Port of the publisher's public side (API, streams, page, probes).
 pub const PUBLISHER_HTTP_PORT: u16 = 8080;
+/// Port of the publisher's internal side (`/metrics`, probes): never
+/// exposed through the Service browsers reach.
+pub const PUBLISHER_METRICS_PORT: u16 = 9090;
 
 /// Seconds a pod gets between SIGTERM and SIGKILL: the operator's
 /// `terminationGracePeriodSeconds` and the default of the reducer's
@@ -54,8 +57,16 @@ pub mod env {
     pub const LISTEN: &str = "STREAMPIPE_LISTEN";
     /// `json` or `text`.
     pub const LOG_FORMAT: &str = "STREAMPIPE_LOG_FORMAT";
-    /// Publisher: origins allowed to open streams.
+    /// Publisher: cross-origin pages allowed to use the API and streams.
     pub const ALLOWED_ORIGINS: &str = "STREAMPIPE_ALLOWED_ORIGINS";
+    /// Publisher: `true` allows every origin (development only).
+    pub const DEV_ANY_ORIGIN: &str = "STREAMPIPE_DEV_ANY_ORIGIN";
+    /// Publisher: address of the internal port (`/metrics`, probes).
+    pub const METRICS_LISTEN: &str = "STREAMPIPE_METRICS_LISTEN";
+    /// Publisher: most open connections per pod.
+    pub const MAX_CONNECTIONS: &str = "STREAMPIPE_MAX_CONNECTIONS";
+    /// Publisher: longest life of an SSE stream, seconds.
+    pub const SSE_MAX_LIFETIME_SECONDS: &str = "STREAMPIPE_SSE_MAX_LIFETIME_SECONDS";
     /// Reducer: most records per Redis batch.
     pub const BATCH_MAX_RECORDS: &str = "STREAMPIPE_BATCH_MAX_RECORDS";
     /// Reducer: longest time a record waits in a batch (ms).
@@ -64,6 +75,8 @@ pub mod env {
     pub const SESSION_TIMEOUT_MS: &str = "STREAMPIPE_SESSION_TIMEOUT_MS";
     /// Reducer: seconds from SIGTERM to exit at the latest.
     pub const SHUTDOWN_GRACE_SECONDS: &str = "STREAMPIPE_SHUTDOWN_GRACE_SECONDS";
+    /// Reducer: largest version jump over a market's stored version.
+    pub const MAX_VERSION_JUMP: &str = "STREAMPIPE_MAX_VERSION_JUMP";
     /// Publisher: markets the demo page shows.
     pub const DEMO_MARKETS: &str = "STREAMPIPE_DEMO_MARKETS";
     /// Publisher: idle channel lifetime (s).

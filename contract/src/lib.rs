@@ -8,6 +8,7 @@
 //! and the delivery log's record ([`delivery`]). Anything that two components must agree
 //! on byte for byte lives here and nowhere else.
 
+pub mod close;
 pub mod delivery;
 pub mod deploy;
 pub mod keys;
@@ -21,7 +22,8 @@ pub use message::{
     decode_channel_message, decode_command, decode_published, decode_update, encode_command,
     peek_update, validate_channel_id, validate_market_id, ChannelMessage, Command, CommandKind,
     ContractError, DerivedVersion, MarketUpdate, PublishedUpdate, UpdateHead, CHANNEL_CLOSED,
-    CHANNEL_MARKETS_CHANGED, MAX_ID_LEN, MAX_VERSION, PROTOCOL_VERSION,
+    CHANNEL_MARKETS_CHANGED, MAX_ID_LEN, MAX_PAYLOAD_DEPTH, MAX_RECORD_BYTES,
+    MAX_UPDATE_MESSAGE_BYTES, MAX_VERSION, PROTOCOL_VERSION,
 };
 pub use partitioner::{murmur2, partition_for};
 pub use slot::slot;

@@ -23,6 +23,27 @@ pub const MAX_ID_LEN: usize = 128;
 /// browser's JavaScript number and Redis' Lua number hold exactly.
 pub const MAX_VERSION: u64 = (1 << 53) - 1;
 
+/// Largest data-topic record value the reducer accepts (bytes). The data
+/// topic is input from outside the project: a bound keeps one record from
+/// costing Redis, every publisher and every browser its size again and
+/// again. Larger records are dead-lettered as `too_large`.
+pub const MAX_RECORD_BYTES: usize = 64 * 1024;
+
+/// Deepest nesting of arrays and objects inside a payload. Browsers and
+/// consumers parse payloads recursively; odds payloads are a few levels
+/// deep. Deeper records are dead-lettered as `too_deep`.
+pub const MAX_PAYLOAD_DEPTH: usize = 32;
+
+/// What [`MarketUpdate::encode`] adds to a record of at most
+/// [`MAX_RECORD_BYTES`], at most: the `type` tag, a market id of
+/// [`MAX_ID_LEN`] and two 20-digit numbers, when the record had none of them.
+pub const MAX_ENCODING_OVERHEAD: usize = 512;
+
+/// Largest published update (the stored and streamed message): publishers
+/// size their WebSocket write buffers from it, so every accepted update can
+/// reach every client.
+pub const MAX_UPDATE_MESSAGE_BYTES: usize = MAX_RECORD_BYTES + MAX_ENCODING_OVERHEAD;
+
 /// Why a message could not be decoded or was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ContractError {
@@ -52,6 +73,12 @@ pub enum ContractError {
         /// The market named in the value.
         market: String,
     },
+    /// A record value larger than [`MAX_RECORD_BYTES`].
+    #[error("record of {0} bytes; at most {MAX_RECORD_BYTES}")]
+    TooLarge(usize),
+    /// A payload nested deeper than [`MAX_PAYLOAD_DEPTH`].
+    #[error("payload nested deeper than {MAX_PAYLOAD_DEPTH} levels")]
+    TooDeep,
     /// A version outside `1..=MAX_VERSION`.
     #[error("version {0} out of range 1..={MAX_VERSION}")]
     VersionOutOfRange(u64),
@@ -72,6 +99,8 @@ impl ContractError {
             ContractError::InvalidChannel(_) => "invalid_channel",
             ContractError::KeyMismatch { .. } => "key_mismatch",
             ContractError::VersionOutOfRange(_) => "version_out_of_range",
+            ContractError::TooLarge(_) => "too_large",
+            ContractError::TooDeep => "too_deep",
             ContractError::Config(_) => "config",
         }
     }
@@ -111,6 +140,37 @@ fn check_encoding(value: &[u8]) -> Result<(), ContractError> {
         Some(b'{') => Ok(()),
         Some(&b) => Err(ContractError::UnsupportedEncoding(b)),
     }
+}
+
+/// Whether arrays and objects in `json` nest deeper than `max` (strings,
+/// escapes included, are skipped). One pass, no allocation: it runs before
+/// the record is parsed at all.
+fn nests_deeper_than(json: &[u8], max: usize) -> bool {
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if b == b'\\' {
+                escaped = true;
+            } else if b == b'"' {
+                in_string = false;
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                if depth > max {
+                    return true;
+                }
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    false
 }
 
 fn check_version(v: Option<u32>) -> Result<(), ContractError> {
@@ -207,6 +267,13 @@ pub fn decode_update(
     position: DerivedVersion,
 ) -> Result<MarketUpdate, ContractError> {
     check_encoding(value)?;
+    if value.len() > MAX_RECORD_BYTES {
+        return Err(ContractError::TooLarge(value.len()));
+    }
+    // The record's own object is one level above its payload.
+    if nests_deeper_than(value, MAX_PAYLOAD_DEPTH + 1) {
+        return Err(ContractError::TooDeep);
+    }
     let rec: DataRecordJson<'_> =
         serde_json::from_slice(value).map_err(|e| ContractError::Json(e.to_string()))?;
     check_version(rec.v)?;
@@ -343,6 +410,9 @@ pub enum CommandKind {
     Subscribe,
     /// Stop sending `market`'s updates to `channel`.
     Unsubscribe,
+    /// Operator action: forget `market`'s stored state and version, so a
+    /// market frozen by a bogus version accepts updates again (no channel).
+    ResetMarket,
 }
 
 impl CommandKind {
@@ -351,6 +421,7 @@ impl CommandKind {
         match self {
             CommandKind::Subscribe => "subscribe",
             CommandKind::Unsubscribe => "unsubscribe",
+            CommandKind::ResetMarket => "reset_market",
         }
     }
 }
@@ -367,7 +438,7 @@ impl fmt::Display for CommandKind {
 pub struct Command {
     /// What to do.
     pub kind: CommandKind,
-    /// The channel concerned.
+    /// The channel concerned (empty for [`CommandKind::ResetMarket`]).
     pub channel: String,
     /// The market concerned (also the record key).
     pub market: String,
@@ -378,8 +449,8 @@ struct CommandJson<'a> {
     v: Option<u32>,
     #[serde(rename = "type")]
     kind: CommandKind,
-    #[serde(borrow)]
-    channel: &'a str,
+    #[serde(borrow, default, skip_serializing_if = "Option::is_none")]
+    channel: Option<&'a str>,
     #[serde(borrow)]
     market: &'a str,
 }
@@ -391,10 +462,19 @@ pub fn decode_command(key: Option<&[u8]>, value: &[u8]) -> Result<Command, Contr
         serde_json::from_slice(value).map_err(|e| ContractError::Json(e.to_string()))?;
     check_version(c.v)?;
     let market = resolve_market(key, Some(c.market))?;
-    validate_channel_id(c.channel)?;
+    let channel = match c.kind {
+        CommandKind::Subscribe | CommandKind::Unsubscribe => {
+            let ch = c
+                .channel
+                .ok_or_else(|| ContractError::InvalidChannel("missing".into()))?;
+            validate_channel_id(ch)?;
+            ch.to_owned()
+        }
+        CommandKind::ResetMarket => String::new(),
+    };
     Ok(Command {
         kind: c.kind,
-        channel: c.channel.to_owned(),
+        channel,
         market,
     })
 }
@@ -404,7 +484,7 @@ pub fn encode_command(cmd: &Command) -> Vec<u8> {
     serde_json::to_vec(&CommandJson {
         v: Some(PROTOCOL_VERSION),
         kind: cmd.kind,
-        channel: &cmd.channel,
+        channel: Some(cmd.channel.as_str()).filter(|_| cmd.kind != CommandKind::ResetMarket),
         market: &cmd.market,
     })
     .expect("a command always serializes")
@@ -444,6 +524,72 @@ mod tests {
         assert_eq!(e.unwrap_err().kind(), "key_mismatch");
         let e = decode_update(None, br#"{"payload":1}"#, None, POS);
         assert_eq!(e.unwrap_err().kind(), "invalid_market");
+    }
+
+    #[test]
+    fn reset_market_needs_no_channel_and_round_trips() {
+        let c = decode_command(
+            Some(b"M1"),
+            br#"{"v":1,"type":"reset_market","market":"M1"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.kind, CommandKind::ResetMarket);
+        assert_eq!(decode_command(Some(b"M1"), &encode_command(&c)).unwrap(), c);
+        assert_eq!(
+            encode_command(&c),
+            br#"{"v":1,"type":"reset_market","market":"M1"}"#.to_vec()
+        );
+        // Subscriptions still need their channel.
+        let e = decode_command(Some(b"M1"), br#"{"type":"subscribe","market":"M1"}"#);
+        assert_eq!(e.unwrap_err().kind(), "invalid_channel");
+    }
+
+    #[test]
+    fn size_and_depth_are_bounded() {
+        let pad = "x".repeat(MAX_RECORD_BYTES - 40);
+        let ok = format!(r#"{{"payload":{{"p":"{pad}"}}}}"#);
+        assert!(ok.len() <= MAX_RECORD_BYTES);
+        let u = decode_update(Some(b"M1"), ok.as_bytes(), None, POS).unwrap();
+        let message = u.encode();
+        assert!(message.len() <= MAX_UPDATE_MESSAGE_BYTES);
+        let big = format!(r#"{{"payload":{{"p":"{pad}{}"}}}}"#, "y".repeat(100));
+        let e = decode_update(Some(b"M1"), big.as_bytes(), None, POS).unwrap_err();
+        assert_eq!(e.kind(), "too_large");
+
+        let nest = |n: usize| format!(r#"{{"payload":{}1{}}}"#, "[".repeat(n), "]".repeat(n));
+        assert!(decode_update(Some(b"M1"), nest(MAX_PAYLOAD_DEPTH).as_bytes(), None, POS).is_ok());
+        let e = decode_update(
+            Some(b"M1"),
+            nest(MAX_PAYLOAD_DEPTH + 1).as_bytes(),
+            None,
+            POS,
+        )
+        .unwrap_err();
+        assert_eq!(e.kind(), "too_deep");
+        // Brackets inside strings (escaped quotes included) are not nesting.
+        let s = format!(r#"{{"payload":"\"{}"}}"#, "[".repeat(100));
+        assert!(decode_update(Some(b"M1"), s.as_bytes(), None, POS).is_ok());
+        // 100 000 levels: refused without parsing (serde would recurse).
+        let e = decode_update(Some(b"M1"), nest(100_000).as_bytes(), None, POS).unwrap_err();
+        assert!(matches!(e.kind(), "too_deep" | "too_large"));
+    }
+
+    #[test]
+    fn encoding_overhead_is_bounded() {
+        // The longest market id, the largest numbers, a record without them.
+        let market = "m".repeat(MAX_ID_LEN);
+        let record = br#"{"payload":0}"#;
+        let u = decode_update(
+            Some(market.as_bytes()),
+            record,
+            Some(i64::MIN),
+            DerivedVersion {
+                partition: 0,
+                offset: MAX_VERSION as i64 - 1,
+            },
+        )
+        .unwrap();
+        assert!(u.encode().len() <= record.len() + MAX_ENCODING_OVERHEAD);
     }
 
     #[test]

@@ -23,8 +23,11 @@ pub const FIELD_MANAGER: &str = "streampipe-operator";
 
 /// Port of the reducer's `/metrics`, `/healthz`, `/readyz`.
 pub const REDUCER_PORT: i32 = deploy::REDUCER_HTTP_PORT as i32;
-/// Port of the publisher (API, streams, `/metrics`, probes).
+/// Port of the publisher's public side (API, streams, page, probes).
 pub const PUBLISHER_PORT: i32 = deploy::PUBLISHER_HTTP_PORT as i32;
+/// Port of the publisher's internal side (`/metrics`, probes): a container
+/// port for Prometheus, never a port of the publisher Service.
+pub const PUBLISHER_METRICS_PORT: i32 = deploy::PUBLISHER_METRICS_PORT as i32;
 /// Where the Kafka CA bundle is mounted (read-only).
 pub const KAFKA_CA_DIR: &str = "/etc/streampipe/kafka-ca";
 /// Where the Kafka client certificate and key are mounted (read-only).
@@ -340,12 +343,20 @@ fn default_resources(role: Role) -> Value {
 }
 
 fn deployment(sp: &StreamPipeline, role: Role) -> Value {
-    let (spec, image, port) = match role {
-        Role::Reducer => (&sp.spec.reducer, DEFAULT_REDUCER_IMAGE, REDUCER_PORT),
+    // The reducer serves metrics on its only port; the publisher on its
+    // internal one.
+    let (spec, image, port, metrics_port) = match role {
+        Role::Reducer => (
+            &sp.spec.reducer,
+            DEFAULT_REDUCER_IMAGE,
+            REDUCER_PORT,
+            REDUCER_PORT,
+        ),
         Role::Publisher => (
             &sp.spec.publisher.role,
             DEFAULT_PUBLISHER_IMAGE,
             PUBLISHER_PORT,
+            PUBLISHER_METRICS_PORT,
         ),
     };
     let selector = selector_labels(sp, role);
@@ -353,7 +364,7 @@ fn deployment(sp: &StreamPipeline, role: Role) -> Value {
     pod_labels.extend(selector.clone());
     let mut annotations = spec.annotations.clone();
     annotations.insert("prometheus.io/scrape".into(), "true".into());
-    annotations.insert("prometheus.io/port".into(), port.to_string());
+    annotations.insert("prometheus.io/port".into(), metrics_port.to_string());
     annotations.insert("prometheus.io/path".into(), "/metrics".into());
     annotations.insert("streampipe.dev/config-hash".into(), config_hash(sp));
     let mut container = json!({
@@ -371,6 +382,15 @@ fn deployment(sp: &StreamPipeline, role: Role) -> Value {
             "capabilities": {"drop": ["ALL"]},
         },
     });
+    if metrics_port != port {
+        container["ports"]
+            .as_array_mut()
+            .expect("ports")
+            .push(json!({"name": "metrics", "containerPort": metrics_port, "protocol": "TCP"}));
+        container["env"].as_array_mut().expect("env").push(
+            json!({"name": names::METRICS_LISTEN, "value": format!("0.0.0.0:{metrics_port}")}),
+        );
+    }
     container["resources"] = match &spec.resources {
         Some(r) => serde_json::to_value(r).expect("resources serialise"),
         None => default_resources(role),
@@ -434,15 +454,18 @@ pub fn publisher_service(sp: &StreamPipeline) -> Value {
 }
 
 /// The role's NetworkPolicy (`networking.k8s.io/v1`): ingress to the role's
-/// pods only on their HTTP port (publishers: API and streams; reducers:
-/// metrics and probes), from anywhere — nothing else listens, and a port
+/// pods only on their HTTP ports (publishers: API and streams, and the
+/// internal metrics port; reducers: metrics and probes), from anywhere — nothing else listens, and a port
 /// opened later by mistake stays closed. Egress is left open: the Kafka and
 /// Redis addresses are outside what the operator knows. Policies add up, so
 /// a cluster that needs more (a mesh sidecar port) adds its own.
 pub fn network_policy(sp: &StreamPipeline, role: Role) -> Value {
-    let port = match role {
-        Role::Reducer => REDUCER_PORT,
-        Role::Publisher => PUBLISHER_PORT,
+    let ports = match role {
+        Role::Reducer => json!([{"protocol": "TCP", "port": REDUCER_PORT}]),
+        Role::Publisher => json!([
+            {"protocol": "TCP", "port": PUBLISHER_PORT},
+            {"protocol": "TCP", "port": PUBLISHER_METRICS_PORT},
+        ]),
     };
     json!({
         "apiVersion": "networking.k8s.io/v1",
@@ -451,7 +474,7 @@ pub fn network_policy(sp: &StreamPipeline, role: Role) -> Value {
         "spec": {
             "podSelector": {"matchLabels": selector_labels(sp, role)},
             "policyTypes": ["Ingress"],
-            "ingress": [{"ports": [{"protocol": "TCP", "port": port}]}],
+            "ingress": [{"ports": ports}],
         },
     })
 }
@@ -562,7 +585,33 @@ pub(crate) mod tests {
         assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
         let ann = &d["spec"]["template"]["metadata"]["annotations"];
         assert_eq!(ann["prometheus.io/scrape"], "true");
-        assert_eq!(ann["prometheus.io/port"], PUBLISHER_PORT.to_string());
+        assert_eq!(
+            ann["prometheus.io/port"],
+            PUBLISHER_METRICS_PORT.to_string()
+        );
+        // /metrics has its own container port, which the Service leaves out.
+        assert_eq!(
+            c["ports"],
+            json!([
+                {"name": "http", "containerPort": PUBLISHER_PORT, "protocol": "TCP"},
+                {"name": "metrics", "containerPort": PUBLISHER_METRICS_PORT, "protocol": "TCP"},
+            ])
+        );
+        assert_eq!(
+            env_of(&d, names::METRICS_LISTEN)["value"],
+            format!("0.0.0.0:{PUBLISHER_METRICS_PORT}")
+        );
+        let svc = publisher_service(&sample());
+        let ports = svc["spec"]["ports"].as_array().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0]["targetPort"], "http");
+        // The reducer keeps one port for everything.
+        let r = reducer_deployment(&sample());
+        assert_eq!(container(&r)["ports"].as_array().unwrap().len(), 1);
+        assert_eq!(
+            r["spec"]["template"]["metadata"]["annotations"]["prometheus.io/port"],
+            REDUCER_PORT.to_string()
+        );
         assert_eq!(pod["automountServiceAccountToken"], false);
     }
 
@@ -596,9 +645,12 @@ pub(crate) mod tests {
 
     #[test]
     fn network_policies_admit_only_the_http_port() {
-        for (role, port) in [
-            (Role::Reducer, REDUCER_PORT),
-            (Role::Publisher, PUBLISHER_PORT),
+        for (role, ports) in [
+            (Role::Reducer, vec![REDUCER_PORT]),
+            (
+                Role::Publisher,
+                vec![PUBLISHER_PORT, PUBLISHER_METRICS_PORT],
+            ),
         ] {
             let np = network_policy(&sample(), role);
             assert_eq!(np["metadata"]["name"], child_name(&sample(), role));
@@ -609,7 +661,10 @@ pub(crate) mod tests {
             assert_eq!(np["spec"]["policyTypes"], json!(["Ingress"]));
             assert_eq!(
                 np["spec"]["ingress"],
-                json!([{"ports": [{"protocol": "TCP", "port": port}]}])
+                json!([{"ports": ports
+                    .iter()
+                    .map(|p| json!({"protocol": "TCP", "port": p}))
+                    .collect::<Vec<_>>()}])
             );
             assert!(np["metadata"]["ownerReferences"].is_array());
         }

@@ -99,11 +99,20 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> warp::re
 /// The reply for an [`Error`].
 pub fn error_from(e: &Error) -> warp::reply::Response {
     let (status, code) = e.status_and_code();
-    let message = match e {
+    error_response(status, code, &public_message(e))
+}
+
+/// What a client may read about an error: a 4xx's own message; for a
+/// backend failure only "unavailable" (the cause, which names hosts and
+/// backend state, goes to the log).
+fn public_message(e: &Error) -> String {
+    match e {
         Error::Invalid { message, .. } => message.clone(),
-        other => format!("backend unavailable: {other}"),
-    };
-    error_response(status, code, &message)
+        other => {
+            tracing::warn!(error = %other, "request failed: backend unavailable");
+            "unavailable".to_owned()
+        }
+    }
 }
 
 fn bad(code: &'static str, msg: impl Into<String>) -> Error {
@@ -427,8 +436,65 @@ fn with_ctx(
     warp::any().map(move || ctx.clone())
 }
 
+/// A JSON request body, read within [`crate::server::BODY_READ_TIMEOUT`]
+/// (hyper bounds only the head: a client trickling a body byte by byte
+/// would otherwise hold its connection and this task for as long as it likes).
 fn json_body() -> impl Filter<Extract = (MarketsBody,), Error = Rejection> + Clone {
-    warp::body::content_length_limit(MAX_BODY_BYTES).and(warp::body::json())
+    warp::body::content_length_limit(MAX_BODY_BYTES)
+        .and(warp::header::optional::<String>("content-type"))
+        .and(warp::body::stream())
+        .and_then(read_json)
+}
+
+async fn read_json<S, B>(content_type: Option<String>, body: S) -> Result<MarketsBody, Rejection>
+where
+    S: futures_util::Stream<Item = Result<B, warp::Error>> + Send,
+    B: bytes::Buf,
+{
+    use futures_util::TryStreamExt;
+    if content_type.is_some_and(|ct| {
+        let ct = ct.to_ascii_lowercase();
+        !(ct.starts_with("application/json") || ct.contains("+json"))
+    }) {
+        return Err(warp::reject::custom(Error::invalid(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send application/json",
+        )));
+    }
+    let read = body.try_fold(Vec::new(), |mut acc, mut chunk| async move {
+        while chunk.has_remaining() {
+            let c = chunk.chunk();
+            acc.extend_from_slice(c);
+            let n = c.len();
+            chunk.advance(n);
+        }
+        Ok(acc)
+    });
+    let bytes = match tokio::time::timeout(crate::server::BODY_READ_TIMEOUT, read).await {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => {
+            return Err(warp::reject::custom(Error::invalid(
+                StatusCode::BAD_REQUEST,
+                "invalid_body",
+                format!("the body could not be read: {e}"),
+            )))
+        }
+        Err(_) => {
+            return Err(warp::reject::custom(Error::invalid(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the request body did not arrive in time",
+            )))
+        }
+    };
+    serde_json::from_slice(&bytes).map_err(|e| {
+        warp::reject::custom(Error::invalid(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            e.to_string(),
+        ))
+    })
 }
 
 /// All control API routes under `/v1`.
@@ -537,22 +603,23 @@ pub async fn recover(
             "unsupported_media_type",
             "send application/json".to_string(),
         )
-    } else if let Some(e) = err.find::<warp::filters::cors::CorsForbidden>() {
-        (StatusCode::FORBIDDEN, "origin_not_allowed", e.to_string())
+    } else if let Some(e) = err.find::<Error>() {
+        // Before 405: another route's method mismatch must not hide ours
+        // (a refused origin, a body timeout).
+        let (s, c) = e.status_and_code();
+        (s, c, public_message(e))
     } else if err.find::<warp::reject::MethodNotAllowed>().is_some() {
         (
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             "method not allowed".to_string(),
         )
-    } else if let Some(e) = err.find::<Error>() {
-        let (s, c) = e.status_and_code();
-        (s, c, e.to_string())
     } else {
+        tracing::warn!(rejection = ?err, "request failed: unhandled rejection");
         (
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            format!("{err:?}"),
+            "internal error".to_string(),
         )
     };
     ctx.metrics.rejected.with_label_values(&[code]).inc();
@@ -610,6 +677,20 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn public_messages_hide_backend_details() {
+        let e = Error::Redis(redis::RedisError::from((
+            redis::ErrorKind::Io,
+            "timed out",
+            "redis-0.internal:6379".to_owned(),
+        )));
+        assert_eq!(public_message(&e), "unavailable");
+        let e = Error::Config("rediss://user:secret@host".into());
+        assert_eq!(public_message(&e), "unavailable");
+        let e = Error::invalid(StatusCode::BAD_REQUEST, "invalid_market", "bad id");
+        assert_eq!(public_message(&e), "bad id");
     }
 
     #[test]

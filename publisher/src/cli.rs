@@ -14,6 +14,9 @@ use crate::{Config, DEFAULT_CHANNEL_IDLE_TTL};
 /// Default listen address (port [`streampipe_contract::deploy::PUBLISHER_HTTP_PORT`], checked by a test).
 const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
 
+/// Default internal address (port [`streampipe_contract::deploy::PUBLISHER_METRICS_PORT`], checked by a test).
+const DEFAULT_METRICS_LISTEN: &str = "0.0.0.0:9090";
+
 /// Serves browsers: WebSocket and SSE streams of their channels, the REST
 /// control API, and the live odds page.
 #[derive(Debug, Parser)]
@@ -50,12 +53,26 @@ pub struct Args {
     /// Redis is a Redis Cluster (the URL may then list several seed nodes, comma-separated).
     #[arg(long, env = env::REDIS_CLUSTER, default_value_t = false)]
     pub redis_cluster: bool,
-    /// Address to serve on (API, streams, page, /metrics, /healthz, /readyz).
+    /// Public address (API, streams, page, /healthz, /readyz).
     #[arg(long, env = env::LISTEN, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// Origins allowed to open streams (comma-separated); empty allows all.
+    /// Internal address (/metrics, /healthz, /readyz): keep it off the public Service.
+    #[arg(long, env = env::METRICS_LISTEN, default_value = DEFAULT_METRICS_LISTEN)]
+    pub metrics_listen: SocketAddr,
+    /// Most open connections on the public address; beyond it new ones get 503.
+    #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS)]
+    pub max_connections: usize,
+    /// Cross-origin pages allowed to use the API and streams (comma-separated exact
+    /// origins, e.g. https://odds.example). The publisher's own pages are always allowed;
+    /// empty allows no other.
     #[arg(long, env = env::ALLOWED_ORIGINS, value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// Development only: allow every origin.
+    #[arg(long, env = env::DEV_ANY_ORIGIN, default_value_t = false)]
+    pub dev_any_origin: bool,
+    /// Longest life of an SSE stream in seconds; the client then reconnects with `since`.
+    #[arg(long, env = env::SSE_MAX_LIFETIME_SECONDS, default_value_t = crate::sse::DEFAULT_MAX_LIFETIME.as_secs())]
+    pub sse_max_lifetime_seconds: u64,
     /// Markets the demo page shows (comma-separated).
     #[arg(long, env = env::DEMO_MARKETS, value_delimiter = ',')]
     pub demo_markets: Vec<String>,
@@ -97,12 +114,14 @@ impl Args {
             .kafka_security
             .security()
             .map_err(|e| Error::Config(e.to_string()))?;
-        config.allowed_origins = self
+        config.origins.allowed = self
             .allowed_origins
             .iter()
+            .map(|o| o.trim().trim_end_matches('/').to_owned())
             .filter(|o| !o.is_empty())
-            .cloned()
             .collect();
+        config.origins.any = self.dev_any_origin;
+        config.sse_max_lifetime = Duration::from_secs(self.sse_max_lifetime_seconds.max(1));
         config.demo_markets = self
             .demo_markets
             .iter()
@@ -110,6 +129,7 @@ impl Args {
             .cloned()
             .collect();
         config.channel_idle_ttl = Duration::from_secs(self.channel_idle_ttl_seconds);
+        config.max_connections = self.max_connections.max(1);
         Ok(config)
     }
 }
@@ -123,6 +143,14 @@ mod tests {
         assert!(DEFAULT_LISTEN.ends_with(&format!(
             ":{}",
             streampipe_contract::deploy::PUBLISHER_HTTP_PORT
+        )));
+    }
+
+    #[test]
+    fn metrics_listen_default_uses_the_contract_port() {
+        assert!(DEFAULT_METRICS_LISTEN.ends_with(&format!(
+            ":{}",
+            streampipe_contract::deploy::PUBLISHER_METRICS_PORT
         )));
     }
 

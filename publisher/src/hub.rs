@@ -408,8 +408,9 @@ impl Hub {
             }
             Topic::Channel(channel) => match decode_channel_message(payload) {
                 Ok(ChannelMessage::Closed) => {
-                    self.table()
-                        .for_each_member(channel, |o| o.close(4410, "channel closed"));
+                    self.table().for_each_member(channel, |o| {
+                        o.close(streampipe_contract::close::CHANNEL_CLOSED, "channel closed")
+                    });
                 }
                 Ok(ChannelMessage::MarketsChanged) => {
                     let queued = self

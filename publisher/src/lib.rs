@@ -24,10 +24,12 @@ pub mod hub;
 pub mod ingest;
 pub mod janitor;
 pub mod metrics;
+pub mod origin;
 pub mod outbox;
 pub mod pubsub;
 pub mod registry;
 pub mod resp;
+pub mod server;
 pub mod sse;
 pub mod subscriber;
 pub mod table;
@@ -71,14 +73,18 @@ pub struct Config {
     pub kafka_security: KafkaSecurity,
     /// TLS files for a `rediss://` URL.
     pub redis_tls: RedisTls,
-    /// Origins allowed to open streams; empty allows all.
-    pub allowed_origins: Vec<String>,
+    /// Which web pages may use the API and streams (see [`origin`]).
+    pub origins: origin::OriginPolicy,
+    /// Longest life of an SSE stream (see [`sse`]).
+    pub sse_max_lifetime: std::time::Duration,
     /// Markets the demo page shows (`GET /v1/demo/markets`).
     pub demo_markets: Vec<String>,
     /// A channel with no stream for this long is closed.
     pub channel_idle_ttl: std::time::Duration,
     /// How often pods mark live channels and one of them sweeps idle ones.
     pub janitor_interval: std::time::Duration,
+    /// Most open connections on the public port (see [`server`]).
+    pub max_connections: usize,
 }
 
 /// Default channel TTL: a tab left closed for a day does not come back to
@@ -102,10 +108,12 @@ impl Config {
             kafka_options: Vec::new(),
             kafka_security: KafkaSecurity::default(),
             redis_tls: RedisTls::default(),
-            allowed_origins: Vec::new(),
+            origins: origin::OriginPolicy::default(),
+            sse_max_lifetime: sse::DEFAULT_MAX_LIFETIME,
             demo_markets: Vec::new(),
             channel_idle_ttl: DEFAULT_CHANNEL_IDLE_TTL,
             janitor_interval: DEFAULT_JANITOR_INTERVAL,
+            max_connections: server::DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -131,10 +139,9 @@ pub struct Context {
 }
 
 impl Context {
-    /// Whether a stream request from `origin` may connect.
-    pub fn origin_allowed(&self, origin: Option<&str>) -> bool {
-        self.config.allowed_origins.is_empty()
-            || origin.is_some_and(|o| self.config.allowed_origins.iter().any(|a| a == o))
+    /// Whether a stream request from `origin` (to `host`) may connect.
+    pub fn origin_allowed(&self, origin: Option<&str>, host: Option<&str>) -> bool {
+        self.config.origins.allows(origin, host)
     }
 }
 
@@ -244,7 +251,55 @@ fn static_file(body: &'static str, content_type: &'static str) -> warp::reply::R
     warp::reply::with_header(body, "content-type", content_type).into_response()
 }
 
-/// Every route of the publisher.
+type Route = warp::filters::BoxedFilter<(warp::reply::Response,)>;
+
+/// `/healthz` and `/readyz`: served on both ports (the public one for
+/// load balancers, the internal one next to `/metrics`).
+fn probes(ctx: &Arc<Context>) -> (Route, Route) {
+    let healthz = warp::path!("healthz")
+        .and(warp::get())
+        .map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response())
+        .boxed();
+    let c = ctx.clone();
+    let readyz = warp::path!("readyz")
+        .and(warp::get())
+        .map(move || {
+            if c.hub.is_connected() && !*c.shutdown.borrow() {
+                warp::reply::with_status("ok\n", StatusCode::OK).into_response()
+            } else {
+                warp::reply::with_status("not ready\n", StatusCode::SERVICE_UNAVAILABLE)
+                    .into_response()
+            }
+        })
+        .boxed();
+    (healthz, readyz)
+}
+
+/// The internal port's routes: `/metrics` (never on the public port: it
+/// names channels' counts, error reasons and backend state) and the probes.
+pub fn internal_routes(
+    ctx: Arc<Context>,
+) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
+    let m = ctx.metrics.clone();
+    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
+        warp::reply::with_header(m.render(), "content-type", "text/plain; version=0.0.4")
+            .into_response()
+    });
+    let (healthz, readyz) = probes(&ctx);
+    metrics
+        .or(healthz)
+        .unify()
+        .or(readyz)
+        .unify()
+        .recover(|_| async {
+            Ok::<_, Infallible>(
+                warp::reply::with_status("not found\n", StatusCode::NOT_FOUND).into_response(),
+            )
+        })
+        .unify()
+}
+
+/// Every public route of the publisher.
 pub fn routes(
     ctx: Arc<Context>,
 ) -> impl Filter<Extract = (impl Reply,), Error = Infallible> + Clone {
@@ -257,18 +312,22 @@ pub fn routes(
         .and(warp::header::optional::<String>("sec-websocket-version"))
         .and(warp::header::optional::<String>("sec-websocket-key"))
         .and(warp::header::optional::<String>("origin"))
-        .map(|ch: String, connection, upgrade, version, key, origin| {
-            (
-                ch,
-                ws::Upgrade {
-                    connection,
-                    upgrade,
-                    version,
-                    key,
-                    origin,
-                },
-            )
-        })
+        .and(warp::header::optional::<String>("host"))
+        .map(
+            |ch: String, connection, upgrade, version, key, origin, host| {
+                (
+                    ch,
+                    ws::Upgrade {
+                        connection,
+                        upgrade,
+                        version,
+                        key,
+                        origin,
+                        host,
+                    },
+                )
+            },
+        )
         .untuple_one()
         .and(warp::query::<StreamParams>())
         .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
@@ -278,7 +337,6 @@ pub fn routes(
     let sse = warp::path!("v1" / "sse" / String)
         .and(warp::get())
         .and(warp::query::<StreamParams>())
-        .and(warp::header::optional::<String>("origin"))
         .and(with_ctx.clone())
         .and_then(sse::handle)
         .boxed();
@@ -288,22 +346,7 @@ pub fn routes(
     let client = warp::path!("streampipe.js")
         .and(warp::get())
         .map(|| static_file(CLIENT_JS, "text/javascript; charset=utf-8"));
-    let m = ctx.metrics.clone();
-    let metrics = warp::path!("metrics").and(warp::get()).map(move || {
-        warp::reply::with_header(m.render(), "content-type", "text/plain; version=0.0.4")
-            .into_response()
-    });
-    let healthz = warp::path!("healthz")
-        .and(warp::get())
-        .map(|| warp::reply::with_status("ok\n", StatusCode::OK).into_response());
-    let c = ctx.clone();
-    let readyz = warp::path!("readyz").and(warp::get()).map(move || {
-        if c.hub.is_connected() && !*c.shutdown.borrow() {
-            warp::reply::with_status("ok\n", StatusCode::OK).into_response()
-        } else {
-            warp::reply::with_status("not ready\n", StatusCode::SERVICE_UNAVAILABLE).into_response()
-        }
-    });
+    let (healthz, readyz) = probes(&ctx);
     let m = ctx.metrics.clone();
     let log = warp::log::custom(move |info| {
         let route = api::route_label(info.method().as_str(), info.path());
@@ -312,34 +355,30 @@ pub fn routes(
             .inc();
     });
     let recover_ctx = ctx.clone();
-    // Cross-origin pages may use the control API and SSE: CORS for the
-    // configured origins (any origin when none is configured).
-    let cors = warp::cors()
-        .allow_methods(["GET", "POST", "DELETE"])
-        .allow_headers(["content-type"])
-        .max_age(600);
-    let cors = if ctx.config.allowed_origins.is_empty() {
-        cors.allow_any_origin()
-    } else {
-        cors.allow_origins(ctx.config.allowed_origins.iter().map(String::as_str))
-    };
-    stream
-        .or(sse)
+    // Origins: the stream endpoint answers a refused origin itself (close
+    // 4403 after the upgrade, so the JS client sees the code); every other
+    // route is guarded before routing (403) and gets CORS headers for an
+    // allowed cross-origin page.
+    let policy = ctx.config.origins.clone();
+    let guarded = origin::guard(policy.clone())
+        .and(
+            sse.or(api::routes(ctx))
+                .unify()
+                .or(index)
+                .unify()
+                .or(client)
+                .unify()
+                .or(healthz)
+                .unify()
+                .or(readyz)
+                .unify(),
+        )
+        .map(origin::with_cors);
+    origin::preflight(policy)
+        .or(stream)
         .unify()
-        .or(api::routes(ctx))
+        .or(guarded)
         .unify()
-        .or(index)
-        .unify()
-        .or(client)
-        .unify()
-        .or(metrics)
-        .unify()
-        .or(healthz)
-        .unify()
-        .or(readyz)
-        .unify()
-        .with(cors)
-        .map(Reply::into_response)
         .recover(move |err| api::recover(recover_ctx.clone(), err))
         .unify()
         .with(log)
@@ -365,20 +404,45 @@ fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
     Ok(socket.listen(LISTEN_BACKLOG)?)
 }
 
-/// Serves the publisher on `addr` until `shutdown` turns true; returns the
-/// bound address and the server task.
+/// Connections the internal port serves at once: Prometheus and probes.
+pub const MAX_INTERNAL_CONNECTIONS: usize = 64;
+
+/// Serves the publisher's public routes on `addr` until `shutdown` turns
+/// true (see [`server`] for the limits); returns the bound address and the
+/// server task.
 pub async fn serve(
     addr: SocketAddr,
     ctx: Arc<Context>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = listen(addr)?;
     let local = listener.local_addr()?;
-    let mut shutdown = ctx.shutdown.clone();
-    let server = warp::serve(routes(ctx))
-        .incoming(listener)
-        .graceful(async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .run();
+    let server = server::run(
+        listener,
+        routes(ctx.clone()),
+        ctx.config.max_connections,
+        server::ConnMetrics {
+            open: ctx.metrics.http_connections.clone(),
+            refused: ctx.metrics.connections_refused.clone(),
+        },
+        ctx.shutdown.clone(),
+    );
+    Ok((local, tokio::spawn(server)))
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` on the internal `addr`
+/// (port [`streampipe_contract::deploy::PUBLISHER_METRICS_PORT`] in a pod).
+pub async fn serve_internal(
+    addr: SocketAddr,
+    ctx: Arc<Context>,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    let listener = listen(addr)?;
+    let local = listener.local_addr()?;
+    let server = server::run(
+        listener,
+        internal_routes(ctx.clone()),
+        MAX_INTERNAL_CONNECTIONS,
+        server::ConnMetrics::unexported(),
+        ctx.shutdown.clone(),
+    );
     Ok((local, tokio::spawn(server)))
 }

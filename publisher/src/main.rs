@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::Parser;
 use streampipe_publisher::cli::Args;
-use streampipe_publisher::{context, serve, Metrics};
+use streampipe_publisher::{context, serve, serve_internal, Metrics};
 
 /// How long shutdown waits for stream connections to close after telling
 /// them to (1001): they only need to write a close frame.
@@ -37,7 +37,10 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("starting the publisher")?;
     let (addr, server) = serve(args.listen, ctx.clone()).await.context("binding")?;
-    tracing::info!(%addr, "publisher listening");
+    let (internal, _internal_server) = serve_internal(args.metrics_listen, ctx.clone())
+        .await
+        .context("binding the internal port")?;
+    tracing::info!(%addr, %internal, "publisher listening (public, internal)");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
@@ -46,7 +49,10 @@ async fn main() -> anyhow::Result<()> {
     }
     tracing::info!("shutting down: closing streams with 1001");
     let _ = stop.send(true);
-    ctx.hub.close_all(1001, "publisher shutting down");
+    ctx.hub.close_all(
+        streampipe_contract::close::GOING_AWAY,
+        "publisher shutting down",
+    );
     let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
     while ctx.hub.member_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(50)).await;

@@ -49,6 +49,10 @@ pub struct Metrics {
     pub channels_expired: IntCounter,
     /// Producer timestamp → the update reached this pod from Redis.
     pub update_latency: Histogram,
+    /// Open TCP connections on the public port (any kind: API, streams, idle keep-alive).
+    pub http_connections: IntGauge,
+    /// Connections refused with 503 because the pod was at its connection cap.
+    pub connections_refused: IntCounter,
 }
 
 impl Default for Metrics {
@@ -244,6 +248,22 @@ impl Metrics {
                         "Producer timestamp to the update reaching this pod from Redis"
                     )
                     .buckets(exponential_buckets(0.001, 2.0, 14).expect("valid"))
+                )
+                .expect("valid")
+            ),
+            http_connections: reg!(
+                r,
+                IntGauge::new(
+                    "streampipe_publisher_http_connections",
+                    "Open TCP connections on the public port"
+                )
+                .expect("valid")
+            ),
+            connections_refused: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_connections_refused_total",
+                    "Connections answered 503 because the pod was at its connection cap"
                 )
                 .expect("valid")
             ),

@@ -234,7 +234,7 @@ impl Outbox {
             g.last_progress = now;
         } else if now.duration_since(g.last_progress) > SLOW_CLIENT_TIMEOUT {
             drop(g);
-            self.close(4408, "client too slow");
+            self.close(streampipe_contract::close::TOO_SLOW, "client too slow");
             return Pushed::TooSlow;
         }
         let item = Item::Message {

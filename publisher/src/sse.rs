@@ -4,13 +4,21 @@
 //! (subscribed), then the outbox's items as events. SSE is one-way, so
 //! `begin` is `?begin=1` (or `POST /v1/channels/<id>/begin`). A slow reader
 //! simply stops polling the body; its outbox conflates meanwhile.
+//!
+//! A stream lives at most its maximum lifetime (`--sse-max-lifetime-seconds`,
+//! less a random tenth so streams opened together do not all reconnect
+//! together), then ends with a `close` event carrying
+//! [`code::LIFETIME_REACHED`]; the client reconnects at once with its
+//! `since`. It bounds how long one connection pins a pod (load spreads again
+//! after a scale-out) and how long a forgotten stream holds a connection
+//! slot. Origins are checked before routing (see [`crate::origin`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream;
-use streampipe_contract::validate_channel_id;
+use streampipe_contract::{close as code, validate_channel_id};
 use warp::http::StatusCode;
 use warp::sse::Event;
 use warp::Reply;
@@ -23,12 +31,25 @@ use crate::{api, Context, StreamParams};
 /// Keep-alive comment interval: below common proxy idle timeouts.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
+/// Default maximum lifetime of an SSE stream: long enough that reconnects
+/// cost nothing noticeable (one `begin` with `since` an hour), short enough
+/// that a scale-out rebalances within the hour.
+pub const DEFAULT_MAX_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// The lifetime of one stream: `max` less up to a tenth, at random.
+fn lifetime(max: Duration) -> Duration {
+    let spread = max / 10;
+    let r = (uuid::Uuid::new_v4().as_u128() % 1024) as u32;
+    max - spread * r / 1024
+}
+
 struct State {
     outbox: Arc<Outbox>,
     _membership: Membership,
     _gauge: GaugeGuard,
     first: Option<Event>,
     done: bool,
+    deadline: tokio::time::Instant,
     ctx: Arc<Context>,
 }
 
@@ -36,7 +57,6 @@ struct State {
 pub async fn handle(
     channel: String,
     params: StreamParams,
-    origin: Option<String>,
     ctx: Arc<Context>,
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let m = &ctx.metrics;
@@ -46,14 +66,6 @@ pub async fn handle(
             StatusCode::BAD_REQUEST,
             "invalid_channel",
             &e.to_string(),
-        ));
-    }
-    if !ctx.origin_allowed(origin.as_deref()) {
-        m.rejected.with_label_values(&["origin_not_allowed"]).inc();
-        return Ok(api::error_response(
-            StatusCode::FORBIDDEN,
-            "origin_not_allowed",
-            "origin not allowed",
         ));
     }
     let since = match params.since() {
@@ -91,6 +103,7 @@ pub async fn handle(
         _gauge: gauge,
         first: Some(Event::default().event("subscribed").data(ack.to_string())),
         done: false,
+        deadline: tokio::time::Instant::now() + lifetime(ctx.config.sse_max_lifetime),
         ctx: ctx.clone(),
     };
     let events = stream::unfold(state, |mut st| async move {
@@ -129,7 +142,13 @@ pub async fn handle(
                 _ = st.outbox.notified() => {}
                 _ = shutdown.changed() => {
                     st.done = true;
-                    let data = serde_json::json!({"type": "close", "code": 1001, "reason": "publisher shutting down"});
+                    let data = serde_json::json!({"type": "close", "code": code::GOING_AWAY, "reason": "publisher shutting down"});
+                    return Some((Ok(Event::default().event("close").data(data.to_string())), st));
+                }
+                _ = tokio::time::sleep_until(st.deadline) => {
+                    st.done = true;
+                    st.ctx.metrics.closes.with_label_values(&[&code::LIFETIME_REACHED.to_string()]).inc();
+                    let data = serde_json::json!({"type": "close", "code": code::LIFETIME_REACHED, "reason": "stream lifetime reached; reconnect with since"});
                     return Some((Ok(Event::default().event("close").data(data.to_string())), st));
                 }
             }

@@ -16,13 +16,14 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
-use streampipe_contract::validate_channel_id;
+use streampipe_contract::{close as code, validate_channel_id, MAX_UPDATE_MESSAGE_BYTES};
+use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{Message, Utf8Bytes};
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
-use tracing::debug;
+use tracing::{debug, warn};
 use warp::http::{Response, StatusCode};
 use warp::hyper::body::Bytes as HyperBytes;
 
@@ -62,13 +63,22 @@ pub const WRITE_TIMEOUT: Duration = crate::outbox::SLOW_CLIENT_TIMEOUT;
 /// the buffer a busy connection keeps stays small.
 pub const WRITE_BATCH: usize = 8 * 1024;
 
+/// Largest WebSocket frame header (opcode, 64-bit length; servers do not mask).
+const MAX_FRAME_HEADER: usize = 10;
+
+/// tungstenite refuses a frame that would take its write buffer past this
+/// (`WriteBufferFull`, and the connection is lost). Derived from the
+/// contract's largest update, above a full batch plus one such update, so
+/// every update the reducers accept reaches every client.
+pub const MAX_WRITE_BUFFER: usize = WRITE_BATCH + MAX_UPDATE_MESSAGE_BYTES + MAX_FRAME_HEADER;
+
 /// The WebSocket configuration of every stream connection.
 pub fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         // Frames are fed one by one and flushed once per outbox drain.
         .write_buffer_size(WRITE_BATCH)
-        .max_write_buffer_size(256 * 1024)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .max_message_size(Some(MAX_CLIENT_FRAME))
         .max_frame_size(Some(MAX_CLIENT_FRAME))
 }
@@ -86,6 +96,21 @@ pub struct Upgrade {
     pub key: Option<String>,
     /// `Origin`.
     pub origin: Option<String>,
+    /// `Host` (an Origin naming it is the page's own origin).
+    pub host: Option<String>,
+}
+
+/// Whether `key` is what RFC 6455 §4.1 requires of `Sec-WebSocket-Key`:
+/// the base64 encoding of 16 bytes, i.e. 22 base64 characters (the last
+/// carrying two bits, so one of `A`, `Q`, `g`, `w`) and `==`.
+pub fn valid_key(key: &str) -> bool {
+    let b = key.trim().as_bytes();
+    b.len() == 24
+        && &b[22..] == b"=="
+        && b[..22]
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || *c == b'+' || *c == b'/')
+        && matches!(b[21], b'A' | b'Q' | b'g' | b'w')
 }
 
 /// Handles `GET /v1/stream/<channel>`.
@@ -103,18 +128,37 @@ pub async fn handle(
         && headers
             .upgrade
             .as_deref()
-            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"))
-        && headers.version.as_deref() == Some("13");
-    let (Some(key), Some(on_upgrade), true) = (headers.key, on_upgrade, is_ws) else {
-        ctx.metrics
-            .rejected
-            .with_label_values(&["websocket_required"])
-            .inc();
-        return Ok(api::error_response(
+            .is_some_and(|u| u.eq_ignore_ascii_case("websocket"));
+    let reject = |status, reason: &'static str, message: &str| -> Result<_, warp::Rejection> {
+        ctx.metrics.rejected.with_label_values(&[reason]).inc();
+        Ok(api::error_response(status, reason, message))
+    };
+    let (Some(on_upgrade), true) = (on_upgrade, is_ws) else {
+        return reject(
             StatusCode::BAD_REQUEST,
             "websocket_required",
             "this endpoint needs a WebSocket upgrade (version 13)",
-        ));
+        );
+    };
+    if headers.version.as_deref().map(str::trim) != Some("13") {
+        // RFC 6455 §4.4: answer with the versions we speak.
+        let mut resp = reject(
+            StatusCode::UPGRADE_REQUIRED,
+            "unsupported_websocket_version",
+            "only WebSocket version 13 is spoken",
+        )?;
+        resp.headers_mut().insert(
+            "sec-websocket-version",
+            warp::http::HeaderValue::from_static("13"),
+        );
+        return Ok(resp);
+    }
+    let Some(key) = headers.key.filter(|k| valid_key(k)) else {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "invalid_websocket_key",
+            "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
+        );
     };
     if let Err(e) = validate_channel_id(&channel) {
         ctx.metrics
@@ -141,7 +185,7 @@ pub async fn handle(
             ));
         }
     };
-    let origin_ok = ctx.origin_allowed(headers.origin.as_deref());
+    let origin_ok = ctx.origin_allowed(headers.origin.as_deref(), headers.host.as_deref());
     let accept = derive_accept_key(key.as_bytes());
     tokio::spawn(async move {
         let upgraded = match on_upgrade.await {
@@ -216,6 +260,23 @@ async fn close(ws: &mut Ws, ctx: &Context, code: u16, reason: &'static str) {
     }
 }
 
+/// The close code, reason and metric label a read error deserves; `None`
+/// when the connection is simply gone (reset, EOF, I/O error), which needs
+/// no close frame and is no protocol error.
+fn read_error_close(e: &WsError) -> Option<(u16, &'static str, &'static str)> {
+    match e {
+        WsError::Capacity(_) => Some((code::TOO_BIG, "frame too large", "frame_too_large")),
+        WsError::Utf8(_) => Some((
+            code::INVALID_PAYLOAD,
+            "text frame is not UTF-8",
+            "invalid_utf8",
+        )),
+        WsError::Protocol(ProtocolError::ResetWithoutClosingHandshake) => None,
+        WsError::Protocol(_) => Some((code::PROTOCOL_ERROR, "protocol error", "protocol_error")),
+        _ => None,
+    }
+}
+
 /// One connection's life: check, join the channel, ack, stream.
 async fn run(
     mut ws: Ws,
@@ -231,16 +292,25 @@ async fn run(
 
     if !origin_ok {
         m.rejected.with_label_values(&["origin_not_allowed"]).inc();
-        return close(&mut ws, &ctx, 4403, "origin not allowed").await;
+        return close(
+            &mut ws,
+            &ctx,
+            code::ORIGIN_NOT_ALLOWED,
+            "origin not allowed",
+        )
+        .await;
     }
     let outbox = Arc::new(Outbox::new(since, ctx.outbox_budget.clone()));
     let (_membership, markets) = match ctx.hub.join(&channel, outbox.clone()).await {
         Ok(joined) => joined,
         Err(Error::Invalid { .. }) => {
             m.rejected.with_label_values(&["unknown_channel"]).inc();
-            return close(&mut ws, &ctx, 4404, "unknown channel").await;
+            return close(&mut ws, &ctx, code::UNKNOWN_CHANNEL, "unknown channel").await;
         }
-        Err(_) => return close(&mut ws, &ctx, 1011, "redis unavailable").await,
+        Err(e) => {
+            warn!(error = %e, "stream could not join its channel");
+            return close(&mut ws, &ctx, code::UNAVAILABLE, "unavailable").await;
+        }
     };
     let ack = serde_json::json!({"type": "subscribed", "channel": channel, "markets": markets});
     if ws.send(Message::text(ack.to_string())).await.is_err() {
@@ -282,27 +352,38 @@ async fn run(
                             }
                             Err(_) => {
                                 m.rejected.with_label_values(&["bad_frame"]).inc();
-                                return close(&mut ws, &ctx, 4400, "malformed frame").await;
+                                return close(&mut ws, &ctx, code::MALFORMED_FRAME, "malformed frame").await;
                             }
                         }
                     }
                     Some(Ok(Message::Binary(_))) => {
                         m.rejected.with_label_values(&["bad_frame"]).inc();
-                        return close(&mut ws, &ctx, 4400, "binary frames are not accepted").await;
+                        return close(&mut ws, &ctx, code::MALFORMED_FRAME, "binary frames are not accepted").await;
                     }
-                    Some(Ok(Message::Close(_))) | None => {
+                    Some(Ok(Message::Close(_))) => {
+                        // tungstenite queued the echo of the client's close
+                        // frame: send it, so the client's close handshake
+                        // completes instead of ending in a reset.
                         m.closes.with_label_values(&["client"]).inc();
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, ws.flush()).await;
+                        return;
+                    }
+                    None => {
+                        debug!("websocket connection ended without a close frame");
+                        m.closes.with_label_values(&["aborted"]).inc();
                         return;
                     }
                     Some(Ok(_)) => {} // ping (answered by tungstenite), pong
-                    Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(_))) => {
-                        m.rejected.with_label_values(&["frame_too_large"]).inc();
-                        return close(&mut ws, &ctx, 1009, "frame too large").await;
-                    }
                     Some(Err(e)) => {
-                        debug!(error = %e, "websocket read error");
-                        m.closes.with_label_values(&["error"]).inc();
-                        return;
+                        let Some((c, reason, label)) = read_error_close(&e) else {
+                            // The client went away without a close frame.
+                            debug!(error = %e, "websocket connection aborted");
+                            m.closes.with_label_values(&["aborted"]).inc();
+                            return;
+                        };
+                        debug!(error = %e, code = c, "websocket protocol error");
+                        m.rejected.with_label_values(&[label]).inc();
+                        return close(&mut ws, &ctx, c, reason).await;
                     }
                 }
             }
@@ -313,6 +394,13 @@ async fn run(
                         Item::Message { bytes, .. } => {
                             // Shares the hub's bytes (no copy per connection);
                             // the check is cheap next to the write.
+                            if bytes.len() > MAX_UPDATE_MESSAGE_BYTES {
+                                // Written before the reducers bounded records
+                                // (or by a foreign writer): skip it rather
+                                // than lose the connection over it.
+                                m.rejected.with_label_values(&["oversized_update"]).inc();
+                                continue;
+                            }
                             let Ok(text) = Utf8Bytes::try_from(bytes) else {
                                 m.rejected.with_label_values(&["bad_pubsub_message"]).inc();
                                 continue;
@@ -322,7 +410,7 @@ async fn run(
                                 Ok(Err(_)) => return,
                                 Err(_) => {
                                     m.slow_closed.inc();
-                                    return close(&mut ws, &ctx, 4408, "client too slow").await;
+                                    return close(&mut ws, &ctx, code::TOO_SLOW, "client too slow").await;
                                 }
                             }
                         }
@@ -339,22 +427,82 @@ async fn run(
                         Ok(Err(_)) => return,
                         Err(_) => {
                             m.slow_closed.inc();
-                            return close(&mut ws, &ctx, 4408, "client too slow").await;
+                            return close(&mut ws, &ctx, code::TOO_SLOW, "client too slow").await;
                         }
                     }
                 }
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() > IDLE_TIMEOUT {
-                    return close(&mut ws, &ctx, 4409, "heartbeat timeout").await;
+                    return close(&mut ws, &ctx, code::HEARTBEAT_TIMEOUT, "heartbeat timeout").await;
                 }
                 if ws.send(Message::Ping(Default::default())).await.is_err() {
                     return;
                 }
             }
             _ = shutdown.changed() => {
-                return close(&mut ws, &ctx, 1001, "publisher shutting down").await;
+                return close(&mut ws, &ctx, code::GOING_AWAY, "publisher shutting down").await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_largest_update_fits_the_write_buffer_after_a_full_batch() {
+        let c = ws_config();
+        assert!(c.max_write_buffer_size >= c.write_buffer_size + MAX_UPDATE_MESSAGE_BYTES + 10);
+    }
+
+    #[test]
+    fn handshake_keys_must_be_base64_of_16_bytes() {
+        // RFC 6455's example key.
+        assert!(valid_key("dGhlIHNhbXBsZSBub25jZQ=="));
+        assert!(valid_key("AAAAAAAAAAAAAAAAAAAAAA=="));
+        for bad in [
+            "",
+            "x",
+            "dGhlIHNhbXBsZSBub25jZQ",       // no padding
+            "dGhlIHNhbXBsZSBub25jZR==",     // 17th byte bits set: not 16 bytes
+            "dGhlIHNhbXBsZSBub25jZQ=",      // 23 characters
+            "dGhlIHNhbXBsZSBub25jZQ===",    // 25 characters
+            "dGhlIHNhbXBsZSBub25j*Q==",     // not base64
+            "dGhlIHNhbXBsZSBub25jZQ==dGhl", // longer
+        ] {
+            assert!(!valid_key(bad), "{bad:?}");
+        }
+    }
+
+    /// The JS client keeps its own copy of the close-code sets: they must be
+    /// the contract's.
+    #[test]
+    fn the_js_client_agrees_on_close_codes() {
+        let js = include_str!("../static/streampipe.js");
+        let set = |name: &str| -> Vec<u16> {
+            let start = js.find(&format!("const {name} = new Set([")).expect(name);
+            let rest = &js[start..];
+            let list = &rest[rest.find('[').unwrap() + 1..rest.find(']').unwrap()];
+            let mut v: Vec<u16> = list.split(',').map(|s| s.trim().parse().unwrap()).collect();
+            v.sort_unstable();
+            v
+        };
+        let sorted = |a: &[u16]| {
+            let mut v = a.to_vec();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(set("STOP_CODES"), sorted(&code::STOP));
+        assert_eq!(set("FATAL_CODES"), sorted(&code::FATAL));
+        assert!(js.contains(&format!(
+            "const UNKNOWN_CHANNEL = {};",
+            code::UNKNOWN_CHANNEL
+        )));
+        assert!(js.contains(&format!(
+            "const LIFETIME_REACHED = {};",
+            code::LIFETIME_REACHED
+        )));
     }
 }

@@ -85,7 +85,8 @@
  *   SSE connection fails before `subscribed`, the client probes the channel
  *   with POST /v1/channels/<id>/begin; 404 means unknown channel (as 4404).
  *   Close codes: 1001, 1006, 1011, 4408, 4409 and any code not listed below ->
- *   reconnect with backoff and since; 4404 -> create a new channel (at once
+ *   reconnect with backoff and since; 4411 (stream lifetime reached) ->
+ *   reconnect at once (first attempt) with since; 4404 -> create a new channel (at once
  *   the first time, then with backoff) and connect; 1000, 4410 -> stop;
  *   1002, 1003, 1007, 1008, 1009, 4400, 4403 -> stop with a fatal error.
  *   Channel creation: 5xx, 408, 429 and network errors are retried with
@@ -105,6 +106,7 @@
   const STOP_CODES = new Set([1000, 4410]);
   const FATAL_CODES = new Set([1002, 1003, 1007, 1008, 1009, 4400, 4403]);
   const UNKNOWN_CHANNEL = 4404;
+  const LIFETIME_REACHED = 4411; // the stream's maximum lifetime: reconnect at once with since
   const ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
   const validVersion = (v) => Number.isSafeInteger(v) && v >= 1;
   const MAX_CLIENT_FRAME = 4096; // bytes; server closes bigger frames with 1009/4400
@@ -424,6 +426,8 @@
       if (code === UNKNOWN_CHANNEL) {
         this._error(new StreamPipeError('unknown_channel', 'channel ' + this.channel + ' is unknown; creating a new one', { closeCode: code }), false);
         this.channel = null;
+        this._scheduleReconnect(true);
+      } else if (code === LIFETIME_REACHED) {
         this._scheduleReconnect(true);
       } else if (STOP_CODES.has(code)) {
         if (code === 4410) this._channelGone = true;
@@ -804,6 +808,22 @@
     }
   }
 
+  // The base URL a page may take from a `?base=` parameter: only its own
+  // origin (optionally with a path prefix, for a publisher behind a
+  // path-routing proxy). A link must not point the page at a server of the
+  // link author's choosing; anything else falls back to the page's origin.
+  StreamPipe.sameOriginBase = function (param, pageHref) {
+    const page = new URL(pageHref);
+    if (!param) return page.origin;
+    let u;
+    try {
+      u = new URL(param, page.href);
+    } catch (e) {
+      return page.origin;
+    }
+    if (u.origin !== page.origin) return page.origin;
+    return (u.origin + u.pathname).replace(/\/+$/, '');
+  };
   StreamPipe.Error = StreamPipeError;
   StreamPipe.version = '1';
   return StreamPipe;

@@ -82,6 +82,10 @@ pub struct Args {
     #[arg(long, env = env::SHUTDOWN_GRACE_SECONDS,
         default_value_t = streampipe_contract::deploy::TERMINATION_GRACE_SECONDS)]
     pub shutdown_grace_seconds: u64,
+    /// Largest version jump accepted over a market's stored version; a record further
+    /// ahead is dead-lettered (`version_jump`). Lower it for sequence-numbered producers.
+    #[arg(long, env = env::MAX_VERSION_JUMP, default_value_t = crate::store::DEFAULT_MAX_VERSION_JUMP)]
+    pub max_version_jump: u64,
     /// Extra librdkafka property for tuning, `key=value` (repeatable; comma-separated in
     /// the variable). Security settings are refused here: they have their own flags.
     #[arg(long = "kafka-option", env = env::KAFKA_OPTIONS, value_delimiter = ',', value_parser = parse_kafka_option)]
@@ -131,6 +135,7 @@ impl Args {
         config.batch_max_records = self.batch_max_records;
         config.batch_max_delay = Duration::from_millis(self.batch_max_delay_ms);
         config.session_timeout = Duration::from_millis(self.session_timeout_ms);
+        config.max_version_jump = self.max_version_jump.max(1);
         config.kafka_options = self.kafka_options.clone();
         config.kafka_security = self
             .kafka_security

@@ -119,6 +119,9 @@ pub struct Config {
     pub kafka_security: KafkaSecurity,
     /// TLS files for a `rediss://` URL.
     pub redis_tls: RedisTls,
+    /// Largest version jump over a market's stored version; a record
+    /// further ahead is dead-lettered (`version_jump`).
+    pub max_version_jump: u64,
 }
 
 impl Config {
@@ -141,6 +144,7 @@ impl Config {
             kafka_options: Vec::new(),
             kafka_security: KafkaSecurity::default(),
             redis_tls: RedisTls::default(),
+            max_version_jump: crate::store::DEFAULT_MAX_VERSION_JUMP,
         }
     }
 
@@ -596,6 +600,13 @@ impl Inner {
                             .commands
                             .with_label_values(&["unsubscribe"])
                             .inc(),
+                        Effect::ResetMarket { market } => {
+                            self.metrics
+                                .commands
+                                .with_label_values(&["reset_market"])
+                                .inc();
+                            warn!(%market, "operator reset: the market's stored state and version are deleted");
+                        }
                         _ => {}
                     }
                     self.batch.effects.push(e);
@@ -679,7 +690,11 @@ impl Inner {
                     self.metrics.updates_applied.inc_by(outcome.applied);
                     self.metrics.updates_stale.inc_by(outcome.stale);
                     self.metrics.publishes.inc_by(outcome.published);
-                    self.send_dead_letters(batch.dead_letters);
+                    let mut letters = batch.dead_letters;
+                    for j in outcome.jumped {
+                        letters.push(self.version_jump_letter(j));
+                    }
+                    self.send_dead_letters(letters);
                     self.store_offsets(consumer, &batch.next_offsets);
                 }
                 Done::Failed { seq, error } => {
@@ -721,6 +736,35 @@ impl Inner {
             // A partition revoked meanwhile refuses its offset; the new owner
             // redoes those records, which the version guard makes harmless.
             debug!(error = %e, "some offsets were not stored");
+        }
+    }
+
+    /// The dead letter of an update Redis refused as jumping too far ahead.
+    /// Its value is the update as the reducer encoded it (the decision is
+    /// made in Redis, after the record's bytes were released).
+    fn version_jump_letter(&mut self, j: crate::store::Jumped) -> DeadLetter {
+        let kind = "version_jump";
+        self.metrics
+            .malformed
+            .with_label_values(&[TopicKind::Data.as_str(), kind])
+            .inc();
+        let reason = format!(
+            "version {} is more than {} ahead of the stored version",
+            j.version, self.config.max_version_jump
+        );
+        if self.logged_reasons.insert((TopicKind::Data, kind)) {
+            warn!(market = %j.market, partition = j.partition, offset = j.offset, %reason,
+                "record refused (further ones of this kind are logged at debug)");
+        } else {
+            debug!(market = %j.market, partition = j.partition, offset = j.offset, %reason, "record refused");
+        }
+        DeadLetter {
+            topic: self.config.data_topic.clone(),
+            partition: j.partition,
+            offset: j.offset,
+            key: Some(j.market.as_bytes().to_vec()),
+            value: Some(j.message),
+            reason,
         }
     }
 
@@ -830,6 +874,7 @@ impl Runner {
                 tls.as_ref(),
                 timeout,
             )
+            .map(|s| s.with_max_version_jump(config.max_version_jump))
         };
         let loader = open(keys.clone(), REDIS_TIMEOUT)?;
         let pinger = Pinger::start(

@@ -126,6 +126,17 @@ pub enum Effect {
         /// At least one channel is subscribed to the market: publish it.
         /// Unwatched markets are only stored (nobody could receive them).
         watched: bool,
+        /// Source partition of the record (for a dead letter when Redis
+        /// refuses the version as too far ahead of the stored one).
+        partition: i32,
+        /// Source offset of the record.
+        offset: i64,
+    },
+    /// Operator reset: delete the market's stored state (its version with
+    /// it), so the next update is accepted whatever its version.
+    ResetMarket {
+        /// Market id.
+        market: Arc<str>,
     },
     /// Persist a new subscription in both map directions and the partition
     /// index; when it made the market watched, then announce the market.
@@ -391,7 +402,7 @@ impl Core {
                     offset: r.offset,
                 };
                 match decode_update(r.key, value, r.timestamp, pos) {
-                    Ok(update) => self.on_update(r.partition, update, out),
+                    Ok(update) => self.on_update(r.partition, r.offset, update, out),
                     Err(e) => Self::dead_letter(&r, &e, out),
                 }
             }
@@ -421,6 +432,9 @@ impl Core {
                         CommandKind::Unsubscribe => {
                             self.on_unsubscribe(r.partition, &cmd.market, &cmd.channel, out)
                         }
+                        CommandKind::ResetMarket => out.push(Effect::ResetMarket {
+                            market: cmd.market.into(),
+                        }),
                     }
                 }
                 Err(e) => Self::dead_letter(&r, &e, out),
@@ -428,7 +442,13 @@ impl Core {
         }
     }
 
-    fn on_update(&mut self, partition: i32, update: MarketUpdate, out: &mut Vec<Effect>) {
+    fn on_update(
+        &mut self,
+        partition: i32,
+        offset: i64,
+        update: MarketUpdate,
+        out: &mut Vec<Effect>,
+    ) {
         let message = update.encode();
         let markets = self.owned.get(&partition).expect("checked by on_record");
         let (market, watched) = match markets.get_key_value(update.market.as_str()) {
@@ -444,6 +464,8 @@ impl Core {
             ts: update.ts,
             message,
             watched,
+            partition,
+            offset,
         });
     }
 
@@ -773,6 +795,51 @@ mod tests {
                 ..
             }]
         ));
+        assert_eq!(core.channels_of("M1"), vec!["c1"]);
+    }
+
+    #[test]
+    fn oversized_and_deep_records_are_dead_lettered_and_the_partition_flows() {
+        let mut core = core_owning_all();
+        let big = format!(
+            r#"{{"payload":"{}"}}"#,
+            "x".repeat(streampipe_contract::MAX_RECORD_BYTES)
+        );
+        let deep = format!(r#"{{"payload":{}1{}}}"#, "[".repeat(5000), "]".repeat(5000));
+        for (value, kind) in [(big.as_str(), "too_large"), (deep.as_str(), "too_deep")] {
+            let fx = data(&mut core, "M1", value, 7);
+            assert!(
+                matches!(&fx[..], [Effect::DeadLetter { kind: k, offset: 7, .. }] if *k == kind),
+                "{kind}: {fx:?}"
+            );
+        }
+        // The next record of the partition is applied as usual.
+        let fx = data(&mut core, "M1", r#"{"version":3,"payload":1}"#, 8);
+        assert!(matches!(
+            &fx[..],
+            [Effect::Update {
+                version: 3,
+                offset: 8,
+                ..
+            }]
+        ));
+    }
+
+    #[test]
+    fn reset_market_command_resets_without_touching_subscriptions() {
+        let mut core = core_owning_all();
+        command(&mut core, CommandKind::Subscribe, "c1", "M1");
+        let fx = raw_command(
+            &mut core,
+            "M1",
+            br#"{"v":1,"type":"reset_market","market":"M1"}"#,
+        );
+        assert_eq!(
+            fx,
+            vec![Effect::ResetMarket {
+                market: "M1".into()
+            }]
+        );
         assert_eq!(core.channels_of("M1"), vec!["c1"]);
     }
 

@@ -20,6 +20,7 @@
 //! [`REPLICA_WAIT_TIMEOUT`] for what happens when none answers).
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterConnection};
@@ -46,15 +47,22 @@ pub const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 /// (availability over durability while a replica is missing).
 pub const REPLICA_WAIT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// KEYS[i]: state hash of update i. ARGV[1]: the publish command; then per
+/// KEYS[i]: state hash of update i. ARGV[1]: the publish command, ARGV[2]:
+/// the largest version jump accepted over a stored version; then per
 /// update: version, ts, message, topic ('' when the market is unwatched).
-/// Writes (and publishes, if a topic is given) only if newer than stored.
+/// Writes (and publishes, if a topic is given) only if newer than stored and
+/// at most the jump ahead of it. Returns `{applied, published, i...}` with
+/// the (1-based) positions of the updates refused as too far ahead.
 const UPDATE_SCRIPT: &str = r#"
-local pub, applied, published = ARGV[1], 0, 0
+local pub, jump, applied, published = ARGV[1], tonumber(ARGV[2]), 0, 0
+local refused = {}
 for i = 1, #KEYS do
-  local a = 4 * i - 2
+  local a = 4 * i - 1
   local cur = redis.call('HGET', KEYS[i], 'v')
-  if (not cur) or tonumber(cur) < tonumber(ARGV[a]) then
+  local v = tonumber(ARGV[a])
+  if cur and v > tonumber(cur) + jump then
+    refused[#refused + 1] = i
+  elseif (not cur) or tonumber(cur) < v then
     redis.call('HSET', KEYS[i], 'v', ARGV[a], 'ts', ARGV[a + 1], 'msg', ARGV[a + 2])
     applied = applied + 1
     if ARGV[a + 3] ~= '' then
@@ -63,7 +71,9 @@ for i = 1, #KEYS do
     end
   end
 end
-return {applied, published}
+local out = {applied, published}
+for _, i in ipairs(refused) do out[#out + 1] = i end
+return out
 "#;
 
 /// KEYS[1]: state hash, KEYS[2]: the market's topic; ARGV[1]: the publish
@@ -99,13 +109,40 @@ impl PublishCommand {
     }
 }
 
+/// Default largest version jump over a market's stored version (2^40 ≈
+/// 1.1 × 10^12): far above any real gap (offset-derived versions advance
+/// by the partition's record count, millisecond timestamps by 35 years'
+/// worth), far below 2^53 − 1, so one bogus record cannot jump a market to
+/// the largest version and freeze it. See docs/security.md.
+pub const DEFAULT_MAX_VERSION_JUMP: u64 = 1 << 40;
+
+/// An update Redis refused because its version jumps too far ahead of the
+/// stored one: it is dead-lettered (`version_jump`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Jumped {
+    /// Market id (the record key).
+    pub market: Arc<str>,
+    /// The refused version.
+    pub version: u64,
+    /// Source partition.
+    pub partition: i32,
+    /// Source offset.
+    pub offset: i64,
+    /// The update as encoded (the dead letter's value).
+    pub message: Vec<u8>,
+}
+
 /// What a batch did in Redis.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Outcome {
     /// Updates newer than the stored state, written.
     pub applied: u64,
     /// Updates not newer than the stored state, dropped.
     pub stale: u64,
+    /// Updates refused as jumping too far ahead (to be dead-lettered).
+    pub jumped: Vec<Jumped>,
+    /// Markets whose state an operator reset deleted.
+    pub reset: u64,
     /// Messages published: applied updates of watched markets plus
     /// announces that found a stored state (one per market, never per channel).
     pub published: u64,
@@ -157,12 +194,15 @@ pub struct RedisStore {
     publish: PublishCommand,
     update: Script,
     announce: Script,
+    max_version_jump: u64,
 }
 
 /// One queued command whose reply the outcome needs.
-enum Reply {
-    /// An update script call over this many updates.
-    Updates(u64),
+enum Reply<'e> {
+    /// An update script call over these updates.
+    Updates(Vec<&'e Effect>),
+    /// A market reset (`DEL` of its state).
+    Reset,
     /// An announce script call.
     Announce,
 }
@@ -247,7 +287,14 @@ impl RedisStore {
             publish: PublishCommand::default(),
             update: Script::new(UPDATE_SCRIPT),
             announce: Script::new(ANNOUNCE_SCRIPT),
+            max_version_jump: DEFAULT_MAX_VERSION_JUMP,
         }
+    }
+
+    /// Sets the largest version jump accepted over a stored version.
+    pub fn with_max_version_jump(mut self, jump: u64) -> Self {
+        self.max_version_jump = jump;
+        self
     }
 
     /// Whether this store talks to a Redis Cluster.
@@ -312,24 +359,25 @@ impl RedisStore {
     }
 
     /// Queues one update script call over `updates` (all `Effect::Update`).
-    fn queue_updates(&self, batch: &mut Batch, updates: &[&Effect]) {
+    fn queue_updates<'e>(&self, batch: &mut Batch<'e>, updates: Vec<&'e Effect>) {
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.update.get_hash()).arg(updates.len());
-        for e in updates {
+        for e in &updates {
             if let Effect::Update { market, .. } = e {
                 let key = self.keys.market_state(market);
                 batch.touch(&key);
                 cmd.arg(key);
             }
         }
-        cmd.arg(self.publish.as_str());
-        for e in updates {
+        cmd.arg(self.publish.as_str()).arg(self.max_version_jump);
+        for e in &updates {
             if let Effect::Update {
                 market,
                 version,
                 ts,
                 message,
                 watched,
+                ..
             } = e
             {
                 cmd.arg(*version).arg(*ts).arg(message.as_slice());
@@ -340,11 +388,11 @@ impl RedisStore {
                 }
             }
         }
-        batch.push(cmd, Some(Reply::Updates(updates.len() as u64)));
+        batch.push(cmd, Some(Reply::Updates(updates)));
     }
 
     /// Queues an announce of `market`'s stored state to its topic.
-    fn queue_announce(&self, batch: &mut Batch, market: &str) {
+    fn queue_announce(&self, batch: &mut Batch<'_>, market: &str) {
         let key = self.keys.market_state(market);
         batch.touch(&key);
         let mut cmd = redis::cmd("EVALSHA");
@@ -357,7 +405,7 @@ impl RedisStore {
     }
 
     /// Queues a single-key set command whose reply does not matter.
-    fn queue_set(batch: &mut Batch, op: &str, key: String, member: &str) {
+    fn queue_set(batch: &mut Batch<'_>, op: &str, key: String, member: &str) {
         batch.touch(&key);
         let mut cmd = redis::cmd(op);
         cmd.arg(key).arg(member);
@@ -379,7 +427,7 @@ impl RedisStore {
                     }
                     let run: Vec<&Effect> = effects[start..i].iter().collect();
                     for call in update_calls(&run, &self.keys, cluster) {
-                        self.queue_updates(&mut batch, &call);
+                        self.queue_updates(&mut batch, call);
                     }
                     continue;
                 }
@@ -423,6 +471,13 @@ impl RedisStore {
                 Effect::Announce { market } => {
                     self.queue_announce(&mut batch, market);
                 }
+                Effect::ResetMarket { market } => {
+                    let key = self.keys.market_state(market);
+                    batch.touch(&key);
+                    let mut cmd = redis::cmd("DEL");
+                    cmd.arg(key);
+                    batch.push(cmd, Some(Reply::Reset));
+                }
                 Effect::DeadLetter { .. } | Effect::Skipped(_) => {}
             }
             i += 1;
@@ -437,13 +492,35 @@ impl RedisStore {
         };
         for (reply, value) in batch.replies.iter().zip(values) {
             match reply {
-                Reply::Updates(n) => {
-                    let (applied, published): (u64, u64) =
+                Reply::Updates(updates) => {
+                    let r: Vec<u64> =
                         redis::from_redis_value(value).map_err(redis::RedisError::from)?;
+                    let (applied, published) = (r[0], r[1]);
+                    let refused = &r[2..];
                     out.applied += applied;
-                    out.stale += n - applied;
+                    out.stale += updates.len() as u64 - applied - refused.len() as u64;
                     out.published += published;
+                    for &i in refused {
+                        if let Some(Effect::Update {
+                            market,
+                            version,
+                            message,
+                            partition,
+                            offset,
+                            ..
+                        }) = updates.get(i as usize - 1)
+                        {
+                            out.jumped.push(Jumped {
+                                market: market.clone(),
+                                version: *version,
+                                partition: *partition,
+                                offset: *offset,
+                                message: message.clone(),
+                            });
+                        }
+                    }
                 }
+                Reply::Reset => out.reset += 1,
                 Reply::Announce => {
                     let n: u64 = redis::from_redis_value(value).map_err(redis::RedisError::from)?;
                     out.published += n;
@@ -495,16 +572,16 @@ impl RedisStore {
 /// The commands of one batch, the replies the outcome needs, and the hash
 /// slots of every key written (for the cluster's `WAIT`s).
 #[derive(Default)]
-struct Batch {
+struct Batch<'e> {
     cmds: Vec<Cmd>,
     /// Per command: whether its reply is wanted (in order with `replies`).
     wanted: Vec<bool>,
-    replies: Vec<Reply>,
+    replies: Vec<Reply<'e>>,
     slots: BTreeSet<u16>,
 }
 
-impl Batch {
-    fn push(&mut self, cmd: Cmd, reply: Option<Reply>) {
+impl<'e> Batch<'e> {
+    fn push(&mut self, cmd: Cmd, reply: Option<Reply<'e>>) {
         self.wanted.push(reply.is_some());
         self.replies.extend(reply);
         self.cmds.push(cmd);
@@ -662,6 +739,8 @@ mod tests {
             ts: 0,
             message: Vec::new(),
             watched: false,
+            partition: 0,
+            offset: 0,
         }
     }
 

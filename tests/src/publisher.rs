@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use futures_util::{SinkExt, StreamExt};
-use streampipe_publisher::{context, serve, Config, Context, Metrics};
+use streampipe_publisher::{context, serve, serve_internal, Config, Context, Metrics};
 use streampipe_reducer::ReducerHandle;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -22,8 +22,10 @@ use crate::{free_port, redis_url, workspace_bin, Broker, Pipeline};
 
 /// A publisher running in this process.
 pub struct InProcess {
-    /// Its address.
+    /// Its public address.
     pub addr: SocketAddr,
+    /// Its internal address (`/metrics`, probes).
+    pub internal: SocketAddr,
     /// Its shared context (metrics, hub).
     pub ctx: Arc<Context>,
     stop: tokio::sync::watch::Sender<bool>,
@@ -51,7 +53,16 @@ impl InProcess {
         let (addr, _server) = serve("127.0.0.1:0".parse().unwrap(), ctx.clone())
             .await
             .expect("serve");
-        InProcess { addr, ctx, stop }
+        let (internal, _internal_server) =
+            serve_internal("127.0.0.1:0".parse().unwrap(), ctx.clone())
+                .await
+                .expect("serve internal");
+        InProcess {
+            addr,
+            internal,
+            ctx,
+            stop,
+        }
     }
 
     /// `http://addr`.
@@ -89,6 +100,8 @@ impl PublisherProcess {
             .arg(redis_url())
             .arg("--listen")
             .arg(addr.to_string())
+            .arg("--metrics-listen")
+            .arg(format!("127.0.0.1:{}", free_port()))
             .arg("--demo-markets")
             .arg(demo_markets.join(","))
             .arg("--log-format")

@@ -259,7 +259,12 @@ async fn malformed_requests_and_frames_get_documented_errors() {
     // Still serving, and every rejection was counted.
     assert_eq!(http(a, "GET", "/healthz", None).await.status, 200);
     create_channel(a, &["X2"]).await;
-    let metrics = http(a, "GET", "/metrics", None).await.body;
+    assert_eq!(
+        http(a, "GET", "/metrics", None).await.status,
+        404,
+        "/metrics is not on the public port"
+    );
+    let metrics = http(publ.internal, "GET", "/metrics", None).await.body;
     for reason in [
         "invalid_json",
         "invalid_market",

@@ -486,6 +486,8 @@ fn store_publishes_once_per_update_and_announces() {
         )
         .into_bytes(),
         watched,
+        partition: 0,
+        offset: 0,
     }
     };
     let subscribe = |channel: &str, market_now_watched: bool| Effect::Subscribe {
@@ -498,7 +500,7 @@ fn store_publishes_once_per_update_and_announces() {
         applied,
         stale,
         published,
-        unreplicated: 0,
+        ..Outcome::default()
     };
 
     // Stored while unwatched: not published.

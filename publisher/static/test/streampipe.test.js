@@ -694,6 +694,41 @@ test('SSE: a close event with 4410 stops the client', async () => {
   assert.equal(env.timers.pending.size, 0);
 });
 
+test('SSE: a close event with 4411 (lifetime reached) reconnects at once with since', async () => {
+  const env = setup({ client: { transport: 'sse', channel: 'c' } });
+  env.client.start();
+  await waitFor(() => env.sources.length === 1, 'event source');
+  env.sources[0].emit('subscribed', { type: 'subscribed', channel: 'c', markets: [M1] });
+  env.sources[0].emit('update', upd(M1, 7));
+  env.sources[0].emit('close', { type: 'close', code: 4411, reason: 'stream lifetime reached' });
+  assert.equal(env.client.connectionState, 'reconnecting');
+  assert.equal(env.sources[0].closed, true);
+  assert.equal(env.timers.delays[env.timers.delays.length - 1], 0, 'no backoff');
+  env.timers.runAll();
+  await waitFor(() => env.sources.length === 2, 'second event source');
+  assert.equal(env.sources[1].url, BASE + '/v1/sse/c?begin=1&since=' + M1 + '@7');
+  assert.equal(env.events.error.length, 0);
+  await env.client.close({ deleteChannel: false });
+});
+
+test('sameOriginBase keeps ?base= on the page origin', () => {
+  const page = 'https://odds.example/live/?base=x';
+  assert.equal(StreamPipe.sameOriginBase(null, page), 'https://odds.example');
+  assert.equal(StreamPipe.sameOriginBase('', page), 'https://odds.example');
+  assert.equal(StreamPipe.sameOriginBase('/edge/', page), 'https://odds.example/edge');
+  assert.equal(StreamPipe.sameOriginBase('https://odds.example/edge', page), 'https://odds.example/edge');
+  for (const foreign of [
+    'https://evil.example',
+    '//evil.example/x',
+    'http://odds.example',
+    'https://odds.example:444',
+    'javascript:alert(1)',
+    'https://odds.example@evil.example',
+  ]) {
+    assert.equal(StreamPipe.sameOriginBase(foreign, page), 'https://odds.example', foreign);
+  }
+});
+
 test('rate() counts applied updates per second over full seconds', async () => {
   let now = 10_000;
   const env = setup({ client: { channel: 'c', now: () => now } });

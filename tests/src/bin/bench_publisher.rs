@@ -31,6 +31,9 @@ struct Args {
     /// Server address.
     #[arg(long, default_value = "127.0.0.1:38080")]
     addr: SocketAddr,
+    /// The publisher's internal address (`/metrics`) [default: --addr].
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
     /// Server process id (for RSS).
     #[arg(long)]
     pid: u32,
@@ -344,7 +347,7 @@ async fn main() -> anyhow::Result<()> {
                 let rss = rss_kb(a.pid);
                 samples.push(rss);
                 let counters = if streampipe {
-                    let m = scrape_metrics(a.addr).await;
+                    let m = scrape_metrics(a.metrics_addr.unwrap_or(a.addr)).await;
                     format!(
                         ", hub_conflated {}, conflated {}, hub_pending {}, closes {}, slow closed {}, redis reconnects {}",
                         metric(&m, "streampipe_publisher_hub_conflated_total"),
