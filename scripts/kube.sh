@@ -341,6 +341,7 @@ up() {
         --client-ca-file="$KUBE_DIR/pki/ca.crt" \
         --kubelet-client-certificate="$KUBE_DIR/pki/apiserver-kubelet-client.crt" \
         --kubelet-client-key="$KUBE_DIR/pki/apiserver-kubelet-client.key" \
+        --kubelet-preferred-address-types=InternalIP,Hostname \
         --token-auth-file="$KUBE_DIR/tokens.csv" \
         --authorization-mode=RBAC \
         --service-account-issuer=https://kubernetes.default.svc.cluster.local \
