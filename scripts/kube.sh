@@ -15,6 +15,9 @@
 # env      prints `export KUBECONFIG=...` (use: eval "$(scripts/kube.sh env)").
 # reset    down, then deletes the state folder (a fresh, empty cluster next up).
 # kubectl  runs the cached kubectl 1.20.2 (built with the servers) on this cluster.
+# build    [NAMES...] builds and caches those binaries of the same source
+#          (default: the control plane's; scripts/node.sh asks for kubelet,
+#          kube-scheduler and the sandbox's `pause`).
 #
 # Settings (environment):
 #   STREAMPIPE_CACHE             build cache            [~/.cache/streampipe]
@@ -25,6 +28,10 @@
 #   STREAMPIPE_KUBE_ETCD_PORT    etcd clients (http)                [23790]
 #   STREAMPIPE_KUBE_ETCD_PEER_PORT etcd peers (http)                [23800]
 #   STREAMPIPE_KUBE_TIMEOUT      seconds to wait for readiness      [120]
+#   STREAMPIPE_KUBE_ADDRESS      the API server's address (bind, advertise,
+#                                certificate, kubeconfig) [127.0.0.1];
+#                                scripts/node.sh sets its pod network's
+#                                gateway, which pods can reach
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -38,6 +45,7 @@ CM_PORT=${STREAMPIPE_KUBE_CM_PORT:-26444}
 ETCD_PORT=${STREAMPIPE_KUBE_ETCD_PORT:-23790}
 ETCD_PEER_PORT=${STREAMPIPE_KUBE_ETCD_PEER_PORT:-23800}
 TIMEOUT=${STREAMPIPE_KUBE_TIMEOUT:-120}
+ADDRESS=${STREAMPIPE_KUBE_ADDRESS:-127.0.0.1}
 SERVICE_CIDR=10.96.0.0/16 # configuration only: nothing routes it
 SERVICE_IP=10.96.0.1      # the `kubernetes` Service's address in that range
 # The Go toolchain Debian bookworm ships (1.19), whatever else is on PATH.
@@ -68,26 +76,33 @@ mirror_url() { # debian | debian-security: first such URL in the machine's apt s
         | head -n1 | sed -E 's#/?[[:space:]]*$##' || true
 }
 
-have_binaries() {
-    [ -x "$KUBE_BIN/kube-apiserver" ] && [ -x "$KUBE_BIN/kube-controller-manager" ] && [ -x "$KUBE_BIN/kubectl" ]
+# The control plane's binaries; scripts/node.sh asks for the node's too.
+CONTROL_PLANE_BINARIES=(kube-apiserver kube-controller-manager kubectl)
+
+have_binaries() { # names... (default: the control plane's)
+    local b
+    for b in "${@:-${CONTROL_PLANE_BINARIES[@]}}"; do [ -x "$KUBE_BIN/$b" ] || return 1; done
 }
 
-# Build kube-apiserver, kube-controller-manager and kubectl from Debian
-# bookworm's `kubernetes` source package (upstream v1.20.2 with its vendor/),
-# once per machine. The source is fetched with a private apt configuration so
-# the machine's apt sources stay untouched. Only the binaries are kept.
-ensure_binaries() {
-    have_binaries && return
-    ensure_packages golang-go make rsync jq dpkg-dev golang-github-modern-go-reflect2-dev
+# Build the named binaries (default: kube-apiserver, kube-controller-manager
+# and kubectl; `pause` is the pod sandbox's C program) from Debian bookworm's
+# `kubernetes` source package (upstream v1.20.2 with its vendor/), once per
+# machine. The source is fetched with a private apt configuration so the
+# machine's apt sources stay untouched. Only the binaries are kept, added to
+# $KUBE_BIN next to the ones already there.
+ensure_binaries() { # names...
+    local wanted=("${@:-${CONTROL_PLANE_BINARIES[@]}}")
+    have_binaries "${wanted[@]}" && return
+    ensure_packages golang-go make rsync jq dpkg-dev golang-github-modern-go-reflect2-dev gcc libc6-dev
     [ -x "$GO_DIR/go" ] || die "$GO_DIR/go missing (Debian's golang-go 1.19 expected)"
     mkdir -p "$KUBE_CACHE"
     # One build at a time (two `up`s at once wait for each other).
     exec 9>"$KUBE_CACHE/.build.lock"
     flock 9
-    if have_binaries; then exec 9>&-; return; fi
+    if have_binaries "${wanted[@]}"; then exec 9>&-; return; fi
 
     local started=$SECONDS work=$KUBE_CACHE/build apt=$KUBE_CACHE/build/apt
-    log "building Kubernetes $KUBE_VERSION (once per machine, ~5 min on 2 cores; cached in $KUBE_BIN)"
+    log "building ${wanted[*]} of Kubernetes $KUBE_VERSION (once per machine, ~5 min on 2 cores; cached in $KUBE_BIN)"
     rm -rf "$work"
     mkdir -p "$apt/lists/partial" "$apt/cache/archives/partial" "$work/src"
     # The Debian mirrors the machine's own apt sources name, else Debian's CDN.
@@ -123,46 +138,68 @@ ensure_binaries() {
 
     # Upstream's build (GOPATH mode, generates the OpenAPI code first). Its Go
     # build cache lives in _output and goes with it.
-    (cd "$src" && env -u GOFLAGS -u GO111MODULE -u GOPATH -u GOROOT -u GOBIN PATH="$GO_DIR:$PATH" CGO_ENABLED=0 \
-        make WHAT="cmd/kube-apiserver cmd/kube-controller-manager cmd/kubectl" >"$work/build.log" 2>&1) \
-        || { tail -n 40 "$work/build.log" >&2; die "build failed (log: $work/build.log)"; }
+    local b what=()
+    for b in "${wanted[@]}"; do [ "$b" = pause ] || what+=("cmd/$b"); done
+    if [ ${#what[@]} -gt 0 ]; then
+        (cd "$src" && env -u GOFLAGS -u GO111MODULE -u GOPATH -u GOROOT -u GOBIN PATH="$GO_DIR:$PATH" CGO_ENABLED=0 \
+            make WHAT="${what[*]}" >"$work/build.log" 2>&1) \
+            || { tail -n 40 "$work/build.log" >&2; die "build failed (log: $work/build.log)"; }
+    fi
+    # The pod sandbox ("pause"): static, so its image needs nothing else.
+    case " ${wanted[*]} " in *" pause "*)
+        mkdir -p "$src/_output/bin"
+        gcc -Os -static -Wall -Werror -DVERSION="v$KUBE_VERSION-streampipe" -o "$src/_output/bin/pause" "$src/build/pause/linux/pause.c" \
+            || die "building pause failed"
+    esac
 
-    mkdir -p "$KUBE_BIN.tmp"
-    local b
-    for b in kube-apiserver kube-controller-manager kubectl; do
-        cp "$src/_output/bin/$b" "$KUBE_BIN.tmp/$b"
+    mkdir -p "$KUBE_BIN"
+    for b in "${wanted[@]}"; do
+        cp "$src/_output/bin/$b" "$KUBE_BIN/.$b.tmp"
+        mv "$KUBE_BIN/.$b.tmp" "$KUBE_BIN/$b"
     done
-    echo "Debian source package kubernetes $version, reflect2 vendored from $(dpkg-query -W -f='${Version}' golang-github-modern-go-reflect2-dev), $("$GO_DIR/go" version)" \
-        >"$KUBE_BIN.tmp/BUILT-FROM"
-    rm -rf "$KUBE_BIN"
-    mv "$KUBE_BIN.tmp" "$KUBE_BIN"
+    echo "${wanted[*]}: Debian source package kubernetes $version, reflect2 vendored from $(dpkg-query -W -f='${Version}' golang-github-modern-go-reflect2-dev), $("$GO_DIR/go" version)" \
+        >>"$KUBE_BIN/BUILT-FROM"
     chmod -R u+w "$work" 2>/dev/null || true
     rm -rf "$work"
     exec 9>&-
-    log "built in $(( SECONDS - started ))s: $("$KUBE_BIN/kube-apiserver" --version)"
+    log "built ${wanted[*]} in $(( SECONDS - started ))s"
 }
 
 # Certificates, keys, the admin token and kubeconfigs; made once per state dir.
 ensure_credentials() {
     local pki=$KUBE_DIR/pki
     mkdir -p "$pki"
-    if [ ! -f "$pki/apiserver.crt" ]; then
+    if [ ! -f "$pki/ca.crt" ]; then
         log "making certificates in $pki"
         openssl req -x509 -newkey rsa:2048 -nodes -sha256 -days 3650 -subj "/CN=streampipe-local-ca" \
             -keyout "$pki/ca.key" -out "$pki/ca.crt" \
             -addext "basicConstraints=critical,CA:TRUE" \
             -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" 2>/dev/null
+    fi
+    # (Re)issued when the API server's address is not among its names.
+    if [ ! -f "$pki/apiserver.crt" ] || ! grep -q "IP:$ADDRESS," "$pki/apiserver.ext"; then
         openssl req -newkey rsa:2048 -nodes -sha256 -subj "/CN=kube-apiserver" \
             -keyout "$pki/apiserver.key" -out "$pki/apiserver.csr" 2>/dev/null
         printf '%s\n' \
             "basicConstraints=critical,CA:FALSE" \
             "keyUsage=critical,digitalSignature,keyEncipherment" \
             "extendedKeyUsage=serverAuth" \
-            "subjectAltName=IP:127.0.0.1,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local" \
+            "subjectAltName=IP:127.0.0.1,IP:$ADDRESS,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local" \
             >"$pki/apiserver.ext"
         openssl x509 -req -sha256 -days 3650 -in "$pki/apiserver.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
             -CAcreateserial -extfile "$pki/apiserver.ext" -out "$pki/apiserver.crt.tmp" 2>/dev/null
         mv "$pki/apiserver.crt.tmp" "$pki/apiserver.crt"
+    fi
+    # The API server's client certificate towards kubelets (logs, exec,
+    # port-forward); a node's kubelet trusts this CA.
+    if [ ! -f "$pki/apiserver-kubelet-client.crt" ]; then
+        openssl req -newkey rsa:2048 -nodes -sha256 -subj "/O=system:masters/CN=kube-apiserver-kubelet-client" \
+            -keyout "$pki/apiserver-kubelet-client.key" -out "$pki/apiserver-kubelet-client.csr" 2>/dev/null
+        printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature,keyEncipherment" \
+            "extendedKeyUsage=clientAuth" >"$pki/apiserver-kubelet-client.ext"
+        openssl x509 -req -sha256 -days 3650 -in "$pki/apiserver-kubelet-client.csr" -CA "$pki/ca.crt" -CAkey "$pki/ca.key" \
+            -CAcreateserial -extfile "$pki/apiserver-kubelet-client.ext" -out "$pki/apiserver-kubelet-client.crt.tmp" 2>/dev/null
+        mv "$pki/apiserver-kubelet-client.crt.tmp" "$pki/apiserver-kubelet-client.crt"
     fi
     if [ ! -f "$pki/sa.pub" ]; then
         openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
@@ -195,7 +232,7 @@ kind: Config
 clusters:
 - name: streampipe-local
   cluster:
-    server: https://127.0.0.1:$API_PORT
+    server: https://$ADDRESS:$API_PORT
     certificate-authority-data: $ca
 users:
 - name: $2
@@ -257,20 +294,22 @@ answers_ok() { # url
 }
 
 etcd_healthy() { curl -sf --max-time 5 "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'; }
-apiserver_ready() { answers_ok "https://127.0.0.1:$API_PORT/readyz"; }
+apiserver_ready() { answers_ok "https://$ADDRESS:$API_PORT/readyz"; }
 # The controller-manager serves /healthz with a self-signed certificate.
 cm_healthy() { [ "$(curl -sk --max-time 5 "https://127.0.0.1:$CM_PORT/healthz")" = ok ]; }
 
 default_sa_ready() {
     curl -sf --max-time 5 --cacert "$KUBE_DIR/pki/ca.crt" -H "Authorization: Bearer $(token_of admin)" \
-        "https://127.0.0.1:$API_PORT/api/v1/namespaces/default/serviceaccounts/default" | grep -q '"secrets"'
+        "https://$ADDRESS:$API_PORT/api/v1/namespaces/default/serviceaccounts/default" | grep -q '"secrets"'
 }
 
-port_free() { ! (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_free() { # port, [address]
+    ! (exec 3<>"/dev/tcp/${2:-127.0.0.1}/$1") 2>/dev/null
+}
 
-check_port() { # component, port
+check_port() { # component, port, [address]
     running "$1" && return
-    port_free "$2" || die "port $2 (for $1) is taken by another process; set STREAMPIPE_KUBE_*_PORT"
+    port_free "$2" "${3:-}" || die "port $2 (for $1) is taken by another process; set STREAMPIPE_KUBE_*_PORT"
 }
 
 up() {
@@ -281,7 +320,7 @@ up() {
     chmod 700 "$KUBE_DIR/etcd"
     check_port etcd "$ETCD_PORT"
     check_port etcd "$ETCD_PEER_PORT"
-    check_port kube-apiserver "$API_PORT"
+    check_port kube-apiserver "$API_PORT" "$ADDRESS"
     check_port kube-controller-manager "$CM_PORT"
     ensure_credentials
 
@@ -296,10 +335,13 @@ up() {
     # --endpoint-reconciler-type=none: the `kubernetes` Service would
     # otherwise get a loopback endpoint, which validation rejects (noise).
     start kube-apiserver \
-        --advertise-address=127.0.0.1 --bind-address=127.0.0.1 --secure-port="$API_PORT" --insecure-port=0 \
+        --advertise-address="$ADDRESS" --bind-address="$ADDRESS" --secure-port="$API_PORT" --insecure-port=0 \
         --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
         --tls-cert-file="$KUBE_DIR/pki/apiserver.crt" --tls-private-key-file="$KUBE_DIR/pki/apiserver.key" \
         --client-ca-file="$KUBE_DIR/pki/ca.crt" \
+        --kubelet-client-certificate="$KUBE_DIR/pki/apiserver-kubelet-client.crt" \
+        --kubelet-client-key="$KUBE_DIR/pki/apiserver-kubelet-client.key" \
+        --kubelet-preferred-address-types=InternalIP,Hostname \
         --token-auth-file="$KUBE_DIR/tokens.csv" \
         --authorization-mode=RBAC \
         --service-account-issuer=https://kubernetes.default.svc.cluster.local \
@@ -364,7 +406,7 @@ status() {
     done
     if running kube-apiserver && apiserver_ready; then echo "readyz: ok"; else echo "readyz: not ready"; bad=1; fi
     if running kube-controller-manager && cm_healthy; then echo "controller-manager healthz: ok"; else echo "controller-manager healthz: not ok"; bad=1; fi
-    echo "api server:         https://127.0.0.1:$API_PORT"
+    echo "api server:         https://$ADDRESS:$API_PORT"
     echo "controller-manager: https://127.0.0.1:$CM_PORT/healthz"
     echo "etcd:               http://127.0.0.1:$ETCD_PORT (peer $ETCD_PEER_PORT)"
     echo "kubeconfig:         $KUBE_DIR/kubeconfig"
@@ -381,10 +423,11 @@ kubectl_bin() {
 
 case "${1:-}" in
     up) up ;;
+    build) shift; ensure_binaries "$@" ;;
     down) down ;;
     status) status ;;
     env) echo "export KUBECONFIG=$KUBE_DIR/kubeconfig" ;;
     reset) down; rm -rf "$KUBE_DIR"; log "removed $KUBE_DIR" ;;
     kubectl) shift; KUBECONFIG=$KUBE_DIR/kubeconfig exec "$(kubectl_bin)" "$@" ;;
-    *) echo "usage: $0 up|down|status|env|reset|kubectl ARGS..." >&2; exit 2 ;;
+    *) echo "usage: $0 up|down|status|env|reset|build [NAMES...]|kubectl ARGS..." >&2; exit 2 ;;
 esac

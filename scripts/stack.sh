@@ -12,6 +12,9 @@
 #   STREAMPIPE_PIPELINE    pipeline whose topics to create [streampipe]
 #   STREAMPIPE_PARTITIONS  partitions of data and command topics [8]
 #   STREAMPIPE_REDIS_PORT / _DEVBROKER_PORT / _DEVBROKER_ADMIN_PORT / _TANSU_PORT
+#   STREAMPIPE_STACK_ADDRESS  address Redis and the brokers listen on (and the
+#                          brokers advertise) [127.0.0.1]; scripts/node.sh's
+#                          gateway makes them reachable from pods
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
@@ -23,6 +26,7 @@ REDIS_PORT=${STREAMPIPE_REDIS_PORT:-16379}
 DEV_PORT=${STREAMPIPE_DEVBROKER_PORT:-19092}
 DEV_ADMIN_PORT=${STREAMPIPE_DEVBROKER_ADMIN_PORT:-19093}
 TANSU_PORT=${STREAMPIPE_TANSU_PORT:-19192}
+ADDR=${STREAMPIPE_STACK_ADDRESS:-127.0.0.1}
 TOPICS=("$PIPELINE.data:$PARTITIONS" "$PIPELINE.commands:$PARTITIONS" "$PIPELINE.dead-letter:1")
 
 running() { [ -f "$STACK_DIR/$1.pid" ] && kill -0 "$(cat "$STACK_DIR/$1.pid")" 2>/dev/null; }
@@ -44,7 +48,7 @@ wait_until() { # what, command...
     log "timed out waiting for $what"; return 1
 }
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+port_open() { (exec 3<>"/dev/tcp/$ADDR/$1") 2>/dev/null; }
 
 up() {
     ensure_packages
@@ -52,16 +56,20 @@ up() {
     # AOF, fsynced every second, as production must run it (docs/operations.md,
     # "Redis durability"): a restarted Redis comes back with its channel and
     # subscription sets instead of silently empty. No RDB snapshots on top.
-    start redis redis-server --port "$REDIS_PORT" --bind 127.0.0.1 --save '' \
-        --appendonly yes --appendfsync everysec --dir "$STACK_DIR"
-    wait_until "redis" redis-cli -p "$REDIS_PORT" ping
+    # No password on a test Redis: protected mode (which refuses clients
+    # from other addresses then) stays on for loopback only.
+    local protected=yes
+    [ "$ADDR" = 127.0.0.1 ] || protected=no
+    start redis redis-server --port "$REDIS_PORT" --bind "$ADDR" --protected-mode "$protected" \
+        --save '' --appendonly yes --appendfsync everysec --dir "$STACK_DIR"
+    wait_until "redis" redis-cli -h "$ADDR" -p "$REDIS_PORT" ping
     case " $BROKERS " in *" dev "*)
         [ -x "$BIN_DIR/streampipe-devbroker" ] || ensure_workspace_bins
         local args=()
         for t in "${TOPICS[@]}"; do args+=(--topic "$t"); done
-        start devbroker "$BIN_DIR/streampipe-devbroker" --listen "127.0.0.1:$DEV_PORT" \
-            --admin "127.0.0.1:$DEV_ADMIN_PORT" "${args[@]}"
-        wait_until "dev broker" curl -sf "http://127.0.0.1:$DEV_ADMIN_PORT/healthz"
+        start devbroker "$BIN_DIR/streampipe-devbroker" --listen "$ADDR:$DEV_PORT" \
+            --admin "$ADDR:$DEV_ADMIN_PORT" "${args[@]}"
+        wait_until "dev broker" curl -sf "http://$ADDR:$DEV_ADMIN_PORT/healthz"
     esac
     case " $BROKERS " in *" tansu "*)
         ensure_tansu
@@ -69,13 +77,13 @@ up() {
         # The SQLite engine wants a relative path; run from the state folder.
         # (The memory engine reports wrong high watermarks.)
         start tansu bash -c "cd '$STACK_DIR/tansu' && exec '$TANSU_BIN' broker \
-            --listener-url tcp://127.0.0.1:$TANSU_PORT --advertised-listener-url tcp://127.0.0.1:$TANSU_PORT \
+            --listener-url tcp://$ADDR:$TANSU_PORT --advertised-listener-url tcp://$ADDR:$TANSU_PORT \
             --storage-engine sqlite://tansu.db"
         wait_until "tansu" port_open "$TANSU_PORT"
         for t in "${TOPICS[@]}"; do
             # Creating an existing topic fails harmlessly; never delete topics on
             # tansu 0.6 (deleting one deletes all).
-            "$TANSU_BIN" topic create --broker "tcp://127.0.0.1:$TANSU_PORT" \
+            "$TANSU_BIN" topic create --broker "tcp://$ADDR:$TANSU_PORT" \
                 --partitions "${t##*:}" "${t%:*}" >/dev/null 2>&1 || true
         done
     esac
@@ -84,10 +92,10 @@ up() {
 }
 
 env_file() {
-    echo "export STREAMPIPE_TEST_REDIS_URL=redis://127.0.0.1:$REDIS_PORT"
-    echo "export STREAMPIPE_TEST_DEVBROKER=127.0.0.1:$DEV_PORT"
-    echo "export STREAMPIPE_TEST_DEVBROKER_ADMIN=127.0.0.1:$DEV_ADMIN_PORT"
-    echo "export STREAMPIPE_TEST_TANSU=127.0.0.1:$TANSU_PORT"
+    echo "export STREAMPIPE_TEST_REDIS_URL=redis://$ADDR:$REDIS_PORT"
+    echo "export STREAMPIPE_TEST_DEVBROKER=$ADDR:$DEV_PORT"
+    echo "export STREAMPIPE_TEST_DEVBROKER_ADMIN=$ADDR:$DEV_ADMIN_PORT"
+    echo "export STREAMPIPE_TEST_TANSU=$ADDR:$TANSU_PORT"
 }
 
 down() {
@@ -111,9 +119,9 @@ status() {
         if running "$name"; then echo "$name: running (pid $(cat "$STACK_DIR/$name.pid"))"
         else echo "$name: stopped"; fi
     done
-    echo "redis:     redis://127.0.0.1:$REDIS_PORT"
-    echo "devbroker: 127.0.0.1:$DEV_PORT (admin http://127.0.0.1:$DEV_ADMIN_PORT)"
-    echo "tansu:     127.0.0.1:$TANSU_PORT"
+    echo "redis:     redis://$ADDR:$REDIS_PORT"
+    echo "devbroker: $ADDR:$DEV_PORT (admin http://$ADDR:$DEV_ADMIN_PORT)"
+    echo "tansu:     $ADDR:$TANSU_PORT"
 }
 
 case "${1:-}" in
