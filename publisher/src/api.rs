@@ -14,6 +14,7 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use crate::error::Error;
+use crate::registry::Added;
 use crate::Context;
 
 /// Largest request body: 500 market ids of 128 bytes in JSON fit with room.
@@ -245,25 +246,50 @@ async fn add_markets(
             check_channel(&id)?;
             let markets = validate_markets(body.markets)?;
             let existing = channel_markets(&ctx, &id).await?;
-            let new: Vec<String> = markets
+            let candidates: Vec<String> = markets
                 .into_iter()
                 .filter(|m| !existing.contains(m))
                 .collect();
-            if existing.len() + new.len() > MAX_MARKETS_PER_CHANNEL {
-                return Err(bad(
+            let over_cap = || {
+                bad(
                     "too_many_markets",
                     format!("a channel watches at most {MAX_MARKETS_PER_CHANNEL} markets"),
-                ));
+                )
+            };
+            if existing.len() + candidates.len() > MAX_MARKETS_PER_CHANNEL {
+                return Err(over_cap());
             }
-            if !new.is_empty() {
-                take_tokens(&ctx, new.len())?;
-                ctx.registry.add(&id, &new).await?;
-                ctx.commands
-                    .send(CommandKind::Subscribe, &id, &new, &ctx.metrics)
-                    .await?;
-                // Pods holding the channel's streams subscribe to the new
-                // markets' topics and send their state.
-                ctx.registry.notify_markets_changed(&id).await?;
+            if !candidates.is_empty() {
+                // Tokens first: a refused request changes nothing.
+                take_tokens(&ctx, candidates.len())?;
+                // The cap is checked again where the markets are added, in
+                // one Redis step: concurrent adds cannot overshoot it.
+                let new = match ctx
+                    .registry
+                    .add_capped(&id, &candidates, MAX_MARKETS_PER_CHANNEL)
+                    .await?
+                {
+                    Added::Added(new) => new,
+                    Added::OverCap => return Err(over_cap()),
+                };
+                if !new.is_empty() {
+                    if let Err(e) = ctx
+                        .commands
+                        .send(CommandKind::Subscribe, &id, &new, &ctx.metrics)
+                        .await
+                    {
+                        // Not subscribed: take them back out, so the
+                        // registry never lists what the reducers never got
+                        // (a retry adds them again).
+                        for m in &new {
+                            let _ = ctx.registry.remove(&id, m).await;
+                        }
+                        return Err(e);
+                    }
+                    // Pods holding the channel's streams subscribe to the
+                    // new markets' topics and send their state.
+                    ctx.registry.notify_markets_changed(&id).await?;
+                }
             }
             let all = ctx.registry.markets(&id).await?.unwrap_or_default();
             Ok(
@@ -286,13 +312,17 @@ async fn remove_market(
             check_channel(&id)?;
             check_market(&market)?;
             channel_markets(&ctx, &id).await?;
-            if !ctx.registry.remove(&id, &market).await? {
+            if !ctx.registry.has(&id, &market).await? {
                 return Err(Error::invalid(
                     StatusCode::NOT_FOUND,
                     "unknown_market",
                     "the channel does not watch this market",
                 ));
             }
+            // Tokens, then the unsubscribe, and only then the registry: a
+            // step refused or failed leaves the market listed, so the retry
+            // finds it and finishes (the unsubscribe is idempotent) instead
+            // of answering 404 over a reducer subscription nobody can close.
             take_tokens(&ctx, 1)?;
             ctx.commands
                 .send(
@@ -302,6 +332,7 @@ async fn remove_market(
                     &ctx.metrics,
                 )
                 .await?;
+            ctx.registry.remove(&id, &market).await?;
             ctx.registry.notify_markets_changed(&id).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }

@@ -25,6 +25,36 @@ end
 return 0
 "#;
 
+/// KEYS[1]: a channel's registry set; ARGV[1]: the cap; ARGV[2..]: markets.
+/// Adds the markets the set lacks unless that would take it past the cap,
+/// in one step, so concurrent adds cannot overshoot it together. Returns
+/// the markets it added, or -1 (nothing added) past the cap. One key: valid
+/// on Redis Cluster.
+const ADD_CAPPED_SCRIPT: &str = r#"
+local new = {}
+for i = 2, #ARGV do
+  if redis.call('SISMEMBER', KEYS[1], ARGV[i]) == 0 then
+    new[#new + 1] = ARGV[i]
+  end
+end
+if redis.call('SCARD', KEYS[1]) + #new > tonumber(ARGV[1]) then
+  return -1
+end
+if #new > 0 then
+  redis.call('SADD', KEYS[1], unpack(new))
+end
+return new
+"#;
+
+/// What [`Registry::add_capped`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Added {
+    /// These markets were new to the channel and are now in its registry.
+    Added(Vec<String>),
+    /// Adding them would pass the cap; nothing was added.
+    OverCap,
+}
+
 /// A connection to one Redis or to a Redis Cluster (which routes every
 /// command by its key, and follows failovers by itself).
 #[derive(Clone)]
@@ -141,6 +171,43 @@ impl Registry {
             .ignore()
             .cmd("SCARD")
             .arg(&key)
+            .query_async(&mut c)
+            .await?;
+        Ok(n)
+    }
+
+    /// Adds those of `markets` the channel lacks, unless it would then have
+    /// more than `cap` — checked and added in one step.
+    pub async fn add_capped(&self, channel: &str, markets: &[String], cap: usize) -> Result<Added> {
+        let mut c = self.conn.clone();
+        let script = redis::Script::new(ADD_CAPPED_SCRIPT);
+        let mut call = script.prepare_invoke();
+        call.key(self.keys.channel_registry(channel)).arg(cap);
+        for m in markets {
+            call.arg(m);
+        }
+        let v: redis::Value = call.invoke_async(&mut c).await?;
+        Ok(match v {
+            redis::Value::Int(-1) => Added::OverCap,
+            redis::Value::Array(items) => Added::Added(
+                items
+                    .into_iter()
+                    .filter_map(|i| match i {
+                        redis::Value::BulkString(b) => String::from_utf8(b).ok(),
+                        _ => None,
+                    })
+                    .collect(),
+            ),
+            _ => Added::Added(Vec::new()),
+        })
+    }
+
+    /// Whether the channel's registry holds `market`.
+    pub async fn has(&self, channel: &str, market: &str) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let n: bool = redis::cmd("SISMEMBER")
+            .arg(self.keys.channel_registry(channel))
+            .arg(market)
             .query_async(&mut c)
             .await?;
         Ok(n)

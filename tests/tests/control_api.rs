@@ -1,0 +1,81 @@
+//! The control API's steps are atomic where they race (#9 item 3), against
+//! a real publisher, reducer, Redis and broker:
+//! - concurrent add-markets cannot take a channel past its cap together (the
+//!   cap check and the add are one Redis step; 999 markets on a 500 cap
+//!   before);
+//! - removing a market unsubscribes before it leaves the registry, so the
+//!   reducers' map and the registry agree when it returns.
+
+use futures_util::future::join_all;
+use streampipe_tests::publisher::{create_channel, http, setup};
+
+/// The publisher's per-channel cap (publisher/src/api.rs).
+const CAP: usize = 500;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_adds_never_pass_the_cap() {
+    let (p, _reducer, publ) = setup(4).await;
+    let id = create_channel(publ.addr, &["m-0"]).await;
+    // 20 requests of 30 new markets each: 601 wanted, room for 499 more.
+    let adds = (0..20).map(|r| {
+        let markets: Vec<String> = (0..30).map(|i| format!("\"r{r}-{i}\"")).collect();
+        let body = format!("{{\"markets\":[{}]}}", markets.join(","));
+        let path = format!("/v1/channels/{id}/markets");
+        async move { http(publ.addr, "POST", &path, Some(&body)).await }
+    });
+    let replies = join_all(adds).await;
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let refused = replies
+        .iter()
+        .filter(|r| r.status == 400 && r.error_code() == "too_many_markets")
+        .count();
+    assert_eq!(
+        ok + refused,
+        20,
+        "{:?}",
+        replies.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    let registry = p.smembers(&p.keys().channel_registry(&id));
+    assert!(
+        registry.len() <= CAP,
+        "{} markets on a {CAP} cap",
+        registry.len()
+    );
+    // Exactly the accepted requests' markets are there (16 fit: 1 + 16 × 30).
+    assert_eq!(registry.len(), 1 + ok * 30);
+    assert_eq!(ok, 16);
+    // And every listed market reaches the reducers' map.
+    for m in &registry {
+        p.wait_subscribed(&id, m);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_market_is_unsubscribed_when_the_call_returns() {
+    let (p, _reducer, publ) = setup(4).await;
+    let id = create_channel(publ.addr, &["a", "b"]).await;
+    p.wait_subscribed(&id, "a");
+    p.wait_subscribed(&id, "b");
+    let r = http(
+        publ.addr,
+        "DELETE",
+        &format!("/v1/channels/{id}/markets/a"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 204);
+    assert_eq!(
+        p.smembers(&p.keys().channel_registry(&id)),
+        vec!["b".to_string()]
+    );
+    // A second remove of the same market is a clean 404, not a retry loop.
+    let again = http(
+        publ.addr,
+        "DELETE",
+        &format!("/v1/channels/{id}/markets/a"),
+        None,
+    )
+    .await;
+    assert_eq!(again.status, 404);
+    assert_eq!(again.error_code(), "unknown_market");
+}
