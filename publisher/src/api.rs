@@ -379,7 +379,11 @@ async fn close_channel(id: String, ctx: Arc<Context>) -> Result<warp::reply::Res
         &ctx,
         async {
             check_channel(&id)?;
-            let markets = channel_markets(&ctx, &id).await?;
+            channel_markets(&ctx, &id).await?;
+            // Everything the channel has on either side: the registry and
+            // the reducers' map can disagree after a failed step, and a
+            // market only one side knows must not outlive the channel.
+            let markets = ctx.registry.all_markets(&id).await?;
             close(&ctx, &id, &markets).await?;
             Ok(StatusCode::NO_CONTENT.into_response())
         }

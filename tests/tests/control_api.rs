@@ -4,7 +4,9 @@
 //!   cap check and the add are one Redis step; 999 markets on a 500 cap
 //!   before);
 //! - removing a market unsubscribes before it leaves the registry, so the
-//!   reducers' map and the registry agree when it returns.
+//!   reducers' map and the registry agree when it returns;
+//! - closing a channel unsubscribes what either side has, also a market the
+//!   registry lost.
 
 use futures_util::future::join_all;
 use streampipe_tests::publisher::{create_channel, http, setup};
@@ -78,4 +80,31 @@ async fn a_removed_market_is_unsubscribed_when_the_call_returns() {
     .await;
     assert_eq!(again.status, 404);
     assert_eq!(again.error_code(), "unknown_market");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closing_a_channel_clears_what_only_the_reducers_still_have() {
+    let (p, _reducer, publ) = setup(4).await;
+    let id = create_channel(publ.addr, &["a", "b"]).await;
+    p.wait_subscribed(&id, "a");
+    p.wait_subscribed(&id, "b");
+    // The registry loses "b" (a step that failed half-way before this fix,
+    // or a hand edit): only the reducers' map still has it.
+    let _: i64 = redis::cmd("SREM")
+        .arg(p.keys().channel_registry(&id))
+        .arg("b")
+        .query(&mut p.redis())
+        .unwrap();
+    let r = http(publ.addr, "DELETE", &format!("/v1/channels/{id}"), None).await;
+    assert_eq!(r.status, 204);
+    streampipe_tests::wait_for(
+        std::time::Duration::from_secs(30),
+        "both unsubscribed",
+        || {
+            p.smembers(&p.keys().channel_markets(&id))
+                .is_empty()
+                .then_some(())
+        },
+    );
+    assert!(p.smembers(&p.keys().market_channels("b")).is_empty());
 }
