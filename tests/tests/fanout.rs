@@ -150,17 +150,19 @@ async fn hot_market_costs_redis_one_publish_per_update() {
         publishes, UPDATES,
         "Redis published {publishes} messages for {UPDATES} updates to {WATCHERS} watchers"
     );
-    // Every watcher got every version, in order, except those the hub
-    // conflated (latest wins) if this box held the dispatcher back.
-    let conflated = publ.ctx.metrics.hub_conflated.get();
+    // Every watcher got every version, in order, except those conflated
+    // (latest wins) at the hub or in its outbox if this box held the pod
+    // back: nothing missing that was not counted.
+    let hub = publ.ctx.metrics.hub_conflated.get();
+    let outboxes = publ.ctx.metrics.conflated.get();
     for s in &seen {
         let got = &s["HOT"];
         assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
         assert_eq!(got.last(), Some(&last));
-        assert_eq!(
-            got.len() as u64 + conflated,
-            last,
-            "versions received {got:?} with {conflated} conflated at the hub"
+        let n = got.len() as u64;
+        assert!(
+            n + hub <= last && n + hub + outboxes >= last,
+            "versions received {got:?} with {hub} conflated at the hub and {outboxes} in outboxes"
         );
     }
     let fanout = publ.ctx.metrics.fanout.get_sample_sum();

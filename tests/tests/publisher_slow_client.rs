@@ -86,13 +86,17 @@ async fn slow_client_is_conflated_and_does_not_slow_others() {
     }
     producer.await.unwrap();
     assert_increasing(&got);
-    // Every version, except those the hub conflated (latest wins) when
-    // this box held its dispatcher back more than CONFLATE_AFTER_LAG.
-    let conflated = publ.ctx.metrics.hub_conflated.get();
-    assert_eq!(
-        got.len() as u64 + conflated,
-        20 * last,
-        "the fast client got every version not conflated at the hub ({conflated})"
+    // Every version, except those conflated (latest wins) at the hub or in
+    // its outbox when this box held the pod back by more than half a
+    // second: nothing missing that was not counted (the outbox count is
+    // the pod's, the slow client's included, so this is a bound).
+    let hub = publ.ctx.metrics.hub_conflated.get();
+    let outboxes = publ.ctx.metrics.conflated.get();
+    let n = got.len() as u64;
+    assert!(
+        n + hub <= 20 * last && n + hub + outboxes >= 20 * last,
+        "the fast client got {n} of {} versions ({hub} conflated at the hub, {outboxes} in outboxes)",
+        20 * last
     );
     // The proof that the slow client does not hold the fast one back is
     // that the loop above finished at all: the slow client reads nothing
