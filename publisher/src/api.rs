@@ -4,8 +4,7 @@
 
 use std::collections::HashSet;
 use std::convert::Infallible;
-use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -14,53 +13,11 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use crate::error::Error;
+pub use crate::limits::{
+    RateLimiter, MAX_BODY_BYTES, MAX_COMMANDS_PER_SECOND, MAX_MARKETS_PER_CHANNEL, MAX_SNAPSHOT_IDS,
+};
 use crate::registry::Added;
 use crate::Context;
-
-/// Largest request body: 500 market ids of 128 bytes in JSON fit with room.
-pub const MAX_BODY_BYTES: u64 = 96 * 1024;
-
-/// Most markets one channel may watch: bounds a connection's outbox
-/// (conflation keeps one entry per market) and the commands of one `begin`.
-pub const MAX_MARKETS_PER_CHANNEL: usize = 500;
-
-/// Most ids in one `GET /v1/markets?ids=` request.
-pub const MAX_SNAPSHOT_IDS: usize = 500;
-
-/// Commands per second this pod may produce (burst: one second's worth):
-/// protects Kafka and the reducers from a client creating channels in a loop.
-pub const MAX_COMMANDS_PER_SECOND: f64 = 50_000.0;
-
-/// A token bucket over commands.
-pub struct RateLimiter {
-    state: Mutex<(f64, Instant)>,
-    rate: f64,
-}
-
-impl RateLimiter {
-    /// A bucket refilling at `rate` tokens per second, holding at most `rate`.
-    pub fn new(rate: f64) -> Self {
-        RateLimiter {
-            state: Mutex::new((rate, Instant::now())),
-            rate,
-        }
-    }
-
-    /// Takes `n` tokens if available.
-    pub fn try_take(&self, n: usize) -> bool {
-        let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let (tokens, last) = *g;
-        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.rate);
-        if tokens >= n as f64 {
-            *g = (tokens - n as f64, now);
-            true
-        } else {
-            *g = (tokens, now);
-            false
-        }
-    }
-}
 
 /// `{"markets": [...]}`.
 #[derive(Debug, Deserialize)]
@@ -726,14 +683,6 @@ mod tests {
         assert_eq!(public_message(&e), "unavailable");
         let e = Error::invalid(StatusCode::BAD_REQUEST, "invalid_market", "bad id");
         assert_eq!(public_message(&e), "bad id");
-    }
-
-    #[test]
-    fn rate_limiter_refuses_beyond_the_burst() {
-        let r = RateLimiter::new(100.0);
-        assert!(r.try_take(60));
-        assert!(r.try_take(40));
-        assert!(!r.try_take(10));
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //!   its own bounded, conflating [`outbox`].
 //! - [`registry`], [`commands`]: Redis and Kafka adapters; [`pubsub`] and
 //!   [`resp`]: our own bounded subscribed-mode Redis connection.
+//! - [`limits`]: the control API's bounds and its token bucket.
 //! - [`cli`]: flags and environment (names from the deployment contract).
 //! - The live odds page and the JS client are embedded static files.
 
@@ -23,6 +24,7 @@ pub mod error;
 pub mod hub;
 pub mod ingest;
 pub mod janitor;
+pub mod limits;
 pub mod metrics;
 pub mod origin;
 pub mod outbox;
