@@ -8,7 +8,7 @@
 //! (`closed`, `markets` changed, REST `begin` replays).
 //!
 //! Every hop is bounded: the socket is read by our own RESP reader
-//! ([`SubConn`]) only as fast as the pod consumes; market updates wait in a
+//! ([`crate::pubsub::SubConn`]) only as fast as the pod consumes; market updates wait in a
 //! conflating [`Ingest`] queue (one entry per market, latest version wins,
 //! counted); each connection has its conflating [`Outbox`]. If the pod cannot
 //! even read fast enough, Redis' pub/sub output-buffer limit closes the

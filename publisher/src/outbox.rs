@@ -3,11 +3,12 @@
 //! The hub pushes every update for a channel into the outbox of each
 //! connection watching it, without ever waiting for a slow peer. While a
 //! client keeps up, every version is queued and sent in order. Once
-//! [`CONFLATE_AFTER`] messages are waiting, a new update of a market that is
-//! already queued replaces the queued one (the client gets the newest version,
-//! skipping intermediate ones); an update of a market not yet queued is
-//! appended. So the queue never holds more than `CONFLATE_AFTER` + one entry
-//! per market, and a channel watches at most `MAX_MARKETS_PER_CHANNEL`
+//! [`CONFLATE_AFTER_BYTES`] wait, or the oldest entry has waited
+//! [`CONFLATE_AFTER_AGE`], a new update of a market that is already queued
+//! replaces the queued one (the client gets the newest version, skipping
+//! intermediate ones); an update of a market not yet queued is appended. So
+//! the queue never holds more than `CONFLATE_AFTER_BYTES` + one entry per
+//! market, and a channel watches at most `MAX_MARKETS_PER_CHANNEL`
 //! markets: memory per slow client is bounded, and other clients are never
 //! slowed. A client that accepts nothing for [`SLOW_CLIENT_TIMEOUT`] while
 //! messages wait is hopelessly behind and is closed with 4408.
