@@ -21,6 +21,27 @@ use crate::metrics::Metrics;
 /// 503: well above a healthy broker's milliseconds, below browser timeouts.
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A Kafka client configuration for `brokers` with `security` and the
+/// tuning `options` (security keys among them are refused): what every
+/// producer of the publisher starts from.
+pub fn producer_config(
+    brokers: &str,
+    security: &KafkaSecurity,
+    options: &[(String, String)],
+) -> Result<ClientConfig> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", brokers);
+    let config_err = |e: streampipe_contract::ContractError| Error::Config(e.to_string());
+    for (k, v) in security.properties().map_err(config_err)? {
+        c.set(k, v);
+    }
+    for (k, v) in options {
+        deploy::check_kafka_option(k).map_err(config_err)?;
+        c.set(k, v);
+    }
+    Ok(c)
+}
+
 /// The command producer. Cheap to clone.
 #[derive(Clone)]
 pub struct Commands {
@@ -37,9 +58,8 @@ impl Commands {
         security: &KafkaSecurity,
         options: &[(String, String)],
     ) -> Result<Self> {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", brokers)
-            .set("partitioner", "murmur2_random")
+        let mut c = producer_config(brokers, security, options)?;
+        c.set("partitioner", "murmur2_random")
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
             .set(
@@ -47,14 +67,6 @@ impl Commands {
                 COMMAND_TIMEOUT.as_millis().to_string(),
             )
             .set("client.id", "streampipe-publisher");
-        let config_err = |e: streampipe_contract::ContractError| Error::Config(e.to_string());
-        for (k, v) in security.properties().map_err(config_err)? {
-            c.set(k, v);
-        }
-        for (k, v) in options {
-            deploy::check_kafka_option(k).map_err(config_err)?;
-            c.set(k, v);
-        }
         Ok(Commands {
             producer: c.create()?,
             topic: topic.to_owned(),

@@ -12,15 +12,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::commands::producer_config;
 use bytes::Bytes;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
-use streampipe_contract::deploy::{self, KafkaSecurity};
+use streampipe_contract::deploy::KafkaSecurity;
 use streampipe_contract::{encode_delivery, peek_update, DeliveryRecord};
 use tokio::sync::mpsc;
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::metrics::Metrics;
 
 /// Records waiting for the producer task: ~1 s of a busy pod's distinct
@@ -107,9 +107,8 @@ pub fn start(
     options: &[(String, String)],
     metrics: Arc<Metrics>,
 ) -> Result<DeliveryLog> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", brokers)
-        .set("linger.ms", LINGER_MS.to_string())
+    let mut c = producer_config(brokers, security, options)?;
+    c.set("linger.ms", LINGER_MS.to_string())
         .set("queue.buffering.max.messages", PRODUCER_QUEUE.to_string())
         .set(
             "message.timeout.ms",
@@ -117,14 +116,6 @@ pub fn start(
         )
         .set("compression.type", "lz4")
         .set("client.id", "streampipe-publisher-delivery-log");
-    let config_err = |e: streampipe_contract::ContractError| Error::Config(e.to_string());
-    for (k, v) in security.properties().map_err(config_err)? {
-        c.set(k, v);
-    }
-    for (k, v) in options {
-        deploy::check_kafka_option(k).map_err(config_err)?;
-        c.set(k, v);
-    }
     let producer: ThreadedProducer<Counting> = c.create_with_context(Counting(metrics.clone()))?;
     let (tx, rx) = mpsc::channel(DELIVERY_LOG_QUEUE);
     tokio::spawn(drain(

@@ -462,14 +462,9 @@ impl Pipeline {
         eprintln!("rewind accepted after {:?}", t.elapsed());
     }
 
-    /// Every record value of one partition of `topic` from the start, read
-    /// until nothing new arrived for `quiet`.
-    pub fn read_topic_partition(
-        &self,
-        topic: &str,
-        partition: i32,
-        quiet: Duration,
-    ) -> Vec<Vec<u8>> {
+    /// A consumer of its own group assigned to `partition` of `topic` from
+    /// the start.
+    fn partition_reader(&self, topic: &str, partition: i32) -> BaseConsumer {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.broker.bootstrap())
             .set("group.id", unique("reader"))
@@ -481,6 +476,18 @@ impl Pipeline {
         tpl.add_partition_offset(topic, partition, Offset::Beginning)
             .unwrap();
         c.assign(&tpl).unwrap();
+        c
+    }
+
+    /// Every record value of one partition of `topic` from the start, read
+    /// until nothing new arrived for `quiet`.
+    pub fn read_topic_partition(
+        &self,
+        topic: &str,
+        partition: i32,
+        quiet: Duration,
+    ) -> Vec<Vec<u8>> {
+        let c = self.partition_reader(topic, partition);
         let mut out = Vec::new();
         let mut last = Instant::now();
         while last.elapsed() < quiet {
@@ -494,17 +501,7 @@ impl Pipeline {
 
     /// Reads every record of a topic from the start (for dead-letter checks).
     pub fn read_topic(&self, topic: &str, expect: usize) -> Vec<rdkafka::message::OwnedMessage> {
-        let c: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.broker.bootstrap())
-            .set("group.id", unique("reader"))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap();
-        let mut tpl = TopicPartitionList::new();
-        tpl.add_partition_offset(topic, 0, Offset::Beginning)
-            .unwrap();
-        c.assign(&tpl).unwrap();
+        let c = self.partition_reader(topic, 0);
         let mut out = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
         while out.len() < expect && Instant::now() < deadline {
