@@ -35,6 +35,9 @@ CLIENTS=${CLIENTS:-10000}
 PER_PROCESS=${PER_PROCESS:-18000}
 PUBLISHERS=${PUBLISHERS:-$(((CLIENTS + PER_PROCESS - 1) / PER_PROCESS))}
 REDUCERS=${REDUCERS:-1}
+# Extra publisher flags (word-split), e.g. PUBLISHER_ARGS="--socket-send-buffer-bytes 0"
+# for the kernel's send-buffer autotuning instead of the publisher's default.
+read -r -a PUBLISHER_EXTRA <<<"${PUBLISHER_ARGS:-}"
 # BROKER=dev (librdkafka's mock cluster) or tansu. The mock cluster keeps at
 # most 5 MB per partition and all of one market's commands share a partition,
 # so a lagging reducer is reset past commands it never read once the
@@ -113,7 +116,7 @@ METRICS=()
 for i in $(seq 1 "$PUBLISHERS"); do
     port_free $((28280 + i))
     "$R/streampipe-publisher" "${COMMON[@]}" --listen "127.0.0.1:$((28280 + i))" \
-        --metrics-listen "127.0.0.1:$((28180 + i))" --max-connections 1000000 \
+        --metrics-listen "127.0.0.1:$((28180 + i))" --max-connections 1000000 ${PUBLISHER_EXTRA[@]+"${PUBLISHER_EXTRA[@]}"} \
         >"$STREAMPIPE_STACK_DIR/publisher-$i.log" 2>&1 &
     PIDS+=($!); PID_ARGS+=(--pid "publisher=$!")
     wait_ready "http://127.0.0.1:$((28280 + i))/readyz"

@@ -65,6 +65,8 @@ pub mod env {
     pub const METRICS_LISTEN: &str = "STREAMPIPE_METRICS_LISTEN";
     /// Publisher: most open connections per pod.
     pub const MAX_CONNECTIONS: &str = "STREAMPIPE_MAX_CONNECTIONS";
+    /// Publisher: kernel send buffer per client socket in bytes (0: the kernel's autotuning).
+    pub const SOCKET_SEND_BUFFER_BYTES: &str = "STREAMPIPE_SOCKET_SEND_BUFFER_BYTES";
     /// Publisher: longest life of an SSE stream, seconds.
     pub const SSE_MAX_LIFETIME_SECONDS: &str = "STREAMPIPE_SSE_MAX_LIFETIME_SECONDS";
     /// Reducer: most records per Redis batch.

@@ -62,6 +62,10 @@ pub struct Args {
     /// Most open connections on the public address; beyond it new ones get 503.
     #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
+    /// Kernel send buffer per client socket in bytes; 0 leaves it to the kernel's
+    /// autotuning (up to megabytes per socket, which no conflation can reach).
+    #[arg(long, env = env::SOCKET_SEND_BUFFER_BYTES, default_value_t = crate::server::DEFAULT_SOCKET_SEND_BUFFER)]
+    pub socket_send_buffer_bytes: usize,
     /// Cross-origin pages allowed to use the API and streams (comma-separated exact
     /// origins, e.g. https://odds.example). The publisher's own pages are always allowed;
     /// empty allows no other.
@@ -130,6 +134,7 @@ impl Args {
             .collect();
         config.channel_idle_ttl = Duration::from_secs(self.channel_idle_ttl_seconds);
         config.max_connections = self.max_connections.max(1);
+        config.socket_send_buffer = self.socket_send_buffer_bytes;
         Ok(config)
     }
 }

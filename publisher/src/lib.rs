@@ -87,6 +87,9 @@ pub struct Config {
     pub janitor_interval: std::time::Duration,
     /// Most open connections on the public port (see [`server`]).
     pub max_connections: usize,
+    /// Kernel send buffer per client socket, 0 for the kernel's autotuning
+    /// (see [`server::DEFAULT_SOCKET_SEND_BUFFER`]).
+    pub socket_send_buffer: usize,
 }
 
 /// Default channel TTL: a tab left closed for a day does not come back to
@@ -116,6 +119,7 @@ impl Config {
             channel_idle_ttl: DEFAULT_CHANNEL_IDLE_TTL,
             janitor_interval: DEFAULT_JANITOR_INTERVAL,
             max_connections: server::DEFAULT_MAX_CONNECTIONS,
+            socket_send_buffer: server::DEFAULT_SOCKET_SEND_BUFFER,
         }
     }
 }
@@ -394,14 +398,19 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// accepted connection (Linux): without it, Nagle's algorithm holds a small
 /// update frame back until the client ACKs the previous one, and delayed
 /// ACKs turn that into tens of milliseconds of latency per update. The hub
-/// and the write buffer already coalesce what can be coalesced.
-fn listen(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
+/// and the write buffer already coalesce what can be coalesced. So is a
+/// `send_buffer` above 0 (`SO_SNDBUF`, see
+/// [`server::DEFAULT_SOCKET_SEND_BUFFER`]).
+fn listen(addr: SocketAddr, send_buffer: usize) -> Result<tokio::net::TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
     };
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
+    if send_buffer > 0 {
+        socket.set_send_buffer_size(u32::try_from(send_buffer).unwrap_or(u32::MAX))?;
+    }
     socket.bind(addr)?;
     Ok(socket.listen(LISTEN_BACKLOG)?)
 }
@@ -416,7 +425,7 @@ pub async fn serve(
     addr: SocketAddr,
     ctx: Arc<Context>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = listen(addr)?;
+    let listener = listen(addr, ctx.config.socket_send_buffer)?;
     let local = listener.local_addr()?;
     let server = server::run(
         listener,
@@ -437,7 +446,7 @@ pub async fn serve_internal(
     addr: SocketAddr,
     ctx: Arc<Context>,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = listen(addr)?;
+    let listener = listen(addr, 0)?;
     let local = listener.local_addr()?;
     let server = server::run(
         listener,
@@ -447,4 +456,33 @@ pub async fn serve_internal(
         ctx.shutdown.clone(),
     );
     Ok((local, tokio::spawn(server)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `SO_SNDBUF` of a connection accepted on a listener made by [`listen`].
+    async fn accepted_send_buffer(send_buffer: usize) -> u32 {
+        let listener = listen("127.0.0.1:0".parse().unwrap(), send_buffer).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (accepted, _) = listener.accept().await.unwrap();
+        assert!(accepted.nodelay().unwrap(), "TCP_NODELAY is inherited");
+        let socket = tokio::net::TcpSocket::from_std_stream(accepted.into_std().unwrap());
+        socket.send_buffer_size().unwrap()
+    }
+
+    #[tokio::test]
+    async fn accepted_sockets_inherit_the_small_send_buffer() {
+        let set = server::DEFAULT_SOCKET_SEND_BUFFER;
+        let got = accepted_send_buffer(set).await as usize;
+        // Linux reports twice the value set (its bookkeeping share).
+        assert!(
+            (set..=2 * set).contains(&got),
+            "SO_SNDBUF {got} for {set} set"
+        );
+        let autotuned = accepted_send_buffer(0).await as usize;
+        assert_ne!(autotuned, got, "0 leaves the kernel default");
+    }
 }

@@ -17,6 +17,11 @@ pub const MAX_BULK: usize = 16 * 1024 * 1024;
 /// Most elements of one array: subscribed-mode replies have 3.
 pub const MAX_ARRAY: usize = 1024;
 
+/// Longest line (a status, an error, a length) accepted: Redis' replies
+/// in subscribed mode are short, and without a bound a peer that never
+/// sends CRLF would make us buffer without end.
+pub const MAX_LINE: usize = 64 * 1024;
+
 /// Deepest nesting of arrays: subscribed-mode replies are flat, and a bound
 /// keeps corrupt input from recursing without end.
 pub const MAX_DEPTH: usize = 4;
@@ -75,7 +80,7 @@ fn scan(buf: &[u8], pos: usize, depth: usize) -> Result<Option<usize>, RespError
     if depth > MAX_DEPTH {
         return Err(RespError::Malformed("arrays nested too deep"));
     }
-    let Some((line, next)) = line(buf, pos) else {
+    let Some((line, next)) = line(buf, pos)? else {
         return Ok(None);
     };
     let Some((&kind, rest)) = line.split_first() else {
@@ -84,7 +89,7 @@ fn scan(buf: &[u8], pos: usize, depth: usize) -> Result<Option<usize>, RespError
     match kind {
         b'+' | b'-' | b':' => Ok(Some(next)),
         b'$' => {
-            let n = int(rest)?;
+            let n = length(rest)?;
             if n < 0 {
                 return Ok(Some(next));
             }
@@ -92,10 +97,16 @@ fn scan(buf: &[u8], pos: usize, depth: usize) -> Result<Option<usize>, RespError
                 return Err(RespError::TooLarge(n));
             }
             let end = next + n as usize + 2;
-            Ok((buf.len() >= end).then_some(end))
+            if buf.len() < end {
+                return Ok(None);
+            }
+            if &buf[end - 2..end] != b"\r\n" {
+                return Err(RespError::Malformed("bulk string not followed by CRLF"));
+            }
+            Ok(Some(end))
         }
         b'*' => {
-            let n = int(rest)?;
+            let n = length(rest)?;
             if n < 0 {
                 return Ok(Some(next));
             }
@@ -129,7 +140,7 @@ fn build(b: &mut Bytes) -> Result<Frame, RespError> {
         b'-' => Ok(Frame::Error(rest)),
         b':' => Ok(Frame::Integer(int(&rest)?)),
         b'$' => {
-            let n = int(&rest)?;
+            let n = length(&rest)?;
             if n < 0 {
                 return Ok(Frame::Bulk(None));
             }
@@ -138,7 +149,7 @@ fn build(b: &mut Bytes) -> Result<Frame, RespError> {
             Ok(Frame::Bulk(Some(data)))
         }
         b'*' => {
-            let n = int(&rest)?;
+            let n = length(&rest)?;
             if n < 0 {
                 return Ok(Frame::Array(None));
             }
@@ -152,10 +163,25 @@ fn build(b: &mut Bytes) -> Result<Frame, RespError> {
     }
 }
 
-/// The line starting at `pos` (without CRLF) and the position after it.
-fn line(buf: &[u8], pos: usize) -> Option<(&[u8], usize)> {
-    let rel = buf.get(pos..)?.windows(2).position(|w| w == b"\r\n")?;
-    Some((&buf[pos..pos + rel], pos + rel + 2))
+/// The line starting at `pos` (without CRLF) and the position after it;
+/// `None` while its CRLF has not arrived, an error once it cannot be a line
+/// within [`MAX_LINE`].
+fn line(buf: &[u8], pos: usize) -> Result<Option<(&[u8], usize)>, RespError> {
+    let rest = buf.get(pos..).unwrap_or_default();
+    let window = &rest[..rest.len().min(MAX_LINE + 2)];
+    match window.windows(2).position(|w| w == b"\r\n") {
+        Some(rel) => Ok(Some((&buf[pos..pos + rel], pos + rel + 2))),
+        None if rest.len() >= MAX_LINE + 2 => Err(RespError::Malformed("line too long")),
+        None => Ok(None),
+    }
+}
+
+/// A bulk or array length: `-1` (null) or a count.
+fn length(s: &[u8]) -> Result<i64, RespError> {
+    match int(s)? {
+        n if n < -1 => Err(RespError::Malformed("negative length")),
+        n => Ok(n),
+    }
 }
 
 fn int(s: &[u8]) -> Result<i64, RespError> {

@@ -77,6 +77,17 @@ pub const MAX_HEAD_BUFFER: usize = 16 * 1024;
 /// limit.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 
+/// Default kernel send buffer per client socket (`SO_SNDBUF`; Linux
+/// doubles it for its bookkeeping). Left to autotuning, the kernel lets a
+/// socket whose reader is slow hold megabytes of already-framed updates
+/// that no conflation can touch: a stalled client then sees seconds-old
+/// prices before the fresh ones. Kept small, the backlog stays in the
+/// connection's outbox, which conflates it (latest version per market).
+/// 64 KiB still carries ~300 KiB/s to a browser 200 ms away, far above an
+/// odds stream's rate; a `begin` replay of a large channel takes a few
+/// round trips longer.
+pub const DEFAULT_SOCKET_SEND_BUFFER: usize = 64 * 1024;
+
 /// Over-cap connections being answered `503` at once, at most; beyond this
 /// they are closed without an answer (a flood must not turn the refusals
 /// themselves into unbounded work).
