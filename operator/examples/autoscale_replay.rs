@@ -28,6 +28,7 @@ fn main() {
         scale_down_window: Duration::from_secs(300),
         even_spread: false,
         drain_target: None,
+        limit_to_lagging: false,
     };
     // The lag rule tuned for this workload: a threshold above what one
     // rebalance pause leaves behind at the base rate (so a step does not

@@ -36,6 +36,8 @@ pub struct Policy {
     pub even_spread: bool,
     /// The drain-time policy's target (`None`: the lag-threshold policy).
     pub drain_target: Option<Duration>,
+    /// Never above the number of partitions with lag (stuck ones excluded).
+    pub limit_to_lagging: bool,
 }
 
 /// What Kafka said this poll.
@@ -76,6 +78,8 @@ pub enum Limit {
     /// Held: the reducers consumed nothing over the last poll (restarting,
     /// rebalancing); more of them would not help.
     NoProgress,
+    /// Capped at the partitions that have lag (`limitToPartitionsWithLag`).
+    PartitionsWithLag(i32),
 }
 
 impl Limit {
@@ -92,6 +96,7 @@ impl Limit {
             Limit::Saturated(_) => "DownstreamSaturated",
             Limit::Measuring => "MeasuringThroughput",
             Limit::NoProgress => "NoConsumption",
+            Limit::PartitionsWithLag(_) => "CappedAtPartitionsWithLag",
         }
     }
 }
@@ -306,6 +311,7 @@ mod tests {
             scale_down_window: Duration::from_secs(300),
             even_spread: false,
             drain_target: None,
+            limit_to_lagging: false,
         }
     }
 

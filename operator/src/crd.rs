@@ -179,6 +179,12 @@ pub struct AutoscalingSpec {
     #[serde(default = "sixty")]
     #[schemars(range(min = 1, max = 86400))]
     pub target_drain_seconds: u32,
+    /// Never run more reducers than partitions that have lag (stuck ones
+    /// left out): a partition is read by one reducer, so beyond that count
+    /// a scale step buys a rebalance and no throughput (KEDA's
+    /// `limitToPartitionsWithLag`). Either policy; `minReplicas` still holds.
+    #[serde(default)]
+    pub limit_to_partitions_with_lag: bool,
 }
 
 /// `spec.autoscaling.policy` of the lag-threshold rule (the default).

@@ -509,6 +509,40 @@ pub fn recommend_drain(
     (n, limit, reason, raw)
 }
 
+/// Partitions of `s` with lag that are not stuck: the most reducers that
+/// can each have something to read.
+pub fn partitions_with_lag(e: &Estimate, s: &Sample) -> i32 {
+    s.report
+        .per_partition
+        .iter()
+        .filter(|p| p.lag > 0 && !e.stuck.iter().any(|x| x.partition == p.partition))
+        .count() as i32
+}
+
+/// `limitToPartitionsWithLag`: no more reducers than partitions with lag
+/// (`minReplicas` still holds); applied after the even spread, which it
+/// overrides, and before the stabilization windows.
+fn cap_to_lagging(
+    policy: &Policy,
+    e: &Estimate,
+    latest: &Sample,
+    (rec, limit, reason): (i32, Limit, String),
+) -> (i32, Limit, String) {
+    if !policy.limit_to_lagging {
+        return (rec, limit, reason);
+    }
+    let lagging = partitions_with_lag(e, latest);
+    let cap = lagging.max(policy.min_replicas.min(e.partitions));
+    if rec <= cap {
+        return (rec, limit, reason);
+    }
+    (
+        cap,
+        Limit::PartitionsWithLag(lagging),
+        format!("{reason}; capped at {cap}: {lagging} partitions have lag"),
+    )
+}
+
 /// Decides with `policy` from the history (its newest sample is this
 /// poll's), stabilized by `scaler`; the decision carries its inputs.
 pub fn decide(
@@ -531,6 +565,7 @@ pub fn decide(
             (n, l, r, raw, POLICY_LAG)
         }
     };
+    let (rec, limit, reason) = cap_to_lagging(policy, &e, latest, (rec, limit, reason));
     let drain_seconds = e.capacity.as_ref().and_then(|c| {
         let spare = f64::from(current) * c.per_reducer - e.arrival.unwrap_or(0.0);
         // (At the full measured rate, not the headroom: this is a forecast.)

@@ -16,6 +16,7 @@ fn policy(drain: Option<u64>) -> Policy {
         scale_down_window: Duration::from_secs(300),
         even_spread: false,
         drain_target: drain.map(Duration::from_secs),
+        limit_to_lagging: false,
     }
 }
 
@@ -231,4 +232,83 @@ fn decisions_explain_themselves() {
     assert_eq!(d.replicas, 2);
     assert!(i.note().contains("arrivals 400/s"), "{}", i.note());
     assert!(d.reason.contains("500/s per reducer"), "{}", d.reason);
+}
+
+#[test]
+fn limit_to_partitions_with_lag_caps_either_policy() {
+    // 8 partitions, 2 of them with a large backlog: the lag rule wants the
+    // partition count, yet only 2 reducers can have anything to read.
+    let parts: Vec<(i64, Option<i64>)> = (0..8)
+        .map(|i| {
+            if i < 2 {
+                (50_000, Some(0))
+            } else {
+                (100, Some(100))
+            }
+        })
+        .collect();
+    let mut h = History::default();
+    h.push(sample(0, 1, &parts));
+    let t = *T0.get().unwrap();
+    let off = decide(&policy(None), &mut Autoscaler::default(), &h, t, 1).unwrap();
+    assert_eq!(off.replicas, 8, "{}", off.reason);
+    let on = Policy {
+        limit_to_lagging: true,
+        ..policy(None)
+    };
+    let d = decide(&on, &mut Autoscaler::default(), &h, t, 1).unwrap();
+    assert_eq!(d.replicas, 2, "{}", d.reason);
+    assert_eq!(d.limit, Limit::PartitionsWithLag(2));
+    assert_eq!(d.limit.reason(), "CappedAtPartitionsWithLag");
+    assert!(d.reason.contains("2 partitions have lag"), "{}", d.reason);
+    // minReplicas still holds.
+    let min3 = Policy {
+        min_replicas: 3,
+        ..on
+    };
+    assert_eq!(
+        decide(&min3, &mut Autoscaler::default(), &h, t, 3)
+            .unwrap()
+            .replicas,
+        3
+    );
+    // Below the cap nothing changes.
+    let mut small = History::default();
+    small.push(sample(
+        0,
+        1,
+        &parts
+            .iter()
+            .map(|&(h, _)| (h.min(1_500), Some(0)))
+            .collect::<Vec<_>>(),
+    ));
+    let d = decide(&on, &mut Autoscaler::default(), &small, t, 1).unwrap();
+    assert_ne!(d.limit, Limit::PartitionsWithLag(8));
+}
+
+#[test]
+fn stuck_partitions_do_not_count_as_partitions_with_lag() {
+    let mut h = History::default();
+    for (i, at) in [0u64, 30, 60, 90].into_iter().enumerate() {
+        let moved = 1000 * i as i64;
+        h.push(sample(
+            at,
+            1,
+            &[
+                (90_000 + moved, Some(moved)),
+                (90_000 + moved, Some(5)),
+                (0, Some(0)),
+            ],
+        ));
+    }
+    let e = estimate(&h);
+    assert_eq!(e.stuck.len(), 1, "partition 1 is stuck");
+    assert_eq!(partitions_with_lag(&e, h.latest().unwrap()), 1);
+    let on = Policy {
+        limit_to_lagging: true,
+        ..policy(None)
+    };
+    let t = *T0.get().unwrap() + Duration::from_secs(90);
+    let d = decide(&on, &mut Autoscaler::default(), &h, t, 1).unwrap();
+    assert_eq!(d.replicas, 1, "{}", d.reason);
 }

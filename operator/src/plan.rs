@@ -103,6 +103,7 @@ pub fn policy_of(a: &AutoscalingSpec) -> Policy {
         even_spread: a.even_partition_spread,
         drain_target: (a.policy == crate::crd::POLICY_DRAIN_TIME)
             .then(|| Duration::from_secs(a.target_drain_seconds.max(1).into())),
+        limit_to_lagging: a.limit_to_partitions_with_lag,
     }
 }
 
