@@ -7,6 +7,10 @@
 //! the channel TTL exactly as `DELETE /v1/channels/<id>` does: unsubscribe
 //! every market, delete the registry, close any stream. A client coming back
 //! later gets 4404 and creates a new channel (the JS client does so).
+//!
+//! The lock holder also walks a page of channels per round comparing the
+//! registry with the reducers' map and repairs lasting disagreements
+//! ([`reconcile`]).
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -14,7 +18,7 @@ use std::time::Duration;
 
 use tracing::{info, warn};
 
-use crate::Context;
+use crate::{reconcile, Context};
 
 /// Channels closed per sweep at most: bounds one sweep's Kafka burst.
 pub const SWEEP_LIMIT: usize = 500;
@@ -31,9 +35,14 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-/// One round: mark this pod's live channels, then sweep if we get the lock.
+/// One round: mark this pod's live channels, then, if we get the lock,
+/// sweep idle channels and reconcile a page of channels ([`reconcile`]).
 /// Returns how many channels were expired.
-pub async fn round(ctx: &Context, token: &str) -> crate::Result<usize> {
+pub async fn round(
+    ctx: &Context,
+    token: &str,
+    reconciler: &mut reconcile::Reconciler,
+) -> crate::Result<usize> {
     let live = ctx.hub.live_channels();
     for chunk in live.chunks(TOUCH_CHUNK) {
         ctx.registry.touch(chunk).await?;
@@ -62,6 +71,7 @@ pub async fn round(ctx: &Context, token: &str) -> crate::Result<usize> {
     if expired > 0 {
         info!(expired, "expired idle channels");
     }
+    reconcile::round(ctx, reconciler).await?;
     Ok(expired)
 }
 
@@ -69,13 +79,14 @@ pub async fn round(ctx: &Context, token: &str) -> crate::Result<usize> {
 pub fn spawn(ctx: Arc<Context>) {
     let token = uuid::Uuid::new_v4().to_string();
     tokio::spawn(async move {
+        let mut reconciler = reconcile::Reconciler::default();
         let mut shutdown = ctx.shutdown.clone();
         let mut tick =
             tokio::time::interval(ctx.config.janitor_interval.max(Duration::from_millis(100)));
         loop {
             tokio::select! {
                 _ = tick.tick() => {
-                    if let Err(e) = round(&ctx, &token).await {
+                    if let Err(e) = round(&ctx, &token, &mut reconciler).await {
                         warn!(error = %e, "channel janitor round failed");
                     }
                 }

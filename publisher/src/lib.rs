@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod origin;
 pub mod outbox;
 pub mod pubsub;
+pub mod reconcile;
 pub mod registry;
 pub mod resp;
 pub mod server;

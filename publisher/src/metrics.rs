@@ -47,6 +47,10 @@ pub struct Metrics {
     pub commands: IntCounterVec,
     /// Channels closed because no stream used them for the channel TTL.
     pub channels_expired: IntCounter,
+    /// Channels whose registry and reducer map were compared.
+    pub reconcile_checked: IntCounter,
+    /// Markets repaired where registry and reducers disagreed, by command.
+    pub reconcile_repairs: IntCounterVec,
     /// Producer timestamp → the update reached this pod from Redis.
     pub update_latency: Histogram,
     /// Open TCP connections on the public port (any kind: API, streams, idle keep-alive).
@@ -231,6 +235,22 @@ impl Metrics {
                     "Channels expired after the idle TTL"
                 )
                 .expect("valid")
+            ),
+            reconcile_checked: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_reconcile_checked_total",
+                    "Channels whose registry and reducer map were compared"
+                )
+                .expect("valid")
+            ),
+            reconcile_repairs: reg!(
+                r,
+                cv(
+                    "streampipe_publisher_reconcile_repairs_total",
+                    "Markets re-subscribed or unsubscribed where the registry and the reducers disagreed twice in a row",
+                    &["command"]
+                )
             ),
             commands: reg!(
                 r,

@@ -354,6 +354,43 @@ impl Registry {
         Ok(v)
     }
 
+    /// One step of a `ZSCAN` over the channel leases from `cursor` (0 to
+    /// start): the next cursor (0 when the walk is complete) and the
+    /// channels of this step. Every channel leased for the whole walk is
+    /// returned at least once, whatever the lease scores do meanwhile.
+    pub async fn scan_leases(&self, cursor: u64, count: usize) -> Result<(u64, Vec<String>)> {
+        let mut c = self.conn.clone();
+        let (next, flat): (u64, Vec<String>) = redis::cmd("ZSCAN")
+            .arg(self.keys.channel_leases())
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut c)
+            .await?;
+        // Members and scores alternate.
+        Ok((next, flat.into_iter().step_by(2).collect()))
+    }
+
+    /// A channel's markets in the registry and in the reducers' map (one
+    /// slot, one round trip).
+    pub async fn both_sides(
+        &self,
+        channel: &str,
+    ) -> Result<(
+        std::collections::HashSet<String>,
+        std::collections::HashSet<String>,
+    )> {
+        let mut c = self.conn.clone();
+        let sides = redis::pipe()
+            .cmd("SMEMBERS")
+            .arg(self.keys.channel_registry(channel))
+            .cmd("SMEMBERS")
+            .arg(self.keys.channel_markets(channel))
+            .query_async(&mut c)
+            .await?;
+        Ok(sides)
+    }
+
     /// Markets a channel is subscribed to, from the registry and from the
     /// reducers' channel→markets map (an expired channel may have lost either).
     pub async fn all_markets(&self, channel: &str) -> Result<Vec<String>> {

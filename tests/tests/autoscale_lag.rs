@@ -21,6 +21,7 @@ fn policy() -> Policy {
         scale_down_window: Duration::from_secs(300),
         even_spread: false,
         drain_target: None,
+        limit_to_lagging: false,
     }
 }
 

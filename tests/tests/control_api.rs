@@ -108,3 +108,87 @@ async fn closing_a_channel_clears_what_only_the_reducers_still_have() {
     );
     assert!(p.smembers(&p.keys().market_channels("b")).is_empty());
 }
+
+/// The periodic reconciler repairs what a failed step left behind, after
+/// seeing it twice (a command in flight is not a disagreement): a market
+/// the registry has but whose subscribe never reached the reducers is
+/// subscribed, a market only the reducers have is unsubscribed, a channel
+/// whose sides agree is left alone; each repair is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_repairs_what_registry_and_reducers_disagree_on() {
+    use std::sync::Arc;
+    use std::time::Duration;
+    use streampipe_contract::message::CommandKind;
+    use streampipe_tests::publisher::{blocking, InProcess};
+    use streampipe_tests::{wait_for, Broker, Pipeline};
+
+    let (p, _reducer) = blocking(|| {
+        let p = Pipeline::new(Broker::Dev, 2);
+        let r = streampipe_reducer::spawn(
+            p.config.clone(),
+            Arc::new(streampipe_reducer::Metrics::new()),
+        )
+        .unwrap();
+        (Arc::new(p), r)
+    })
+    .await;
+    let mut config = streampipe_publisher::Config::new(
+        &p.broker.bootstrap(),
+        &p.name,
+        &streampipe_tests::redis_url(),
+    );
+    config.command_topic = p.config.command_topic.clone();
+    config.janitor_interval = Duration::from_millis(300);
+    let publ = InProcess::start_with_config(config).await;
+    let m = publ.ctx.metrics.clone();
+
+    let id = create_channel(publ.addr, &["R1"]).await;
+    let fine = create_channel(publ.addr, &["R1", "R4"]).await;
+    let (pc, i) = (p.clone(), id.clone());
+    blocking(move || {
+        pc.wait_subscribed(&i, "R1");
+        // A lost subscribe: the registry has R2, the reducers never heard.
+        let _: i64 = redis::cmd("SADD")
+            .arg(pc.keys().channel_registry(&i))
+            .arg("R2")
+            .query(&mut pc.redis())
+            .unwrap();
+        // A lost unsubscribe: the reducers serve R3, the registry lacks it.
+        pc.command(CommandKind::Subscribe, &i, "R3");
+        pc.flush();
+        pc.wait_subscribed(&i, "R3");
+    })
+    .await;
+    let (pc, i) = (p.clone(), id.clone());
+    blocking(move || {
+        wait_for(
+            Duration::from_secs(30),
+            "the reconciler repaired both",
+            || {
+                let reducers = pc.smembers(&pc.keys().channel_markets(&i));
+                (reducers == ["R1", "R2"]).then_some(())
+            },
+        );
+        assert!(pc.smembers(&pc.keys().market_channels("R2")).contains(&i));
+        assert!(!pc.smembers(&pc.keys().market_channels("R3")).contains(&i));
+        assert_eq!(
+            pc.smembers(&pc.keys().channel_registry(&i)),
+            ["R1", "R2"],
+            "the registry is the intent; it is not edited"
+        );
+    })
+    .await;
+    let repairs = |kind: &str| m.reconcile_repairs.with_label_values(&[kind]).get();
+    assert_eq!(repairs("subscribe"), 1);
+    assert_eq!(repairs("unsubscribe"), 1);
+    assert!(m.reconcile_checked.get() >= 4, "both channels walked twice");
+    // The channel whose sides agreed was not touched.
+    let (pc, f) = (p.clone(), fine.clone());
+    blocking(move || {
+        assert_eq!(pc.smembers(&pc.keys().channel_markets(&f)), ["R1", "R4"]);
+    })
+    .await;
+    // Settled: later rounds repair nothing more.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(repairs("subscribe") + repairs("unsubscribe"), 2);
+}
