@@ -282,6 +282,13 @@ network_down() {
         iptables -t nat -X "$NAT_CHAIN"
     fi
     if ip link show "$BRIDGE" >/dev/null 2>&1; then
+        # The pods' veths normally die with their network namespaces; one
+        # whose namespace outlived an interrupted run would outlive the
+        # bridge too, so they go first (deleting one end deletes the pair).
+        local veth
+        for veth in $(ip -o link show master "$BRIDGE" 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1); do
+            ip link del "$veth" 2>/dev/null || true
+        done
         ip link del "$BRIDGE"
         nlog "bridge $BRIDGE removed"
     fi
@@ -466,6 +473,15 @@ our_shims() {
     return 0
 }
 
+# Processes in kubelet's pod cgroups (/kubepods: ours, one node per machine).
+pod_processes() {
+    local h
+    for h in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
+        [ -d "$h" ] && find "$h" -name cgroup.procs -exec cat {} + 2>/dev/null
+    done | sort -u
+    return 0
+}
+
 # Mount points under the state folder, deepest first.
 our_mounts() {
     awk '{print $5}' /proc/self/mountinfo | grep -F "$NODE_DIR/" | sort -r || true
@@ -495,6 +511,11 @@ down() {
     stop containerd
     local pid
     for pid in $(our_shims); do kill -KILL "$pid" 2>/dev/null || true; done
+    # Container processes whose containerd died first (an interrupt reaches
+    # the daemons too, they share the script's process group): still in
+    # kubelet's /kubepods cgroups, holding their network namespaces.
+    for pid in $(pod_processes); do kill -KILL "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do [ -z "$(pod_processes)" ] && break; sleep 0.1; done
     local m
     for m in $(our_mounts); do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || nlog "could not unmount $m"; done
     # The pods' cgroups (kubelet's /kubepods in every hierarchy), leaves first.
