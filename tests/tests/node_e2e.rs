@@ -1,6 +1,6 @@
 //! The whole pipeline on a real Kubernetes node (`scripts/node.sh`: kubelet
 //! and containerd next to `scripts/kube.sh`'s control plane). Everything runs
-//! as pods from the images of the workspace's release binaries: the operator
+//! as pods from images of the workspace's binaries (the suite's debug build): the operator
 //! in-cluster (2 replicas, leader election, its own ServiceAccount), the
 //! reducers and publishers it deploys; Redis and the dev broker run on the
 //! node's gateway address (`scripts/stack.sh` with `STREAMPIPE_STACK_ADDRESS`).
@@ -441,7 +441,7 @@ fn autoscaling_closes_the_loop_on_a_real_node() {
     install();
     const PARTITIONS: i32 = 4;
     // A backlog the first lag reading sees: produced before the pipeline
-    // exists (one release-built reducer drains 20 000 records between two
+    // exists (one reducer drains 20 000 records between two
     // 2 s polls, so a backlog produced later may never be seen).
     const MARKETS: u64 = 2000;
     const VERSIONS: u64 = 100;
