@@ -2,10 +2,11 @@
 # A real node for the local cluster of scripts/kube.sh: containerd, runc and
 # the CNI plugins from Debian, kubelet and kube-scheduler built from the same
 # Debian `kubernetes` source as the control plane, and the project's images
-# built locally from the workspace's release binaries. Pods run for real; the
-# operator's end-to-end tests on it are tests/tests/node_e2e.rs.
+# built locally from the workspace's own binaries (release for a try-it-yourself
+# node, debug for the tests). Pods run for real; the operator's end-to-end
+# tests on it are tests/tests/node_e2e.rs.
 #
-#   scripts/node.sh up|down|status|env|images|test
+#   scripts/node.sh up|down|status|env|images [debug|release]|test|suite
 #
 # up      installs what is missing (Debian packages; kubelet, kube-scheduler
 #         and the sandbox's `pause` built once per machine, ~6 min on 2
@@ -18,10 +19,19 @@
 #         (containerd's images, the control plane's etcd).
 # status  what runs; exit 1 if something is down.
 # env     prints the exports the node tests read (eval "$(scripts/node.sh env)").
-# images  (re)builds the OCI images of the release binaries and imports them.
-# test    up, a stack (Redis + dev broker) on the gateway address, then the
-#         node tests: cargo test -p streampipe-tests --test node_e2e. Leaves
-#         it all running (down stops the stack too).
+# images  (re)builds the OCI images of the binaries of a cargo profile
+#         (argument or STREAMPIPE_NODE_PROFILE; release unless told) and
+#         imports them.
+# test    up (debug images), a stack (Redis + dev broker) on the gateway
+#         address, then the node tests: cargo test --workspace --test
+#         node_e2e. Leaves it all running for a rerun (down stops the stack
+#         too).
+# suite   what scripts/test.sh runs as its node phase: skips loudly (exit 0)
+#         on a machine that cannot run a node (not root, no cgroup
+#         hierarchy), else waits for the machine's node lock, resets the
+#         node's control plane (a fresh etcd), runs `test`, and runs `down`
+#         on every exit, a failed test's included; exits with the tests'
+#         status.
 #
 # The pod network exists only on this machine: a bridge holding the gateway
 # address, pods get addresses of its /24 and a route to the service range via
@@ -39,7 +49,10 @@
 #   STREAMPIPE_NODE_BRIDGE   the bridge's name                          [spnode0]
 #   STREAMPIPE_NODE_NAME     the Node's name                            [streampipe-node]
 #   STREAMPIPE_NODE_KUBELET_PORT  kubelet's API, on the gateway address [10250]
-#   STREAMPIPE_NODE_BIN_DIR  where the release binaries are             [$CARGO_TARGET_DIR/release]
+#   STREAMPIPE_NODE_PROFILE  cargo profile the images are built from: release
+#                            (the Dockerfiles' build) or debug (the test suite's
+#                            own build, reused) [release; debug for test/suite]
+#   STREAMPIPE_NODE_BIN_DIR  prebuilt binaries (no cargo build) [$CARGO_TARGET_DIR/<profile>]
 #   STREAMPIPE_NODE_TIMEOUT  seconds to wait for the node to be Ready   [120]
 # `test` passes scripts/stack.sh's STREAMPIPE_REDIS_PORT, _DEVBROKER_PORT and
 # _DEVBROKER_ADMIN_PORT through (its state: $STREAMPIPE_NODE_DIR/stack).
@@ -56,7 +69,8 @@ GATEWAY=$NET.1
 BRIDGE=${STREAMPIPE_NODE_BRIDGE:-spnode0}
 NODE_NAME=${STREAMPIPE_NODE_NAME:-streampipe-node}
 KUBELET_PORT=${STREAMPIPE_NODE_KUBELET_PORT:-10250}
-REL_DIR=${STREAMPIPE_NODE_BIN_DIR:-$CARGO_TARGET_DIR/release}
+# The profile (release|debug) is settled per command at the bottom.
+PROFILE=${STREAMPIPE_NODE_PROFILE:-}
 TIMEOUT=${STREAMPIPE_NODE_TIMEOUT:-120}
 SERVICE_CIDR=10.96.0.0/16 # kube.sh's service range
 SERVICE_IP=10.96.0.1      # the `kubernetes` Service
@@ -134,13 +148,25 @@ ensure_node_packages() {
     ensure_packages containerd runc containernetworking-plugins iptables iproute2 jq
 }
 
+bin_dir() { echo "${STREAMPIPE_NODE_BIN_DIR:-$CARGO_TARGET_DIR/$PROFILE}"; }
+
 # Always asked of cargo (a no-op when fresh): the images must hold the
 # workspace's current code. STREAMPIPE_NODE_BIN_DIR skips it (prebuilt).
-ensure_release_binaries() {
+ensure_binaries() {
     [ -z "${STREAMPIPE_NODE_BIN_DIR:-}" ] || return 0
-    nlog "release binaries (zlib static, as the Dockerfiles do)"
-    (cd "$ROOT" && LIBZ_SYS_STATIC=1 cargo build --release --locked --quiet \
-        -p streampipe-operator -p streampipe-reducer -p streampipe-publisher --bins)
+    case "$PROFILE" in
+        release)
+            nlog "release binaries (zlib static, as the Dockerfiles do)"
+            (cd "$ROOT" && LIBZ_SYS_STATIC=1 cargo build --release --locked --quiet \
+                -p streampipe-operator -p streampipe-reducer -p streampipe-publisher --bins) ;;
+        debug)
+            # Exactly scripts/test.sh's build command: after the suite's
+            # build it is a no-op. A narrower `-p … --bins` can unify other
+            # features of the dependencies, and rebuild them.
+            nlog "debug binaries (the test suite's build: cargo build --workspace --all-targets)"
+            (cd "$ROOT" && cargo build --workspace --all-targets --quiet) ;;
+        *) die "STREAMPIPE_NODE_PROFILE is '$PROFILE': debug or release" ;;
+    esac
 }
 
 # --- images -------------------------------------------------------------------
@@ -196,19 +222,24 @@ build_image() { # name (image reference), output tar, entrypoint binary path ins
     nlog "image $ref: $(du -h "$out" | cut -f1)"
 }
 
+# One folder of tars per profile: switching profiles re-imports, it does not
+# rebuild. The image names are the same either way (the manifests' names).
 images() {
-    mkdir -p "$NODE_DIR/images"
-    ensure_release_binaries
+    mkdir -p "$NODE_DIR/images/$PROFILE"
+    ensure_binaries
     build_image "$PAUSE_IMAGE" "$NODE_DIR/images/pause.tar" /pause "$KUBE_BIN/pause"
-    local b
+    local b src
     for b in "${IMAGE_BINARIES[@]}"; do
-        build_image "$(image_of "$b")" "$NODE_DIR/images/$b.tar" "/usr/local/bin/$b" "$REL_DIR/$b"
+        src=$(bin_dir)/$b
+        [ -x "$src" ] || die "no $src (build it, or set STREAMPIPE_NODE_BIN_DIR)"
+        build_image "$(image_of "$b")" "$NODE_DIR/images/$PROFILE/$b.tar" "/usr/local/bin/$b" "$src"
     done
     if running containerd; then
-        for b in pause "${IMAGE_BINARIES[@]}"; do
-            ctr_ images import "$NODE_DIR/images/$b.tar" >/dev/null
+        ctr_ images import "$NODE_DIR/images/pause.tar" >/dev/null
+        for b in "${IMAGE_BINARIES[@]}"; do
+            ctr_ images import "$NODE_DIR/images/$PROFILE/$b.tar" >/dev/null
         done
-        nlog "imported: $(ctr_ images ls -q | grep -v '^sha256:' | tr '\n' ' ')"
+        nlog "imported ($PROFILE binaries): $(ctr_ images ls -q | grep -v '^sha256:' | tr '\n' ' ')"
     fi
 }
 
@@ -251,6 +282,13 @@ network_down() {
         iptables -t nat -X "$NAT_CHAIN"
     fi
     if ip link show "$BRIDGE" >/dev/null 2>&1; then
+        # The pods' veths normally die with their network namespaces; one
+        # whose namespace outlived an interrupted run would outlive the
+        # bridge too, so they go first (deleting one end deletes the pair).
+        local veth
+        for veth in $(ip -o link show master "$BRIDGE" 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1); do
+            ip link del "$veth" 2>/dev/null || true
+        done
         ip link del "$BRIDGE"
         nlog "bridge $BRIDGE removed"
     fi
@@ -435,6 +473,15 @@ our_shims() {
     return 0
 }
 
+# Processes in kubelet's pod cgroups (/kubepods: ours, one node per machine).
+pod_processes() {
+    local h
+    for h in /sys/fs/cgroup/*/kubepods /sys/fs/cgroup/kubepods; do
+        [ -d "$h" ] && find "$h" -name cgroup.procs -exec cat {} + 2>/dev/null
+    done | sort -u
+    return 0
+}
+
 # Mount points under the state folder, deepest first.
 our_mounts() {
     awk '{print $5}' /proc/self/mountinfo | grep -F "$NODE_DIR/" | sort -r || true
@@ -464,6 +511,11 @@ down() {
     stop containerd
     local pid
     for pid in $(our_shims); do kill -KILL "$pid" 2>/dev/null || true; done
+    # Container processes whose containerd died first (an interrupt reaches
+    # the daemons too, they share the script's process group): still in
+    # kubelet's /kubepods cgroups, holding their network namespaces.
+    for pid in $(pod_processes); do kill -KILL "$pid" 2>/dev/null || true; done
+    for _ in $(seq 1 50); do [ -z "$(pod_processes)" ] && break; sleep 0.1; done
     local m
     for m in $(our_mounts); do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || nlog "could not unmount $m"; done
     # The pods' cgroups (kubelet's /kubepods in every hierarchy), leaves first.
@@ -489,8 +541,54 @@ run_tests() {
     source "$STREAMPIPE_STACK_DIR/env"
     eval "$(env_file)"
     local started=$SECONDS
-    (cd "$ROOT" && cargo test -p streampipe-tests --test node_e2e -- --nocapture)
+    # --workspace, as the suite's `cargo test`: the same feature set, so
+    # nothing is rebuilt after it. One test at a time (they share the node).
+    (cd "$ROOT" && cargo test --workspace --test node_e2e -- --nocapture --test-threads=1)
     nlog "node tests passed in $(( SECONDS - started ))s"
+}
+
+# Why this machine cannot run a node, or nothing.
+cannot_run() {
+    [ "$(id -u)" = 0 ] || { echo "not root (containerd, kubelet and the pod bridge need root)"; return; }
+    [ -d /sys/fs/cgroup ] && [ -n "$(ls -A /sys/fs/cgroup 2>/dev/null)" ] \
+        || { echo "no cgroup hierarchy under /sys/fs/cgroup (kubelet needs one)"; return; }
+    [ -w /sys/fs/cgroup ] || [ -w /sys/fs/cgroup/memory ] || [ -w /sys/fs/cgroup/unified ] \
+        || { echo "the cgroup hierarchy is read-only (kubelet creates /kubepods)"; return; }
+    command -v ip >/dev/null || [ -x /usr/sbin/ip ] || [ -x /sbin/ip ] \
+        || { echo "no ip(8) (iproute2) for the pod bridge"; return; }
+    return 0
+}
+
+# One node per machine (bridge, kubelet port, /kubepods, /var/log/pods):
+# a second suite waits for the first rather than breaking it.
+NODE_LOCK=/run/lock/streampipe-node.lock
+# Longer than one suite's node phase (~10 min cold, kubelet build included).
+NODE_LOCK_WAIT_SECONDS=1800
+
+suite() {
+    local why
+    why=$(cannot_run)
+    if [ -n "$why" ]; then
+        nlog "======================================================================"
+        nlog "NODE TESTS SKIPPED: $why."
+        nlog "tests/tests/node_e2e.rs did not run; see docs/node.md."
+        nlog "======================================================================"
+        return 0
+    fi
+    mkdir -p "$(dirname "$NODE_LOCK")"
+    exec 8>"$NODE_LOCK"
+    if ! flock -n 8; then
+        nlog "another node runs on this machine: waiting up to ${NODE_LOCK_WAIT_SECONDS}s for $NODE_LOCK"
+        flock -w "$NODE_LOCK_WAIT_SECONDS" 8 || die "the machine's node stayed busy"
+    fi
+    # Whatever happens from here (a failed test, an interrupt), down runs.
+    trap 'rc=$?; nlog "down (exit $rc)"; down >&2 || nlog "down failed: see above"; exit $rc' EXIT
+    trap 'exit 130' INT TERM
+    # A fresh control plane (no object of an earlier run); images stay.
+    kube reset >/dev/null 2>&1 || true
+    local started=$SECONDS
+    run_tests
+    nlog "node phase done in $(( SECONDS - started ))s"
 }
 
 status() {
@@ -513,6 +611,15 @@ env_file() {
     echo "export STREAMPIPE_TEST_NODE_KUBECTL=$KUBE_BIN/kubectl"
 }
 
+# The images' profile: the tests reuse the suite's debug build (no release
+# build on a CI run); a node brought up to try it runs release binaries.
+case "${1:-}" in
+    test | suite) PROFILE=${PROFILE:-debug} ;;
+    images) PROFILE=${2:-${PROFILE:-release}} ;;
+    *) PROFILE=${PROFILE:-release} ;;
+esac
+case "$PROFILE" in debug | release) ;; *) die "profile '$PROFILE': debug or release" ;; esac
+
 case "${1:-}" in
     up) up ;;
     down) down ;;
@@ -520,5 +627,6 @@ case "${1:-}" in
     env) env_file ;;
     images) mkdir -p "$NODE_DIR/logs"; images ;;
     test) run_tests ;;
-    *) echo "usage: $0 up|down|status|env|images|test" >&2; exit 2 ;;
+    suite) suite ;;
+    *) echo "usage: $0 up|down|status|env|images [debug|release]|test|suite" >&2; exit 2 ;;
 esac

@@ -5,6 +5,8 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -12,6 +14,73 @@ use futures_util::{SinkExt, StreamExt};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::publisher::Ws;
+use crate::Pipeline;
+
+/// How often [`feed_odds`] moves every market's prices: visibly often for a
+/// person watching, and a few rounds within any test's 2 s look.
+pub const FEED_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Produces odds (the live page's fields) for `markets` every
+/// [`FEED_INTERVAL`] until `stop`; returns the last version of each market.
+pub fn feed_odds(
+    p: Arc<Pipeline>,
+    markets: Vec<String>,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u64> {
+    std::thread::spawn(move || {
+        let mut v = 0u64;
+        while !stop.load(Ordering::SeqCst) {
+            v += 1;
+            for (i, m) in markets.iter().enumerate() {
+                let home = 1.5 + ((v * 7 + i as u64) % 40) as f64 / 20.0;
+                p.update(
+                    m,
+                    v,
+                    &format!(r#"{{"event":"Team {i} v Team {}","home":{home:.2},"draw":3.40,"away":{:.2},"status":"open"}}"#, i + 10, 6.0 - home),
+                );
+            }
+            p.flush();
+            std::thread::sleep(FEED_INTERVAL);
+        }
+        v
+    })
+}
+
+/// The live page's checks, wherever it is served from: the page at `url`
+/// goes live with one row per market, and within 2 s the prices on screen
+/// and the update counter change. Saves a screenshot as `shot` (under
+/// [`artifacts_dir`]) and returns its path.
+pub async fn assert_live_page_moves(
+    b: &mut Browser,
+    url: &str,
+    markets: usize,
+    shot: &str,
+) -> PathBuf {
+    b.navigate(url).await;
+    b.wait_until(
+        "document.getElementById('conn-state').textContent === 'live'",
+        Duration::from_secs(30),
+    )
+    .await;
+    let rows = b
+        .eval("document.querySelectorAll('tr[data-market]').length")
+        .await;
+    assert_eq!(rows, markets, "one row per market");
+    let prices = "JSON.stringify([...document.querySelectorAll('tr[data-market] td[data-field=home]')].map(td => td.textContent))";
+    let count = "Number(document.getElementById('update-count').textContent)";
+    let before = b.eval(prices).await;
+    let n0 = b.eval(count).await.as_f64().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = b.eval(prices).await;
+    let n1 = b.eval(count).await.as_f64().unwrap();
+    assert_ne!(before, after, "prices on screen changed");
+    assert!(n1 > n0, "update count rose: {n0} → {n1}");
+    let path = artifacts_dir().join(shot);
+    b.screenshot(&path).await;
+    let size = std::fs::metadata(&path).unwrap().len();
+    assert!(size > 10_000, "a real screenshot ({size} bytes)");
+    path
+}
 
 /// A running headless Chromium with one page attached.
 pub struct Browser {

@@ -296,9 +296,10 @@ impl Pipeline {
         }
     }
 
-    /// The pipeline's Redis key schema.
+    /// The pipeline's Redis key schema (scoped by the Kubernetes namespace
+    /// when `config.key_namespace` names one, as the operator's pods are).
     pub fn keys(&self) -> Keys {
-        Keys::new(&self.name)
+        Keys::scoped(self.config.key_namespace.as_deref(), &self.name)
     }
 
     /// Produces a raw record.
