@@ -33,10 +33,11 @@ use streampipe_contract::Keys;
 use tracing::{debug, error, info, warn};
 
 use crate::core::{Core, Effect, Event, Record, TopicKind};
+use crate::epoch::{self as epoch, EpochWatch, Verdict};
 use crate::error::{Error, Result};
 use crate::health::{Health, Pinger, REDIS_PING_TIMEOUT};
 use crate::metrics::Metrics;
-use crate::store::{RedisStore, REDIS_TIMEOUT};
+use crate::store::{EpochRead, RedisStore, REDIS_TIMEOUT};
 use crate::writer::{Done, Job, Writer, RETRY_BACKOFF_MAX, RETRY_BACKOFF_MIN, SHUTDOWN_RETRIES};
 
 /// Default most records per batch: large enough to amortise a Redis round
@@ -77,6 +78,11 @@ const METADATA_WAIT: Duration = Duration::from_secs(60);
 
 /// Timeout of the synchronous commit on revoke and shutdown.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a new owner asks the group coordinator for a partition's
+/// committed command offset when it finds the partition unmarked and empty
+/// (to tell a new pipeline from a lost one); only on that rare path.
+const COMMITTED_LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Most announces per pipeline when a partition is assigned: a partition may
 /// hold 100 000s of watched markets, and one pipeline per chunk bounds the
@@ -308,6 +314,8 @@ struct Inner {
     /// Offsets stored after the last successful flush, to commit on revoke.
     stored: HashMap<(TopicKind, i32), i64>,
     logged_reasons: HashSet<(TopicKind, &'static str)>,
+    /// The data epoch this reducer saw (see [`crate::epoch`]).
+    epoch: EpochWatch,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: Arc<AtomicBool>,
@@ -357,6 +365,9 @@ impl ConsumerContext for ReducerContext {
                 if let Err(e) = inner.drain(consumer) {
                     warn!(error = %e, "flush before revoke failed; the batch will be redelivered to the next owner");
                 }
+                // The next owner loads these partitions from Redis: if it lost
+                // its data, write them back before letting go.
+                inner.check_epoch(true);
                 inner.commit_stored(consumer);
                 for p in parts {
                     inner
@@ -375,8 +386,12 @@ impl ConsumerContext for ReducerContext {
                         "data and command partitions are not co-located; is partition.assignment.strategy=range and are partition counts equal?");
                 }
                 info!(partitions = ?parts, "partitions assigned: loading subscriptions");
+                // Partitions kept across the rebalance (none with the eager
+                // protocol) are written back first if Redis lost its data.
+                inner.check_epoch(true);
                 for p in parts {
-                    inner.load_partition(p);
+                    let loaded = inner.load_partition(p);
+                    inner.mark_assigned(consumer, p, loaded);
                 }
                 inner.update_gauges();
             }
@@ -433,7 +448,9 @@ impl Inner {
         true
     }
 
-    fn load_partition(&mut self, partition: i32) {
+    /// Loads a newly assigned partition's subscriptions into the core and
+    /// announces its watched markets; returns the markets loaded.
+    fn load_partition(&mut self, partition: i32) -> usize {
         let mut backoff = RETRY_BACKOFF_MIN;
         let mut attempts = 0;
         loop {
@@ -450,6 +467,7 @@ impl Inner {
                         "subscriptions loaded"
                     );
                     self.health.set_redis(true, &self.metrics);
+                    let loaded = subscriptions.len();
                     let mut announces = Vec::new();
                     self.core.apply(
                         Event::Assigned {
@@ -459,7 +477,7 @@ impl Inner {
                         &mut announces,
                     );
                     self.announce(partition, &announces);
-                    return;
+                    return loaded;
                 }
                 Err(e) => {
                     attempts += 1;
@@ -480,9 +498,121 @@ impl Inner {
                             },
                             &mut Vec::new(),
                         );
+                        return 0;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the epoch key (at once with `force`, else when the periodic
+    /// check is due) and writes everything back if Redis lost its data. A
+    /// Redis that does not answer is left to the next check.
+    fn check_epoch(&mut self, force: bool) {
+        let now = Instant::now();
+        if !force && !self.epoch.due(now) {
+            return;
+        }
+        self.epoch.checked(now);
+        match self.loader.read_epoch() {
+            Ok(read) => self.on_epoch_read(&read),
+            Err(e) => debug!(error = %e, "reading the data epoch failed; the next check retries"),
+        }
+    }
+
+    /// Acts on a fresh read of the epoch key.
+    fn on_epoch_read(&mut self, read: &EpochRead) {
+        match epoch::judge(self.epoch.known(), read) {
+            Some(Verdict::Lost) => self.write_back(read),
+            Some(Verdict::Adopt(id)) => self.epoch.set(id),
+            Some(Verdict::Claim) => match self
+                .loader
+                .claim_epoch(&streampipe_contract::epoch::new_epoch_id())
+            {
+                Ok(id) => self.epoch.set(id),
+                Err(e) => {
+                    debug!(error = %e, "creating the data epoch failed; the next check retries")
+                }
+            },
+            Some(Verdict::Same) | None => {}
+        }
+    }
+
+    /// Redis lost its data: write back every owned partition's
+    /// subscriptions from memory under a new epoch, retrying until Redis
+    /// takes them (or shutdown cuts the retries short). Runs on the consumer
+    /// thread, so no offset is stored and no partition released meanwhile.
+    fn write_back(&mut self, read: &EpochRead) {
+        self.metrics.redis_data_loss.inc();
+        error!(remembered = ?self.epoch.known(), found = ?read.id(),
+            partitions = ?self.core.owned_partitions(),
+            "redis lost its data (the pipeline's data epoch is gone or replaced): writing back the subscriptions of every owned partition");
+        let t = Instant::now();
+        let mut backoff = RETRY_BACKOFF_MIN;
+        let mut attempts = 0;
+        loop {
+            match epoch::write_back_all(&mut self.loader, &self.core, &self.metrics) {
+                Ok(done) => {
+                    info!(epoch = %done.epoch, partitions = done.partitions,
+                        subscriptions = done.subscriptions, elapsed = ?t.elapsed(),
+                        "subscriptions written back after the redis data loss");
+                    self.epoch.written_back(done.epoch, self.next_seq);
+                    return;
+                }
+                Err(e) => {
+                    attempts += 1;
+                    self.metrics.redis_errors.inc();
+                    warn!(error = %e, attempts, "writing subscriptions back failed; retrying");
+                    if !self.backoff(&mut backoff, attempts) {
                         return;
                     }
                 }
+            }
+        }
+    }
+
+    /// Marks a newly assigned partition with the current epoch, and says so
+    /// loudly when it had no mark of this epoch, nothing to load, and the
+    /// group had consumed its commands before: Redis lost the partition's
+    /// subscriptions and its previous owner did not write them back (it died
+    /// too). Channels streaming through a publisher re-subscribe when the
+    /// publisher notices the loss; the others stay lost.
+    fn mark_assigned(
+        &mut self,
+        consumer: &BaseConsumer<ReducerContext>,
+        partition: i32,
+        loaded: usize,
+    ) {
+        let Some(epoch) = self.epoch.known().map(str::to_owned) else {
+            return;
+        };
+        let prev = match self.loader.mark_partition(partition, &epoch) {
+            Ok(prev) => prev,
+            Err(e) => {
+                warn!(partition, error = %e, "marking the partition with the data epoch failed");
+                return;
+            }
+        };
+        if prev.as_deref() == Some(epoch.as_str()) || loaded > 0 {
+            return;
+        }
+        let mut tpl = TopicPartitionList::new();
+        let _ = tpl.add_partition(&self.config.command_topic, partition);
+        match consumer.committed_offsets(tpl, COMMITTED_LOOKUP_TIMEOUT) {
+            Ok(c) => {
+                let consumed = c
+                    .elements()
+                    .iter()
+                    .any(|e| matches!(e.offset(), Offset::Offset(o) if o > 0));
+                if consumed {
+                    self.metrics.partitions_unrepaired.inc();
+                    error!(partition, previous_mark = ?prev, %epoch,
+                        "partition assigned without its subscriptions: redis lost them and the previous owner did not write them back; channels with live streams re-subscribe through their publishers, the others are lost");
+                }
+            }
+            Err(e) => {
+                warn!(partition, error = %e,
+                    "partition has no subscriptions and no mark of this epoch, and its committed offset could not be read: new, or lost with redis");
             }
         }
     }
@@ -695,6 +825,12 @@ impl Inner {
                         letters.push(self.version_jump_letter(j));
                     }
                     self.send_dead_letters(letters);
+                    // A batch that found Redis without our epoch went to a
+                    // Redis that lost its data: write everything back before
+                    // its offsets (or any later ones) are stored.
+                    if self.epoch.judge_batch(seq, &outcome.epoch) == Some(Verdict::Lost) {
+                        self.write_back(&outcome.epoch);
+                    }
                     self.store_offsets(consumer, &batch.next_offsets);
                 }
                 Done::Failed { seq, error } => {
@@ -954,6 +1090,7 @@ impl Runner {
             dead_letters,
             stored: HashMap::new(),
             logged_reasons: HashSet::new(),
+            epoch: EpochWatch::default(),
             metrics: metrics.clone(),
             health: health.clone(),
             shutdown: shutdown.clone(),
@@ -994,6 +1131,8 @@ impl Runner {
                 }
             }
             inner.health.set_redis(true, &inner.metrics);
+            // Learn (or create) the data epoch before the first assignment.
+            inner.check_epoch(true);
             inner.health.ready.store(true, Ordering::SeqCst);
         }
         while !self.shutdown.load(Ordering::SeqCst) {
@@ -1025,6 +1164,7 @@ impl Runner {
                 inner.submit(&self.consumer)?;
             }
             inner.complete(&self.consumer, None)?;
+            inner.check_epoch(false);
         }
         info!("shutting down: flushing the last batch and committing");
         {

@@ -8,6 +8,7 @@
 //! - [`store`]: the Redis adapter that carries out effects.
 //! - [`consumer`]: the Kafka adapter (poll loop, batching, rebalances).
 //! - [`writer`]: the thread that executes batches in Redis, in order.
+//! - [`epoch`]: noticing a Redis that lost its data and writing our part back.
 //! - [`health`]: liveness, readiness and the Redis pinger behind it.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`cli`]: flags and environment (names from the deployment contract).
@@ -15,6 +16,7 @@
 pub mod cli;
 pub mod consumer;
 pub mod core;
+pub mod epoch;
 pub mod error;
 pub mod health;
 pub mod http;
