@@ -403,3 +403,118 @@ async fn redis_restarted_with_its_data_is_no_loss() {
     blocking(move || w.reducer.0.shutdown().unwrap()).await;
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The worst case: the reducer dies, then Redis loses its data, and a new
+/// reducer takes the partitions with nobody left to write them back. It
+/// says so loudly (`partitions_unrepaired_total`), and the publisher, which
+/// noticed the loss too, writes its channels back and sends their subscribes
+/// through Kafka again, so every client still receives every market of its
+/// channel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owner_dead_with_the_data_is_loud_and_live_channels_resubscribe() {
+    let redis = PrivateRedis::start(free_port());
+    let url = redis.url();
+    let p = blocking(move || {
+        let mut p = Pipeline::new(Broker::Dev, 4);
+        p.config.redis_url = url;
+        Arc::new(p)
+    })
+    .await;
+    let pc = p.clone();
+    let mut first = blocking(move || streampipe_tests::ReducerProcess::spawn(&pc)).await;
+    let publ = InProcess::start_with_redis(&p, &redis.url()).await;
+    let mut channels = Vec::new();
+    let mut all = Vec::new();
+    for c in 0..CHANNELS {
+        let markets: Vec<String> = (0..MARKETS).map(|m| format!("D{c}M{m}")).collect();
+        let refs: Vec<&str> = markets.iter().map(String::as_str).collect();
+        let ch = create_channel(publ.addr, &refs).await;
+        let ws = open_stream(publ.addr, &ch).await;
+        let seen = Arc::new(Mutex::new(Seen::default()));
+        run_client(ws, seen.clone());
+        all.extend(markets.iter().cloned());
+        channels.push((ch, markets, seen));
+    }
+    let version = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    run_feed(p.clone(), all, version.clone(), stop.clone());
+    let reached = |after: u64, when: &'static str| {
+        let channels: Vec<_> = channels
+            .iter()
+            .map(|(_, m, s)| (m.clone(), s.clone()))
+            .collect();
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(90);
+            loop {
+                let missing: Vec<String> = channels
+                    .iter()
+                    .flat_map(|(markets, seen)| {
+                        let s = seen.lock().unwrap();
+                        markets
+                            .iter()
+                            .filter(|m| s.max.get(*m).is_none_or(|v| *v <= after))
+                            .cloned()
+                            .collect::<Vec<_>>()
+                    })
+                    .collect();
+                if missing.is_empty() {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{when}: missing {missing:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    reached(0, "before the loss").await;
+    // Let the auto-committer commit the subscribes' offsets (every second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    blocking(move || first.kill()).await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut redis.connection())
+        .unwrap();
+    let at_loss = version.load(Ordering::SeqCst);
+    let pc = p.clone();
+    let second = blocking(move || start_reducer(&pc)).await;
+    let (m, pm) = (second.1.clone(), publ.ctx.metrics.clone());
+    let t = Instant::now();
+    blocking(move || {
+        wait_for(
+            Duration::from_secs(90),
+            "the new owner says what is lost",
+            || (m.owned_partitions.get() == 4 && m.partitions_unrepaired.get() >= 1).then_some(()),
+        );
+        wait_for(
+            Duration::from_secs(30),
+            "the publisher re-subscribed",
+            || (pm.loss_resubscribed.get() >= (CHANNELS * MARKETS) as u64).then_some(()),
+        );
+    })
+    .await;
+    eprintln!(
+        "owner dead: {} partitions reported unrepaired, {} subscribes sent again, {:?}",
+        second.1.partitions_unrepaired.get(),
+        publ.ctx.metrics.loss_resubscribed.get(),
+        t.elapsed()
+    );
+    reached(
+        at_loss.max(version.load(Ordering::SeqCst)),
+        "after the loss",
+    )
+    .await;
+    assert_eq!(
+        second.1.subscriptions.get(),
+        (CHANNELS * MARKETS) as i64,
+        "the new owner holds every live channel's subscriptions again"
+    );
+    for (_, _, s) in &channels {
+        let s = s.lock().unwrap();
+        assert!(
+            s.resets.iter().any(|r| r.contains("lost its data")),
+            "{s:?}"
+        );
+    }
+    stop.store(true, Ordering::SeqCst);
+    drop(publ);
+    blocking(move || second.0.shutdown().unwrap()).await;
+}
