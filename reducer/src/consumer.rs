@@ -250,10 +250,11 @@ impl ConsumerContext for ReducerContext {
                 // Partitions kept across the rebalance (none with the eager
                 // protocol) are written back first if Redis lost its data.
                 inner.check_epoch(true);
-                for p in parts {
-                    let loaded = inner.load_partition(p);
-                    inner.mark_assigned(consumer, p, loaded);
-                }
+                let loaded: Vec<(i32, usize)> = parts
+                    .iter()
+                    .map(|&p| (p, inner.load_partition(p)))
+                    .collect();
+                inner.mark_assigned(consumer, &loaded);
                 inner.update_gauges();
             }
             Rebalance::Error(e) => {

@@ -150,48 +150,54 @@ impl Inner {
         }
     }
 
-    /// Marks a newly assigned partition with the current epoch, and says so
-    /// loudly when it had no mark of this epoch, nothing to load, and the
-    /// group had consumed its commands before: Redis lost the partition's
-    /// subscriptions and its previous owner did not write them back (it died
-    /// too). Channels streaming through a publisher re-subscribe when the
-    /// publisher notices the loss; the others stay lost.
+    /// Marks newly assigned partitions (`(partition, markets loaded)`) with
+    /// the current epoch, and says so loudly for each that had no mark of
+    /// this epoch, nothing to load, and whose commands the group had consumed
+    /// before: Redis lost its subscriptions and its previous owner did not
+    /// write them back (it died too). Channels streaming through a publisher
+    /// re-subscribe when the publisher notices the loss; the others stay
+    /// lost. One committed-offset lookup for all such partitions, only when
+    /// there is one (a new pipeline's first assignment, or a loss).
     pub(super) fn mark_assigned(
         &mut self,
         consumer: &BaseConsumer<ReducerContext>,
-        partition: i32,
-        loaded: usize,
+        assigned: &[(i32, usize)],
     ) {
         let Some(epoch) = self.epoch.known().map(str::to_owned) else {
             return;
         };
-        let prev = match self.loader.mark_partition(partition, &epoch) {
-            Ok(prev) => prev,
-            Err(e) => {
-                warn!(partition, error = %e, "marking the partition with the data epoch failed");
-                return;
+        let mut suspect = Vec::new();
+        for &(partition, loaded) in assigned {
+            match self.loader.mark_partition(partition, &epoch) {
+                Ok(prev) if prev.as_deref() != Some(epoch.as_str()) && loaded == 0 => {
+                    suspect.push(partition)
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(partition, error = %e, "marking the partition with the data epoch failed")
+                }
             }
-        };
-        if prev.as_deref() == Some(epoch.as_str()) || loaded > 0 {
+        }
+        if suspect.is_empty() {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        let _ = tpl.add_partition(&self.config.command_topic, partition);
+        for &p in &suspect {
+            let _ = tpl.add_partition(&self.config.command_topic, p);
+        }
         match consumer.committed_offsets(tpl, COMMITTED_LOOKUP_TIMEOUT) {
             Ok(c) => {
-                let consumed = c
-                    .elements()
-                    .iter()
-                    .any(|e| matches!(e.offset(), Offset::Offset(o) if o > 0));
-                if consumed {
-                    self.metrics.partitions_unrepaired.inc();
-                    error!(partition, previous_mark = ?prev, %epoch,
-                        "partition assigned without its subscriptions: redis lost them and the previous owner did not write them back; channels with live streams re-subscribe through their publishers, the others are lost");
+                for e in c.elements() {
+                    if matches!(e.offset(), Offset::Offset(o) if o > 0) {
+                        self.metrics.partitions_unrepaired.inc();
+                        error!(partition = e.partition(), %epoch,
+                            "partition assigned without its subscriptions: redis lost them and the previous owner did not write them back; channels with live streams re-subscribe through their publishers, the others are lost");
+                    }
                 }
             }
             Err(e) => {
-                warn!(partition, error = %e,
-                    "partition has no subscriptions and no mark of this epoch, and its committed offset could not be read: new, or lost with redis");
+                warn!(partitions = ?suspect, error = %e,
+                    "partitions have no subscriptions and no mark of this epoch, and their committed offsets could not be read: new, or lost with redis");
             }
         }
     }
