@@ -73,6 +73,19 @@ impl Keys {
         format!("{}p2m:{partition}", self.prefix)
     }
 
+    /// String holding this Redis' data epoch for the pipeline (see
+    /// [`crate::epoch`]): a random id, gone or different after Redis lost data.
+    pub fn epoch(&self) -> String {
+        format!("{}epoch", self.prefix)
+    }
+
+    /// String holding the epoch in which data partition `partition`'s
+    /// subscriptions were last written by its owner (on assignment, or when
+    /// it wrote them back after a loss).
+    pub fn partition_epoch(&self, partition: i32) -> String {
+        format!("{}p2e:{partition}", self.prefix)
+    }
+
     /// The pub/sub topic of `market`: every update of a watched market is
     /// published here **once**, whatever the number of watchers. It carries
     /// the market's hash tag, so on Redis Cluster the state write and the
@@ -126,6 +139,8 @@ mod tests {
         assert_eq!(k.market_state("M1"), "sp:odds:{m:M1}:state");
         assert_eq!(k.channel_markets("c9"), "sp:odds:{c:c9}:c2m");
         assert_eq!(k.partition_markets(3), "sp:odds:p2m:3");
+        assert_eq!(k.epoch(), "sp:odds:epoch");
+        assert_eq!(k.partition_epoch(3), "sp:odds:p2e:3");
     }
 
     #[test]

@@ -5,12 +5,14 @@
 //! schema ([`keys`]) and the partitioner that decides which Kafka partition a
 //! market lives on ([`partitioner`]), and the deployment contract
 //! ([`deploy`]): env names, ports and defaults the operator and binaries share;
-//! and the delivery log's record ([`delivery`]). Anything that two components must agree
+//! the delivery log's record ([`delivery`]) and the data epoch that reveals a
+//! Redis that lost its data ([`epoch`]). Anything that two components must agree
 //! on byte for byte lives here and nowhere else.
 
 pub mod close;
 pub mod delivery;
 pub mod deploy;
+pub mod epoch;
 pub mod keys;
 pub mod message;
 pub mod partitioner;

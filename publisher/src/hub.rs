@@ -34,7 +34,9 @@ use streampipe_contract::{decode_channel_message, peek_update, ChannelMessage, K
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
+use crate::commands::Commands;
 use crate::delivery_log::{Delivery, DeliveryLog};
+use crate::epoch;
 use crate::error::{Error, Result};
 use crate::ingest::{Ingest, Ingested};
 use crate::metrics::Metrics;
@@ -74,6 +76,8 @@ struct Inner {
     /// Channels with a refresh queued but not started: a burst of `markets`
     /// messages for one channel costs one refresh, not one task each.
     refreshing: Mutex<HashSet<Arc<str>>>,
+    /// The data epoch this pod saw (see [`crate::epoch`]).
+    epoch: epoch::Watch,
 }
 
 /// Handle to the hub; cheap to clone.
@@ -105,13 +109,15 @@ struct Synced {
 
 impl Hub {
     /// Starts the hub: its Redis task and its dispatcher (which records into
-    /// `delivery_log`, if given).
+    /// `delivery_log`, if given). After a Redis data loss it re-subscribes its
+    /// channels through `commands` (see [`crate::epoch`]).
     pub fn start(
         target: Target,
         keys: Keys,
         registry: Registry,
         metrics: Arc<Metrics>,
         delivery_log: Option<DeliveryLog>,
+        commands: Option<Commands>,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel(HUB_COMMAND_QUEUE);
         let (connected, _) = watch::channel(false);
@@ -127,6 +133,7 @@ impl Hub {
                 connected,
                 delivery_log,
                 refreshing: Mutex::new(HashSet::new()),
+                epoch: epoch::Watch::new(commands),
             }),
         };
         tokio::spawn(Driver::new(hub.clone(), target, rx).run());
@@ -158,7 +165,7 @@ impl Hub {
             channel: channel.into(),
             id,
         };
-        match self.sync(channel).await? {
+        match self.sync_or_recover(channel).await? {
             Some(Synced {
                 markets: Some(markets),
                 ..
@@ -178,7 +185,17 @@ impl Hub {
         let read = self.inner.registry.markets(channel).await?;
         let (topics, added) = {
             let mut t = self.table();
-            let Some(diff) = t.apply_markets(channel, read.as_deref().unwrap_or(&[])) else {
+            let Some(markets) = read.as_deref() else {
+                // Unknown to the registry (closed, or lost with Redis): keep
+                // what this pod holds, so a repair after a loss writes the
+                // channel back whole (see `crate::epoch`); the caller closes
+                // the streams if it stays unknown.
+                return Ok(Some(Synced {
+                    markets: None,
+                    added: Vec::new(),
+                }));
+            };
+            let Some(diff) = t.apply_markets(channel, markets) else {
                 return Ok(None);
             };
             // Everything the channel needs, not only what changed: a topic
@@ -192,6 +209,25 @@ impl Hub {
             markets: read,
             added,
         }))
+    }
+
+    /// [`Hub::sync`], and when the registry does not know the channel,
+    /// checks whether Redis lost its data (and repairs it, see
+    /// [`crate::epoch`]) before syncing once more: a channel this pod streams
+    /// must not be declared gone just because Redis forgot it.
+    async fn sync_or_recover(&self, channel: &str) -> Result<Option<Synced>> {
+        let synced = self.sync(channel).await?;
+        if !matches!(synced, Some(Synced { markets: None, .. })) {
+            return Ok(synced);
+        }
+        match epoch::check(self).await {
+            Ok(true) => self.sync(channel).await,
+            Ok(false) => Ok(synced),
+            Err(e) => {
+                warn!(error = %e, channel, "checking the redis data epoch failed");
+                Ok(synced)
+            }
+        }
     }
 
     /// Sends the change to the Redis task; with `wait`, returns once Redis
@@ -250,7 +286,7 @@ impl Hub {
     /// lost) closes the connection with 4404 and is a 404 `unknown_channel`:
     /// a stream must never stay open silently receiving nothing.
     pub async fn begin(&self, channel: &str, outbox: &Outbox) -> Result<usize> {
-        let markets = match self.sync(channel).await? {
+        let markets = match self.sync_or_recover(channel).await? {
             Some(Synced {
                 markets: Some(m), ..
             }) => m,
@@ -276,7 +312,7 @@ impl Hub {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .remove(channel);
-        let added = match self.sync(channel).await {
+        let added = match self.sync_or_recover(channel).await {
             Ok(Some(Synced { markets: None, .. })) => {
                 // The channel is gone (its registry lost, not closed: a
                 // close says `closed`): its streams here would wait forever.
@@ -442,10 +478,53 @@ impl Hub {
         }
     }
 
-    /// After a reconnect: every client may have missed updates.
-    pub(crate) fn reset_all(&self) {
+    /// After a pub/sub reconnect: every client may have missed updates, and
+    /// Redis may have restarted without its data. The epoch check runs first
+    /// (so a client's `begin` finds its channel written back); it sends the
+    /// `reset` itself when it found a loss.
+    pub(crate) fn after_reconnect(&self) {
         self.inner.metrics.redis_reconnects.inc();
-        let reset = Bytes::from_static(RESET);
+        let hub = self.clone();
+        tokio::spawn(async move {
+            match epoch::check(&hub).await {
+                Ok(true) => {}
+                Ok(false) => hub.reset_all(RESET),
+                Err(e) => {
+                    warn!(error = %e, "checking the redis data epoch after a reconnect failed");
+                    hub.reset_all(RESET);
+                }
+            }
+        });
+    }
+
+    pub(crate) fn epoch_watch(&self) -> &epoch::Watch {
+        &self.inner.epoch
+    }
+
+    pub(crate) fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    pub(crate) fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Every channel with streams here and its markets as this pod holds them.
+    pub(crate) fn channels_with_markets(&self) -> Vec<(String, Vec<String>)> {
+        let t = self.table();
+        t.channel_ids()
+            .into_iter()
+            .map(|c| {
+                let m = t.markets_of(&c);
+                (c, m)
+            })
+            .collect()
+    }
+
+    /// Sends every client `message` (a `reset`) and forgets what each was
+    /// sent, so the versions of its `begin` are not dropped as duplicates.
+    pub(crate) fn reset_all(&self, message: &'static [u8]) {
+        let reset = Bytes::from_static(message);
         self.table().for_each_connection(|o| {
             o.forget_sent();
             o.push_message("reset", reset.clone());

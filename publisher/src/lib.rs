@@ -10,6 +10,8 @@
 //! - [`registry`], [`commands`]: Redis and Kafka adapters; [`pubsub`] and
 //!   [`resp`]: our own bounded subscribed-mode Redis connection.
 //! - [`limits`]: the control API's bounds and its token bucket.
+//! - [`epoch`]: noticing a Redis that lost its data and writing this pod's
+//!   channels back.
 //! - [`cli`]: flags and environment (names from the deployment contract).
 //! - The live odds page and the JS client are embedded static files.
 
@@ -20,6 +22,7 @@ pub mod api;
 pub mod cli;
 pub mod commands;
 pub mod delivery_log;
+pub mod epoch;
 pub mod error;
 pub mod hub;
 pub mod ingest;
@@ -236,6 +239,7 @@ pub async fn context(
         registry.clone(),
         metrics.clone(),
         delivery_log,
+        Some(commands.clone()),
     )?;
     let ctx = Arc::new(Context {
         config,
@@ -248,6 +252,7 @@ pub async fn context(
         shutdown,
     });
     janitor::spawn(ctx.clone());
+    epoch::spawn(ctx.hub.clone(), ctx.shutdown.clone());
     Ok(ctx)
 }
 

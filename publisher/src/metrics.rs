@@ -37,6 +37,13 @@ pub struct Metrics {
     pub slow_closed: IntCounter,
     /// Redis pub/sub reconnects.
     pub redis_reconnects: IntCounter,
+    /// Times this pod found the pipeline's data epoch gone or replaced:
+    /// Redis lost data (see docs/operations.md).
+    pub redis_data_loss: IntCounter,
+    /// Channels this pod wrote back (registry and janitor entry) after a loss.
+    pub loss_channels_repaired: IntCounter,
+    /// Subscribe commands this pod sent again after a loss.
+    pub loss_resubscribed: IntCounter,
     /// Control API requests, by route and status.
     pub requests: IntCounterVec,
     /// Rejected requests and frames, by reason.
@@ -201,6 +208,30 @@ impl Metrics {
                 IntCounter::new(
                     "streampipe_publisher_redis_reconnects_total",
                     "Redis pub/sub reconnects"
+                )
+                .expect("valid")
+            ),
+            redis_data_loss: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_redis_data_loss_detected_total",
+                    "Times the pipeline's data epoch in Redis was found gone or replaced (Redis lost data)"
+                )
+                .expect("valid")
+            ),
+            loss_channels_repaired: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_redis_loss_channels_repaired_total",
+                    "Channels written back to Redis (registry, janitor entry) after a loss"
+                )
+                .expect("valid")
+            ),
+            loss_resubscribed: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_redis_loss_resubscribed_total",
+                    "Subscribe commands sent again after a Redis data loss"
                 )
                 .expect("valid")
             ),

@@ -434,6 +434,53 @@ impl Registry {
         Ok(())
     }
 
+    /// The pipeline's data epoch (see [`streampipe_contract::epoch`]);
+    /// `None` when the key is gone.
+    pub async fn epoch(&self) -> Result<Option<String>> {
+        let mut c = self.conn.clone();
+        Ok(redis::cmd("GET")
+            .arg(self.keys.epoch())
+            .query_async(&mut c)
+            .await?)
+    }
+
+    /// Creates the epoch key with `candidate` unless it exists; returns what
+    /// it holds afterwards (another component may have created it first).
+    pub async fn claim_epoch(&self, candidate: &str) -> Result<String> {
+        let mut set = redis::cmd("SET");
+        set.arg(self.keys.epoch()).arg(candidate).arg("NX");
+        let mut get = redis::cmd("GET");
+        get.arg(self.keys.epoch());
+        // One after the other (a cluster runs a batch's commands concurrently).
+        let mut c = self.conn.clone();
+        let _: Option<String> = set.query_async(&mut c).await?;
+        let id: Option<String> = get.query_async(&mut c).await?;
+        Ok(id.unwrap_or_else(|| candidate.to_owned()))
+    }
+
+    /// Writes channels back after Redis lost its data: each one's registry
+    /// set (its markets, as this pod holds them) and its janitor entry,
+    /// stamped now, so the channel exists again for every pod.
+    pub async fn restore(&self, channels: &[(String, Vec<String>)]) -> Result<()> {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let mut cmds = Vec::with_capacity(channels.len() * 2);
+        for (channel, markets) in channels {
+            if !markets.is_empty() {
+                let mut sadd = redis::cmd("SADD");
+                sadd.arg(self.keys.channel_registry(channel)).arg(markets);
+                cmds.push(sadd);
+            }
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(self.keys.channel_leases()).arg(now).arg(channel);
+            cmds.push(zadd);
+        }
+        let _: Vec<redis::Value> = self.run_all(cmds).await?;
+        Ok(())
+    }
+
     /// The stored state message of each market (`None` where there is none).
     pub async fn states(&self, markets: &[String]) -> Result<Vec<Option<Bytes>>> {
         let cmds = markets

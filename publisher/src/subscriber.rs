@@ -10,8 +10,8 @@
 //! connection answers in order; a barrier holds once every connection
 //! answered its token), and hands every message it reads to the hub. A lost
 //! connection, a `MOVED` or a slot moved away ends the whole session: every
-//! connection is rebuilt from a fresh slot map, and the hub sends every
-//! client `reset`.
+//! connection is rebuilt from a fresh slot map, and the hub checks whether
+//! Redis lost its data (see [`crate::epoch`]) and sends every client `reset`.
 
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -241,8 +241,8 @@ impl Driver {
                 self.hub.set_connected(true);
                 self.hub.set_gauges();
                 if self.epoch > 0 {
-                    info!("redis pub/sub re-established; sending reset to clients");
-                    self.hub.reset_all();
+                    info!("redis pub/sub re-established; checking the data epoch, then sending reset to clients");
+                    self.hub.after_reconnect();
                 }
                 self.epoch += 1;
             }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use streampipe_contract::deploy::{env, parse_kafka_option, KafkaSecurityArgs, RedisTlsArgs};
 
-use crate::consumer::{Config, DEFAULT_BATCH_MAX_DELAY, DEFAULT_BATCH_MAX_RECORDS};
+use crate::config::{Config, DEFAULT_BATCH_MAX_DELAY, DEFAULT_BATCH_MAX_RECORDS};
 use crate::error::{Error, Result};
 
 /// How much earlier than the grace period the reducer gives up on a clean

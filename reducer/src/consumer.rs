@@ -8,6 +8,13 @@
 //! batch's offsets stored (`enable.auto.offset.store=false`); the
 //! auto-committer then commits only stored offsets. A Redis outage therefore
 //! stalls the consumer instead of committing past data Redis does not have.
+//! Which offsets a finished batch may store, and what a revoke commits, is
+//! decided by the pure, unit-tested [`crate::offsets::Ledger`].
+//!
+//! Around it: [`crate::config`] (settings), [`crate::kafka`] (librdkafka
+//! configuration, topic checks), [`crate::dead_letter`] (the dead-letter
+//! producer), `assign` (loading and marking assigned partitions, and the
+//! write-back after a Redis data loss, see [`crate::epoch`]).
 //!
 //! The consumer runs on its own thread with librdkafka's blocking poll, so
 //! the rebalance callback (which librdkafka runs inside `poll`) can flush and
@@ -15,37 +22,35 @@
 //! partition's subscriptions from Redis, and announce its watched markets,
 //! before its first record is handed out.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Header, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use streampipe_contract::deploy::{self, KafkaSecurity, RedisTls};
 use streampipe_contract::Keys;
 use tracing::{debug, error, info, warn};
 
+mod assign;
+
+pub use crate::config::{Config, DEFAULT_BATCH_MAX_DELAY, DEFAULT_BATCH_MAX_RECORDS};
+pub use crate::kafka::{FETCH_QUEUE_BACKOFF_MS, FETCH_WAIT_MAX_MS};
+
 use crate::core::{Core, Effect, Event, Record, TopicKind};
+use crate::dead_letter::{DeadLetter, DeadLetters};
+use crate::epoch::{EpochWatch, Verdict};
 use crate::error::{Error, Result};
 use crate::health::{Health, Pinger, REDIS_PING_TIMEOUT};
+use crate::kafka::{self, partitions_of};
 use crate::metrics::Metrics;
+use crate::offsets::{Ledger, TopicPartition};
 use crate::store::{RedisStore, REDIS_TIMEOUT};
 use crate::writer::{Done, Job, Writer, RETRY_BACKOFF_MAX, RETRY_BACKOFF_MIN, SHUTDOWN_RETRIES};
-
-/// Default most records per batch: large enough to amortise a Redis round
-/// trip, small enough that one batch is a few milliseconds of work.
-pub const DEFAULT_BATCH_MAX_RECORDS: usize = 1000;
-
-/// Default longest time a record waits in a batch: bounds the latency the
-/// batching adds when traffic is light.
-pub const DEFAULT_BATCH_MAX_DELAY: Duration = Duration::from_millis(5);
 
 /// How long `poll` blocks when no batch is pending: how quickly an idle
 /// reducer notices shutdown.
@@ -55,117 +60,8 @@ const IDLE_POLL: Duration = Duration::from_millis(100);
 /// (and so the storing of its offsets) may be noticed.
 const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
 
-/// librdkafka's `fetch.wait.max.ms` default for the reducer: how long a
-/// broker may hold a fetch when no data is there. Real Kafka answers as soon
-/// as data arrives, but some Kafka-protocol brokers (librdkafka's mock
-/// cluster, tansu) wait the full time, which would add up to 500 ms (the
-/// librdkafka default) of latency; 10 ms costs ~100 idle fetches/s per broker.
-pub const FETCH_WAIT_MAX_MS: u32 = 10;
-
-/// librdkafka's `fetch.queue.backoff.ms` for the reducer. When the local
-/// queue (all partitions together) holds more than `queued.min.messages`,
-/// librdkafka pauses fetching for this long; its 1000 ms default starves a
-/// consumer that drains the queue in less time than that, which capped the
-/// reducer at ~115k records/s on a backlog (see docs/benchmarks.md).
-pub const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
-
-/// How long to wait for dead-letter records to be acknowledged by Kafka.
-const DEAD_LETTER_FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long to wait for the topics to exist at start-up.
-const METADATA_WAIT: Duration = Duration::from_secs(60);
-
 /// Timeout of the synchronous commit on revoke and shutdown.
 const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Most announces per pipeline when a partition is assigned: a partition may
-/// hold 100 000s of watched markets, and one pipeline per chunk bounds the
-/// reply buffers on both sides while still costing few round trips.
-const ASSIGN_ANNOUNCE_CHUNK: usize = 10_000;
-
-/// Reducer settings (the binary fills them from flags and environment).
-#[derive(Debug, Clone)]
-pub struct Config {
-    /// Kafka bootstrap servers.
-    pub brokers: String,
-    /// The partitioned data topic.
-    pub data_topic: String,
-    /// The co-partitioned command topic.
-    pub command_topic: String,
-    /// Where malformed records go; `None` only counts and skips them.
-    pub dead_letter_topic: Option<String>,
-    /// The consumer group all reducers of the pipeline share.
-    pub group: String,
-    /// Redis URL; with `redis_cluster`, a comma-separated seed list.
-    pub redis_url: String,
-    /// Whether `redis_url` names a Redis Cluster (keys routed by slot,
-    /// `SPUBLISH`, `WAIT` for a replica after each batch).
-    pub redis_cluster: bool,
-    /// Pipeline name, the Redis key prefix.
-    pub pipeline: String,
-    /// Kubernetes namespace of the pipeline, part of the Redis key prefix.
-    pub key_namespace: Option<String>,
-    /// Most records per batch.
-    pub batch_max_records: usize,
-    /// Longest time a record waits in a batch.
-    pub batch_max_delay: Duration,
-    /// Consumer group session timeout.
-    pub session_timeout: Duration,
-    /// librdkafka statistics interval (per-partition lag metrics).
-    pub statistics_interval: Duration,
-    /// Extra librdkafka properties (tuning; the binary refuses security keys here).
-    pub kafka_options: Vec<(String, String)>,
-    /// Kafka TLS and SASL, each its own setting.
-    pub kafka_security: KafkaSecurity,
-    /// TLS files for a `rediss://` URL.
-    pub redis_tls: RedisTls,
-    /// Largest version jump over a market's stored version; a record
-    /// further ahead is dead-lettered (`version_jump`).
-    pub max_version_jump: u64,
-}
-
-impl Config {
-    /// A configuration with the documented defaults.
-    pub fn new(brokers: &str, pipeline: &str, redis_url: &str) -> Self {
-        Config {
-            brokers: brokers.into(),
-            data_topic: deploy::default_data_topic(pipeline),
-            command_topic: deploy::default_command_topic(pipeline),
-            dead_letter_topic: Some(deploy::default_dead_letter_topic(pipeline)),
-            group: deploy::default_group(pipeline),
-            redis_url: redis_url.into(),
-            redis_cluster: false,
-            pipeline: pipeline.into(),
-            key_namespace: None,
-            batch_max_records: DEFAULT_BATCH_MAX_RECORDS,
-            batch_max_delay: DEFAULT_BATCH_MAX_DELAY,
-            session_timeout: Duration::from_secs(10),
-            statistics_interval: Duration::from_secs(5),
-            kafka_options: Vec::new(),
-            kafka_security: KafkaSecurity::default(),
-            redis_tls: RedisTls::default(),
-            max_version_jump: crate::store::DEFAULT_MAX_VERSION_JUMP,
-        }
-    }
-
-    /// The base client configuration: brokers, security, user options.
-    fn client_config(&self) -> Result<ClientConfig> {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
-        let security = self
-            .kafka_security
-            .properties()
-            .map_err(|e| Error::Config(e.to_string()))?;
-        for (k, v) in security {
-            c.set(k, v);
-        }
-        for (k, v) in &self.kafka_options {
-            deploy::check_kafka_option(k).map_err(|e| Error::Config(e.to_string()))?;
-            c.set(k, v);
-        }
-        Ok(c)
-    }
-}
 
 /// A running reducer: its consumer thread and how to stop it.
 pub struct ReducerHandle {
@@ -244,39 +140,11 @@ pub fn spawn(config: Config, metrics: Arc<Metrics>) -> Result<ReducerHandle> {
     })
 }
 
-/// Counts dead-letter delivery failures.
-struct DeadLetterContext {
-    metrics: Arc<Metrics>,
-}
-
-impl ClientContext for DeadLetterContext {}
-
-impl ProducerContext for DeadLetterContext {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
-        if let Err((e, _)) = result {
-            self.metrics.dead_letter_failures.inc();
-            warn!(error = %e, "dead-letter record was not delivered");
-        }
-    }
-}
-
-/// A malformed record on its way to the dead-letter topic.
-struct DeadLetter {
-    topic: String,
-    partition: i32,
-    offset: i64,
-    key: Option<Vec<u8>>,
-    value: Option<Vec<u8>>,
-    reason: String,
-}
-
-/// Effects and offsets of records consumed but not yet submitted to Redis.
+/// Effects of records consumed but not yet submitted to Redis (their
+/// offsets are in the [`Ledger`]).
 #[derive(Default)]
 struct Batch {
     effects: Vec<Effect>,
-    /// Next offset to store per (topic, partition) once the batch is in Redis.
-    next_offsets: HashMap<(TopicKind, i32), i64>,
     dead_letters: Vec<DeadLetter>,
     /// Kafka timestamps of the data records, for the latency histogram.
     data_timestamps: Vec<i64>,
@@ -287,7 +155,6 @@ struct Batch {
 /// A batch handed to the writer, waiting for its completion.
 struct InFlight {
     seq: u64,
-    next_offsets: HashMap<(TopicKind, i32), i64>,
     dead_letters: Vec<DeadLetter>,
     records: usize,
 }
@@ -302,12 +169,13 @@ struct Inner {
     writer: Writer,
     batch: Batch,
     in_flight: VecDeque<InFlight>,
-    next_seq: u64,
+    /// Which offsets may be stored and what a commit carries.
+    ledger: Ledger,
     scratch: Vec<Effect>,
-    dead_letters: Option<ThreadedProducer<DeadLetterContext>>,
-    /// Offsets stored after the last successful flush, to commit on revoke.
-    stored: HashMap<(TopicKind, i32), i64>,
+    dead_letters: Option<DeadLetters>,
     logged_reasons: HashSet<(TopicKind, &'static str)>,
+    /// The data epoch this reducer saw (see [`crate::epoch`]).
+    epoch: EpochWatch,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: Arc<AtomicBool>,
@@ -354,16 +222,20 @@ impl ConsumerContext for ReducerContext {
                 self.metrics.rebalances.with_label_values(&["revoke"]).inc();
                 let parts = partitions_of(tpl, &self.data_topic);
                 info!(partitions = ?parts, "partitions revoked: flushing and committing");
+                let revoked = parts.clone();
                 if let Err(e) = inner.drain(consumer) {
                     warn!(error = %e, "flush before revoke failed; the batch will be redelivered to the next owner");
                 }
+                // The next owner loads these partitions from Redis: if it lost
+                // its data, write them back before letting go.
+                inner.check_epoch(true);
                 inner.commit_stored(consumer);
                 for p in parts {
                     inner
                         .core
                         .apply(Event::Revoked { partition: p }, &mut Vec::new());
                 }
-                inner.stored.clear();
+                inner.ledger.revoked(&revoked);
                 inner.update_gauges();
             }
             Rebalance::Assign(tpl) => {
@@ -375,9 +247,14 @@ impl ConsumerContext for ReducerContext {
                         "data and command partitions are not co-located; is partition.assignment.strategy=range and are partition counts equal?");
                 }
                 info!(partitions = ?parts, "partitions assigned: loading subscriptions");
-                for p in parts {
-                    inner.load_partition(p);
-                }
+                // Partitions kept across the rebalance (none with the eager
+                // protocol) are written back first if Redis lost its data.
+                inner.check_epoch(true);
+                let loaded: Vec<(i32, usize)> = parts
+                    .iter()
+                    .map(|&p| (p, inner.load_partition(p)))
+                    .collect();
+                inner.mark_assigned(consumer, &loaded);
                 inner.update_gauges();
             }
             Rebalance::Error(e) => {
@@ -386,16 +263,6 @@ impl ConsumerContext for ReducerContext {
             }
         }
     }
-}
-
-fn partitions_of(tpl: &TopicPartitionList, topic: &str) -> Vec<i32> {
-    let mut v: Vec<i32> = tpl
-        .elements_for_topic(topic)
-        .iter()
-        .map(|e| e.partition())
-        .collect();
-    v.sort_unstable();
-    v
 }
 
 impl Inner {
@@ -431,98 +298,6 @@ impl Inner {
         std::thread::sleep(*backoff);
         *backoff = (*backoff * 2).min(RETRY_BACKOFF_MAX);
         true
-    }
-
-    fn load_partition(&mut self, partition: i32) {
-        let mut backoff = RETRY_BACKOFF_MIN;
-        let mut attempts = 0;
-        loop {
-            let t = Instant::now();
-            match self.loader.load_partition(partition) {
-                Ok(subscriptions) => {
-                    self.metrics
-                        .load_seconds
-                        .with_label_values(&["ok"])
-                        .observe(t.elapsed().as_secs_f64());
-                    debug!(
-                        partition,
-                        markets = subscriptions.len(),
-                        "subscriptions loaded"
-                    );
-                    self.health.set_redis(true, &self.metrics);
-                    let mut announces = Vec::new();
-                    self.core.apply(
-                        Event::Assigned {
-                            partition,
-                            subscriptions,
-                        },
-                        &mut announces,
-                    );
-                    self.announce(partition, &announces);
-                    return;
-                }
-                Err(e) => {
-                    attempts += 1;
-                    self.metrics.redis_errors.inc();
-                    self.metrics
-                        .load_seconds
-                        .with_label_values(&["error"])
-                        .observe(t.elapsed().as_secs_f64());
-                    self.health.set_redis(false, &self.metrics);
-                    warn!(partition, error = %e, attempts, "loading subscriptions failed; retrying");
-                    if !self.backoff(&mut backoff, attempts) {
-                        // Shutting down: own the partition with what we have
-                        // (nothing), it is about to be revoked anyway.
-                        self.core.apply(
-                            Event::Assigned {
-                                partition,
-                                subscriptions: Vec::new(),
-                            },
-                            &mut Vec::new(),
-                        );
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Carries out the announces of a newly assigned partition, on the
-    /// loader's connection and retrying like the load, so they are in Redis
-    /// before the partition's first record is handed out (and so before any
-    /// of its updates). They are not tied to any offset: an announce only
-    /// republishes stored state, which is always safe to repeat.
-    fn announce(&mut self, partition: i32, effects: &[Effect]) {
-        for chunk in effects.chunks(ASSIGN_ANNOUNCE_CHUNK) {
-            let mut backoff = RETRY_BACKOFF_MIN;
-            let mut attempts = 0;
-            loop {
-                match self.loader.execute(chunk) {
-                    Ok(outcome) => {
-                        self.metrics.publishes.inc_by(outcome.published);
-                        break;
-                    }
-                    Err(e) => {
-                        attempts += 1;
-                        self.metrics.redis_errors.inc();
-                        self.health.set_redis(false, &self.metrics);
-                        warn!(partition, error = %e, attempts, "announcing watched markets failed; retrying");
-                        if !self.backoff(&mut backoff, attempts) {
-                            // Shutting down: the partition is about to go, and
-                            // its next owner announces again.
-                            return;
-                        }
-                    }
-                }
-            }
-        }
-        if !effects.is_empty() {
-            debug!(
-                partition,
-                markets = effects.len(),
-                "watched markets announced"
-            );
-        }
     }
 
     /// Applies one consumed record to the core and adds its effects to the batch.
@@ -619,9 +394,7 @@ impl Inner {
                 self.batch.data_timestamps.push(ts);
             }
         }
-        self.batch
-            .next_offsets
-            .insert((topic, msg.partition()), msg.offset() + 1);
+        self.ledger.record((topic, msg.partition()), msg.offset());
         self.batch.records += 1;
         self.batch.started.get_or_insert_with(Instant::now);
     }
@@ -645,8 +418,7 @@ impl Inner {
         }
         let batch = std::mem::take(&mut self.batch);
         self.metrics.batch_records.observe(batch.records as f64);
-        let seq = self.next_seq;
-        self.next_seq += 1;
+        let seq = self.ledger.seal();
         let job = Job {
             seq,
             effects: batch.effects,
@@ -660,7 +432,6 @@ impl Inner {
         self.writer.submit(job)?;
         self.in_flight.push_back(InFlight {
             seq,
-            next_offsets: batch.next_offsets,
             dead_letters: batch.dead_letters,
             records: batch.records,
         });
@@ -695,9 +466,17 @@ impl Inner {
                         letters.push(self.version_jump_letter(j));
                     }
                     self.send_dead_letters(letters);
-                    self.store_offsets(consumer, &batch.next_offsets);
+                    // A batch that found Redis without our epoch went to a
+                    // Redis that lost its data: write everything back before
+                    // its offsets (or any later ones) are stored.
+                    if self.epoch.judge_batch(seq, &outcome.epoch) == Some(Verdict::Lost) {
+                        self.write_back(&outcome.epoch);
+                    }
+                    let storable = self.ledger.written(seq);
+                    self.store_offsets(consumer, &storable);
                 }
                 Done::Failed { seq, error } => {
+                    self.ledger.given_up(seq);
                     let lost: usize = self.in_flight.iter().map(|b| b.records).sum();
                     warn!(seq, %error, records = batch.records + lost,
                         "batch given up during shutdown; its records will be redelivered");
@@ -722,15 +501,17 @@ impl Inner {
     fn store_offsets(
         &mut self,
         consumer: &BaseConsumer<ReducerContext>,
-        offsets: &HashMap<(TopicKind, i32), i64>,
+        offsets: &[(TopicPartition, i64)],
     ) {
+        if offsets.is_empty() {
+            return;
+        }
         let mut tpl = TopicPartitionList::new();
-        for (&(topic, partition), &next) in offsets {
+        for &((topic, partition), next) in offsets {
             let name = self.topic_name(topic).to_owned();
             if let Err(e) = tpl.add_partition_offset(&name, partition, Offset::Offset(next)) {
                 warn!(error = %e, "could not build offset list");
             }
-            self.stored.insert((topic, partition), next);
         }
         if let Err(e) = consumer.store_offsets(&tpl) {
             // A partition revoked meanwhile refuses its offset; the new owner
@@ -769,67 +550,19 @@ impl Inner {
     }
 
     fn send_dead_letters(&mut self, letters: Vec<DeadLetter>) {
-        if letters.is_empty() {
-            return;
-        }
-        let Some(producer) = &self.dead_letters else {
-            return;
-        };
-        let dlq = self
-            .config
-            .dead_letter_topic
-            .clone()
-            .expect("producer exists only with a topic");
-        for l in &letters {
-            let partition = l.partition.to_string();
-            let offset = l.offset.to_string();
-            let headers = OwnedHeaders::new()
-                .insert(Header {
-                    key: "streampipe.source.topic",
-                    value: Some(l.topic.as_str()),
-                })
-                .insert(Header {
-                    key: "streampipe.source.partition",
-                    value: Some(partition.as_str()),
-                })
-                .insert(Header {
-                    key: "streampipe.source.offset",
-                    value: Some(offset.as_str()),
-                })
-                .insert(Header {
-                    key: "streampipe.error",
-                    value: Some(l.reason.as_str()),
-                });
-            let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(&dlq).headers(headers);
-            if let Some(k) = &l.key {
-                record = record.key(k.as_slice());
-            }
-            if let Some(v) = &l.value {
-                record = record.payload(v.as_slice());
-            }
-            match producer.send(record) {
-                Ok(()) => self.metrics.dead_lettered.inc(),
-                Err((e, _)) => {
-                    self.metrics.dead_letter_failures.inc();
-                    warn!(error = %e, "could not queue dead-letter record");
-                }
-            }
-        }
-        // Wait for the broker's acknowledgement so a dead letter is not lost
-        // when we then store the offset past its record.
-        if let Err(e) = producer.flush(DEAD_LETTER_FLUSH_TIMEOUT) {
-            self.metrics.dead_letter_failures.inc();
-            warn!(error = %e, "dead-letter flush timed out");
+        if let Some(d) = &self.dead_letters {
+            d.send(&letters);
         }
     }
 
     /// Synchronously commits the offsets stored so far.
     fn commit_stored(&mut self, consumer: &BaseConsumer<ReducerContext>) {
-        if self.stored.is_empty() {
+        let offsets = self.ledger.to_commit();
+        if offsets.is_empty() {
             return;
         }
         let mut tpl = TopicPartitionList::new();
-        for (&(topic, partition), &next) in &self.stored {
+        for ((topic, partition), next) in offsets {
             let name = self.topic_name(topic).to_owned();
             let _ = tpl.add_partition_offset(&name, partition, Offset::Offset(next));
         }
@@ -889,48 +622,21 @@ impl Runner {
             health.clone(),
             shutdown.clone(),
         )?;
-        let session_ms = config.session_timeout.as_millis().max(1000) as u64;
-        let mut cc = config.client_config()?;
-        cc.set("group.id", &config.group)
-            .set("enable.auto.commit", "true")
-            .set("auto.commit.interval.ms", "1000")
-            .set("enable.auto.offset.store", "false")
-            .set("auto.offset.reset", "earliest")
-            // Range co-locates equal partition numbers of the two topics.
-            .set("partition.assignment.strategy", "range")
-            .set("session.timeout.ms", session_ms.to_string())
-            .set("heartbeat.interval.ms", (session_ms / 3).to_string())
-            .set("enable.partition.eof", "false")
-            .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string())
-            .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string())
-            .set(
-                "statistics.interval.ms",
-                config.statistics_interval.as_millis().to_string(),
-            )
-            .set("client.id", "streampipe-reducer");
-        // User options win, including over the settings above.
-        for (k, v) in &config.kafka_options {
-            cc.set(k, v);
-        }
-
+        let cc = kafka::consumer_config(&config)?;
         let dead_letters = match &config.dead_letter_topic {
-            Some(_) => {
-                let mut pc = config.client_config()?;
-                pc.set("enable.idempotence", "true")
-                    .set("partitioner", "murmur2_random")
-                    .set("client.id", "streampipe-reducer-dlq");
-                Some(pc.create_with_context(DeadLetterContext {
-                    metrics: metrics.clone(),
-                })?)
-            }
+            Some(topic) => Some(DeadLetters::new(
+                config.client_config()?,
+                topic,
+                metrics.clone(),
+            )?),
             None => None,
         };
 
         // Partition counts decide market ownership, so check them before
         // joining the group. Wait a while: topics may be created just after us.
         let probe: BaseConsumer = config.client_config()?.create()?;
-        let data_parts = wait_for_topic(&probe, &config.data_topic, &shutdown)?;
-        let cmd_parts = wait_for_topic(&probe, &config.command_topic, &shutdown)?;
+        let data_parts = kafka::wait_for_topic(&probe, &config.data_topic, &shutdown)?;
+        let cmd_parts = kafka::wait_for_topic(&probe, &config.command_topic, &shutdown)?;
         if data_parts != cmd_parts {
             return Err(Error::Topics(format!(
                 "data topic {:?} has {data_parts} partitions but command topic {:?} has {cmd_parts}; they must be equal so a market's commands reach the owner of its data",
@@ -949,11 +655,11 @@ impl Runner {
             writer,
             batch: Batch::default(),
             in_flight: VecDeque::new(),
-            next_seq: 0,
+            ledger: Ledger::default(),
             scratch: Vec::new(),
             dead_letters,
-            stored: HashMap::new(),
             logged_reasons: HashSet::new(),
+            epoch: EpochWatch::default(),
             metrics: metrics.clone(),
             health: health.clone(),
             shutdown: shutdown.clone(),
@@ -994,6 +700,8 @@ impl Runner {
                 }
             }
             inner.health.set_redis(true, &inner.metrics);
+            // Learn (or create) the data epoch before the first assignment.
+            inner.check_epoch(true);
             inner.health.ready.store(true, Ordering::SeqCst);
         }
         while !self.shutdown.load(Ordering::SeqCst) {
@@ -1025,6 +733,7 @@ impl Runner {
                 inner.submit(&self.consumer)?;
             }
             inner.complete(&self.consumer, None)?;
+            inner.check_epoch(false);
         }
         info!("shutting down: flushing the last batch and committing");
         {
@@ -1042,27 +751,5 @@ impl Runner {
         drop(self.consumer);
         info!("reducer stopped");
         Ok(())
-    }
-}
-
-fn wait_for_topic(probe: &BaseConsumer, topic: &str, shutdown: &AtomicBool) -> Result<u32> {
-    let deadline = Instant::now() + METADATA_WAIT;
-    loop {
-        let res = probe.fetch_metadata(Some(topic), Duration::from_secs(5));
-        let err = match res {
-            Ok(md) => match md.topics().first() {
-                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                    return Ok(t.partitions().len() as u32)
-                }
-                Some(t) => format!("topic {topic:?} not available: {:?}", t.error()),
-                None => format!("topic {topic:?} not in metadata"),
-            },
-            Err(e) => format!("metadata for {topic:?}: {e}"),
-        };
-        if Instant::now() > deadline || shutdown.load(Ordering::SeqCst) {
-            return Err(Error::Topics(err));
-        }
-        warn!(%err, "waiting for topic");
-        std::thread::sleep(Duration::from_secs(1));
     }
 }

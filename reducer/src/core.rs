@@ -315,6 +315,27 @@ impl Core {
         v
     }
 
+    /// The subscriptions of an owned partition, `(market, channels)` per
+    /// watched market (the shape [`Event::Assigned`] takes): what the
+    /// reducer writes back when Redis lost its data. Empty for a partition
+    /// not owned.
+    pub fn subscriptions_of(&self, partition: i32) -> Vec<(String, Vec<String>)> {
+        self.owned
+            .get(&partition)
+            .map(|markets| {
+                markets
+                    .iter()
+                    .map(|(m, s)| {
+                        (
+                            m.to_string(),
+                            s.channels.iter().map(|c| c.to_string()).collect(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     fn partition_of(&self, market: &str) -> i32 {
         partition_for(market.as_bytes(), self.partition_count) as i32
     }
@@ -618,6 +639,52 @@ mod tests {
             channel: channel.into(),
             market_now_watched,
         }
+    }
+
+    /// What a reducer writes back after Redis lost its data is exactly what
+    /// the partition holds: every channel of every watched market, nothing of
+    /// other partitions, nothing unsubscribed.
+    #[test]
+    fn subscriptions_of_a_partition_round_trip_through_assign() {
+        let mut core = core_owning_all();
+        for (m, c) in [("A", "c1"), ("A", "c2"), ("B", "c1"), ("C", "c3")] {
+            command(&mut core, CommandKind::Subscribe, c, m);
+        }
+        command(&mut core, CommandKind::Unsubscribe, "c3", "C");
+        let sorted = |mut v: Vec<(String, Vec<String>)>| {
+            v.iter_mut().for_each(|(_, c)| c.sort());
+            v.sort();
+            v
+        };
+        let mut all = Vec::new();
+        for part in 0..N as i32 {
+            let subs = core.subscriptions_of(part);
+            for (m, _) in &subs {
+                assert_eq!(p(m), part, "{m} listed under its own partition only");
+            }
+            // A fresh core assigned these subscriptions holds the same state.
+            let mut other = Core::new(N);
+            other.apply(
+                Event::Assigned {
+                    partition: part,
+                    subscriptions: subs.clone(),
+                },
+                &mut Vec::new(),
+            );
+            assert_eq!(sorted(other.subscriptions_of(part)), sorted(subs.clone()));
+            all.extend(subs);
+        }
+        assert_eq!(
+            sorted(all),
+            vec![
+                ("A".to_string(), vec!["c1".to_string(), "c2".to_string()]),
+                ("B".to_string(), vec!["c1".to_string()]),
+            ]
+        );
+        assert!(
+            Core::new(N).subscriptions_of(0).is_empty(),
+            "not owned: nothing"
+        );
     }
 
     /// Whether the single effect is an update, and if so whether it is watched.

@@ -7,18 +7,27 @@
 //! - [`core`]: the pure state machine (`apply(state, event) -> effects`).
 //! - [`store`]: the Redis adapter that carries out effects.
 //! - [`consumer`]: the Kafka adapter (poll loop, batching, rebalances).
+//! - [`offsets`]: the at-least-once bookkeeping (which offsets may be stored).
+//! - [`config`], [`kafka`], [`dead_letter`]: settings, librdkafka
+//!   configuration and topic checks, the dead-letter producer.
 //! - [`writer`]: the thread that executes batches in Redis, in order.
+//! - [`epoch`]: noticing a Redis that lost its data and writing our part back.
 //! - [`health`]: liveness, readiness and the Redis pinger behind it.
 //! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //! - [`cli`]: flags and environment (names from the deployment contract).
 
 pub mod cli;
+pub mod config;
 pub mod consumer;
 pub mod core;
+pub mod dead_letter;
+pub mod epoch;
 pub mod error;
 pub mod health;
 pub mod http;
+pub mod kafka;
 pub mod metrics;
+pub mod offsets;
 pub mod store;
 pub mod writer;
 

@@ -56,6 +56,17 @@ pub struct Metrics {
     pub kafka_errors: IntCounter,
     /// Time to load a newly assigned partition's subscriptions from Redis.
     pub load_seconds: HistogramVec,
+    /// Times this reducer found the pipeline's data epoch gone or replaced:
+    /// Redis lost data (see docs/operations.md).
+    pub redis_data_loss: IntCounter,
+    /// Partitions whose subscriptions were written back after a loss.
+    pub loss_partitions_repaired: IntCounter,
+    /// (market, channel) pairs written back after a loss.
+    pub loss_subscriptions_repaired: IntCounter,
+    /// Partitions assigned without the current epoch's mark and with nothing
+    /// to load although the group had consumed their commands: their
+    /// subscriptions were lost with Redis and their owner did not write them back.
+    pub partitions_unrepaired: IntCounter,
 }
 
 impl Default for Metrics {
@@ -218,6 +229,26 @@ impl Metrics {
                 &r,
                 "streampipe_reducer_kafka_errors_total",
                 "Kafka client errors",
+            ),
+            redis_data_loss: counter(
+                &r,
+                "streampipe_reducer_redis_data_loss_detected_total",
+                "Times the pipeline's data epoch in Redis was found gone or replaced (Redis lost data)",
+            ),
+            loss_partitions_repaired: counter(
+                &r,
+                "streampipe_reducer_redis_loss_partitions_repaired_total",
+                "Partitions whose subscriptions were written back to Redis after a loss",
+            ),
+            loss_subscriptions_repaired: counter(
+                &r,
+                "streampipe_reducer_redis_loss_subscriptions_repaired_total",
+                "Market-channel subscriptions written back to Redis after a loss",
+            ),
+            partitions_unrepaired: counter(
+                &r,
+                "streampipe_reducer_partitions_unrepaired_total",
+                "Partitions assigned whose subscriptions were lost with Redis and not written back by their previous owner",
             ),
             load_seconds: {
                 let h = HistogramVec::new(

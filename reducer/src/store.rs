@@ -149,7 +149,37 @@ pub struct Outcome {
     /// Cluster masters whose `WAIT` saw no replica acknowledge the batch in
     /// [`REPLICA_WAIT_TIMEOUT`] (the batch was accepted anyway).
     pub unreplicated: u64,
+    /// The pipeline's data epoch as the batch's pipeline read it, before its
+    /// writes (see [`streampipe_contract::epoch`]).
+    pub epoch: EpochRead,
 }
+
+/// What a read of the epoch key found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub enum EpochRead {
+    /// The batch had no Redis command, so nothing was read.
+    #[default]
+    NotRead,
+    /// The key is gone.
+    Missing,
+    /// The key holds this id.
+    Is(String),
+}
+
+impl EpochRead {
+    /// The id read, if the key was read and exists.
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            EpochRead::Is(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// Most commands per pipeline when a partition's subscriptions are written
+/// back after a loss: bounds the reply buffers on both sides while a
+/// partition of 100 000s of subscriptions still costs few round trips.
+pub const WRITE_BACK_CHUNK: usize = 10_000;
 
 /// Where the store talks to: one Redis, or a Redis Cluster.
 enum Backend {
@@ -205,6 +235,8 @@ enum Reply<'e> {
     Reset,
     /// An announce script call.
     Announce,
+    /// The `GET` of the epoch key that opens every batch.
+    Epoch,
 }
 
 impl RedisStore {
@@ -485,6 +517,14 @@ impl RedisStore {
         if batch.cmds.is_empty() {
             return Ok(Outcome::default());
         }
+        // Read the epoch before the writes, in the same round trip: the
+        // consumer stores no offset of a batch that went to a Redis which
+        // lost its data until the reducer wrote its subscriptions back.
+        let mut get = redis::cmd("GET");
+        get.arg(self.keys.epoch());
+        batch.cmds.insert(0, get);
+        batch.wanted.insert(0, true);
+        batch.replies.insert(0, Reply::Epoch);
         let (values, unreplicated) = self.with_conn(|c| batch.run(c))?;
         let mut out = Outcome {
             unreplicated,
@@ -521,6 +561,11 @@ impl RedisStore {
                     }
                 }
                 Reply::Reset => out.reset += 1,
+                Reply::Epoch => {
+                    let id: Option<String> =
+                        redis::from_redis_value(value).map_err(redis::RedisError::from)?;
+                    out.epoch = id.map_or(EpochRead::Missing, EpochRead::Is);
+                }
                 Reply::Announce => {
                     let n: u64 = redis::from_redis_value(value).map_err(redis::RedisError::from)?;
                     out.published += n;
@@ -528,6 +573,99 @@ impl RedisStore {
             }
         }
         Ok(out)
+    }
+
+    /// Reads the pipeline's data epoch.
+    pub fn read_epoch(&mut self) -> Result<EpochRead> {
+        let key = self.keys.epoch();
+        let id: Option<String> =
+            self.with_conn(|c| redis::cmd("GET").arg(&key).query(c.as_like()))?;
+        Ok(id.map_or(EpochRead::Missing, EpochRead::Is))
+    }
+
+    /// Creates the epoch key with `candidate` unless it exists, and returns
+    /// what it holds afterwards (another component may have created it first).
+    pub fn claim_epoch(&mut self, candidate: &str) -> Result<String> {
+        let key = self.keys.epoch();
+        let (id,): (String,) = self.with_conn(|c| {
+            let mut set = redis::cmd("SET");
+            set.arg(&key).arg(candidate).arg("NX");
+            let mut get = redis::cmd("GET");
+            get.arg(&key);
+            match c {
+                Conn::Single(c) => redis::pipe()
+                    .add_command(set)
+                    .ignore()
+                    .add_command(get)
+                    .query(c),
+                Conn::Cluster { conn, .. } => redis::cluster::cluster_pipe()
+                    .add_command(set)
+                    .ignore()
+                    .add_command(get)
+                    .query(conn.as_mut()),
+            }
+        })?;
+        Ok(id)
+    }
+
+    /// Marks `partition` as written by its owner in `epoch`; returns the
+    /// mark it had before (`None`: none).
+    pub fn mark_partition(&mut self, partition: i32, epoch: &str) -> Result<Option<String>> {
+        let key = self.keys.partition_epoch(partition);
+        self.with_conn(|c| redis::cmd("GETSET").arg(&key).arg(epoch).query(c.as_like()))
+    }
+
+    /// Writes a partition's subscriptions back (`m2c`, `c2m` and `p2m` sets,
+    /// as the subscribe effects write them) and then marks the partition
+    /// with `epoch`. Idempotent: set adds only. Returns the (market, channel)
+    /// pairs written.
+    pub fn write_back(
+        &mut self,
+        partition: i32,
+        subscriptions: &[(String, Vec<String>)],
+        epoch: &str,
+    ) -> Result<u64> {
+        let k = self.keys.clone();
+        let mut cmds: Vec<Cmd> = Vec::new();
+        let mut pairs = 0u64;
+        for (market, channels) in subscriptions {
+            if channels.is_empty() {
+                continue;
+            }
+            let mut sadd = redis::cmd("SADD");
+            sadd.arg(k.market_channels(market)).arg(channels);
+            cmds.push(sadd);
+            for ch in channels {
+                let mut sadd = redis::cmd("SADD");
+                sadd.arg(k.channel_markets(ch)).arg(market);
+                cmds.push(sadd);
+                pairs += 1;
+            }
+            let mut sadd = redis::cmd("SADD");
+            sadd.arg(k.partition_markets(partition)).arg(market);
+            cmds.push(sadd);
+        }
+        for chunk in cmds.chunks(WRITE_BACK_CHUNK) {
+            self.with_conn(|c| match c {
+                Conn::Single(c) => {
+                    let mut pipe = redis::pipe();
+                    chunk.iter().for_each(|cmd| {
+                        pipe.add_command(cmd.clone()).ignore();
+                    });
+                    pipe.query::<()>(c)
+                }
+                Conn::Cluster { conn, .. } => {
+                    let mut pipe = redis::cluster::cluster_pipe();
+                    chunk.iter().for_each(|cmd| {
+                        pipe.add_command(cmd.clone()).ignore();
+                    });
+                    pipe.query::<()>(conn.as_mut())
+                }
+            })?;
+        }
+        // The mark last: a partition marked with the new epoch is complete.
+        self.mark_partition(partition, epoch)?;
+        Ok(pairs)
     }
 
     /// Loads the persisted subscriptions of a data partition:

@@ -733,11 +733,40 @@ pub struct PrivateRedis {
     /// Its port.
     pub port: u16,
     child: std::process::Child,
+    /// Extra `redis-server` arguments (persistence), kept for restarts.
+    extra: Vec<String>,
 }
 
 impl PrivateRedis {
     /// Starts `redis-server` on `port` (no persistence) and waits for it.
     pub fn start(port: u16) -> Self {
+        Self::launch(port, vec!["--appendonly".into(), "no".into()])
+    }
+
+    /// Starts `redis-server` on `port` with an append-only file in `dir`
+    /// (`appendfsync everysec`, as the stack and production run it), so a
+    /// restart keeps the data.
+    pub fn start_persistent(port: u16, dir: &std::path::Path) -> Self {
+        std::fs::create_dir_all(dir).expect("redis data dir");
+        Self::launch(
+            port,
+            vec![
+                "--appendonly".into(),
+                "yes".into(),
+                "--appendfsync".into(),
+                "everysec".into(),
+                "--dir".into(),
+                dir.display().to_string(),
+            ],
+        )
+    }
+
+    fn launch(port: u16, extra: Vec<String>) -> Self {
+        let child = Self::spawn_server(port, &extra);
+        PrivateRedis { port, child, extra }
+    }
+
+    fn spawn_server(port: u16, extra: &[String]) -> std::process::Child {
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -746,21 +775,48 @@ impl PrivateRedis {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server");
         let url = format!("redis://127.0.0.1:{port}");
         wait_for(Duration::from_secs(10), "private redis", || {
-            redis::Client::open(url.as_str())
+            let mut c = redis::Client::open(url.as_str())
                 .ok()?
                 .get_connection()
-                .ok()
-                .map(|_| ())
+                .ok()?;
+            // Answers only once a persistent one has loaded its data.
+            redis::cmd("PING").query::<String>(&mut c).ok().map(|_| ())
         });
-        PrivateRedis { port, child }
+        child
+    }
+
+    /// Stops the server: `graceful` with SIGTERM (it writes its append-only
+    /// file out), else SIGKILL (what it had only in memory is gone).
+    pub fn stop(&mut self, graceful: bool) {
+        if graceful {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(self.child.id().to_string())
+                .status();
+        } else {
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+
+    /// Starts the server again on the same port with the same settings.
+    pub fn start_again(&mut self) {
+        self.child = Self::spawn_server(self.port, &self.extra);
+    }
+
+    /// A connection to it.
+    pub fn connection(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
     }
 
     /// Its URL.

@@ -496,10 +496,12 @@ fn store_publishes_once_per_update_and_announces() {
         channel: channel.into(),
         market_now_watched,
     };
+    // Every batch also reads the pipeline's data epoch (none here).
     let outcome = |applied, stale, published| Outcome {
         applied,
         stale,
         published,
+        epoch: streampipe_reducer::store::EpochRead::Missing,
         ..Outcome::default()
     };
 

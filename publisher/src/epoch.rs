@@ -1,0 +1,128 @@
+//! Noticing a Redis that lost its data, and writing this pod's part back.
+//!
+//! The registry sets and janitor entries of channels live only in Redis. A
+//! Redis restarted empty (or flushed, or failed over to a replica that had
+//! not caught up) would make every channel "vanish": the next `begin` would
+//! close its streams with 4404 although the pod still holds them. So every
+//! pod remembers the pipeline's data epoch (see
+//! [`streampipe_contract::epoch`]) and compares it with Redis every
+//! [`EPOCH_CHECK_INTERVAL`], after every pub/sub reconnect, and whenever a
+//! channel it streams seems to have vanished. When the key is gone or holds
+//! another id, the pod, for every channel it has streams of:
+//! 1. writes the registry set (the markets as the pod holds them) and the
+//!    janitor entry back, so every pod's control API and `begin` know the
+//!    channel again;
+//! 2. sends a `subscribe` command per market through Kafka, so a partition
+//!    whose reducer died with the data learns its subscriptions again (the
+//!    reducers that survived write theirs back themselves; a duplicate
+//!    subscribe is a no-op);
+//! 3. sends its clients `reset`: states stored before the loss are gone and
+//!    updates may have been missed; the client begins again.
+//!
+//! Channels no pod streams are not repaired by publishers (only the
+//! reducers' write-back keeps their subscriptions); see docs/operations.md.
+
+use std::time::Duration;
+
+use streampipe_contract::epoch::{new_epoch_id, EPOCH_CHECK_INTERVAL};
+use streampipe_contract::CommandKind;
+use tracing::{error, info, warn};
+
+use crate::commands::Commands;
+use crate::error::Result;
+use crate::hub::Hub;
+
+/// Channels written back per Redis round trip: keeps each pipeline (and on
+/// a cluster, each burst of concurrent commands) small.
+pub const RESTORE_CHUNK: usize = 500;
+
+/// The epoch a pod remembers; checks are serialized (one repair at a time).
+#[derive(Default)]
+pub struct Watch {
+    known: tokio::sync::Mutex<Option<String>>,
+    /// Where re-subscribes go; `None` only in tests without Kafka.
+    commands: Option<Commands>,
+}
+
+impl Watch {
+    /// A watch that re-subscribes through `commands`.
+    pub fn new(commands: Option<Commands>) -> Self {
+        Watch {
+            known: tokio::sync::Mutex::new(None),
+            commands,
+        }
+    }
+}
+
+/// Compares the epoch key with the remembered one and repairs after a
+/// loss; returns whether it found (and handled) one.
+pub async fn check(hub: &Hub) -> Result<bool> {
+    let watch = hub.epoch_watch();
+    let mut known = watch.known.lock().await;
+    let registry = hub.registry();
+    let read = registry.epoch().await?;
+    match (known.as_deref(), read.as_deref()) {
+        (Some(k), Some(r)) if k == r => return Ok(false),
+        (None, Some(r)) => {
+            *known = Some(r.to_owned());
+            return Ok(false);
+        }
+        (None, None) => {
+            *known = Some(registry.claim_epoch(&new_epoch_id()).await?);
+            return Ok(false);
+        }
+        _ => {}
+    }
+    let metrics = hub.metrics();
+    metrics.redis_data_loss.inc();
+    let channels = hub.channels_with_markets();
+    error!(remembered = ?*known, found = ?read, channels = channels.len(),
+        "redis lost its data (the pipeline's data epoch is gone or replaced): writing this pod's channels back");
+    let epoch = registry.claim_epoch(&new_epoch_id()).await?;
+    for chunk in channels.chunks(RESTORE_CHUNK) {
+        registry.restore(chunk).await?;
+        metrics.loss_channels_repaired.inc_by(chunk.len() as u64);
+    }
+    if let Some(commands) = &watch.commands {
+        for (channel, markets) in &channels {
+            if markets.is_empty() {
+                continue;
+            }
+            commands
+                .send(CommandKind::Subscribe, channel, markets, metrics)
+                .await?;
+            metrics.loss_resubscribed.inc_by(markets.len() as u64);
+        }
+    }
+    // Only now: a failure above leaves the old id, so the next check redoes
+    // the whole repair (every step is idempotent).
+    *known = Some(epoch);
+    hub.reset_all(RESET_AFTER_LOSS);
+    info!(
+        channels = channels.len(),
+        "channels written back after the redis data loss; clients were sent reset"
+    );
+    Ok(true)
+}
+
+/// The `reset` clients get after a loss.
+pub const RESET_AFTER_LOSS: &[u8] =
+    br#"{"type":"reset","reason":"redis lost its data; stored states are gone until the next update"}"#;
+
+/// Checks every [`EPOCH_CHECK_INTERVAL`] until `shutdown`.
+pub fn spawn(hub: Hub, mut shutdown: tokio::sync::watch::Receiver<bool>) {
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(EPOCH_CHECK_INTERVAL.max(Duration::from_millis(100)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {
+                    if let Err(e) = check(&hub).await {
+                        warn!(error = %e, "checking the redis data epoch failed; retrying");
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
+    });
+}
