@@ -79,13 +79,14 @@ pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 
 /// Default kernel send buffer per client socket (`SO_SNDBUF`; Linux
 /// doubles it for its bookkeeping). Left to autotuning, the kernel lets a
-/// socket whose reader is slow hold megabytes of already-framed updates
-/// that no conflation can touch: a stalled client then sees seconds-old
-/// prices before the fresh ones. Kept small, the backlog stays in the
-/// connection's outbox, which conflates it (latest version per market).
-/// 64 KiB still carries ~300 KiB/s to a browser 200 ms away, far above an
-/// odds stream's rate; a `begin` replay of a large channel takes a few
-/// round trips longer.
+/// socket whose reader stalls hold up to `tcp_wmem`'s maximum (4 MiB on
+/// Debian) of already-framed updates that no conflation can touch — per
+/// socket, so 10 000 stalled clients could pin 40 GB of kernel memory.
+/// Kept small, the backlog waits in the connection's outbox, which
+/// conflates it (latest version per market). It cannot bound what the
+/// client's own receive buffer holds (docs/benchmarks.md). 64 KiB still
+/// carries ~300 KiB/s to a browser 200 ms away, far above an odds stream's
+/// rate; a `begin` replay of a large channel takes a few round trips more.
 pub const DEFAULT_SOCKET_SEND_BUFFER: usize = 64 * 1024;
 
 /// Over-cap connections being answered `503` at once, at most; beyond this
