@@ -228,11 +228,8 @@ fn check_allowed(ctx: &Context, caller: &Caller, markets: &[String]) -> Result<(
 
 /// Takes `n` of the caller's `kind` tokens; 429 with `Retry-After` otherwise.
 pub fn limit(ctx: &Context, client: &str, kind: Kind, n: usize) -> Result<(), Error> {
+    // Counted by `reply` under the error code, which is the kind's label.
     ctx.clients.take(client, kind, n).map_err(|wait| {
-        ctx.metrics
-            .rejected
-            .with_label_values(&[kind.label()])
-            .inc();
         Error::limited(
             kind.label(),
             format!(
