@@ -706,5 +706,8 @@ mod tests {
             "const LIFETIME_REACHED = {};",
             code::LIFETIME_REACHED
         )));
+        assert!(js.contains(&format!("const TOKEN_EXPIRED = {};", code::TOKEN_EXPIRED)));
+        assert!(js.contains(&format!("const UNAUTHORIZED = {};", code::UNAUTHORIZED)));
+        assert!(js.contains(&format!("const WS_PROTOCOL = '{WS_PROTOCOL}';")));
     }
 }
