@@ -436,7 +436,7 @@ impl Verifier {
 /// or anonymous.
 pub enum Auth {
     /// Tokens required.
-    Token(Verifier),
+    Token(Box<Verifier>),
     /// Everyone is anonymous.
     Anonymous,
 }
@@ -445,7 +445,10 @@ impl Auth {
     /// From the configuration (fails in token mode without keys).
     pub fn new(config: &AuthConfig) -> Result<Self> {
         match &config.mode {
-            Mode::Token(keys) => Ok(Auth::Token(Verifier::new(keys, config.dev_tokens)?)),
+            Mode::Token(keys) => Ok(Auth::Token(Box::new(Verifier::new(
+                keys,
+                config.dev_tokens,
+            )?))),
             Mode::Anonymous => {
                 if config.dev_tokens {
                     return Err(Error::Config(format!(
