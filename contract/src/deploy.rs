@@ -123,6 +123,13 @@ pub mod env {
     /// Publisher, development only: `POST /v1/dev/token` mints HS256 tokens
     /// for anyone who asks (the live page and the demo use it).
     pub const DEV_TOKENS: &str = "STREAMPIPE_DEV_TOKENS";
+    /// Publisher: most open streams per client per pod.
+    pub const MAX_STREAMS_PER_CLIENT: &str = "STREAMPIPE_MAX_STREAMS_PER_CLIENT";
+    /// Publisher: most channels per client.
+    pub const MAX_CHANNELS_PER_CLIENT: &str = "STREAMPIPE_MAX_CHANNELS_PER_CLIENT";
+    /// Publisher, benchmarks only: no per-client rate limits or caps (a
+    /// load generator is one client opening thousands of streams).
+    pub const BENCH_NO_CLIENT_LIMITS: &str = "STREAMPIPE_BENCH_NO_CLIENT_LIMITS";
     /// Publisher: a header carrying the client's address, set by a trusted
     /// proxy in front (e.g. `X-Real-IP`); unset: the peer address.
     pub const CLIENT_IP_HEADER: &str = "STREAMPIPE_CLIENT_IP_HEADER";

@@ -124,6 +124,15 @@ pub struct Args {
     /// unset: the peer address. Only set it behind a proxy that overwrites it.
     #[arg(long, env = env::CLIENT_IP_HEADER)]
     pub client_ip_header: Option<String>,
+    /// Most open streams per client (subject, or IP when anonymous) on this pod.
+    #[arg(long, env = env::MAX_STREAMS_PER_CLIENT, default_value_t = crate::clients::MAX_STREAMS_PER_CLIENT)]
+    pub max_streams_per_client: usize,
+    /// Most channels per client (all pods).
+    #[arg(long, env = env::MAX_CHANNELS_PER_CLIENT, default_value_t = crate::clients::MAX_CHANNELS_PER_CLIENT)]
+    pub max_channels_per_client: usize,
+    /// Benchmarks only: no per-client rate limits or caps.
+    #[arg(long, env = env::BENCH_NO_CLIENT_LIMITS, default_value_t = false)]
+    pub bench_no_client_limits: bool,
     /// The reducers' consumer group (its command lag sheds load) [default: <pipeline>.reducers].
     #[arg(long, env = env::GROUP)]
     pub reducer_group: Option<String>,
@@ -169,6 +178,11 @@ impl Args {
         config.channel_idle_ttl = Duration::from_secs(self.channel_idle_ttl_seconds);
         config.max_connections = self.max_connections.max(1);
         config.auth = self.auth()?;
+        config.client_limits.max_streams = self.max_streams_per_client.max(1);
+        config.client_limits.max_channels = self.max_channels_per_client.max(1);
+        if self.bench_no_client_limits {
+            config.client_limits = crate::clients::ClientLimits::unlimited();
+        }
         if let Some(g) = self.reducer_group.as_ref().filter(|g| !g.is_empty()) {
             config.reducer_group = g.clone();
         }

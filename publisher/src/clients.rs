@@ -73,6 +73,23 @@ pub struct ClientLimits {
     pub max_channels: usize,
 }
 
+impl ClientLimits {
+    /// No effective limit (benchmarks: one load generator is one client).
+    pub fn unlimited() -> Self {
+        let lots = Rate {
+            per_second: 1e9,
+            burst: 1e9,
+        };
+        ClientLimits {
+            channel_creates: lots,
+            market_changes: lots,
+            begins: lots,
+            max_streams: usize::MAX,
+            max_channels: 1 << 30,
+        }
+    }
+}
+
 impl Default for ClientLimits {
     fn default() -> Self {
         ClientLimits {
