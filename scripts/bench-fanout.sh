@@ -116,7 +116,8 @@ METRICS=()
 for i in $(seq 1 "$PUBLISHERS"); do
     port_free $((28280 + i))
     "$R/streampipe-publisher" "${COMMON[@]}" --listen "127.0.0.1:$((28280 + i))" \
-        --metrics-listen "127.0.0.1:$((28180 + i))" --max-connections 1000000 ${PUBLISHER_EXTRA[@]+"${PUBLISHER_EXTRA[@]}"} \
+        --metrics-listen "127.0.0.1:$((28180 + i))" --max-connections 1000000 \
+        --auth-mode anonymous --bench-no-client-limits ${PUBLISHER_EXTRA[@]+"${PUBLISHER_EXTRA[@]}"} \
         >"$STREAMPIPE_STACK_DIR/publisher-$i.log" 2>&1 &
     PIDS+=($!); PID_ARGS+=(--pid "publisher=$!")
     wait_ready "http://127.0.0.1:$((28280 + i))/readyz"

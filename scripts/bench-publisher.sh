@@ -37,9 +37,12 @@ for scenario in "${SCENARIOS[@]}"; do
     port=$((port + 1))
     # streampipe publisher (Kafka is not used: channels are registered in Redis
     # directly and updates published to their pub/sub, as reducers do).
+    # Anonymous (hand-registered channels have no owner) and without
+    # per-client limits (the load generator is one client).
     "$R/streampipe-publisher" --brokers 127.0.0.1:1 --pipeline bench --redis-url redis://127.0.0.1:36379 \
         --listen 127.0.0.1:$((18180 + port)) --metrics-listen 127.0.0.1:$((18280 + port)) \
-        --max-connections 1000000 --log-format text >"$STREAMPIPE_STACK_DIR/publisher.log" 2>&1 &
+        --max-connections 1000000 --auth-mode anonymous --bench-no-client-limits \
+        --log-format text >"$STREAMPIPE_STACK_DIR/publisher.log" 2>&1 &
     pub=$!; PIDS+=("$pub")
     for _ in $(seq 1 300); do curl -sf http://127.0.0.1:$((18180 + port))/readyz >/dev/null && break; sleep 0.1; done
     "$R/streampipe-bench-publisher" --target streampipe --addr 127.0.0.1:$((18180 + port)) \

@@ -34,6 +34,10 @@ for i in 1 2; do
     pids+=($!)
 done
 DEMO_MARKETS=$("$BIN_DIR/streampipe-feed" --markets 200 --list-markets 12)
+# Token mode with a secret made for this run only; the live page mints its
+# tokens from the development endpoint (--dev-tokens: never in production).
+STREAMPIPE_AUTH_HS256_SECRET=$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')
+export STREAMPIPE_AUTH_HS256_SECRET STREAMPIPE_DEV_TOKENS=true
 STREAMPIPE_LOG_FORMAT=text RUST_LOG=warn "$BIN_DIR/streampipe-publisher" \
     --brokers "$BROKERS" --redis-url "$REDIS_URL" --listen "127.0.0.1:$PUBLISHER_PORT" \
     --metrics-listen "127.0.0.1:$PUBLISHER_METRICS_PORT" --demo-markets "$DEMO_MARKETS" >"$STACK_DIR/publisher.log" 2>&1 &

@@ -19,6 +19,13 @@ pub const TOO_BIG: u16 = 1009;
 pub const UNAVAILABLE: u16 = 1011;
 /// A well-formed frame the protocol does not define (bad JSON, binary).
 pub const MALFORMED_FRAME: u16 = 4400;
+/// The token expired mid-stream and no `refresh` frame replaced it in
+/// time: get a new token and reconnect with `since`.
+pub const TOKEN_EXPIRED: u16 = 4401;
+/// No valid token: none in the subprotocol nor as the first frame within
+/// the auth timeout, or one that is expired, badly signed, for another
+/// audience or subject. Get a new token, then reconnect.
+pub const UNAUTHORIZED: u16 = 4407;
 /// The page's Origin is not allowed to open streams.
 pub const ORIGIN_NOT_ALLOWED: u16 = 4403;
 /// The channel does not exist (any more): create a new one.
@@ -27,6 +34,9 @@ pub const UNKNOWN_CHANNEL: u16 = 4404;
 pub const TOO_SLOW: u16 = 4408;
 /// No pong (or any frame) for the idle timeout: reconnect with `since`.
 pub const HEARTBEAT_TIMEOUT: u16 = 4409;
+/// The client already holds its most open streams on this pod: reconnect
+/// with backoff (after closing another tab's stream).
+pub const TOO_MANY_STREAMS: u16 = 4429;
 /// The channel was closed through the API: stop.
 pub const CHANNEL_CLOSED: u16 = 4410;
 /// The stream reached its maximum lifetime (SSE): reconnect at once with

@@ -107,7 +107,49 @@ pub mod env {
     pub const REDIS_TLS_CERT_FILE: &str = "STREAMPIPE_REDIS_TLS_CERT_FILE";
     /// PEM file of the client key for Redis.
     pub const REDIS_TLS_KEY_FILE: &str = "STREAMPIPE_REDIS_TLS_KEY_FILE";
+    /// Publisher: `token` (default: every request carries a signed token)
+    /// or `anonymous` (public odds, per-IP limits).
+    pub const AUTH_MODE: &str = "STREAMPIPE_AUTH_MODE";
+    /// Publisher: the HS256 secret itself (from a Secret; never logged).
+    pub const AUTH_HS256_SECRET: &str = "STREAMPIPE_AUTH_HS256_SECRET";
+    /// Publisher: a file holding the HS256 secret (a mounted Secret).
+    pub const AUTH_HS256_SECRET_FILE: &str = "STREAMPIPE_AUTH_HS256_SECRET_FILE";
+    /// Publisher: PEM file of the RSA public key that verifies RS256 tokens.
+    pub const AUTH_RSA_PUBLIC_KEY_FILE: &str = "STREAMPIPE_AUTH_RSA_PUBLIC_KEY_FILE";
+    /// Publisher: PEM file of the EC (P-256) public key that verifies ES256 tokens.
+    pub const AUTH_EC_PUBLIC_KEY_FILE: &str = "STREAMPIPE_AUTH_EC_PUBLIC_KEY_FILE";
+    /// Publisher: the `aud` tokens must carry (unset: not checked).
+    pub const AUTH_AUDIENCE: &str = "STREAMPIPE_AUTH_AUDIENCE";
+    /// Publisher: the `iss` tokens must carry (unset: not checked).
+    pub const AUTH_ISSUER: &str = "STREAMPIPE_AUTH_ISSUER";
+    /// Publisher, development only: `POST /v1/dev/token` mints HS256 tokens
+    /// for anyone who asks (the live page and the demo use it).
+    pub const DEV_TOKENS: &str = "STREAMPIPE_DEV_TOKENS";
+    /// Publisher: most open streams per client per pod.
+    pub const MAX_STREAMS_PER_CLIENT: &str = "STREAMPIPE_MAX_STREAMS_PER_CLIENT";
+    /// Publisher: most channels per client.
+    pub const MAX_CHANNELS_PER_CLIENT: &str = "STREAMPIPE_MAX_CHANNELS_PER_CLIENT";
+    /// Publisher, benchmarks only: no per-client rate limits or caps (a
+    /// load generator is one client opening thousands of streams).
+    pub const BENCH_NO_CLIENT_LIMITS: &str = "STREAMPIPE_BENCH_NO_CLIENT_LIMITS";
+    /// Publisher: a header carrying the client's address, set by a trusted
+    /// proxy in front (e.g. `X-Real-IP`); unset: the peer address.
+    pub const CLIENT_IP_HEADER: &str = "STREAMPIPE_CLIENT_IP_HEADER";
 }
+
+/// Publisher authentication modes (`STREAMPIPE_AUTH_MODE`).
+pub mod auth_mode {
+    /// Every API call and stream carries a signed token (the default).
+    pub const TOKEN: &str = "token";
+    /// No tokens: public odds, channels bound to nobody, per-IP limits.
+    pub const ANONYMOUS: &str = "anonymous";
+}
+
+/// WebSocket subprotocol of the stream protocol version 2 (the server
+/// echoes only this; the token rides next to it as `bearer.<jwt>`).
+pub const WS_PROTOCOL: &str = "streampipe.v2";
+/// Prefix of the subprotocol entry that carries a token.
+pub const WS_BEARER_PREFIX: &str = "bearer.";
 
 /// Default data topic of a pipeline.
 pub fn default_data_topic(pipeline: &str) -> String {

@@ -56,6 +56,29 @@ impl Keys {
         format!("{}{{c:{channel}}}:reg", self.prefix)
     }
 
+    /// The subject owning a channel (token mode): only requests with a
+    /// token of that subject see it. Absent in anonymous mode.
+    pub fn channel_owner(&self, channel: &str) -> String {
+        format!("{}{{c:{channel}}}:owner", self.prefix)
+    }
+
+    /// A one-time SSE ticket of `channel` (its value names the subject and
+    /// the token's expiry; taken with `GETDEL`, so it works once).
+    pub fn channel_ticket(&self, channel: &str, ticket: &str) -> String {
+        format!("{}{{c:{channel}}}:ticket:{ticket}", self.prefix)
+    }
+
+    /// Sorted set of the channels a client (`sub:<subject>` or `ip:<addr>`)
+    /// holds, scored by creation time (Unix seconds): the per-client cap.
+    pub fn client_channels(&self, client: &str) -> String {
+        format!("{}client:{{{client}}}:channels", self.prefix)
+    }
+
+    /// The client a channel counts against (see [`Keys::client_channels`]).
+    pub fn channel_client(&self, channel: &str) -> String {
+        format!("{}{{c:{channel}}}:client", self.prefix)
+    }
+
     /// Sorted set of channel ids scored by when a stream was last open on
     /// them (Unix seconds); publishers expire channels idle for too long.
     pub fn channel_leases(&self) -> String {

@@ -158,6 +158,11 @@ pub fn config_data(sp: &StreamPipeline) -> BTreeMap<String, String> {
         set(names::DELIVERY_LOG_TOPIC, topic.clone());
     }
     set(names::REDIS_CLUSTER, sp.spec.redis.cluster.to_string());
+    // The CRD has no `spec.publisher.auth` yet: operator-run publishers
+    // keep serving anonymously (as before tokens) unless the pipeline sets
+    // STREAMPIPE_AUTH_MODE=token and a key through `spec.publisher.env`
+    // (a pod's own env wins over this ConfigMap). See docs/security.md.
+    set(names::AUTH_MODE, deploy::auth_mode::ANONYMOUS.into());
     set(
         names::ALLOWED_ORIGINS,
         sp.spec.publisher.allowed_origins.join(","),

@@ -12,12 +12,73 @@ use streampipe_contract::{validate_channel_id, validate_market_id, CommandKind};
 use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
+use crate::auth::Principal;
+use crate::clients::Kind;
 use crate::error::Error;
 pub use crate::limits::{
     RateLimiter, MAX_BODY_BYTES, MAX_COMMANDS_PER_SECOND, MAX_MARKETS_PER_CHANNEL, MAX_SNAPSHOT_IDS,
 };
 use crate::registry::Added;
+use crate::server::PeerAddr;
 use crate::Context;
+
+/// Who a request comes from: its principal (token or anonymous) and the
+/// key its per-client limits are kept under (`sub:<subject>`, or
+/// `ip:<address>` in anonymous mode).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// What the token allows (or anonymous).
+    pub principal: Principal,
+    /// Limiter key.
+    pub client: String,
+}
+
+/// The client's address: the trusted proxy's header when one is
+/// configured (and present), else the connection's peer.
+pub fn client_ip(ctx: &Context, headers: &warp::http::HeaderMap, peer: Option<PeerAddr>) -> String {
+    if let Some(h) = ctx.config.auth.client_ip_header.as_deref() {
+        if let Some(v) = headers.get(h).and_then(|v| v.to_str().ok()) {
+            // X-Forwarded-For style lists: the proxy appends, the last hop is its own view.
+            if let Some(last) = v.rsplit(',').map(str::trim).find(|s| !s.is_empty()) {
+                return last.chars().take(64).collect();
+            }
+        }
+    }
+    peer.map(|p| p.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// The limiter key of a principal coming from `ip`.
+pub fn client_key(principal: &Principal, ip: &str) -> String {
+    match &principal.subject {
+        Some(s) => format!("sub:{s}"),
+        None => format!("ip:{ip}"),
+    }
+}
+
+/// Extracts the [`Caller`] of a REST request (`Authorization: Bearer` in
+/// token mode); 401 `unauthorized` otherwise, counted by reason.
+fn caller(ctx: Arc<Context>) -> impl Filter<Extract = (Caller,), Error = Rejection> + Clone {
+    warp::header::headers_cloned()
+        .and(warp::ext::optional::<PeerAddr>())
+        .and(with_ctx(ctx))
+        .and_then(
+            |headers: warp::http::HeaderMap, peer: Option<PeerAddr>, ctx: Arc<Context>| async move {
+                let auth = headers.get("authorization").and_then(|v| v.to_str().ok());
+                match ctx.auth.from_header(auth) {
+                    Ok(principal) => {
+                        let ip = client_ip(&ctx, &headers, peer);
+                        let client = client_key(&principal, &ip);
+                        Ok(Caller { principal, client })
+                    }
+                    Err(r) => {
+                        ctx.metrics.rejected.with_label_values(&[r.label()]).inc();
+                        Err(warp::reject::custom(r.into_error()))
+                    }
+                }
+            },
+        )
+}
 
 /// `{"markets": [...]}`.
 #[derive(Debug, Deserialize)]
@@ -51,13 +112,27 @@ pub fn error_response(status: StatusCode, code: &str, message: &str) -> warp::re
     let body = ErrorBody {
         error: ErrorDetail { code, message },
     };
-    warp::reply::with_status(warp::reply::json(&body), status).into_response()
+    let mut resp = warp::reply::with_status(warp::reply::json(&body), status).into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            "www-authenticate",
+            warp::http::HeaderValue::from_static("Bearer"),
+        );
+    }
+    resp
 }
 
-/// The reply for an [`Error`].
+/// The reply for an [`Error`] (with `Retry-After` when it says when).
 pub fn error_from(e: &Error) -> warp::reply::Response {
     let (status, code) = e.status_and_code();
-    error_response(status, code, &public_message(e))
+    let mut resp = error_response(status, code, &public_message(e));
+    if let Error::Limited { retry_after, .. } = e {
+        let secs = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+        if let Ok(v) = warp::http::HeaderValue::from_str(&secs.to_string()) {
+            resp.headers_mut().insert("retry-after", v);
+        }
+    }
+    resp
 }
 
 /// What a client may read about an error: a 4xx's own message; for a
@@ -65,7 +140,7 @@ pub fn error_from(e: &Error) -> warp::reply::Response {
 /// backend state, goes to the log).
 fn public_message(e: &Error) -> String {
     match e {
-        Error::Invalid { message, .. } => message.clone(),
+        Error::Invalid { message, .. } | Error::Limited { message, .. } => message.clone(),
         other => {
             tracing::warn!(error = %other, "request failed: backend unavailable");
             "unavailable".to_owned()
@@ -106,12 +181,82 @@ fn check_channel(id: &str) -> Result<(), Error> {
     validate_channel_id(id).map_err(|e| bad("invalid_channel", e.to_string()))
 }
 
-/// The markets of a known channel; 404 `unknown_channel` otherwise.
-async fn channel_markets(ctx: &Context, id: &str) -> Result<Vec<String>, Error> {
-    ctx.registry
-        .markets(id)
-        .await?
-        .ok_or_else(|| Error::invalid(StatusCode::NOT_FOUND, "unknown_channel", "unknown channel"))
+fn unknown_channel() -> Error {
+    Error::invalid(StatusCode::NOT_FOUND, "unknown_channel", "unknown channel")
+}
+
+/// Whether `principal` may use `channel`: its owner is the token's subject
+/// (anonymous channels have none, and only anonymous callers see them).
+/// Another subject's channel is "unknown": no existence oracle.
+pub async fn owns(ctx: &Context, principal: &Principal, channel: &str) -> Result<bool, Error> {
+    let owner = ctx.registry.owner(channel).await?;
+    let ok = owner == principal.subject;
+    if !ok {
+        ctx.metrics
+            .rejected
+            .with_label_values(&["channel_not_owned"])
+            .inc();
+    }
+    Ok(ok)
+}
+
+/// The markets of a known channel the caller owns; 404 `unknown_channel` otherwise.
+async fn channel_markets(ctx: &Context, caller: &Caller, id: &str) -> Result<Vec<String>, Error> {
+    if !owns(ctx, &caller.principal, id).await? {
+        return Err(unknown_channel());
+    }
+    ctx.registry.markets(id).await?.ok_or_else(unknown_channel)
+}
+
+/// 403 when the token does not allow one of `markets`.
+fn check_allowed(ctx: &Context, caller: &Caller, markets: &[String]) -> Result<(), Error> {
+    match caller.principal.allowance.first_refused(markets) {
+        None => Ok(()),
+        Some(m) => {
+            ctx.metrics
+                .rejected
+                .with_label_values(&["market_not_allowed"])
+                .inc();
+            Err(Error::invalid(
+                StatusCode::FORBIDDEN,
+                "market_not_allowed",
+                format!("the token does not allow market {m:?}"),
+            ))
+        }
+    }
+}
+
+/// Takes `n` of the caller's `kind` tokens; 429 with `Retry-After` otherwise.
+pub fn limit(ctx: &Context, client: &str, kind: Kind, n: usize) -> Result<(), Error> {
+    // Counted by `reply` under the error code, which is the kind's label.
+    ctx.clients.take(client, kind, n).map_err(|wait| {
+        Error::limited(
+            kind.label(),
+            format!(
+                "too many requests of this kind from this client; retry in {:.1} s",
+                wait.as_secs_f64()
+            ),
+            wait,
+        )
+    })
+}
+
+/// 429 while the reducers' command lag is past its bound: new commands
+/// would only queue behind minutes of others.
+fn shed(ctx: &Context) -> Result<(), Error> {
+    let lag = ctx.command_lag.get();
+    if lag > ctx.config.max_command_lag {
+        ctx.metrics
+            .rejected
+            .with_label_values(&["shed_command_lag"])
+            .inc();
+        return Err(Error::limited(
+            "overloaded",
+            "the pipeline is catching up on commands; retry shortly",
+            crate::lag::LAG_POLL_INTERVAL * 2,
+        ));
+    }
+    Ok(())
 }
 
 fn check_market(id: &str) -> Result<(), Error> {
@@ -134,10 +279,14 @@ fn take_tokens(ctx: &Context, n: usize) -> Result<(), Error> {
     if ctx.limiter.try_take(n) {
         Ok(())
     } else {
-        Err(Error::invalid(
-            StatusCode::TOO_MANY_REQUESTS,
+        ctx.metrics
+            .rejected
+            .with_label_values(&["limit_pod_commands"])
+            .inc();
+        Err(Error::limited(
             "rate_limited",
             "too many commands right now; retry in a second",
+            std::time::Duration::from_secs(1),
         ))
     }
 }
@@ -156,7 +305,14 @@ fn reply(
 
 // ---- handlers ----
 
+/// How long a client's channel counts against its cap at most, should its
+/// close have been lost (the janitor closes idle channels well before).
+fn claim_memory(ctx: &Context) -> std::time::Duration {
+    ctx.config.channel_idle_ttl + ctx.config.janitor_interval * 2
+}
+
 async fn create_channel(
+    caller: Caller,
     body: MarketsBody,
     ctx: Arc<Context>,
 ) -> Result<warp::reply::Response, Rejection> {
@@ -164,9 +320,38 @@ async fn create_channel(
         &ctx,
         async {
             let markets = validate_markets(body.markets)?;
+            check_allowed(&ctx, &caller, &markets)?;
+            shed(&ctx)?;
+            limit(&ctx, &caller.client, Kind::ChannelCreate, 1)?;
+            limit(&ctx, &caller.client, Kind::MarketChange, markets.len())?;
             take_tokens(&ctx, markets.len())?;
             let id = uuid::Uuid::new_v4().to_string();
-            ctx.registry.add(&id, &markets).await?;
+            let cap = ctx.clients.limits().max_channels;
+            if !ctx
+                .registry
+                .claim_channel(&caller.client, &id, cap, claim_memory(&ctx))
+                .await?
+            {
+                ctx.metrics
+                    .rejected
+                    .with_label_values(&["limit_channels"])
+                    .inc();
+                return Err(Error::invalid(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_channels",
+                    format!("a client holds at most {cap} channels; close one first"),
+                ));
+            }
+            if let Some(sub) = &caller.principal.subject {
+                if let Err(e) = ctx.registry.set_owner(&id, sub).await {
+                    let _ = ctx.registry.delete(&id).await;
+                    return Err(e);
+                }
+            }
+            if let Err(e) = ctx.registry.add(&id, &markets).await {
+                let _ = ctx.registry.delete(&id).await;
+                return Err(e);
+            }
             // The channel's idle clock starts now (see `janitor`).
             ctx.registry.touch(std::slice::from_ref(&id)).await?;
             if let Err(e) = ctx
@@ -194,6 +379,7 @@ async fn create_channel(
 
 async fn add_markets(
     id: String,
+    caller: Caller,
     body: MarketsBody,
     ctx: Arc<Context>,
 ) -> Result<warp::reply::Response, Rejection> {
@@ -202,7 +388,8 @@ async fn add_markets(
         async {
             check_channel(&id)?;
             let markets = validate_markets(body.markets)?;
-            let existing = channel_markets(&ctx, &id).await?;
+            let existing = channel_markets(&ctx, &caller, &id).await?;
+            check_allowed(&ctx, &caller, &markets)?;
             let candidates: Vec<String> = markets
                 .into_iter()
                 .filter(|m| !existing.contains(m))
@@ -217,7 +404,9 @@ async fn add_markets(
                 return Err(over_cap());
             }
             if !candidates.is_empty() {
+                shed(&ctx)?;
                 // Tokens first: a refused request changes nothing.
+                limit(&ctx, &caller.client, Kind::MarketChange, candidates.len())?;
                 take_tokens(&ctx, candidates.len())?;
                 // The cap is checked again where the markets are added, in
                 // one Redis step: concurrent adds cannot overshoot it.
@@ -261,6 +450,7 @@ async fn add_markets(
 async fn remove_market(
     id: String,
     market: String,
+    caller: Caller,
     ctx: Arc<Context>,
 ) -> Result<warp::reply::Response, Rejection> {
     reply(
@@ -268,7 +458,7 @@ async fn remove_market(
         async {
             check_channel(&id)?;
             check_market(&market)?;
-            channel_markets(&ctx, &id).await?;
+            channel_markets(&ctx, &caller, &id).await?;
             if !ctx.registry.has(&id, &market).await? {
                 return Err(Error::invalid(
                     StatusCode::NOT_FOUND,
@@ -280,6 +470,8 @@ async fn remove_market(
             // step refused or failed leaves the market listed, so the retry
             // finds it and finishes (the unsubscribe is idempotent) instead
             // of answering 404 over a reducer subscription nobody can close.
+            shed(&ctx)?;
+            limit(&ctx, &caller.client, Kind::MarketChange, 1)?;
             take_tokens(&ctx, 1)?;
             ctx.commands
                 .send(
@@ -297,22 +489,34 @@ async fn remove_market(
     )
 }
 
-async fn begin(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
+async fn begin(
+    id: String,
+    caller: Caller,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, Rejection> {
     reply(
         &ctx,
         async {
             check_channel(&id)?;
-            let markets = match channel_markets(&ctx, &id).await {
-                Ok(m) => m,
-                Err(e) => {
-                    // Streams of a vanished channel may still be open on
-                    // some pod: they re-read the registry and close with 4404.
-                    if matches!(e, Error::Invalid { .. }) {
-                        ctx.registry.notify_markets_changed(&id).await?;
-                    }
-                    return Err(e);
-                }
+            if !owns(&ctx, &caller.principal, &id).await? {
+                return Err(unknown_channel());
+            }
+            let Some(markets) = ctx.registry.markets(&id).await? else {
+                // Streams of a vanished channel may still be open on some
+                // pod: they re-read the registry and close with 4404.
+                ctx.registry.notify_markets_changed(&id).await?;
+                return Err(unknown_channel());
             };
+            // One replay reaches every stream of the channel: begins of one
+            // channel close together make one.
+            if !ctx.clients.begin_due(&id) {
+                ctx.metrics
+                    .rejected
+                    .with_label_values(&["begin_coalesced"])
+                    .inc();
+                return Ok(StatusCode::ACCEPTED.into_response());
+            }
+            limit(&ctx, &caller.client, Kind::Begin, 1)?;
             take_tokens(&ctx, markets.len())?;
             // The streams of the channel already receive its markets' topics
             // (they joined before this call), so replaying the stored state
@@ -331,12 +535,16 @@ async fn begin(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, R
     )
 }
 
-async fn close_channel(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
+async fn close_channel(
+    id: String,
+    caller: Caller,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, Rejection> {
     reply(
         &ctx,
         async {
             check_channel(&id)?;
-            channel_markets(&ctx, &id).await?;
+            channel_markets(&ctx, &caller, &id).await?;
             // Everything the channel has on either side: the registry and
             // the reducers' map can disagree after a failed step, and a
             // market only one side knows must not outlive the channel.
@@ -348,11 +556,87 @@ async fn close_channel(id: String, ctx: Arc<Context>) -> Result<warp::reply::Res
     )
 }
 
-async fn market(id: String, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
+/// `POST /v1/channels/<id>/tickets`: a one-time ticket for `GET
+/// /v1/sse/<id>?ticket=` (EventSource cannot send a header), valid
+/// [`crate::auth::TICKET_TTL`], bound to the channel and the subject.
+async fn ticket(
+    id: String,
+    caller: Caller,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, Rejection> {
+    reply(
+        &ctx,
+        async {
+            check_channel(&id)?;
+            channel_markets(&ctx, &caller, &id).await?;
+            let t = uuid::Uuid::new_v4().simple().to_string();
+            let value = format!(
+                "{}:{}",
+                caller.principal.expires_at.unwrap_or(0),
+                caller.principal.subject.as_deref().unwrap_or("")
+            );
+            let ttl = crate::auth::TICKET_TTL;
+            ctx.registry.put_ticket(&id, &t, &value, ttl).await?;
+            Ok(warp::reply::with_status(
+                warp::reply::json(&serde_json::json!({
+                    "ticket": t,
+                    "expires_in": ttl.as_secs(),
+                    "sse": format!("/v1/sse/{id}?ticket={t}"),
+                })),
+                StatusCode::CREATED,
+            )
+            .into_response())
+        }
+        .await,
+    )
+}
+
+/// `{"sub": "...", "markets": [...]}` of the development token endpoint.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DevTokenBody {
+    /// Subject (default: a random one).
+    #[serde(default)]
+    pub sub: Option<String>,
+    /// Allowed markets/patterns (default `["*"]`).
+    #[serde(default)]
+    pub markets: Option<Vec<String>>,
+}
+
+/// `POST /v1/dev/token` (only with `--dev-tokens`): mints a token, so the
+/// live page and the demo work without a bookmaker backend. Never on by
+/// default: anyone reaching it gets a token.
+async fn dev_token(
+    body: DevTokenBody,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, Rejection> {
+    let crate::auth::Auth::Token(v) = &ctx.auth else {
+        return Err(warp::reject::not_found());
+    };
+    let sub = body
+        .sub
+        .filter(|s| !s.is_empty() && s.len() <= crate::auth::MAX_SUBJECT_BYTES)
+        .unwrap_or_else(|| format!("dev-{}", uuid::Uuid::new_v4().simple()));
+    let markets = body.markets.unwrap_or_else(|| vec!["*".to_owned()]);
+    match v.mint_dev(&sub, &markets) {
+        Some((token, exp)) => Ok(warp::reply::json(
+            &serde_json::json!({"token": token, "sub": sub, "expires_at": exp}),
+        )
+        .into_response()),
+        None => Err(warp::reject::not_found()),
+    }
+}
+
+async fn market(
+    id: String,
+    caller: Caller,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, Rejection> {
     reply(
         &ctx,
         async {
             check_market(&id)?;
+            check_allowed(&ctx, &caller, std::slice::from_ref(&id))?;
             match ctx
                 .registry
                 .states(std::slice::from_ref(&id))
@@ -380,7 +664,11 @@ struct IdsQuery {
     ids: Option<String>,
 }
 
-async fn markets(q: IdsQuery, ctx: Arc<Context>) -> Result<warp::reply::Response, Rejection> {
+async fn markets(
+    q: IdsQuery,
+    caller: Caller,
+    ctx: Arc<Context>,
+) -> Result<warp::reply::Response, Rejection> {
     reply(
         &ctx,
         async {
@@ -403,6 +691,7 @@ async fn markets(q: IdsQuery, ctx: Arc<Context>) -> Result<warp::reply::Response
             for id in &ids {
                 check_market(id)?;
             }
+            check_allowed(&ctx, &caller, &ids)?;
             let states = ctx.registry.states(&ids).await?;
             let mut map = serde_json::Map::new();
             for (id, s) in ids.into_iter().zip(states) {
@@ -431,15 +720,17 @@ fn with_ctx(
 /// A JSON request body, read within [`crate::server::BODY_READ_TIMEOUT`]
 /// (hyper bounds only the head: a client trickling a body byte by byte
 /// would otherwise hold its connection and this task for as long as it likes).
-fn json_body() -> impl Filter<Extract = (MarketsBody,), Error = Rejection> + Clone {
+fn json_body<T: serde::de::DeserializeOwned + Send>(
+) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
     warp::body::content_length_limit(MAX_BODY_BYTES)
         .and(warp::header::optional::<String>("content-type"))
         .and(warp::body::stream())
         .and_then(read_json)
 }
 
-async fn read_json<S, B>(content_type: Option<String>, body: S) -> Result<MarketsBody, Rejection>
+async fn read_json<T, S, B>(content_type: Option<String>, body: S) -> Result<T, Rejection>
 where
+    T: serde::de::DeserializeOwned,
     S: futures_util::Stream<Item = Result<B, warp::Error>> + Send,
     B: bytes::Buf,
 {
@@ -493,33 +784,50 @@ where
 pub fn routes(ctx: Arc<Context>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
     let create = warp::path!("v1" / "channels")
         .and(warp::post())
+        .and(caller(ctx.clone()))
         .and(json_body())
         .and(with_ctx(ctx.clone()))
         .and_then(create_channel);
     let add = warp::path!("v1" / "channels" / String / "markets")
         .and(warp::post())
+        .and(caller(ctx.clone()))
         .and(json_body())
         .and(with_ctx(ctx.clone()))
         .and_then(add_markets);
     let remove = warp::path!("v1" / "channels" / String / "markets" / String)
         .and(warp::delete())
+        .and(caller(ctx.clone()))
         .and(with_ctx(ctx.clone()))
         .and_then(remove_market);
     let begin = warp::path!("v1" / "channels" / String / "begin")
         .and(warp::post())
+        .and(caller(ctx.clone()))
         .and(with_ctx(ctx.clone()))
         .and_then(begin);
+    let tickets = warp::path!("v1" / "channels" / String / "tickets")
+        .and(warp::post())
+        .and(caller(ctx.clone()))
+        .and(with_ctx(ctx.clone()))
+        .and_then(ticket);
     let close = warp::path!("v1" / "channels" / String)
         .and(warp::delete())
+        .and(caller(ctx.clone()))
         .and(with_ctx(ctx.clone()))
         .and_then(close_channel);
+    let dev_token = warp::path!("v1" / "dev" / "token")
+        .and(warp::post())
+        .and(json_body())
+        .and(with_ctx(ctx.clone()))
+        .and_then(dev_token);
     let market = warp::path!("v1" / "markets" / String)
         .and(warp::get())
+        .and(caller(ctx.clone()))
         .and(with_ctx(ctx.clone()))
         .and_then(market);
     let markets = warp::path!("v1" / "markets")
         .and(warp::get())
         .and(warp::query::<IdsQuery>())
+        .and(caller(ctx.clone()))
         .and(with_ctx(ctx.clone()))
         .and_then(markets);
     let limits = warp::path!("v1" / "limits").and(warp::get()).map(|| {
@@ -528,6 +836,8 @@ pub fn routes(ctx: Arc<Context>) -> warp::filters::BoxedFilter<(warp::reply::Res
             "max_body_bytes": MAX_BODY_BYTES,
             "max_snapshot_ids": MAX_SNAPSHOT_IDS,
             "max_client_frame_bytes": crate::ws::MAX_CLIENT_FRAME,
+            "max_token_bytes": crate::auth::MAX_TOKEN_BYTES,
+            "ticket_ttl_seconds": crate::auth::TICKET_TTL.as_secs(),
         }))
         .into_response()
     });
@@ -540,6 +850,10 @@ pub fn routes(ctx: Arc<Context>) -> warp::filters::BoxedFilter<(warp::reply::Res
         });
     create
         .or(add)
+        .unify()
+        .or(tickets)
+        .unify()
+        .or(dev_token)
         .unify()
         .or(remove)
         .unify()
@@ -626,6 +940,8 @@ pub fn route_label(method: &str, path: &str) -> &'static str {
         ("POST", ["v1", "channels", _, "markets"]) => "add_markets",
         ("DELETE", ["v1", "channels", _, "markets", _]) => "remove_market",
         ("POST", ["v1", "channels", _, "begin"]) => "begin",
+        ("POST", ["v1", "channels", _, "tickets"]) => "ticket",
+        ("POST", ["v1", "dev", "token"]) => "dev_token",
         ("DELETE", ["v1", "channels", _]) => "close_channel",
         ("GET", ["v1", "markets", _]) => "market",
         ("GET", ["v1", "markets"]) => "markets",

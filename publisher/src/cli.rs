@@ -6,7 +6,13 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::Parser;
-use streampipe_contract::deploy::{env, parse_kafka_option, KafkaSecurityArgs, RedisTlsArgs};
+use std::path::PathBuf;
+
+use streampipe_contract::deploy::{
+    auth_mode, env, parse_kafka_option, KafkaSecurityArgs, RedisTlsArgs, Secret,
+};
+
+use crate::auth::{AuthConfig, Mode, TokenKeys};
 
 use crate::error::{Error, Result};
 use crate::{Config, DEFAULT_CHANNEL_IDLE_TTL};
@@ -93,6 +99,47 @@ pub struct Args {
     /// Redis password and TLS files.
     #[command(flatten)]
     pub redis_tls: RedisTlsArgs,
+    /// Authentication: "token" (every request carries a signed token) or
+    /// "anonymous" (public odds, limits per client IP).
+    #[arg(long, env = env::AUTH_MODE, default_value = auth_mode::TOKEN, value_parser = [auth_mode::TOKEN, auth_mode::ANONYMOUS])]
+    pub auth_mode: String,
+    /// HS256 secret (prefer the environment variable, from a Secret, or the file).
+    #[arg(long, env = env::AUTH_HS256_SECRET, hide_env_values = true)]
+    pub auth_hs256_secret: Option<Secret>,
+    /// File holding the HS256 secret (trailing newline ignored).
+    #[arg(long, env = env::AUTH_HS256_SECRET_FILE)]
+    pub auth_hs256_secret_file: Option<PathBuf>,
+    /// PEM file of the RSA public key verifying RS256 tokens.
+    #[arg(long, env = env::AUTH_RSA_PUBLIC_KEY_FILE)]
+    pub auth_rsa_public_key_file: Option<PathBuf>,
+    /// PEM file of the EC P-256 public key verifying ES256 tokens.
+    #[arg(long, env = env::AUTH_EC_PUBLIC_KEY_FILE)]
+    pub auth_ec_public_key_file: Option<PathBuf>,
+    /// Required `aud` claim (unset: not checked).
+    #[arg(long, env = env::AUTH_AUDIENCE)]
+    pub auth_audience: Option<String>,
+    /// Required `iss` claim (unset: not checked).
+    #[arg(long, env = env::AUTH_ISSUER)]
+    pub auth_issuer: Option<String>,
+    /// Development only: POST /v1/dev/token mints HS256 tokens for anyone.
+    #[arg(long, env = env::DEV_TOKENS, default_value_t = false)]
+    pub dev_tokens: bool,
+    /// Header a trusted proxy sets to the client's address (e.g. X-Real-IP);
+    /// unset: the peer address. Only set it behind a proxy that overwrites it.
+    #[arg(long, env = env::CLIENT_IP_HEADER)]
+    pub client_ip_header: Option<String>,
+    /// Most open streams per client (subject, or IP when anonymous) on this pod.
+    #[arg(long, env = env::MAX_STREAMS_PER_CLIENT, default_value_t = crate::clients::MAX_STREAMS_PER_CLIENT)]
+    pub max_streams_per_client: usize,
+    /// Most channels per client (all pods).
+    #[arg(long, env = env::MAX_CHANNELS_PER_CLIENT, default_value_t = crate::clients::MAX_CHANNELS_PER_CLIENT)]
+    pub max_channels_per_client: usize,
+    /// Benchmarks only: no per-client rate limits or caps.
+    #[arg(long, env = env::BENCH_NO_CLIENT_LIMITS, default_value_t = false)]
+    pub bench_no_client_limits: bool,
+    /// The reducers' consumer group (its command lag sheds load) [default: <pipeline>.reducers].
+    #[arg(long, env = env::GROUP)]
+    pub reducer_group: Option<String>,
     /// Log format.
     #[arg(long, env = env::LOG_FORMAT, default_value = "json", value_parser = ["json", "text"])]
     pub log_format: String,
@@ -135,6 +182,68 @@ impl Args {
         config.channel_idle_ttl = Duration::from_secs(self.channel_idle_ttl_seconds);
         config.max_connections = self.max_connections.max(1);
         config.socket_send_buffer = self.socket_send_buffer_bytes;
+        config.auth = self.auth()?;
+        config.client_limits.max_streams = self.max_streams_per_client.max(1);
+        config.client_limits.max_channels = self.max_channels_per_client.max(1);
+        if self.bench_no_client_limits {
+            config.client_limits = crate::clients::ClientLimits::unlimited();
+        }
+        if let Some(g) = self.reducer_group.as_ref().filter(|g| !g.is_empty()) {
+            config.reducer_group = g.clone();
+        }
+        Ok(config)
+    }
+
+    /// The authentication settings (key files are read here: a missing or
+    /// unreadable one stops start-up, naming the setting, never its content).
+    pub fn auth(&self) -> Result<AuthConfig> {
+        let read = |path: &PathBuf, var: &str| {
+            std::fs::read(path).map_err(|e| Error::Config(format!("{var} {}: {e}", path.display())))
+        };
+        let mode = if self.auth_mode == auth_mode::ANONYMOUS {
+            Mode::Anonymous
+        } else {
+            let hs256 = match (&self.auth_hs256_secret, &self.auth_hs256_secret_file) {
+                (Some(_), Some(_)) => {
+                    return Err(Error::Config(format!(
+                        "set {} or {}, not both",
+                        env::AUTH_HS256_SECRET,
+                        env::AUTH_HS256_SECRET_FILE
+                    )))
+                }
+                (Some(s), None) => Some(s.clone()),
+                (None, Some(f)) => {
+                    let bytes = read(f, env::AUTH_HS256_SECRET_FILE)?;
+                    let text = String::from_utf8(bytes).map_err(|_| {
+                        Error::Config(format!("{}: not UTF-8", env::AUTH_HS256_SECRET_FILE))
+                    })?;
+                    Some(Secret::new(text.trim_end_matches(['\r', '\n'])))
+                }
+                (None, None) => None,
+            };
+            Mode::Token(TokenKeys {
+                hs256,
+                rsa_public_pem: self
+                    .auth_rsa_public_key_file
+                    .as_ref()
+                    .map(|f| read(f, env::AUTH_RSA_PUBLIC_KEY_FILE))
+                    .transpose()?,
+                ec_public_pem: self
+                    .auth_ec_public_key_file
+                    .as_ref()
+                    .map(|f| read(f, env::AUTH_EC_PUBLIC_KEY_FILE))
+                    .transpose()?,
+                audience: self.auth_audience.clone().filter(|a| !a.is_empty()),
+                issuer: self.auth_issuer.clone().filter(|i| !i.is_empty()),
+            })
+        };
+        let config = AuthConfig {
+            mode,
+            dev_tokens: self.dev_tokens,
+            client_ip_header: self.client_ip_header.clone().filter(|h| !h.is_empty()),
+        };
+        // Token mode without keys fails here, before any connection.
+        crate::auth::Auth::new(&config)?;
         Ok(config)
     }
 }
@@ -160,6 +269,18 @@ mod tests {
     }
 
     #[test]
+    fn token_mode_needs_a_key_and_anonymous_is_explicit() {
+        let e = Args::try_parse_from(["p"]).unwrap().config().unwrap_err();
+        assert!(e.to_string().contains("needs a key"), "{e}");
+        let a = Args::try_parse_from(["p", "--auth-mode", "anonymous"]).unwrap();
+        assert!(matches!(a.config().unwrap().auth.mode, Mode::Anonymous));
+        let a = Args::try_parse_from(["p", "--auth-hs256-secret", "s3cr3t-value"]).unwrap();
+        let c = a.config().unwrap();
+        assert!(!format!("{c:?}").contains("s3cr3t-value"));
+        assert!(Args::try_parse_from(["p", "--auth-mode", "none"]).is_err());
+    }
+
+    #[test]
     fn security_options_are_refused_and_passwords_kept_whole() {
         assert!(Args::try_parse_from(["p", "--kafka-option", "sasl.username=x"]).is_err());
         let a = Args::try_parse_from([
@@ -172,6 +293,8 @@ mod tests {
             "u",
             "--kafka-sasl-password",
             "x,security.protocol=PLAINTEXT",
+            "--auth-mode",
+            "anonymous",
         ])
         .unwrap();
         let props = a.config().unwrap().kafka_security.properties().unwrap();

@@ -21,6 +21,16 @@ pub enum Error {
         /// For people.
         message: String,
     },
+    /// A limit was hit: 429 with `Retry-After`.
+    #[error("{message}")]
+    Limited {
+        /// Stable error code.
+        code: &'static str,
+        /// For people.
+        message: String,
+        /// When a retry can succeed.
+        retry_after: std::time::Duration,
+    },
     /// An I/O error (sockets).
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
@@ -39,10 +49,24 @@ impl Error {
         }
     }
 
+    /// A 429 that says when to retry.
+    pub fn limited(
+        code: &'static str,
+        message: impl Into<String>,
+        retry_after: std::time::Duration,
+    ) -> Self {
+        Error::Limited {
+            code,
+            message: message.into(),
+            retry_after,
+        }
+    }
+
     /// The HTTP status and stable code of the error.
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             Error::Invalid { status, code, .. } => (*status, code),
+            Error::Limited { code, .. } => (StatusCode::TOO_MANY_REQUESTS, code),
             Error::Kafka(_) | Error::Redis(_) | Error::Io(_) | Error::Config(_) => {
                 (StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             }

@@ -19,7 +19,9 @@
 #![recursion_limit = "256"]
 
 pub mod api;
+pub mod auth;
 pub mod cli;
+pub mod clients;
 pub mod commands;
 pub mod delivery_log;
 pub mod epoch;
@@ -27,6 +29,7 @@ pub mod error;
 pub mod hub;
 pub mod ingest;
 pub mod janitor;
+pub mod lag;
 pub mod limits;
 pub mod metrics;
 pub mod origin;
@@ -94,6 +97,14 @@ pub struct Config {
     /// Kernel send buffer per client socket, 0 for the kernel's autotuning
     /// (see [`server::DEFAULT_SOCKET_SEND_BUFFER`]).
     pub socket_send_buffer: usize,
+    /// Tokens or anonymous (see [`auth`]).
+    pub auth: auth::AuthConfig,
+    /// Per-client limits (see [`clients`]).
+    pub client_limits: clients::ClientLimits,
+    /// The reducers' consumer group (its command lag is read, see [`lag`]).
+    pub reducer_group: String,
+    /// Command lag beyond which command paths answer 429.
+    pub max_command_lag: i64,
 }
 
 /// Default channel TTL: a tab left closed for a day does not come back to
@@ -124,6 +135,10 @@ impl Config {
             janitor_interval: DEFAULT_JANITOR_INTERVAL,
             max_connections: server::DEFAULT_MAX_CONNECTIONS,
             socket_send_buffer: server::DEFAULT_SOCKET_SEND_BUFFER,
+            auth: auth::AuthConfig::default(),
+            client_limits: clients::ClientLimits::default(),
+            reducer_group: deploy::default_group(pipeline),
+            max_command_lag: lag::MAX_COMMAND_LAG,
         }
     }
 }
@@ -142,6 +157,12 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Command rate limit.
     pub limiter: api::RateLimiter,
+    /// Token verification (or anonymous).
+    pub auth: auth::Auth,
+    /// Per-client buckets and stream counts.
+    pub clients: Arc<clients::Clients>,
+    /// The reducers' command lag, read in the background.
+    pub command_lag: Arc<lag::CommandLag>,
     /// Bytes queued in all of this pod's outboxes (see [`outbox::Budget`]).
     pub outbox_budget: Arc<outbox::Budget>,
     /// Becomes true when the publisher shuts down.
@@ -164,6 +185,15 @@ pub struct StreamParams {
     /// `since=m1@12,m2@5`: resume after these versions.
     #[serde(default)]
     pub since: Option<String>,
+    /// SSE: the one-time ticket from `POST /v1/channels/<id>/tickets`.
+    #[serde(default)]
+    pub ticket: Option<String>,
+    /// Refused: tokens never go in a URL (logs, history, Referer).
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Refused like `token`.
+    #[serde(default)]
+    pub access_token: Option<String>,
 }
 
 fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::Error> {
@@ -175,6 +205,11 @@ fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::
 const MAX_SINCE_ENTRIES: usize = api::MAX_MARKETS_PER_CHANNEL;
 
 impl StreamParams {
+    /// Whether the URL carries a token (refused with 400 `token_in_url`).
+    pub fn token_in_url(&self) -> bool {
+        self.token.is_some() || self.access_token.is_some()
+    }
+
     /// Parses `since` into market → version.
     pub fn since(&self) -> std::result::Result<HashMap<Arc<str>, u64>, String> {
         let mut out = HashMap::new();
@@ -204,6 +239,8 @@ pub async fn context(
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<Arc<Context>> {
+    // First: a publisher in token mode without keys must not start.
+    let auth = auth::Auth::new(&config.auth)?;
     let keys = Keys::scoped(config.key_namespace.as_deref(), &config.pipeline);
     let tls = config
         .redis_tls
@@ -241,7 +278,23 @@ pub async fn context(
         delivery_log,
         Some(commands.clone()),
     )?;
+    let command_lag = Arc::new(lag::CommandLag::default());
+    lag::spawn(
+        commands::producer_config(
+            &config.brokers,
+            &config.kafka_security,
+            &config.kafka_options,
+        )?,
+        &config.reducer_group,
+        config.command_topic.clone(),
+        command_lag.clone(),
+        shutdown.clone(),
+    )?;
+    let clients = Arc::new(clients::Clients::new(config.client_limits));
     let ctx = Arc::new(Context {
+        auth,
+        clients,
+        command_lag,
         config,
         registry,
         commands,
@@ -325,8 +378,9 @@ pub fn routes(
         .and(warp::header::optional::<String>("sec-websocket-key"))
         .and(warp::header::optional::<String>("origin"))
         .and(warp::header::optional::<String>("host"))
+        .and(warp::header::optional::<String>("sec-websocket-protocol"))
         .map(
-            |ch: String, connection, upgrade, version, key, origin, host| {
+            |ch: String, connection, upgrade, version, key, origin, host, protocol| {
                 (
                     ch,
                     ws::Upgrade {
@@ -336,11 +390,14 @@ pub fn routes(
                         key,
                         origin,
                         host,
+                        protocol,
                     },
                 )
             },
         )
         .untuple_one()
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<server::PeerAddr>())
         .and(warp::query::<StreamParams>())
         .and(warp::ext::optional::<hyper::upgrade::OnUpgrade>())
         .and(with_ctx.clone())
@@ -349,6 +406,8 @@ pub fn routes(
     let sse = warp::path!("v1" / "sse" / String)
         .and(warp::get())
         .and(warp::query::<StreamParams>())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<server::PeerAddr>())
         .and(with_ctx.clone())
         .and_then(sse::handle)
         .boxed();

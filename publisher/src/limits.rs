@@ -2,7 +2,7 @@
 //! requests meet before any work is done, in one place.
 
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Largest request body: 500 market ids of 128 bytes in JSON fit with room.
 pub const MAX_BODY_BYTES: u64 = 96 * 1024;
@@ -20,15 +20,19 @@ pub const MAX_COMMANDS_PER_SECOND: f64 = 50_000.0;
 
 /// A token bucket over commands.
 pub struct RateLimiter {
-    state: Mutex<(f64, Instant)>,
-    rate: f64,
+    state: Mutex<Bucket>,
+    rate: Rate,
 }
 
 impl RateLimiter {
     /// A bucket refilling at `rate` tokens per second, holding at most `rate`.
     pub fn new(rate: f64) -> Self {
+        let rate = Rate {
+            per_second: rate,
+            burst: rate,
+        };
         RateLimiter {
-            state: Mutex::new((rate, Instant::now())),
+            state: Mutex::new(Bucket::full(rate, Instant::now())),
             rate,
         }
     }
@@ -36,16 +40,61 @@ impl RateLimiter {
     /// Takes `n` tokens if available.
     pub fn try_take(&self, n: usize) -> bool {
         let mut g = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let now = Instant::now();
-        let (tokens, last) = *g;
-        let tokens = (tokens + now.duration_since(last).as_secs_f64() * self.rate).min(self.rate);
-        if tokens >= n as f64 {
-            *g = (tokens - n as f64, now);
-            true
-        } else {
-            *g = (tokens, now);
-            false
+        g.take(self.rate, n as f64, Instant::now()).is_ok()
+    }
+}
+
+/// A refill rate and a burst.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// Most tokens held.
+    pub burst: f64,
+}
+
+/// One token bucket (its rate is kept by the owner: many buckets share one).
+#[derive(Debug, Clone, Copy)]
+pub struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    /// A full bucket.
+    pub fn full(rate: Rate, now: Instant) -> Self {
+        Bucket {
+            tokens: rate.burst,
+            last: now,
         }
+    }
+
+    fn refill(&mut self, rate: Rate, now: Instant) {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + dt * rate.per_second).min(rate.burst);
+        self.last = now;
+    }
+
+    /// Takes `n` tokens, or tells how long until they are there (a request
+    /// larger than the burst waits for a full bucket).
+    pub fn take(&mut self, rate: Rate, n: f64, now: Instant) -> Result<(), Duration> {
+        self.refill(rate, now);
+        let n = n.min(rate.burst);
+        if self.tokens >= n {
+            self.tokens -= n;
+            Ok(())
+        } else {
+            let missing = n - self.tokens;
+            Err(Duration::from_secs_f64(
+                missing / rate.per_second.max(f64::MIN_POSITIVE),
+            ))
+        }
+    }
+
+    /// Whether the bucket is full again (its client can be forgotten).
+    pub fn is_full(&self, rate: Rate, now: Instant) -> bool {
+        let dt = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + dt * rate.per_second >= rate.burst
     }
 }
 

@@ -46,6 +46,19 @@ end
 return new
 "#;
 
+/// KEYS[1]: a client's channel set; ARGV[1]: cap; ARGV[2]: now (Unix s);
+/// ARGV[3]: prune entries older than this; ARGV[4]: the channel. Adds the
+/// channel unless the client already holds `cap`; 1 added, 0 refused. One
+/// key: atomic, Cluster-safe.
+const CLAIM_SCRIPT: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[3])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
+return 1
+"#;
+
 /// What [`Registry::add_capped`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Added {
@@ -249,11 +262,105 @@ impl Registry {
         Ok(n == 1)
     }
 
+    /// Counts a new channel against `client`'s cap (entries older than
+    /// `forget_after` are dropped first, in case their close was lost);
+    /// false when the client already holds `cap` channels.
+    pub async fn claim_channel(
+        &self,
+        client: &str,
+        channel: &str,
+        cap: usize,
+        forget_after: std::time::Duration,
+    ) -> Result<bool> {
+        let now = unix_now();
+        let mut c = self.conn.clone();
+        let added: i64 = redis::Script::new(CLAIM_SCRIPT)
+            .key(self.keys.client_channels(client))
+            .arg(cap)
+            .arg(now)
+            .arg(now.saturating_sub(forget_after.as_secs()))
+            .arg(channel)
+            .invoke_async(&mut c)
+            .await?;
+        if added == 1 {
+            let _: () = redis::cmd("SET")
+                .arg(self.keys.channel_client(channel))
+                .arg(client)
+                .query_async(&mut c)
+                .await?;
+        }
+        Ok(added == 1)
+    }
+
+    /// Binds a new channel to its owner's subject.
+    pub async fn set_owner(&self, channel: &str, subject: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = redis::cmd("SET")
+            .arg(self.keys.channel_owner(channel))
+            .arg(subject)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// The subject owning a channel (`None`: nobody, an anonymous channel).
+    pub async fn owner(&self, channel: &str) -> Result<Option<String>> {
+        let mut c = self.conn.clone();
+        Ok(redis::cmd("GET")
+            .arg(self.keys.channel_owner(channel))
+            .query_async(&mut c)
+            .await?)
+    }
+
+    /// Stores a one-time SSE ticket for `ttl`; `value` is what
+    /// [`Registry::take_ticket`] gives back.
+    pub async fn put_ticket(
+        &self,
+        channel: &str,
+        ticket: &str,
+        value: &str,
+        ttl: std::time::Duration,
+    ) -> Result<()> {
+        let mut c = self.conn.clone();
+        let _: () = redis::cmd("SET")
+            .arg(self.keys.channel_ticket(channel, ticket))
+            .arg(value)
+            .arg("PX")
+            .arg(ttl.as_millis() as u64)
+            .query_async(&mut c)
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a ticket (it works once: `GETDEL`); `None` when unknown,
+    /// expired or already used.
+    pub async fn take_ticket(&self, channel: &str, ticket: &str) -> Result<Option<String>> {
+        let mut c = self.conn.clone();
+        Ok(redis::cmd("GETDEL")
+            .arg(self.keys.channel_ticket(channel, ticket))
+            .query_async(&mut c)
+            .await?)
+    }
+
     /// Deletes the registry and tells every pod's connections of the channel
     /// that it is closed (a control message on the channel's pub/sub).
     pub async fn delete(&self, channel: &str) -> Result<()> {
+        let mut c = self.conn.clone();
+        let client: Option<String> = redis::cmd("GET")
+            .arg(self.keys.channel_client(channel))
+            .query_async(&mut c)
+            .await?;
+        if let Some(client) = client {
+            let _: () = redis::cmd("ZREM")
+                .arg(self.keys.client_channels(&client))
+                .arg(channel)
+                .query_async(&mut c)
+                .await?;
+        }
         let mut del = redis::cmd("DEL");
-        del.arg(self.keys.channel_registry(channel));
+        del.arg(self.keys.channel_registry(channel))
+            .arg(self.keys.channel_owner(channel))
+            .arg(self.keys.channel_client(channel));
         let mut zrem = redis::cmd("ZREM");
         zrem.arg(self.keys.channel_leases()).arg(channel);
         let mut closed = redis::cmd(self.publish);
@@ -325,10 +432,7 @@ impl Registry {
         if channels.is_empty() {
             return Ok(());
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = unix_now();
         let mut c = self.conn.clone();
         let mut cmd = redis::cmd("ZADD");
         cmd.arg(self.keys.channel_leases());
@@ -494,4 +598,12 @@ impl Registry {
         let v: Vec<Option<Vec<u8>>> = self.run_all(cmds).await?;
         Ok(v.into_iter().map(|o| o.map(Bytes::from)).collect())
     }
+}
+
+/// Now, Unix seconds.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }

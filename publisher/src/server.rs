@@ -159,6 +159,11 @@ fn builder(header_timeout: Duration) -> http1::Builder {
     b
 }
 
+/// The peer address of the connection a request came on (a request
+/// extension; see [`crate::api::Caller`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub std::net::SocketAddr);
+
 /// Serves `filter` on `listener` until `shutdown` turns true, with at most
 /// `max_connections` open connections; then stops accepting, asks open
 /// connections to finish, and returns when they have.
@@ -202,7 +207,12 @@ pub async fn run<F, R>(
             _slot: slot,
             _gauge: GaugeGuard::inc(metrics.open.clone()),
         };
-        let svc = TowerToHyperService::new(warp::service(filter.clone()));
+        let inner = TowerToHyperService::new(warp::service(filter.clone()));
+        // Each request carries its connection's peer address (per-IP limits).
+        let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(PeerAddr(peer));
+            hyper::service::Service::call(&inner, req)
+        });
         let mut stop = shutdown.clone();
         tokio::spawn(async move {
             let conn = builder(HEADER_READ_TIMEOUT)

@@ -23,9 +23,12 @@ use warp::http::StatusCode;
 use warp::sse::Event;
 use warp::Reply;
 
+use crate::auth::{Allowance, Principal};
+use crate::clients::{Kind, StreamSlot};
 use crate::hub::Membership;
 use crate::metrics::GaugeGuard;
 use crate::outbox::{Item, Outbox};
+use crate::server::PeerAddr;
 use crate::{api, Context, StreamParams};
 
 /// Keep-alive comment interval: below common proxy idle timeouts.
@@ -47,7 +50,10 @@ struct State {
     outbox: Arc<Outbox>,
     _membership: Membership,
     _gauge: GaugeGuard,
+    _slot: StreamSlot,
     first: Option<Event>,
+    /// When the token the ticket was issued for expires (+ leeway).
+    token_deadline: Option<tokio::time::Instant>,
     done: bool,
     deadline: tokio::time::Instant,
     ctx: Arc<Context>,
@@ -57,6 +63,8 @@ struct State {
 pub async fn handle(
     channel: String,
     params: StreamParams,
+    headers: warp::http::HeaderMap,
+    peer: Option<PeerAddr>,
     ctx: Arc<Context>,
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let m = &ctx.metrics;
@@ -68,6 +76,71 @@ pub async fn handle(
             &e.to_string(),
         ));
     }
+    if params.token_in_url() {
+        m.rejected.with_label_values(&["token_in_url"]).inc();
+        return Ok(api::error_response(
+            StatusCode::BAD_REQUEST,
+            "token_in_url",
+            "tokens never go in a URL: get a ticket with POST /v1/channels/<id>/tickets",
+        ));
+    }
+    let principal = if ctx.auth.requires_token() {
+        let unauthorized = |label: &str, msg: &str| {
+            m.rejected.with_label_values(&[label]).inc();
+            api::error_response(StatusCode::UNAUTHORIZED, "unauthorized", msg)
+        };
+        let Some(ticket) = params
+            .ticket
+            .as_deref()
+            .filter(|t| !t.is_empty() && t.len() <= 64)
+        else {
+            return Ok(unauthorized(
+                "ticket_missing",
+                "an SSE stream needs ?ticket= from POST /v1/channels/<id>/tickets",
+            ));
+        };
+        let value = match ctx.registry.take_ticket(&channel, ticket).await {
+            Ok(Some(v)) => v,
+            Ok(None) => {
+                return Ok(unauthorized(
+                    "ticket_invalid",
+                    "the ticket is unknown, expired or already used",
+                ))
+            }
+            Err(e) => return Ok(api::error_from(&e)),
+        };
+        let (exp, sub) = value.split_once(':').unwrap_or(("0", ""));
+        Principal {
+            subject: Some(sub.to_owned()),
+            allowance: Allowance::Patterns(Vec::new().into()),
+            expires_at: exp.parse().ok(),
+        }
+    } else {
+        Principal::anonymous()
+    };
+    match api::owns(&ctx, &principal, &channel).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return Ok(api::error_response(
+                StatusCode::NOT_FOUND,
+                "unknown_channel",
+                "unknown channel",
+            ))
+        }
+        Err(e) => return Ok(api::error_from(&e)),
+    }
+    let client = api::client_key(&principal, &api::client_ip(&ctx, &headers, peer));
+    let Some(slot) = ctx.clients.open_stream(&client) else {
+        m.rejected.with_label_values(&["limit_streams"]).inc();
+        return Ok(api::error_from(&crate::Error::limited(
+            "too_many_streams",
+            format!(
+                "a client holds at most {} open streams here",
+                ctx.clients.limits().max_streams
+            ),
+            Duration::from_secs(5),
+        )));
+    };
     let since = match params.since() {
         Ok(s) => s,
         Err(msg) => {
@@ -92,8 +165,22 @@ pub async fn handle(
     m.connections_total.with_label_values(&["sse"]).inc();
     let gauge = GaugeGuard::inc(m.connections.with_label_values(&["sse"]));
     if params.begin {
-        if let Err(e) = ctx.hub.begin(&channel, &outbox).await {
-            return Ok(api::error_from(&e));
+        match ctx.clients.take(&client, Kind::Begin, 1) {
+            Ok(()) => {
+                if let Err(e) = ctx.hub.begin(&channel, &outbox).await {
+                    return Ok(api::error_from(&e));
+                }
+            }
+            Err(wait) => {
+                // Deferred rather than refused: the stream is open and
+                // waits for its state as long as the bucket says.
+                m.rejected.with_label_values(&[Kind::Begin.label()]).inc();
+                let (ctx, outbox, channel) = (ctx.clone(), outbox.clone(), channel.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = ctx.hub.begin(&channel, &outbox).await;
+                });
+            }
         }
     }
     let ack = serde_json::json!({"type": "subscribed", "channel": channel, "markets": markets});
@@ -101,7 +188,12 @@ pub async fn handle(
         outbox,
         _membership: membership,
         _gauge: gauge,
+        _slot: slot,
         first: Some(Event::default().event("subscribed").data(ack.to_string())),
+        token_deadline: principal
+            .expires_at
+            .filter(|_| ctx.auth.requires_token())
+            .map(|e| tokio::time::Instant::now() + crate::auth::until_expiry(e)),
         done: false,
         deadline: tokio::time::Instant::now() + lifetime(ctx.config.sse_max_lifetime),
         ctx: ctx.clone(),
@@ -144,6 +236,12 @@ pub async fn handle(
                     st.done = true;
                     let data = serde_json::json!({"type": "close", "code": code::GOING_AWAY, "reason": "publisher shutting down"});
                     return Some((Ok(Event::default().event("close").data(data.to_string())), st));
+                }
+                _ = tokio::time::sleep_until(st.token_deadline.unwrap_or(st.deadline)), if st.token_deadline.is_some_and(|t| t < st.deadline) => {
+                    st.done = true;
+                    st.ctx.metrics.closes.with_label_values(&[&code::TOKEN_EXPIRED.to_string()]).inc();
+                    let data = serde_json::json!({"type": "expired", "code": code::TOKEN_EXPIRED, "reason": "token expired; get a new ticket"});
+                    return Some((Ok(Event::default().event("expired").data(data.to_string())), st));
                 }
                 _ = tokio::time::sleep_until(st.deadline) => {
                     st.done = true;

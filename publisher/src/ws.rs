@@ -16,6 +16,7 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use serde::Deserialize;
+use streampipe_contract::deploy::{WS_BEARER_PREFIX, WS_PROTOCOL};
 use streampipe_contract::{close as code, validate_channel_id, MAX_UPDATE_MESSAGE_BYTES};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
@@ -27,9 +28,12 @@ use tracing::{debug, warn};
 use warp::http::{Response, StatusCode};
 use warp::hyper::body::Bytes as HyperBytes;
 
+use crate::auth::{self, Principal};
+use crate::clients::Kind;
 use crate::error::Error;
 use crate::metrics::GaugeGuard;
 use crate::outbox::{Item, Outbox};
+use crate::server::PeerAddr;
 use crate::{api, Context, StreamParams};
 
 /// Largest client frame: clients only send `begin` (with `since` for up to
@@ -98,6 +102,30 @@ pub struct Upgrade {
     pub origin: Option<String>,
     /// `Host` (an Origin naming it is the page's own origin).
     pub host: Option<String>,
+    /// `Sec-WebSocket-Protocol`: `streampipe.v2`, optionally `bearer.<jwt>`.
+    pub protocol: Option<String>,
+}
+
+/// What the client offered in `Sec-WebSocket-Protocol`: whether it speaks
+/// [`WS_PROTOCOL`], and the token of a `bearer.<jwt>` entry.
+pub fn offered_protocols(header: Option<&str>) -> (bool, bool, Option<String>) {
+    let mut any = false;
+    let mut v2 = false;
+    let mut token = None;
+    for p in header
+        .unwrap_or("")
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+    {
+        any = true;
+        if p == WS_PROTOCOL {
+            v2 = true;
+        } else if let Some(t) = p.strip_prefix(WS_BEARER_PREFIX) {
+            token = Some(t.to_owned());
+        }
+    }
+    (any, v2, token)
 }
 
 /// Whether `key` is what RFC 6455 §4.1 requires of `Sec-WebSocket-Key`:
@@ -114,9 +142,12 @@ pub fn valid_key(key: &str) -> bool {
 }
 
 /// Handles `GET /v1/stream/<channel>`.
+#[allow(clippy::too_many_arguments)]
 pub async fn handle(
     channel: String,
     headers: Upgrade,
+    all_headers: warp::http::HeaderMap,
+    peer: Option<PeerAddr>,
     params: StreamParams,
     on_upgrade: Option<OnUpgrade>,
     ctx: Arc<Context>,
@@ -185,6 +216,22 @@ pub async fn handle(
             ));
         }
     };
+    if params.token_in_url() {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "token_in_url",
+            "tokens never go in a URL: use the Sec-WebSocket-Protocol entry bearer.<token> or an auth frame",
+        );
+    }
+    let (offered, v2, bearer) = offered_protocols(headers.protocol.as_deref());
+    if offered && !v2 {
+        return reject(
+            StatusCode::BAD_REQUEST,
+            "unsupported_websocket_protocol",
+            "offer the subprotocol streampipe.v2 (with bearer.<token>) or none",
+        );
+    }
+    let ip = api::client_ip(&ctx, &all_headers, peer);
     let origin_ok = ctx.origin_allowed(headers.origin.as_deref(), headers.host.as_deref());
     let accept = derive_accept_key(key.as_bytes());
     tokio::spawn(async move {
@@ -201,16 +248,26 @@ pub async fn handle(
             Some(ws_config()),
         )
         .await;
-        run(ws, channel, since, params.begin, origin_ok, ctx).await;
+        let opening = Opening {
+            channel,
+            since,
+            begin: params.begin,
+            origin_ok,
+            bearer,
+            ip,
+        };
+        run(ws, opening, ctx).await;
     });
-    let resp = Response::builder()
+    let mut resp = Response::builder()
         .status(StatusCode::SWITCHING_PROTOCOLS)
         .header("upgrade", "websocket")
         .header("connection", "upgrade")
-        .header("sec-websocket-accept", accept)
-        .body(HyperBytes::new().into())
-        .expect("valid response");
-    Ok(resp)
+        .header("sec-websocket-accept", accept);
+    if v2 {
+        // Only the protocol name: the token is never echoed.
+        resp = resp.header("sec-websocket-protocol", WS_PROTOCOL);
+    }
+    Ok(resp.body(HyperBytes::new().into()).expect("valid response"))
 }
 
 #[derive(Deserialize)]
@@ -220,6 +277,72 @@ enum ClientFrame {
         #[serde(default)]
         since: HashMap<String, u64>,
     },
+    /// The token, as the first frame (when not in the subprotocol).
+    Auth { token: String },
+    /// A newer token of the same subject, before the current one expires.
+    Refresh { token: String },
+}
+
+/// What a connection was opened with.
+struct Opening {
+    channel: String,
+    since: HashMap<Arc<str>, u64>,
+    begin: bool,
+    origin_ok: bool,
+    bearer: Option<String>,
+    ip: String,
+}
+
+/// Far enough to mean "never" for a `sleep_until`.
+const NEVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+fn deadline_of(expires_at: Option<u64>) -> tokio::time::Instant {
+    tokio::time::Instant::now() + expires_at.map_or(NEVER, auth::until_expiry)
+}
+
+/// The connection's principal: anonymous, the subprotocol's token, or the
+/// token of an `auth` first frame within [`auth::AUTH_TIMEOUT`]; on failure
+/// the connection is closed with 4407 and `None` returned.
+async fn authenticate(ws: &mut Ws, ctx: &Context, bearer: Option<String>) -> Option<Principal> {
+    if !ctx.auth.requires_token() {
+        return Some(Principal::anonymous());
+    }
+    let token = match bearer {
+        Some(t) => t,
+        None => match tokio::time::timeout(auth::AUTH_TIMEOUT, ws.next()).await {
+            Ok(Some(Ok(Message::Text(text)))) => {
+                match serde_json::from_str::<ClientFrame>(text.as_str()) {
+                    Ok(ClientFrame::Auth { token }) => token,
+                    _ => String::new(),
+                }
+            }
+            Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return None,
+            Ok(Some(Err(e))) => {
+                if let Some((c, reason, label)) = read_error_close(&e) {
+                    ctx.metrics.rejected.with_label_values(&[label]).inc();
+                    close(ws, ctx, c, reason).await;
+                }
+                return None;
+            }
+            Ok(Some(Ok(_))) => String::new(),
+            Err(_) => {
+                ctx.metrics
+                    .rejected
+                    .with_label_values(&["auth_timeout"])
+                    .inc();
+                close(ws, ctx, code::UNAUTHORIZED, "no token in time").await;
+                return None;
+            }
+        },
+    };
+    match ctx.auth.from_token(&token) {
+        Ok(p) => Some(p),
+        Err(r) => {
+            ctx.metrics.rejected.with_label_values(&[r.label()]).inc();
+            close(ws, ctx, code::UNAUTHORIZED, r.label()).await;
+            None
+        }
+    }
 }
 
 type Ws = WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>;
@@ -278,14 +401,15 @@ fn read_error_close(e: &WsError) -> Option<(u16, &'static str, &'static str)> {
 }
 
 /// One connection's life: check, join the channel, ack, stream.
-async fn run(
-    mut ws: Ws,
-    channel: String,
-    since: HashMap<Arc<str>, u64>,
-    begin: bool,
-    origin_ok: bool,
-    ctx: Arc<Context>,
-) {
+async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
+    let Opening {
+        channel,
+        since,
+        begin,
+        origin_ok,
+        bearer,
+        ip,
+    } = opening;
     let m = &ctx.metrics;
     m.connections_total.with_label_values(&["ws"]).inc();
     let _gauge = GaugeGuard::inc(m.connections.with_label_values(&["ws"]));
@@ -300,6 +424,26 @@ async fn run(
         )
         .await;
     }
+    let Some(mut principal) = authenticate(&mut ws, &ctx, bearer).await else {
+        return;
+    };
+    // Another subject's channel is an unknown one (no existence oracle).
+    match api::owns(&ctx, &principal, &channel).await {
+        Ok(true) => {}
+        Ok(false) => {
+            return close(&mut ws, &ctx, code::UNKNOWN_CHANNEL, "unknown channel").await;
+        }
+        Err(e) => {
+            warn!(error = %e, "stream could not check its channel's owner");
+            return close(&mut ws, &ctx, code::UNAVAILABLE, "unavailable").await;
+        }
+    }
+    let client = api::client_key(&principal, &ip);
+    let Some(_slot) = ctx.clients.open_stream(&client) else {
+        m.rejected.with_label_values(&["limit_streams"]).inc();
+        return close(&mut ws, &ctx, code::TOO_MANY_STREAMS, "too many streams").await;
+    };
+    let mut token_deadline = deadline_of(principal.expires_at);
     let outbox = Arc::new(Outbox::new(since, ctx.outbox_budget.clone()));
     let (_membership, markets) = match ctx.hub.join(&channel, outbox.clone()).await {
         Ok(joined) => joined,
@@ -317,10 +461,21 @@ async fn run(
         return;
     }
     let mut last_begin: Option<Instant> = None;
+    // A begin the client's bucket could not pay for yet: done when it can
+    // (later begin frames merge into it).
+    let mut pending_begin: Option<tokio::time::Instant> = None;
     if begin {
         last_begin = Some(Instant::now());
-        if ctx.hub.begin(&channel, &outbox).await.is_err() {
-            m.rejected.with_label_values(&["begin_failed"]).inc();
+        match ctx.clients.take(&client, Kind::Begin, 1) {
+            Ok(()) => {
+                if ctx.hub.begin(&channel, &outbox).await.is_err() {
+                    m.rejected.with_label_values(&["begin_failed"]).inc();
+                }
+            }
+            Err(wait) => {
+                m.rejected.with_label_values(&[Kind::Begin.label()]).inc();
+                pending_begin = Some(tokio::time::Instant::now() + wait);
+            }
         }
     }
     // Looked up once: a labelled lookup per message would cost more than the count.
@@ -344,10 +499,42 @@ async fn run(
                                 last_begin = Some(Instant::now());
                                 let since: HashMap<Arc<str>, u64> = since.into_iter().map(|(k, v)| (Arc::from(k), v)).collect();
                                 outbox.resume_from(&since);
+                                if pending_begin.is_some() {
+                                    // Merged into the begin already waiting.
+                                    continue;
+                                }
+                                if let Err(wait) = ctx.clients.take(&client, Kind::Begin, 1) {
+                                    m.rejected.with_label_values(&[Kind::Begin.label()]).inc();
+                                    pending_begin = Some(tokio::time::Instant::now() + wait);
+                                    continue;
+                                }
                                 // The hub re-reads the channel's markets first:
                                 // some may have been added since it connected.
                                 if ctx.hub.begin(&channel, &outbox).await.is_err() {
                                     m.rejected.with_label_values(&["begin_failed"]).inc();
+                                }
+                            }
+                            Ok(ClientFrame::Auth { token } | ClientFrame::Refresh { token }) => {
+                                if !ctx.auth.requires_token() {
+                                    continue; // anonymous: nothing to refresh
+                                }
+                                match ctx.auth.from_token(&token) {
+                                    Ok(p) if p.subject == principal.subject => {
+                                        token_deadline = deadline_of(p.expires_at);
+                                        let ack = serde_json::json!({"type": "refreshed", "expires_at": p.expires_at});
+                                        principal = p;
+                                        if ws.send(Message::text(ack.to_string())).await.is_err() {
+                                            return;
+                                        }
+                                    }
+                                    Ok(_) => {
+                                        m.rejected.with_label_values(&["refresh_other_subject"]).inc();
+                                        return close(&mut ws, &ctx, code::UNAUTHORIZED, "token of another subject").await;
+                                    }
+                                    Err(r) => {
+                                        m.rejected.with_label_values(&[r.label()]).inc();
+                                        return close(&mut ws, &ctx, code::UNAUTHORIZED, r.label()).await;
+                                    }
                                 }
                             }
                             Err(_) => {
@@ -443,6 +630,21 @@ async fn run(
             _ = shutdown.changed() => {
                 return close(&mut ws, &ctx, code::GOING_AWAY, "publisher shutting down").await;
             }
+            _ = tokio::time::sleep_until(token_deadline) => {
+                m.rejected.with_label_values(&["token_expired_mid_stream"]).inc();
+                return close(&mut ws, &ctx, code::TOKEN_EXPIRED, "token expired").await;
+            }
+            _ = tokio::time::sleep_until(pending_begin.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)), if pending_begin.is_some() => {
+                match ctx.clients.take(&client, Kind::Begin, 1) {
+                    Ok(()) => {
+                        pending_begin = None;
+                        if ctx.hub.begin(&channel, &outbox).await.is_err() {
+                            m.rejected.with_label_values(&["begin_failed"]).inc();
+                        }
+                    }
+                    Err(wait) => pending_begin = Some(tokio::time::Instant::now() + wait),
+                }
+            }
         }
     }
 }
@@ -504,5 +706,8 @@ mod tests {
             "const LIFETIME_REACHED = {};",
             code::LIFETIME_REACHED
         )));
+        assert!(js.contains(&format!("const TOKEN_EXPIRED = {};", code::TOKEN_EXPIRED)));
+        assert!(js.contains(&format!("const UNAUTHORIZED = {};", code::UNAUTHORIZED)));
+        assert!(js.contains(&format!("const WS_PROTOCOL = '{WS_PROTOCOL}';")));
     }
 }

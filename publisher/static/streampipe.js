@@ -1,5 +1,5 @@
 /*
- * streampipe.js: browser client for the streampipe publisher (protocol v1,
+ * streampipe.js: browser client for the streampipe publisher (protocol v2,
  * docs/protocol.md, "Browser-facing API"). No dependencies, no build step.
  * A classic <script> defines `window.StreamPipe`; under Node (CommonJS)
  * `module.exports = StreamPipe`.
@@ -17,6 +17,16 @@
  *   markets     market ids to subscribe to when a channel is created.
  *   channel     an existing channel id; when absent start() creates one with
  *               POST /v1/channels. The id in use is `sp.channel`.
+ *   token       a signed token from the bookmaker's backend (protocol v2;
+ *               omit against an anonymous publisher). Sent as
+ *               `Authorization: Bearer` to the REST API, as the WebSocket
+ *               subprotocol entry `bearer.<token>` next to `streampipe.v2`,
+ *               and exchanged for a one-time SSE ticket; never in a URL.
+ *   getToken    async () => token: called before each connection and when
+ *               the token expires (close 4401, SSE `expired`), and ~30 s
+ *               before its `exp` on a WebSocket, whose stream then gets a
+ *               `refresh` frame instead of a reconnect. Takes precedence
+ *               over `token`.
  *   transport   'ws' (default when WebSocket exists) or 'sse'.
  *   versions    initial market -> version map (e.g. restored from storage):
  *               the first begin resumes from it with `since`.
@@ -86,7 +96,10 @@
  *   with POST /v1/channels/<id>/begin; 404 means unknown channel (as 4404).
  *   Close codes: 1001, 1006, 1011, 4408, 4409 and any code not listed below ->
  *   reconnect with backoff and since; 4411 (stream lifetime reached) ->
- *   reconnect at once (first attempt) with since; 4404 -> create a new channel (at once
+ *   reconnect at once (first attempt) with since; 4401 (token expired) ->
+ *   get a new token and reconnect at once; 4407 (no valid token) -> with
+ *   getToken, a new token and reconnect with backoff, else stop with a fatal
+ *   error; 4404 -> create a new channel (at once
  *   the first time, then with backoff) and connect; 1000, 4410 -> stop;
  *   1002, 1003, 1007, 1008, 1009, 4400, 4403 -> stop with a fatal error.
  *   Channel creation: 5xx, 408, 429 and network errors are retried with
@@ -107,6 +120,10 @@
   const FATAL_CODES = new Set([1002, 1003, 1007, 1008, 1009, 4400, 4403]);
   const UNKNOWN_CHANNEL = 4404;
   const LIFETIME_REACHED = 4411; // the stream's maximum lifetime: reconnect at once with since
+  const TOKEN_EXPIRED = 4401; // get a new token, reconnect at once with since
+  const UNAUTHORIZED = 4407; // no valid token: a new one (getToken) or stop
+  const WS_PROTOCOL = 'streampipe.v2';
+  const REFRESH_BEFORE_MS = 30000; // refresh a WebSocket's token this long before its exp
   const ID_RE = /^[A-Za-z0-9._:-]{1,128}$/;
   const validVersion = (v) => Number.isSafeInteger(v) && v >= 1;
   const MAX_CLIENT_FRAME = 4096; // bytes; server closes bigger frames with 1009/4400
@@ -165,6 +182,9 @@
       this.baseUrl = resolveBase(opts.baseUrl);
       this.markets = uniqStrings(opts.markets);
       this.channel = opts.channel || null;
+      this._tokenValue = typeof opts.token === 'string' && opts.token ? opts.token : null;
+      this._getToken = typeof opts.getToken === 'function' ? opts.getToken : null;
+      this._refreshTimer = null;
       this._WebSocket = opts.WebSocket || globalRef('WebSocket');
       this._EventSource = opts.EventSource || globalRef('EventSource');
       const f = opts.fetch || globalRef('fetch');
@@ -217,6 +237,56 @@
       this._channelGone = false;
       this._buckets = []; // [second, count], oldest first
       this._startSec = 0;
+    }
+
+    // ---- tokens -------------------------------------------------------
+    // The token to use now; asks getToken when `fresh` or none is cached.
+    async _token(fresh) {
+      if (this._getToken && (fresh || !this._tokenValue)) {
+        let t;
+        try {
+          t = await this._getToken();
+        } catch (e) {
+          throw new StreamPipeError('token', 'getToken failed: ' + (e && e.message), { transient: true, cause: e });
+        }
+        if (typeof t !== 'string' || !t) throw new StreamPipeError('token', 'getToken returned no token', { transient: true });
+        this._tokenValue = t;
+      }
+      return this._tokenValue;
+    }
+
+    // exp (ms since the epoch) of a JWT, or null.
+    static tokenExpiry(token) {
+      try {
+        const part = String(token).split('.')[1];
+        const b64 = part.replace(/-/g, '+').replace(/_/g, '/');
+        const pad = b64 + '==='.slice((b64.length + 3) % 4);
+        const json = typeof atob === 'function' ? atob(pad) : Buffer.from(pad, 'base64').toString('binary');
+        const exp = JSON.parse(json).exp;
+        return typeof exp === 'number' ? exp * 1000 : null;
+      } catch (e) {
+        return null;
+      }
+    }
+
+    // On a WebSocket, replace the token before it expires (refresh frame).
+    _scheduleRefresh(ws) {
+      if (this._refreshTimer !== null) this._clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
+      if (!this._getToken || !this._tokenValue) return;
+      const exp = StreamPipe.tokenExpiry(this._tokenValue);
+      if (exp === null) return;
+      const delay = Math.max(1000, exp - REFRESH_BEFORE_MS - this._now());
+      this._refreshTimer = this._setTimeout(async () => {
+        this._refreshTimer = null;
+        if (this._ws !== ws) return;
+        try {
+          const t = await this._token(true);
+          if (this._ws === ws) ws.send(JSON.stringify({ type: 'refresh', token: t }));
+        } catch (e) {
+          this._error(e, false); // the 4401 close that follows reconnects
+        }
+      }, delay);
     }
 
     // ---- events -------------------------------------------------------
@@ -319,6 +389,8 @@
       }
       this._onOnline = null;
       this._dropStream(1000, 'client closed');
+      if (this._refreshTimer !== null) this._clearTimeout(this._refreshTimer);
+      this._refreshTimer = null;
     }
 
     _dropStream(code, reason) {
@@ -372,9 +444,19 @@
         }
         if (gen !== this._gen || !this._started) return;
       }
+      let token = null;
+      try {
+        token = await this._token(false);
+      } catch (err) {
+        if (gen !== this._gen || !this._started) return;
+        this._error(err, false);
+        this._scheduleReconnect(false);
+        return;
+      }
+      if (gen !== this._gen || !this._started) return;
       this.stats.connects++;
-      if (this.transport === 'sse') this._openSse(gen);
-      else this._openWs(gen);
+      if (this.transport === 'sse') this._openSse(gen, token);
+      else this._openWs(gen, token);
     }
 
     _createChannel() {
@@ -429,6 +511,16 @@
         this._scheduleReconnect(true);
       } else if (code === LIFETIME_REACHED) {
         this._scheduleReconnect(true);
+      } else if (code === TOKEN_EXPIRED) {
+        if (this._getToken) this._tokenValue = null; // fetched anew on connect
+        this._scheduleReconnect(true);
+      } else if (code === UNAUTHORIZED) {
+        if (!this._getToken) {
+          this._stop(new StreamPipeError('unauthorized', 'stream refused: no valid token' + (reason ? ' (' + reason + ')' : ''), { closeCode: code }));
+        } else {
+          this._tokenValue = null;
+          this._scheduleReconnect(false);
+        }
       } else if (STOP_CODES.has(code)) {
         if (code === 4410) this._channelGone = true;
         this._stop(null);
@@ -444,7 +536,7 @@
       return this.baseUrl + '/v1/' + kind + '/' + encId(this.channel);
     }
 
-    _openWs(gen) {
+    _openWs(gen, token) {
       const WS = this._WebSocket;
       if (!WS) {
         this._stop(new StreamPipeError('config', 'StreamPipe: no WebSocket implementation'));
@@ -457,7 +549,9 @@
       if (overflow) url += '?since=' + overflow;
       let ws;
       try {
-        ws = new WS(url);
+        // The token rides in the subprotocol list; the server echoes only
+        // streampipe.v2 (never the token).
+        ws = new WS(url, token ? [WS_PROTOCOL, 'bearer.' + token] : [WS_PROTOCOL]);
       } catch (e) {
         this._error(new StreamPipeError('network', e && e.message, { cause: e }), false);
         this._scheduleReconnect(false);
@@ -465,6 +559,7 @@
       }
       this._ws = ws;
       this._subscribedConn = false;
+      this._scheduleRefresh(ws);
       const mine = () => this._ws === ws && this._gen === gen;
       ws.onmessage = (ev) => {
         if (mine()) this._onFrame(ev.data);
@@ -480,13 +575,38 @@
     }
 
     // ---- SSE ----------------------------------------------------------
-    _openSse(gen) {
+    async _openSse(gen, token) {
       const ES = this._EventSource;
       if (!ES) {
         this._stop(new StreamPipeError('config', 'StreamPipe: no EventSource implementation'));
         return;
       }
       let url = this._streamUrl('sse') + '?begin=1';
+      if (token) {
+        // EventSource cannot send a header: a one-time ticket instead.
+        let res;
+        try {
+          res = await this._api('POST', '/v1/channels/' + encId(this.channel) + '/tickets');
+        } catch (e) {
+          if (gen !== this._gen || !this._started) return;
+          if (e.status === 404) {
+            this._onStreamClose(UNKNOWN_CHANNEL, 'unknown channel');
+          } else if (e.status === 401) {
+            this._onStreamClose(UNAUTHORIZED, e.message);
+          } else {
+            this._error(e, false);
+            this._scheduleReconnect(false);
+          }
+          return;
+        }
+        if (gen !== this._gen || !this._started) return;
+        if (!res || typeof res.ticket !== 'string') {
+          this._error(new StreamPipeError('bad_response', 'no ticket in the response'), false);
+          this._scheduleReconnect(false);
+          return;
+        }
+        url += '&ticket=' + encodeURIComponent(res.ticket);
+      }
       const since = this._sinceQuery();
       if (since) url += '&since=' + since;
       let es;
@@ -503,7 +623,7 @@
       const onEvent = (ev) => {
         if (mine()) this._onFrame(ev.data);
       };
-      for (const t of ['subscribed', 'update', 'reset', 'close']) es.addEventListener(t, onEvent);
+      for (const t of ['subscribed', 'update', 'reset', 'close', 'expired']) es.addEventListener(t, onEvent);
       es.onmessage = onEvent; // unnamed events carry their type in the JSON
       es.onerror = () => {
         if (!mine()) return;
@@ -568,6 +688,10 @@
           this._emit('reset', msg);
           this._sendBegin();
           break;
+        case 'refreshed': // WebSocket: the server took the new token
+          this._scheduleRefresh(this._ws);
+          break;
+        case 'expired': // SSE only: the token expired (code 4401)
         case 'close': // SSE only: the server's equivalent of a close code
           if (this._es) {
             const es = this._es;
@@ -683,6 +807,8 @@
     async _api(method, path, body, extra) {
       if (!this._fetch) throw new StreamPipeError('config', 'StreamPipe: no fetch implementation');
       const init = { method: method, headers: { accept: 'application/json' } };
+      const token = await this._token(false);
+      if (token) init.headers.authorization = 'Bearer ' + token;
       if (body !== undefined) {
         init.headers['content-type'] = 'application/json';
         init.body = JSON.stringify(body);
@@ -713,10 +839,12 @@
       const ok = resp.ok !== undefined ? resp.ok : resp.status >= 200 && resp.status < 300;
       if (!ok) {
         const s = resp.status;
+        if (s === 401 && this._getToken) this._tokenValue = null;
         const apiErr = data && data.error ? data.error : {};
         throw new StreamPipeError(apiErr.code || 'http_' + s, method + ' ' + path + ': ' + (apiErr.message || 'HTTP ' + s), {
           status: s,
-          transient: s >= 500 || s === 408 || s === 429,
+          // 401 with getToken: the token is fetched anew and retried.
+          transient: s >= 500 || s === 408 || s === 429 || (s === 401 && !!this._getToken),
         });
       }
       return data;
@@ -825,6 +953,6 @@
     return (u.origin + u.pathname).replace(/\/+$/, '');
   };
   StreamPipe.Error = StreamPipeError;
-  StreamPipe.version = '1';
+  StreamPipe.version = '2';
   return StreamPipe;
 });

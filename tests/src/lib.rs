@@ -6,6 +6,7 @@
 //! ports as fallback. Each test makes its own pipeline (unique topics, group
 //! and Redis prefix), so tests run in parallel without seeing each other.
 
+pub mod auth;
 pub mod browser;
 pub mod publisher;
 

@@ -45,7 +45,10 @@ impl InProcess {
     }
 
     /// A publisher with this configuration.
-    pub async fn start_with_config(config: Config) -> Self {
+    /// Token mode without keys gets the test key and default limits get
+    /// relaxed ones ([`crate::auth::prepare`]).
+    pub async fn start_with_config(mut config: Config) -> Self {
+        crate::auth::prepare(&mut config);
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let ctx = context(config, Arc::new(Metrics::new()), stopped)
             .await
@@ -89,6 +92,12 @@ pub struct PublisherProcess {
 impl PublisherProcess {
     /// Starts `streampipe-publisher` for the pipeline on `port` (0: a free one).
     pub fn spawn(p: &Pipeline, port: u16, demo_markets: &[String]) -> Self {
+        Self::spawn_with(p, port, demo_markets, &[])
+    }
+
+    /// Like [`PublisherProcess::spawn`] with extra flags; in token mode
+    /// (the default) with the test secret from its environment variable.
+    pub fn spawn_with(p: &Pipeline, port: u16, demo_markets: &[String], extra: &[&str]) -> Self {
         let port = if port == 0 { free_port() } else { port };
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
         let child = Command::new(workspace_bin("streampipe-publisher"))
@@ -106,6 +115,11 @@ impl PublisherProcess {
             .arg(demo_markets.join(","))
             .arg("--log-format")
             .arg("text")
+            .args(extra)
+            .env(
+                streampipe_contract::deploy::env::AUTH_HS256_SECRET,
+                crate::auth::TEST_SECRET,
+            )
             .env("RUST_LOG", "warn")
             .stdin(Stdio::null())
             .spawn()
@@ -157,12 +171,39 @@ impl Resp {
     }
 }
 
-/// One HTTP/1.1 request with an optional JSON body (no client dependency needed).
+/// One HTTP/1.1 request with an optional JSON body (no client dependency
+/// needed), carrying the harness's default token ([`crate::auth::token`]).
 pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>) -> Resp {
+    http_as(addr, method, path, body, Some(&crate::auth::token())).await
+}
+
+/// Like [`http`] with this bearer token, or none.
+pub async fn http_as(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Resp {
+    let (status, _, body) = http_full(addr, method, path, body, token).await;
+    Resp { status, body }
+}
+
+/// Like [`http_as`], also returning the response head (lower-cased).
+pub async fn http_full(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let body = body.unwrap_or("");
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -186,7 +227,7 @@ pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<&str>
     } else {
         rest.to_owned()
     };
-    Resp { status, body }
+    (status, head.to_ascii_lowercase(), body)
 }
 
 fn dechunk(mut s: &str) -> String {
@@ -213,13 +254,47 @@ pub async fn create_channel(addr: SocketAddr, markets: &[&str]) -> String {
 /// A WebSocket client.
 pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
-/// Opens `/v1/stream/<channel><query>`.
+/// Opens `/v1/stream/<channel><query>` with the harness's default token
+/// in the subprotocol.
 pub async fn ws_connect(addr: SocketAddr, channel: &str, query: &str) -> Ws {
+    ws_connect_as(addr, channel, query, Some(&crate::auth::token())).await
+}
+
+/// Opens `/v1/stream/<channel><query>` offering `streampipe.v2` and, with
+/// a token, `bearer.<token>`.
+pub async fn ws_connect_as(
+    addr: SocketAddr,
+    channel: &str,
+    query: &str,
+    token: Option<&str>,
+) -> Ws {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let url = format!("ws://{addr}/v1/stream/{channel}{query}");
-    let (ws, _) = tokio_tungstenite::connect_async(url)
+    let mut req = url.into_client_request().expect("request");
+    let protocols = match token {
+        Some(t) => format!("streampipe.v2, bearer.{t}"),
+        None => "streampipe.v2".to_owned(),
+    };
+    req.headers_mut()
+        .insert("sec-websocket-protocol", protocols.parse().expect("header"));
+    let (ws, _) = tokio_tungstenite::connect_async(req)
         .await
         .expect("websocket connect");
     ws
+}
+
+/// A one-time SSE ticket of `channel` for the harness's default token;
+/// returns the SSE path with `?ticket=` (append `&...` for more).
+pub async fn sse_path(addr: SocketAddr, channel: &str) -> String {
+    let r = http(
+        addr,
+        "POST",
+        &format!("/v1/channels/{channel}/tickets"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 201, "ticket: {}", r.body);
+    r.json()["sse"].as_str().expect("sse path").to_owned()
 }
 
 /// What a WebSocket client read next.

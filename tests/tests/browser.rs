@@ -39,7 +39,7 @@ async fn live_page_shows_changing_prices() {
     let markets: Vec<String> = MARKETS.iter().map(|s| s.to_string()).collect();
     let publisher = tokio::task::spawn_blocking({
         let p = p.clone();
-        move || PublisherProcess::spawn(&p, 0, &markets)
+        move || PublisherProcess::spawn_with(&p, 0, &markets, &["--dev-tokens"])
     })
     .await
     .unwrap();
@@ -71,7 +71,9 @@ async fn js_client_resumes_after_publisher_restart() {
     let (p, reducer) = pipeline().await;
     let port = free_port();
     let spawn_publisher = |p: Arc<Pipeline>| {
-        tokio::task::spawn_blocking(move || PublisherProcess::spawn(&p, port, &[]))
+        tokio::task::spawn_blocking(move || {
+            PublisherProcess::spawn_with(&p, port, &[], &["--dev-tokens"])
+        })
     };
     let mut publisher = spawn_publisher(p.clone()).await.unwrap();
 

@@ -156,7 +156,8 @@ async fn begin_on_a_vanished_channel_closes_with_4404() {
     // SSE: a REST begin on the vanished channel.
     let ch = create_channel(publ.addr, &["V2"]).await;
     let mut s = tokio::net::TcpStream::connect(publ.addr).await.unwrap();
-    let req = format!("GET /v1/sse/{ch} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
+    let path = streampipe_tests::publisher::sse_path(publ.addr, &ch).await;
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut lines = BufReader::new(s).lines();
     let status = lines.next_line().await.unwrap().unwrap();

@@ -59,8 +59,14 @@ async fn slowloris_heads_and_bodies_are_cut_at_their_bounds() {
     let mut silent = TcpStream::connect(a).await.unwrap();
     // A complete head whose announced body never arrives.
     let mut body = TcpStream::connect(a).await.unwrap();
+    // (With a valid token: without one the request is refused with 401
+    // before any of its body is read.)
     body.write_all(
-        b"POST /v1/channels HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"markets\":",
+        format!(
+            "POST /v1/channels HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n{{\"markets\":",
+            streampipe_tests::auth::token()
+        )
+        .as_bytes(),
     )
     .await
     .unwrap();
@@ -210,6 +216,13 @@ async fn raw(
     for (k, v) in headers {
         req.push_str(&format!("{k}: {v}\r\n"));
     }
+    if !headers
+        .iter()
+        .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+    {
+        let t = streampipe_tests::auth::token();
+        req.push_str(&format!("Authorization: Bearer {t}\r\n"));
+    }
     if !body.is_empty() {
         req.push_str(&format!(
             "Content-Type: application/json\r\nContent-Length: {}\r\n",
@@ -236,7 +249,8 @@ const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 async fn raw_ws(addr: std::net::SocketAddr, channel: &str) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let req = format!(
-        "GET /v1/stream/{channel} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\n\r\n"
+        "GET /v1/stream/{channel} HTTP/1.1\r\nHost: {addr}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: {KEY}\r\nSec-WebSocket-Protocol: streampipe.v2, bearer.{}\r\n\r\n",
+        streampipe_tests::auth::token()
     );
     s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
@@ -437,7 +451,8 @@ async fn sse_streams_end_at_their_lifetime_with_4411() {
     let a = publ.addr;
     let ch = channel(a).await;
     let mut s = TcpStream::connect(a).await.unwrap();
-    s.write_all(format!("GET /v1/sse/{ch} HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
+    let path = streampipe_tests::publisher::sse_path(a, &ch).await;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {a}\r\n\r\n").as_bytes())
         .await
         .unwrap();
     // The response is chunked on a keep-alive connection: read until the

@@ -288,7 +288,11 @@ async fn a_flood_is_conflated_in_the_hub_not_queued() {
     let redis = blocking(move || PrivateRedis::start(port)).await;
     let url = redis.url();
     let p = blocking(|| Arc::new(Pipeline::new(Broker::Dev, 2))).await;
-    let publ = InProcess::start_with_redis(&p, &url).await;
+    // Anonymous: the channels below are registered by hand, bound to nobody.
+    let mut config = streampipe_publisher::Config::new(&p.broker.bootstrap(), &p.name, &url);
+    config.command_topic = p.config.command_topic.clone();
+    config.auth.mode = streampipe_publisher::auth::Mode::Anonymous;
+    let publ = InProcess::start_with_config(config).await;
     let keys = p.keys();
     let markets: Vec<String> = (0..MARKETS).map(|i| format!("F{i}")).collect();
     // Channels registered straight in the registry: no reducer is needed

@@ -162,9 +162,9 @@ async fn sse_end_to_end() {
     let ch = create_channel(publ.addr, &["S1", "S2"]).await;
 
     let mut s = tokio::net::TcpStream::connect(publ.addr).await.unwrap();
-    let req = format!(
-        "GET /v1/sse/{ch}?begin=1 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n"
-    );
+    let path = streampipe_tests::publisher::sse_path(publ.addr, &ch).await;
+    let req =
+        format!("GET {path}&begin=1 HTTP/1.1\r\nHost: x\r\nAccept: text/event-stream\r\n\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut lines = BufReader::new(s).lines();
     let status = lines.next_line().await.unwrap().unwrap();
@@ -219,7 +219,8 @@ async fn malformed_requests_and_frames_get_documented_errors() {
         ("GET", "/v1/markets/nothing-here", None, 404, "unknown_market"),
         ("GET", "/v1/markets", None, 400, "invalid_market"),
         ("GET", "/v1/stream/abc", None, 400, "websocket_required"),
-        ("GET", "/v1/sse/00000000-0000-4000-8000-000000000000", None, 404, "unknown_channel"),
+        ("POST", "/v1/channels/00000000-0000-4000-8000-000000000000/tickets", None, 404, "unknown_channel"),
+        ("GET", "/v1/sse/00000000-0000-4000-8000-000000000000", None, 401, "unauthorized"),
         ("GET", "/v1/nope", None, 404, "not_found"),
     ];
     for (method, path, body, status, code) in cases {
@@ -297,7 +298,12 @@ async fn redis_loss_resubscribes_and_sends_reset() {
     let port = free_port();
     let redis = blocking(move || PrivateRedis::start(port)).await;
     let url = redis.url();
-    let publ = InProcess::start_with_redis(&p, &url).await;
+    // Anonymous mode (public odds): the channel is registered by hand,
+    // bound to nobody, as anonymous channels are.
+    let mut config = streampipe_publisher::Config::new(&p.broker.bootstrap(), &p.name, &url);
+    config.command_topic = p.config.command_topic.clone();
+    config.auth.mode = streampipe_publisher::auth::Mode::Anonymous;
+    let publ = InProcess::start_with_config(config).await;
     let keys = p.keys();
     let ch = "reset-test-channel";
     let register = {

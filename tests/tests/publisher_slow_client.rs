@@ -30,12 +30,20 @@ async fn slow_client_is_conflated_and_does_not_slow_others() {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
     sock.set_recv_buffer_size(4096).unwrap();
     let tcp = sock.connect(publ.addr).await.unwrap();
-    let (mut slow, _) = tokio_tungstenite::client_async(
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
         format!("ws://{}/v1/stream/{ch}", publ.addr),
-        tokio_tungstenite::MaybeTlsStream::Plain(tcp),
     )
-    .await
     .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-protocol",
+        format!("streampipe.v2, bearer.{}", streampipe_tests::auth::token())
+            .parse()
+            .unwrap(),
+    );
+    let (mut slow, _) =
+        tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(tcp))
+            .await
+            .unwrap();
     let mut fast = ws_connect(publ.addr, &ch, "").await;
     assert!(
         matches!(ws_next(&mut fast, Duration::from_secs(10)).await, Some(Frame::Json(v)) if v["type"] == "subscribed")

@@ -20,8 +20,9 @@ const M2 = 'football.epl.1001:match_odds';
 function makeWebSocket() {
   const sockets = [];
   class FakeWebSocket {
-    constructor(url) {
+    constructor(url, protocols) {
       this.url = url;
+      this.protocols = protocols;
       this.sent = [];
       this.closedWith = null;
       this.readyState = 0;
@@ -821,4 +822,90 @@ test('as a classic script it defines window.StreamPipe', () => {
   assert.equal(typeof sandbox.StreamPipe, 'function');
   const c = new sandbox.StreamPipe({ baseUrl: BASE, markets: [M1], WebSocket: function () {}, fetch: async () => {} });
   assert.equal(c.connectionState, 'idle');
+});
+
+// ---- tokens (protocol v2) ------------------------------------------------------
+
+function jwt(claims) {
+  const b = (o) => Buffer.from(JSON.stringify(o)).toString('base64url');
+  return b({ alg: 'HS256', typ: 'JWT' }) + '.' + b(claims) + '.sig';
+}
+
+test('a token goes in Authorization and the WebSocket subprotocol, never in a URL', async () => {
+  const t = jwt({ sub: 'u', exp: Math.floor(Date.now() / 1000) + 3600 });
+  const env = setup({ client: { token: t } });
+  env.client.start();
+  const ws = await connected(env);
+  assert.equal(env.calls[0].init.headers.authorization, 'Bearer ' + t);
+  assert.deepEqual(ws.protocols, ['streampipe.v2', 'bearer.' + t]);
+  assert.ok(!ws.url.includes(t));
+  await env.client.close({ deleteChannel: false });
+});
+
+test('without a token the WebSocket offers only streampipe.v2 and REST sends no Authorization', async () => {
+  const env = setup();
+  env.client.start();
+  const ws = await connected(env);
+  assert.deepEqual(ws.protocols, ['streampipe.v2']);
+  assert.equal(env.calls[0].init.headers.authorization, undefined);
+  await env.client.close({ deleteChannel: false });
+});
+
+test('4401 gets a new token from getToken and reconnects at once', async () => {
+  let n = 0;
+  const env = setup({ client: { getToken: async () => 'tok-' + ++n } });
+  env.client.start();
+  const ws = await connected(env);
+  assert.deepEqual(ws.protocols, ['streampipe.v2', 'bearer.tok-1']);
+  ws.serverClose(4401, 'token expired');
+  assert.equal(env.timers.delays[env.timers.delays.length - 1], 0);
+  env.timers.runAll();
+  await waitFor(() => env.sockets.length === 2, 'reconnect');
+  assert.deepEqual(env.sockets[1].protocols, ['streampipe.v2', 'bearer.tok-2']);
+  await env.client.close({ deleteChannel: false });
+});
+
+test('4407 without getToken stops with a fatal error', async () => {
+  const env = setup({ client: { token: 'bad' } });
+  env.client.start();
+  await waitFor(() => env.sockets.length === 1, 'socket');
+  env.sockets[0].open();
+  env.sockets[0].serverClose(4407, 'token_signature');
+  assert.equal(env.client.connectionState, 'closed');
+  assert.equal(env.events.error[0].code, 'unauthorized');
+  assert.equal(env.events.error[0].fatal, true);
+});
+
+test('a WebSocket token is refreshed with a refresh frame before its exp', async () => {
+  const now = Date.now();
+  const exp = Math.floor(now / 1000) + 100;
+  let n = 0;
+  const env = setup({ client: { getToken: async () => jwt({ sub: 'u', exp: exp + 100 * n++ }), now: () => now } });
+  env.client.start();
+  const ws = await connected(env);
+  // A refresh is scheduled ~30 s before exp; run it.
+  env.timers.runAll();
+  await waitFor(() => ws.sent.some((f) => f.type === 'refresh'), 'refresh frame');
+  const f = ws.sent.find((x) => x.type === 'refresh');
+  assert.equal(StreamPipe.tokenExpiry(f.token), (exp + 100) * 1000);
+  await env.client.close({ deleteChannel: false });
+});
+
+test('SSE with a token exchanges it for a one-time ticket; `expired` reconnects with a new one', async () => {
+  let tickets = 0;
+  const env = setup({ client: { transport: 'sse', token: 'tok' } }, [
+    ['POST', /\/v1\/channels\/[^/]+\/tickets$/, () => response(201, { ticket: 'tk' + ++tickets })],
+  ]);
+  env.client.start();
+  await waitFor(() => env.sources.length === 1, 'event source');
+  assert.ok(env.sources[0].url.includes('ticket=tk1'), env.sources[0].url);
+  assert.ok(!env.sources[0].url.includes('tok&') && !env.sources[0].url.endsWith('tok'));
+  const ticketCall = env.calls.find((c) => c.url.endsWith('/tickets'));
+  assert.equal(ticketCall.init.headers.authorization, 'Bearer tok');
+  env.sources[0].emit('subscribed', { type: 'subscribed', channel: 'ch-1', markets: [M1] });
+  env.sources[0].emit('expired', { type: 'expired', code: 4401, reason: 'token expired' });
+  env.timers.runAll();
+  await waitFor(() => env.sources.length === 2, 'second event source');
+  assert.ok(env.sources[1].url.includes('ticket=tk2'), env.sources[1].url);
+  await env.client.close({ deleteChannel: false });
 });
