@@ -9,9 +9,10 @@
 //! [`EPOCH_CHECK_INTERVAL`], after every pub/sub reconnect, and whenever a
 //! channel it streams seems to have vanished. When the key is gone or holds
 //! another id, the pod, for every channel it has streams of:
-//! 1. writes the registry set (the markets as the pod holds them) and the
-//!    janitor entry back, so every pod's control API and `begin` know the
-//!    channel again;
+//! 1. writes the registry set (the markets as the pod holds them), the
+//!    janitor entry and the channel's owner (the token subject its streams
+//!    were opened with) back, so every pod's control API and `begin` know
+//!    the channel — and its owner — again;
 //! 2. sends a `subscribe` command per market through Kafka, so a partition
 //!    whose reducer died with the data learns its subscriptions again (the
 //!    reducers that survived write theirs back themselves; a duplicate
@@ -22,6 +23,8 @@
 //! Channels no pod streams are not repaired by publishers (only the
 //! reducers' write-back keeps their subscriptions); see docs/operations.md.
 
+use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::Duration;
 
 use streampipe_contract::epoch::{new_epoch_id, EPOCH_CHECK_INTERVAL};
@@ -36,12 +39,20 @@ use crate::hub::Hub;
 /// a cluster, each burst of concurrent commands) small.
 pub const RESTORE_CHUNK: usize = 500;
 
+/// Owners remembered beyond the channels streamed here before the memory
+/// is pruned to those: bounds it under churn without pruning on every join.
+pub const OWNER_SLACK: usize = 1024;
+
 /// The epoch a pod remembers; checks are serialized (one repair at a time).
 #[derive(Default)]
 pub struct Watch {
     known: tokio::sync::Mutex<Option<String>>,
     /// Where re-subscribes go; `None` only in tests without Kafka.
     commands: Option<Commands>,
+    /// The owner (token subject) of each channel streamed here, as checked
+    /// when its streams opened: Redis' copy goes with a data loss, and a
+    /// channel written back without it would answer its own owner 404.
+    owners: Mutex<HashMap<String, String>>,
 }
 
 impl Watch {
@@ -50,7 +61,28 @@ impl Watch {
         Watch {
             known: tokio::sync::Mutex::new(None),
             commands,
+            owners: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Remembers that `channel`, streamed here, belongs to `subject`;
+    /// `live` gives the channels streamed here when the memory needs pruning.
+    pub fn remember_owner(&self, channel: &str, subject: &str, live: impl FnOnce() -> Vec<String>) {
+        let mut owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        if owners.len() >= OWNER_SLACK && !owners.contains_key(channel) {
+            let live: std::collections::HashSet<String> = live().into_iter().collect();
+            owners.retain(|c, _| live.contains(c));
+        }
+        owners.insert(channel.to_owned(), subject.to_owned());
+    }
+
+    /// The remembered owners of `channels` (anonymous ones have none).
+    fn owners_of(&self, channels: &[(String, Vec<String>)]) -> Vec<(String, String)> {
+        let owners = self.owners.lock().unwrap_or_else(|p| p.into_inner());
+        channels
+            .iter()
+            .filter_map(|(c, _)| owners.get(c).map(|s| (c.clone(), s.clone())))
+            .collect()
     }
 }
 
@@ -82,6 +114,9 @@ pub async fn check(hub: &Hub) -> Result<bool> {
     for chunk in channels.chunks(RESTORE_CHUNK) {
         registry.restore(chunk).await?;
         metrics.loss_channels_repaired.inc_by(chunk.len() as u64);
+    }
+    for chunk in watch.owners_of(&channels).chunks(RESTORE_CHUNK) {
+        registry.restore_owners(chunk).await?;
     }
     if let Some(commands) = &watch.commands {
         for (channel, markets) in &channels {

@@ -497,6 +497,14 @@ impl Hub {
         });
     }
 
+    /// Remembers the owner of a channel streamed here, for a write-back
+    /// after a Redis data loss ([`epoch`]).
+    pub fn remember_owner(&self, channel: &str, subject: &str) {
+        self.inner
+            .epoch
+            .remember_owner(channel, subject, || self.live_channels());
+    }
+
     pub(crate) fn epoch_watch(&self) -> &epoch::Watch {
         &self.inner.epoch
     }

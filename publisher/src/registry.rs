@@ -303,6 +303,23 @@ impl Registry {
         Ok(())
     }
 
+    /// Writes channel owners back after a data loss (`SET NX`: an owner
+    /// another pod already wrote back is never replaced).
+    pub async fn restore_owners(&self, owners: &[(String, String)]) -> Result<()> {
+        let cmds = owners
+            .iter()
+            .map(|(channel, subject)| {
+                let mut c = redis::cmd("SET");
+                c.arg(self.keys.channel_owner(channel))
+                    .arg(subject)
+                    .arg("NX");
+                c
+            })
+            .collect();
+        let _: Vec<redis::Value> = self.run_all(cmds).await?;
+        Ok(())
+    }
+
     /// The subject owning a channel (`None`: nobody, an anonymous channel).
     pub async fn owner(&self, channel: &str) -> Result<Option<String>> {
         let mut c = self.conn.clone();

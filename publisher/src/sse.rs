@@ -119,7 +119,12 @@ pub async fn handle(
         Principal::anonymous()
     };
     match api::owns(&ctx, &principal, &channel).await {
-        Ok(true) => {}
+        Ok(true) => {
+            // Kept for a write-back after a Redis data loss.
+            if let Some(s) = &principal.subject {
+                ctx.hub.remember_owner(&channel, s);
+            }
+        }
         Ok(false) => {
             return Ok(api::error_response(
                 StatusCode::NOT_FOUND,

@@ -429,7 +429,12 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
     };
     // Another subject's channel is an unknown one (no existence oracle).
     match api::owns(&ctx, &principal, &channel).await {
-        Ok(true) => {}
+        Ok(true) => {
+            // Kept for a write-back after a Redis data loss.
+            if let Some(s) = &principal.subject {
+                ctx.hub.remember_owner(&channel, s);
+            }
+        }
         Ok(false) => {
             return close(&mut ws, &ctx, code::UNKNOWN_CHANNEL, "unknown channel").await;
         }
