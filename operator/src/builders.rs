@@ -158,11 +158,10 @@ pub fn config_data(sp: &StreamPipeline) -> BTreeMap<String, String> {
         set(names::DELIVERY_LOG_TOPIC, topic.clone());
     }
     set(names::REDIS_CLUSTER, sp.spec.redis.cluster.to_string());
-    // The CRD has no `spec.publisher.auth` yet: operator-run publishers
-    // keep serving anonymously (as before tokens) unless the pipeline sets
-    // STREAMPIPE_AUTH_MODE=token and a key through `spec.publisher.env`
-    // (a pod's own env wins over this ConfigMap). See docs/security.md.
-    set(names::AUTH_MODE, deploy::auth_mode::ANONYMOUS.into());
+    // `spec.publisher.auth` (anonymous when absent); keys never go here.
+    for (k, v) in crate::publisher_auth::config_entries(sp) {
+        set(k, v);
+    }
     set(
         names::ALLOWED_ORIGINS,
         sp.spec.publisher.allowed_origins.join(","),
@@ -234,6 +233,9 @@ pub fn config_hash(sp: &StreamPipeline) -> String {
     }
     if let Some(p) = &sp.spec.redis.password_secret {
         serde_json::to_string(p).unwrap_or_default().hash(&mut h);
+    }
+    if let Some(a) = &sp.spec.publisher.auth {
+        serde_json::to_string(a).unwrap_or_default().hash(&mut h);
     }
     format!("{:016x}", h.finish())
 }
@@ -400,7 +402,16 @@ fn deployment(sp: &StreamPipeline, role: Role) -> Value {
         Some(r) => serde_json::to_value(r).expect("resources serialise"),
         None => default_resources(role),
     };
-    let (volumes, mounts) = tls_volumes(sp);
+    let (mut volumes, mut mounts) = tls_volumes(sp);
+    if role == Role::Publisher {
+        let (v, m) = crate::publisher_auth::volumes(sp);
+        volumes.extend(v);
+        mounts.extend(m);
+        container["env"]
+            .as_array_mut()
+            .expect("env")
+            .extend(crate::publisher_auth::env(sp));
+    }
     if !mounts.is_empty() {
         container["volumeMounts"] = Value::Array(mounts);
     }

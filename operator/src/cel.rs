@@ -94,6 +94,18 @@ pub const RULES: &[Rule] = &[
         message: "spec.redis.tls.ca: give exactly one of secret and configMap",
         field: "spec.redis.tls.ca",
     },
+    Rule {
+        at: &["spec", "publisher", "auth"],
+        rule: "self.mode != 'token' || has(self.hs256Secret) || has(self.rs256PublicKey) || has(self.es256PublicKey)",
+        message: "spec.publisher.auth: mode token needs a key: hs256Secret, rs256PublicKey or es256PublicKey (or mode anonymous)",
+        field: "spec.publisher.auth",
+    },
+    Rule {
+        at: &["spec", "publisher", "auth"],
+        rule: "self.mode != 'anonymous' || !(has(self.hs256Secret) || has(self.rs256PublicKey) || has(self.es256PublicKey) || has(self.audience) || has(self.issuer))",
+        message: "spec.publisher.auth: mode anonymous takes no keys or claims",
+        field: "spec.publisher.auth",
+    },
 ];
 
 /// The CRD (as JSON) with [`RULES`] added to its schema.
@@ -419,6 +431,38 @@ mod tests {
                     let c = ca(&["configMap"]);
                     Box::new(move |s| s["redis"]["tls"] = json!({"ca": c.clone()}))
                 },
+                &[],
+            ),
+            (
+                "tokens without a key",
+                "odds",
+                Box::new(|s| {
+                    s["publisher"] = json!({"auth": {"mode": "token", "audience": "odds"}})
+                }),
+                &["spec.publisher.auth"],
+            ),
+            (
+                "tokens with an RS256 key",
+                "odds",
+                Box::new(|s| {
+                    s["publisher"] = json!({"auth": {"mode": "token",
+                        "rs256PublicKey": {"name": "jwt", "key": "rsa.pem"}}})
+                }),
+                &[],
+            ),
+            (
+                "anonymous with a key",
+                "odds",
+                Box::new(|s| {
+                    s["publisher"] = json!({"auth": {"mode": "anonymous",
+                        "hs256Secret": {"name": "jwt", "key": "hs"}}})
+                }),
+                &["spec.publisher.auth"],
+            ),
+            (
+                "explicitly anonymous",
+                "odds",
+                Box::new(|s| s["publisher"] = json!({"auth": {"mode": "anonymous"}})),
                 &[],
             ),
         ];

@@ -466,6 +466,48 @@ pub struct PublisherSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(ClusterIP|NodePort|LoadBalancer)$"))]
     pub service_type: Option<String>,
+    /// How browsers authenticate (docs/security.md). Absent: anonymous
+    /// (public odds, per-IP limits), as before tokens existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<PublisherAuthSpec>,
+}
+
+/// `spec.publisher.auth`: signed tokens (JWT) or explicit anonymous mode.
+/// Keys come only from Secrets: the HS256 secret as a `secretKeyRef`
+/// variable, public keys as read-only files.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Default, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PublisherAuthSpec {
+    /// `token` (every call and stream carries a signed token) or
+    /// `anonymous` (public odds).
+    #[schemars(regex(pattern = r"^(token|anonymous)$"))]
+    pub mode: String,
+    /// HS256 shared secret (≥ 32 bytes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hs256_secret: Option<SecretKeyRef>,
+    /// RS256 public key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rs256_public_key: Option<SecretKeyRef>,
+    /// ES256 public key (PEM).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub es256_public_key: Option<SecretKeyRef>,
+    /// Required `aud` claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub audience: Option<String>,
+    /// Required `iss` claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub issuer: Option<String>,
+}
+
+impl PublisherAuthSpec {
+    /// Whether any verification key is configured.
+    pub fn has_key(&self) -> bool {
+        self.hs256_secret.is_some()
+            || self.rs256_public_key.is_some()
+            || self.es256_public_key.is_some()
+    }
 }
 
 /// Observed state.

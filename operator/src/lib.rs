@@ -30,6 +30,7 @@ pub mod lag;
 pub mod metrics;
 pub mod ownership;
 pub mod plan;
+pub mod publisher_auth;
 pub mod quantity;
 pub mod replay;
 pub mod scaling;

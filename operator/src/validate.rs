@@ -324,6 +324,12 @@ pub fn validate(sp: &StreamPipeline) -> Vec<Invalid> {
         ],
         &sp.spec.publisher.role,
     );
+    if let Some(message) = crate::publisher_auth::problem(sp) {
+        out.push(Invalid {
+            field: "spec.publisher.auth",
+            message,
+        });
+    }
     out
 }
 
