@@ -26,6 +26,7 @@ pub mod commands;
 pub mod delivery_log;
 pub mod epoch;
 pub mod error;
+pub mod frames;
 pub mod hub;
 pub mod ingest;
 pub mod janitor;

@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
-use serde::Deserialize;
 use streampipe_contract::deploy::{WS_BEARER_PREFIX, WS_PROTOCOL};
 use streampipe_contract::{close as code, validate_channel_id, MAX_UPDATE_MESSAGE_BYTES};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
@@ -31,6 +30,7 @@ use warp::hyper::body::Bytes as HyperBytes;
 use crate::auth::{self, Principal};
 use crate::clients::Kind;
 use crate::error::Error;
+use crate::frames::{self, ClientFrame};
 use crate::metrics::GaugeGuard;
 use crate::outbox::{Item, Outbox};
 use crate::server::PeerAddr;
@@ -270,19 +270,6 @@ pub async fn handle(
     Ok(resp.body(HyperBytes::new().into()).expect("valid response"))
 }
 
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ClientFrame {
-    Begin {
-        #[serde(default)]
-        since: HashMap<String, u64>,
-    },
-    /// The token, as the first frame (when not in the subprotocol).
-    Auth { token: String },
-    /// A newer token of the same subject, before the current one expires.
-    Refresh { token: String },
-}
-
 /// What a connection was opened with.
 struct Opening {
     channel: String,
@@ -310,12 +297,10 @@ async fn authenticate(ws: &mut Ws, ctx: &Context, bearer: Option<String>) -> Opt
     let token = match bearer {
         Some(t) => t,
         None => match tokio::time::timeout(auth::AUTH_TIMEOUT, ws.next()).await {
-            Ok(Some(Ok(Message::Text(text)))) => {
-                match serde_json::from_str::<ClientFrame>(text.as_str()) {
-                    Ok(ClientFrame::Auth { token }) => token,
-                    _ => String::new(),
-                }
-            }
+            Ok(Some(Ok(Message::Text(text)))) => match frames::parse(text.as_str()) {
+                Ok(ClientFrame::Auth { token }) => token,
+                _ => String::new(),
+            },
             Ok(Some(Ok(Message::Close(_)))) | Ok(None) => return None,
             Ok(Some(Err(e))) => {
                 if let Some((c, reason, label)) = read_error_close(&e) {
@@ -495,14 +480,13 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
                 last_heard = Instant::now();
                 match frame {
                     Some(Ok(Message::Text(text))) => {
-                        match serde_json::from_str::<ClientFrame>(text.as_str()) {
+                        match frames::parse(text.as_str()) {
                             Ok(ClientFrame::Begin { since }) => {
                                 if last_begin.is_some_and(|t| t.elapsed() < BEGIN_MIN_INTERVAL) {
                                     m.rejected.with_label_values(&["begin_rate"]).inc();
                                     continue;
                                 }
                                 last_begin = Some(Instant::now());
-                                let since: HashMap<Arc<str>, u64> = since.into_iter().map(|(k, v)| (Arc::from(k), v)).collect();
                                 outbox.resume_from(&since);
                                 if pending_begin.is_some() {
                                     // Merged into the begin already waiting.

@@ -1,0 +1,122 @@
+//! The frames a browser sends on a WebSocket stream, parsed and checked in
+//! one place (pure; `ws.rs` only acts on the result). A frame is at most
+//! [`crate::ws::MAX_CLIENT_FRAME`] bytes before it gets here; what is inside
+//! is checked with the same rules as the stream URL's `since`: valid market
+//! ids, at most one entry per market a channel may hold, versions in range.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use streampipe_contract::{validate_market_id, MAX_VERSION};
+
+use crate::api::MAX_MARKETS_PER_CHANNEL;
+use crate::auth::MAX_TOKEN_BYTES;
+
+/// A checked client frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientFrame {
+    /// Replay the channel's state, skipping what `since` says the client has.
+    Begin {
+        /// Market → the version the client already has.
+        since: HashMap<Arc<str>, u64>,
+    },
+    /// The token, as the first frame (when not in the subprotocol).
+    Auth {
+        /// The JWT.
+        token: String,
+    },
+    /// A newer token of the same subject, before the current one expires.
+    Refresh {
+        /// The JWT.
+        token: String,
+    },
+}
+
+#[derive(Deserialize)]
+// Unknown fields are ignored: a newer client may add some.
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Raw {
+    Begin {
+        #[serde(default)]
+        since: HashMap<String, u64>,
+    },
+    Auth {
+        token: String,
+    },
+    Refresh {
+        token: String,
+    },
+}
+
+/// Parses and checks one text frame; the error says why (for the log and
+/// the close reason's metric, never echoed with the client's bytes).
+pub fn parse(text: &str) -> Result<ClientFrame, String> {
+    let raw: Raw = serde_json::from_str(text).map_err(|e| format!("not a client frame: {e}"))?;
+    match raw {
+        Raw::Begin { since } => {
+            if since.len() > MAX_MARKETS_PER_CHANNEL {
+                return Err(format!(
+                    "since has {} entries; at most {MAX_MARKETS_PER_CHANNEL}",
+                    since.len()
+                ));
+            }
+            let mut out = HashMap::with_capacity(since.len());
+            for (market, version) in since {
+                validate_market_id(&market).map_err(|e| format!("since: {e}"))?;
+                if version > MAX_VERSION {
+                    return Err(format!("since: version {version} above {MAX_VERSION}"));
+                }
+                out.insert(Arc::from(market), version);
+            }
+            Ok(ClientFrame::Begin { since: out })
+        }
+        Raw::Auth { token } => checked_token(token).map(|token| ClientFrame::Auth { token }),
+        Raw::Refresh { token } => checked_token(token).map(|token| ClientFrame::Refresh { token }),
+    }
+}
+
+fn checked_token(token: String) -> Result<String, String> {
+    if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
+        return Err(format!(
+            "token of {} bytes; 1 to {MAX_TOKEN_BYTES}",
+            token.len()
+        ));
+    }
+    Ok(token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_parse_and_bad_ones_say_why() {
+        assert_eq!(
+            parse(r#"{"type":"begin"}"#),
+            Ok(ClientFrame::Begin {
+                since: HashMap::new()
+            })
+        );
+        let b = parse(r#"{"type":"begin","since":{"m1":7}}"#).unwrap();
+        assert_eq!(
+            b,
+            ClientFrame::Begin {
+                since: [(Arc::from("m1"), 7)].into_iter().collect()
+            }
+        );
+        assert!(parse(r#"{"type":"begin","since":{"bad id":7}}"#)
+            .unwrap_err()
+            .contains("since"));
+        assert!(parse(r#"{"type":"begin","since":{"m1":9007199254740992}}"#).is_err());
+        assert!(parse(r#"{"type":"auth","token":""}"#).is_err());
+        assert!(parse(r#"{"type":"unknown"}"#).is_err());
+        assert!(parse(r#"{"type":"begin","extra":1}"#).is_ok());
+        assert_eq!(
+            parse(r#"{"type":"refresh","token":"a.b.c"}"#),
+            Ok(ClientFrame::Refresh {
+                token: "a.b.c".into()
+            })
+        );
+    }
+}
