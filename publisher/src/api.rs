@@ -13,6 +13,7 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use crate::auth::Principal;
+use crate::channels::{client_key, close, owns};
 use crate::clients::Kind;
 use crate::error::Error;
 pub use crate::limits::{
@@ -46,14 +47,6 @@ pub fn client_ip(ctx: &Context, headers: &warp::http::HeaderMap, peer: Option<Pe
     }
     peer.map(|p| p.0.ip().to_string())
         .unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// The limiter key of a principal coming from `ip`.
-pub fn client_key(principal: &Principal, ip: &str) -> String {
-    match &principal.subject {
-        Some(s) => format!("sub:{s}"),
-        None => format!("ip:{ip}"),
-    }
 }
 
 /// Extracts the [`Caller`] of a REST request (`Authorization: Bearer` in
@@ -185,21 +178,6 @@ fn unknown_channel() -> Error {
     Error::invalid(StatusCode::NOT_FOUND, "unknown_channel", "unknown channel")
 }
 
-/// Whether `principal` may use `channel`: its owner is the token's subject
-/// (anonymous channels have none, and only anonymous callers see them).
-/// Another subject's channel is "unknown": no existence oracle.
-pub async fn owns(ctx: &Context, principal: &Principal, channel: &str) -> Result<bool, Error> {
-    let owner = ctx.registry.owner(channel).await?;
-    let ok = owner == principal.subject;
-    if !ok {
-        ctx.metrics
-            .rejected
-            .with_label_values(&["channel_not_owned"])
-            .inc();
-    }
-    Ok(ok)
-}
-
 /// The markets of a known channel the caller owns; 404 `unknown_channel` otherwise.
 async fn channel_markets(ctx: &Context, caller: &Caller, id: &str) -> Result<Vec<String>, Error> {
     if !owns(ctx, &caller.principal, id).await? {
@@ -261,18 +239,6 @@ fn shed(ctx: &Context) -> Result<(), Error> {
 
 fn check_market(id: &str) -> Result<(), Error> {
     validate_market_id(id).map_err(|e| bad("invalid_market", e.to_string()))
-}
-
-/// Closes a channel: unsubscribes `markets` first (if that fails the channel
-/// still exists and the close can be retried), then deletes the registry and
-/// tells every pod's streams. Shared by `DELETE /v1/channels/<id>` and the janitor.
-pub(crate) async fn close(ctx: &Context, id: &str, markets: &[String]) -> Result<(), Error> {
-    if !markets.is_empty() {
-        ctx.commands
-            .send(CommandKind::Unsubscribe, id, markets, &ctx.metrics)
-            .await?;
-    }
-    ctx.registry.delete(id).await
 }
 
 fn take_tokens(ctx: &Context, n: usize) -> Result<(), Error> {

@@ -64,7 +64,7 @@ pub async fn round(
     let mut expired = 0;
     for channel in idle.into_iter().filter(|c| !live.contains(c)) {
         let markets = ctx.registry.all_markets(&channel).await?;
-        crate::api::close(ctx, &channel, &markets).await?;
+        crate::channels::close(ctx, &channel, &markets).await?;
         ctx.metrics.channels_expired.inc();
         expired += 1;
     }

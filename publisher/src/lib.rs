@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod channels;
 pub mod cli;
 pub mod clients;
 pub mod commands;

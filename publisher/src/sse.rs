@@ -118,7 +118,7 @@ pub async fn handle(
     } else {
         Principal::anonymous()
     };
-    match api::owns(&ctx, &principal, &channel).await {
+    match crate::channels::owns(&ctx, &principal, &channel).await {
         Ok(true) => {
             // Kept for a write-back after a Redis data loss.
             if let Some(s) = &principal.subject {
@@ -134,7 +134,7 @@ pub async fn handle(
         }
         Err(e) => return Ok(api::error_from(&e)),
     }
-    let client = api::client_key(&principal, &api::client_ip(&ctx, &headers, peer));
+    let client = crate::channels::client_key(&principal, &api::client_ip(&ctx, &headers, peer));
     let Some(slot) = ctx.clients.open_stream(&client) else {
         m.rejected.with_label_values(&["limit_streams"]).inc();
         return Ok(api::error_from(&crate::Error::limited(

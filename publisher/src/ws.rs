@@ -413,7 +413,7 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
         return;
     };
     // Another subject's channel is an unknown one (no existence oracle).
-    match api::owns(&ctx, &principal, &channel).await {
+    match crate::channels::owns(&ctx, &principal, &channel).await {
         Ok(true) => {
             // Kept for a write-back after a Redis data loss.
             if let Some(s) = &principal.subject {
@@ -428,7 +428,7 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
             return close(&mut ws, &ctx, code::UNAVAILABLE, "unavailable").await;
         }
     }
-    let client = api::client_key(&principal, &ip);
+    let client = crate::channels::client_key(&principal, &ip);
     let Some(_slot) = ctx.clients.open_stream(&client) else {
         m.rejected.with_label_values(&["limit_streams"]).inc();
         return close(&mut ws, &ctx, code::TOO_MANY_STREAMS, "too many streams").await;
