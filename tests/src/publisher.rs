@@ -39,8 +39,8 @@ impl InProcess {
 
     /// Like [`InProcess::start`], on another Redis.
     pub async fn start_with_redis(p: &Pipeline, redis: &str) -> Self {
-        let mut config = Config::new(&p.broker.bootstrap(), &p.name, redis);
-        config.command_topic = p.config.command_topic.clone();
+        let mut config = config_for(p);
+        config.redis_url = redis.to_owned();
         Self::start_with_config(config).await
     }
 
@@ -364,7 +364,16 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 
 /// A pipeline on the dev broker with an in-process reducer and publisher.
 pub async fn setup(partitions: i32) -> (Arc<Pipeline>, ReducerHandle, InProcess) {
-    let (p, reducer) = tokio::task::spawn_blocking(move || {
+    let (p, reducer) = with_reducer(partitions).await;
+    let publisher = InProcess::start(&p).await;
+    (p, reducer, publisher)
+}
+
+/// A pipeline on the dev broker with an in-process reducer (start the
+/// publisher with [`config_for`] and [`InProcess::start_with_config`] when
+/// it needs other settings).
+pub async fn with_reducer(partitions: i32) -> (Arc<Pipeline>, ReducerHandle) {
+    blocking(move || {
         let p = Pipeline::new(Broker::Dev, partitions);
         let r = streampipe_reducer::spawn(
             p.config.clone(),
@@ -374,9 +383,14 @@ pub async fn setup(partitions: i32) -> (Arc<Pipeline>, ReducerHandle, InProcess)
         (Arc::new(p), r)
     })
     .await
-    .unwrap();
-    let publisher = InProcess::start(&p).await;
-    (p, reducer, publisher)
+}
+
+/// The default publisher configuration for `p` (its broker, pipeline,
+/// command topic and the test Redis).
+pub fn config_for(p: &Pipeline) -> Config {
+    let mut config = Config::new(&p.broker.bootstrap(), &p.name, &redis_url());
+    config.command_topic = p.config.command_topic.clone();
+    config
 }
 
 /// Reads updates until `pred` holds on everything read so far.

@@ -116,28 +116,13 @@ async fn closing_a_channel_clears_what_only_the_reducers_still_have() {
 /// whose sides agree is left alone; each repair is counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_reconciler_repairs_what_registry_and_reducers_disagree_on() {
-    use std::sync::Arc;
     use std::time::Duration;
     use streampipe_contract::message::CommandKind;
-    use streampipe_tests::publisher::{blocking, InProcess};
-    use streampipe_tests::{wait_for, Broker, Pipeline};
+    use streampipe_tests::publisher::{blocking, config_for, with_reducer, InProcess};
+    use streampipe_tests::wait_for;
 
-    let (p, _reducer) = blocking(|| {
-        let p = Pipeline::new(Broker::Dev, 2);
-        let r = streampipe_reducer::spawn(
-            p.config.clone(),
-            Arc::new(streampipe_reducer::Metrics::new()),
-        )
-        .unwrap();
-        (Arc::new(p), r)
-    })
-    .await;
-    let mut config = streampipe_publisher::Config::new(
-        &p.broker.bootstrap(),
-        &p.name,
-        &streampipe_tests::redis_url(),
-    );
-    config.command_topic = p.config.command_topic.clone();
+    let (p, _reducer) = with_reducer(2).await;
+    let mut config = config_for(&p);
     config.janitor_interval = Duration::from_millis(300);
     let publ = InProcess::start_with_config(config).await;
     let m = publ.ctx.metrics.clone();

@@ -4,32 +4,20 @@
 //! publisher without a log topic records nothing.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use streampipe_contract::decode_delivery;
-use streampipe_publisher::Config;
 use streampipe_tests::publisher::{
-    blocking, create_channel, has, open_stream, read_updates, InProcess,
+    blocking, config_for, create_channel, has, open_stream, read_updates, with_reducer, InProcess,
 };
-use streampipe_tests::{redis_url, unique, Broker, Pipeline};
+use streampipe_tests::unique;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_delivered_update_is_logged_with_its_fan_out() {
-    let (p, _reducer) = blocking(|| {
-        let p = Pipeline::new(Broker::Dev, 4);
-        let r = streampipe_reducer::spawn(
-            p.config.clone(),
-            Arc::new(streampipe_reducer::Metrics::new()),
-        )
-        .unwrap();
-        (Arc::new(p), r)
-    })
-    .await;
+    let (p, _reducer) = with_reducer(4).await;
     let log_topic = unique("delivery-log");
     p.broker.create_topics(&[(&log_topic, 2)]);
-    let mut config = Config::new(&p.broker.bootstrap(), &p.name, &redis_url());
-    config.command_topic = p.config.command_topic.clone();
+    let mut config = config_for(&p);
     config.delivery_log_topic = Some(log_topic.clone());
     let publ = InProcess::start_with_config(config).await;
     // A second publisher without a log: it must record nothing.

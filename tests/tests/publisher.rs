@@ -4,7 +4,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use streampipe_reducer::{spawn, Metrics};
 use streampipe_tests::publisher::{
     assert_increasing, blocking, create_channel, has, http, read_updates, setup, ws_close_code,
     ws_connect, ws_next, ws_send, Frame, InProcess,
@@ -380,22 +379,11 @@ async fn redis_loss_resubscribes_and_sends_reset() {
 /// a channel with an open stream is kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abandoned_channels_expire() {
-    let (p, reducer) = tokio::task::spawn_blocking(|| {
-        let p = Pipeline::new(Broker::Dev, 2);
-        let r = spawn(p.config.clone(), Arc::new(Metrics::new())).unwrap();
-        (Arc::new(p), r)
-    })
-    .await
-    .unwrap();
+    let (p, reducer) = streampipe_tests::publisher::with_reducer(2).await;
     // A short TTL from the start: a first publisher with the default config
     // would take the janitor lock for its 60 s period (the race that once
     // failed CI).
-    let mut config = streampipe_publisher::Config::new(
-        &p.broker.bootstrap(),
-        &p.name,
-        &streampipe_tests::redis_url(),
-    );
-    config.command_topic = p.config.command_topic.clone();
+    let mut config = streampipe_tests::publisher::config_for(&p);
     config.channel_idle_ttl = Duration::from_secs(2);
     config.janitor_interval = Duration::from_millis(500);
     let publ = InProcess::start_with_config(config).await;
