@@ -68,8 +68,9 @@ pub struct Args {
     /// Most open connections on the public address; beyond it new ones get 503.
     #[arg(long, env = env::MAX_CONNECTIONS, default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS)]
     pub max_connections: usize,
-    /// Kernel send buffer per client socket in bytes; 0 leaves it to the kernel's
-    /// autotuning (up to megabytes per socket, which no conflation can reach).
+    /// Kernel send buffer per client socket in bytes; 0 (default) leaves it to the
+    /// kernel's autotuning; e.g. 65536 bounds what stalled clients pin in the kernel
+    /// (at a throughput cost, see docs/benchmarks.md).
     #[arg(long, env = env::SOCKET_SEND_BUFFER_BYTES, default_value_t = crate::server::DEFAULT_SOCKET_SEND_BUFFER)]
     pub socket_send_buffer_bytes: usize,
     /// Cross-origin pages allowed to use the API and streams (comma-separated exact

@@ -467,7 +467,7 @@ pub const LISTEN_BACKLOG: u32 = 4096;
 /// ACKs turn that into tens of milliseconds of latency per update. The hub
 /// and the write buffer already coalesce what can be coalesced. So is a
 /// `send_buffer` above 0 (`SO_SNDBUF`, see
-/// [`server::DEFAULT_SOCKET_SEND_BUFFER`]).
+/// [`server::SMALL_SOCKET_SEND_BUFFER`]).
 fn listen(addr: SocketAddr, send_buffer: usize) -> Result<tokio::net::TcpListener> {
     let socket = match addr {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
@@ -542,7 +542,7 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_sockets_inherit_the_small_send_buffer() {
-        let set = server::DEFAULT_SOCKET_SEND_BUFFER;
+        let set = server::SMALL_SOCKET_SEND_BUFFER;
         let got = accepted_send_buffer(set).await as usize;
         // Linux reports twice the value set (its bookkeeping share).
         assert!(

@@ -77,17 +77,19 @@ pub const MAX_HEAD_BUFFER: usize = 16 * 1024;
 /// limit.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 20_000;
 
-/// Default kernel send buffer per client socket (`SO_SNDBUF`; Linux
-/// doubles it for its bookkeeping). Left to autotuning, the kernel lets a
-/// socket whose reader stalls hold up to `tcp_wmem`'s maximum (4 MiB on
-/// Debian) of already-framed updates that no conflation can touch — per
-/// socket, so 10 000 stalled clients could pin 40 GB of kernel memory.
-/// Kept small, the backlog waits in the connection's outbox, which
-/// conflates it (latest version per market). It cannot bound what the
-/// client's own receive buffer holds (docs/benchmarks.md). 64 KiB still
-/// carries ~300 KiB/s to a browser 200 ms away, far above an odds stream's
-/// rate; a `begin` replay of a large channel takes a few round trips more.
-pub const DEFAULT_SOCKET_SEND_BUFFER: usize = 64 * 1024;
+/// A small kernel send buffer per client socket (`SO_SNDBUF`; Linux
+/// doubles it), for `--socket-send-buffer-bytes`: left to autotuning, a
+/// socket whose reader stalls may hold up to `tcp_wmem`'s maximum (4 MiB
+/// on Debian) of framed updates no conflation can touch, so a pod with
+/// many stalled clients can pin gigabytes of kernel memory; this size keeps
+/// that backlog in the conflating outbox instead.
+pub const SMALL_SOCKET_SEND_BUFFER: usize = 64 * 1024;
+
+/// Default: 0, the kernel's autotuning. Measured (docs/benchmarks.md), the
+/// small buffer above bought no latency on the hot market and cost 40% of
+/// the delivered rate in the many-market ramp (more write-readiness round
+/// trips per socket), so it is an opt-in memory bound, not the default.
+pub const DEFAULT_SOCKET_SEND_BUFFER: usize = 0;
 
 /// Over-cap connections being answered `503` at once, at most; beyond this
 /// they are closed without an answer (a flood must not turn the refusals
