@@ -146,7 +146,15 @@ pub fn with_cors(allow: Option<String>, reply: warp::reply::Response) -> warp::r
     if let Some(v) = allow.and_then(|o| HeaderValue::from_str(&o).ok()) {
         let h = reply.headers_mut();
         h.insert("access-control-allow-origin", v);
-        h.insert("vary", HeaderValue::from_static("origin"));
+        // A reply that already varies on Origin (cacheable snapshots) keeps
+        // its own list, which may name more headers.
+        let varies = h
+            .get("vary")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("origin"));
+        if !varies {
+            h.insert("vary", HeaderValue::from_static("origin"));
+        }
     }
     reply
 }
