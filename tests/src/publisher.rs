@@ -203,11 +203,12 @@ pub async fn http_full(
         .map(|a| ("Authorization", a))
         .into_iter()
         .collect();
-    http_with_headers(addr, method, path, body, &headers).await
+    let (status, head, body) = http_with_headers(addr, method, path, body, &headers).await;
+    (status, head.to_ascii_lowercase(), body)
 }
 
 /// One HTTP/1.1 request with these extra headers (e.g. `If-None-Match`);
-/// returns status, lower-cased head and body.
+/// returns status, head (as sent) and body.
 pub async fn http_with_headers(
     addr: SocketAddr,
     method: &str,
@@ -246,7 +247,7 @@ pub async fn http_with_headers(
     } else {
         rest.to_owned()
     };
-    (status, head.to_ascii_lowercase(), body)
+    (status, head.to_owned(), body)
 }
 
 fn dechunk(mut s: &str) -> String {
