@@ -211,4 +211,22 @@ mod tests {
             Decision::Cross("http://localhost:3000".into())
         );
     }
+
+    #[test]
+    fn cors_keeps_a_reply_s_own_vary_list() {
+        let plain = with_cors(
+            Some("https://a.example".into()),
+            StatusCode::OK.into_response(),
+        );
+        assert_eq!(plain.headers()["vary"], "origin");
+        let mut r = StatusCode::OK.into_response();
+        r.headers_mut()
+            .insert("vary", HeaderValue::from_static("origin, authorization"));
+        let r = with_cors(Some("https://a.example".into()), r);
+        assert_eq!(r.headers()["vary"], "origin, authorization");
+        assert_eq!(
+            r.headers()["access-control-allow-origin"],
+            "https://a.example"
+        );
+    }
 }

@@ -53,6 +53,7 @@ pid {d}/nginx.pid;
 events {{ worker_connections 4096; }}
 http {{
     access_log {d}/logs/access.log;
+    keepalive_requests 1000000;
     client_body_temp_path {d}/client_body;
     proxy_temp_path {d}/proxy_temp;
     fastcgi_temp_path {d}/fastcgi_temp;
