@@ -43,6 +43,8 @@ pub mod reconcile;
 pub mod registry;
 pub mod resp;
 pub mod server;
+pub mod snapshot;
+pub mod snapshot_core;
 pub mod sse;
 pub mod subscriber;
 pub mod table;
@@ -109,6 +111,8 @@ pub struct Config {
     pub reducer_group: String,
     /// Command lag beyond which command paths answer 429.
     pub max_command_lag: i64,
+    /// How snapshots may be cached (see [`snapshot`]).
+    pub snapshot: snapshot_core::CachePolicy,
 }
 
 /// Default channel TTL: a tab left closed for a day does not come back to
@@ -143,6 +147,7 @@ impl Config {
             client_limits: clients::ClientLimits::default(),
             reducer_group: deploy::default_group(pipeline),
             max_command_lag: lag::MAX_COMMAND_LAG,
+            snapshot: snapshot_core::CachePolicy::default(),
         }
     }
 }
