@@ -58,9 +58,12 @@ use crate::kafka::{self, partitions_of};
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::offsets::{Ledger, TopicPartition};
-use commands::{Acks, CommandConsumer, CommandContext, LagGauges, COMMAND_BURST, COMMAND_POLL_SLICE};
 use crate::store::{RedisStore, REDIS_TIMEOUT};
 use crate::writer::{Done, Job, Writer, RETRY_BACKOFF_MAX, RETRY_BACKOFF_MIN, SHUTDOWN_RETRIES};
+use commands::{
+    Acks, CommandConsumer, CommandContext, LagGauges, COMMAND_BURST, COMMAND_EMPTY_POLLS,
+    COMMAND_POLL_SLICE,
+};
 
 /// How long `poll` blocks when no batch is pending: how quickly an idle
 /// reducer notices shutdown.
@@ -239,6 +242,9 @@ impl ConsumerContext for ReducerContext {
     /// keep flowing through the rebalance.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut inner = lock(&self.inner);
+        // librdkafka pauses every assigned partition until this callback
+        // returns: keep it short, and say how long it took.
+        let started = Instant::now();
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 self.metrics.rebalances.with_label_values(&["revoke"]).inc();
@@ -266,6 +272,7 @@ impl ConsumerContext for ReducerContext {
                 // next rebalance round) reads on from here.
                 inner.mirror_revoked(&revoked);
                 inner.update_gauges();
+                info!(partitions = ?revoked, elapsed = ?started.elapsed(), "revoke handled");
             }
             Rebalance::Assign(tpl) => {
                 self.metrics.rebalances.with_label_values(&["assign"]).inc();
@@ -290,6 +297,7 @@ impl ConsumerContext for ReducerContext {
                 // partition's subscriptions were loaded would be overwritten.
                 inner.mirror_assigned(&parts);
                 inner.update_gauges();
+                info!(partitions = ?parts, elapsed = ?started.elapsed(), "assign handled");
             }
             Rebalance::Error(e) => {
                 self.metrics.kafka_errors.inc();
@@ -797,10 +805,14 @@ impl Runner {
                 }
                 None => {}
             }
-            // The command consumer's turn: what it has, without waiting.
+            // The command consumer's turn: what it has, without waiting. A
+            // poll that served another event (statistics, a log line) also
+            // returns nothing, so only a few empty polls in a row end it.
+            let mut empty = 0;
             for _ in 0..COMMAND_BURST {
                 match self.commands.poll(Duration::ZERO) {
                     Some(Ok(msg)) => {
+                        empty = 0;
                         inner.ingest(&msg);
                         if inner.batch_full() {
                             inner.submit(&self.consumer)?;
@@ -811,7 +823,12 @@ impl Runner {
                         warn!(error = %e, "consume error (commands)");
                         break;
                     }
-                    None => break,
+                    None => {
+                        empty += 1;
+                        if empty >= COMMAND_EMPTY_POLLS {
+                            break;
+                        }
+                    }
                 }
             }
             if inner.batch_deadline() == Some(Duration::ZERO) {

@@ -7,16 +7,23 @@
 //! assignor the reducer used before and with the cooperative one, on both
 //! brokers, and prints the figures of docs/benchmarks.md.
 
+use std::time::Duration;
+
 use streampipe_tests::rebalance::{run, ScenarioReport, Strategy};
 use streampipe_tests::Broker;
 
-/// Longest silence a partition that kept its owner may see during a
-/// rebalance: a few hundred ms of the owner's own rebalance callback (drain,
-/// commit, load of the moved partitions). The eager protocol silences every
-/// partition for the whole rebalance: at least the mock broker's
-/// session timeout − 1 s (2 s here) per round there, and on tansu
-/// the join and sync of every member.
-const KEPT_MAX_GAP_MS: u64 = 1000;
+/// The reducers' session timeout in the test: the dev broker's coordinator
+/// waits session timeout − 1 s per rebalance round, so with an eager
+/// assignor every partition is silent at least 5 s per round there.
+const SESSION_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Longest silence a partition that stayed with its owner may see during a
+/// rebalance. librdkafka pauses every assigned partition while a rebalance
+/// callback is pending, even with the cooperative protocol; the callback
+/// takes milliseconds, but fetching resumed up to ~1 s later in the
+/// measurements (docs/benchmarks.md). With an eager assignor every
+/// partition is silent for the whole rebalance.
+const STAYED_MAX_GAP_MS: u64 = 2000;
 
 fn check(broker: Broker, r: &ScenarioReport) {
     for e in [&r.scale_up, &r.restart] {
@@ -27,31 +34,41 @@ fn check(broker: Broker, r: &ScenarioReport) {
     }
     for e in [&r.scale_up, &r.restart] {
         assert!(
-            e.kept().len() >= 3,
-            "{}: most partitions keep their owner ({} of 8 did)",
+            e.stayed().len() >= 3,
+            "{}: most partitions stay with their owner ({} of 8 did)",
             e.event,
-            e.kept().len()
+            e.stayed().len()
         );
         assert!(
-            e.kept_max_gap_ms() < KEPT_MAX_GAP_MS,
-            "{}: a partition that kept its owner was silent for {} ms",
+            e.stayed_max_gap_ms() < STAYED_MAX_GAP_MS,
+            "{}: a partition that stayed with its owner was silent for {} ms",
             e.event,
-            e.kept_max_gap_ms()
+            e.stayed_max_gap_ms()
+        );
+        assert_eq!(
+            e.kept().len(),
+            e.stayed().len(),
+            "{}: a partition that stayed was unowned for a while",
+            e.event
         );
     }
 }
 
 #[test]
 fn only_moved_partitions_pause_dev() {
-    let r = run(Broker::Dev, Strategy::Cooperative);
+    let r = run(Broker::Dev, Strategy::Cooperative, SESSION_TIMEOUT);
     check(Broker::Dev, &r);
 }
 
 #[test]
 fn only_moved_partitions_pause_tansu() {
-    let r = run(Broker::Tansu, Strategy::Cooperative);
+    let r = run(Broker::Tansu, Strategy::Cooperative, SESSION_TIMEOUT);
     check(Broker::Tansu, &r);
 }
+
+/// The benchmark's session timeout: the reducer's default, as in the
+/// issue's measurement (the dev broker's rebalance rounds take 9 s each).
+const BENCH_SESSION_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Prints eager vs cooperative, per broker, in one run (a shared, noisy
 /// machine: only same-run figures compare).
@@ -59,9 +76,14 @@ fn only_moved_partitions_pause_tansu() {
 #[ignore = "benchmark: cargo test -p streampipe-tests --test reducer_rebalance -- --ignored --nocapture"]
 fn bench_rebalance_pause() {
     let mut lines = Vec::new();
+    // STREAMPIPE_BENCH_BROKERS="dev" (or "tansu") limits the run.
+    let only = std::env::var("STREAMPIPE_BENCH_BROKERS").unwrap_or_default();
     for broker in [Broker::Dev, Broker::Tansu] {
+        if !only.is_empty() && !only.contains(broker.name()) {
+            continue;
+        }
         for strategy in [Strategy::Eager, Strategy::Cooperative] {
-            let r = run(broker, strategy);
+            let r = run(broker, strategy, BENCH_SESSION_TIMEOUT);
             for e in [&r.scale_up, &r.restart] {
                 let line = format!(
                     "| {} | {} | {} | {} | {} | {} / {} | {} | {} |",
@@ -69,9 +91,9 @@ fn bench_rebalance_pause() {
                     strategy.name(),
                     e.event,
                     e.settled_ms,
-                    e.kept().len(),
-                    e.kept_max_gap_ms(),
-                    e.kept_p99_ms(),
+                    e.stayed().len(),
+                    e.stayed_max_gap_ms(),
+                    e.stayed_p99_ms(),
                     e.calm_p99_ms,
                     e.moved_max_gap_ms(),
                 );
@@ -80,7 +102,7 @@ fn bench_rebalance_pause() {
             }
         }
     }
-    eprintln!("| broker | assignor | event | settled ms | partitions kept | kept: longest silence ms / p99 ms | calm p99 ms | moved: longest silence ms |");
+    eprintln!("| broker | assignor | event | settled ms | partitions stayed | stayed: longest silence ms / p99 ms | calm p99 ms | moved: longest silence ms |");
     eprintln!("|---|---|---|---|---|---|---|---|");
     for l in lines {
         eprintln!("{l}");

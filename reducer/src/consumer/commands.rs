@@ -32,6 +32,12 @@ pub(super) const COMMAND_POLL_SLICE: Duration = Duration::from_millis(5);
 /// a burst are taken in one turn, yet data records keep their turn.
 pub(super) const COMMAND_BURST: usize = 500;
 
+/// Empty polls in a row that end the command consumer's turn: a poll that
+/// served an event other than a record (statistics, a queued log line)
+/// returns nothing too, so one empty poll does not mean an empty queue; a
+/// few cost microseconds.
+pub(super) const COMMAND_EMPTY_POLLS: usize = 4;
+
 /// Command offsets the broker acknowledged (highest per partition), written
 /// by the data consumer's commit callback and read by the poll loop. Its
 /// own lock, never held across a Kafka call, so a commit callback served
