@@ -421,6 +421,11 @@ impl Pipeline {
 
     /// The group's committed offsets for the data topic, by partition.
     pub fn committed_data_offsets(&self) -> HashMap<i32, i64> {
+        self.committed_offsets(&self.config.data_topic)
+    }
+
+    /// The group's committed offsets for `topic`, by partition.
+    pub fn committed_offsets(&self, topic: &str) -> HashMap<i32, i64> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.broker.bootstrap())
             .set("group.id", &self.config.group)
@@ -428,7 +433,7 @@ impl Pipeline {
             .unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
-            tpl.add_partition(&self.config.data_topic, p);
+            tpl.add_partition(topic, p);
         }
         let got = c
             .committed_offsets(tpl, Duration::from_secs(10))

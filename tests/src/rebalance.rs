@@ -477,6 +477,26 @@ pub fn run(broker: Broker, strategy: Strategy, session_timeout: Duration) -> Sce
     );
     // Every reducer holds only what it owns: the subscriptions in memory
     // add up to exactly the stored ones.
+    // The group holds the command topic's offsets too (committed through
+    // the group member), up to the last command: the operator's and the
+    // publisher's lag readers see no command lag.
+    let mut ends: BTreeMap<i32, i64> = BTreeMap::new();
+    for r in p.deliveries.all() {
+        if r.topic == p.config.command_topic {
+            let e = ends.entry(r.partition).or_insert(0);
+            *e = (*e).max(r.offset + 1);
+        }
+    }
+    wait_for(
+        Duration::from_secs(30),
+        "command offsets committed in the group up to the last command",
+        || {
+            let got = p.committed_offsets(&p.config.command_topic);
+            ends.iter()
+                .all(|(part, end)| got.get(part) == Some(end))
+                .then_some(())
+        },
+    );
     wait_for(
         Duration::from_secs(10),
         "subscriptions held in memory",
