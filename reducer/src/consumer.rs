@@ -60,10 +60,7 @@ use crate::mirror::Mirror;
 use crate::offsets::{Ledger, TopicPartition};
 use crate::store::{RedisStore, REDIS_TIMEOUT};
 use crate::writer::{Done, Job, Writer, RETRY_BACKOFF_MAX, RETRY_BACKOFF_MIN, SHUTDOWN_RETRIES};
-use commands::{
-    Acks, CommandConsumer, CommandContext, LagGauges, COMMAND_BURST, COMMAND_EMPTY_POLLS,
-    COMMAND_POLL_SLICE,
-};
+use commands::{Acks, CommandConsumer, CommandContext, LagGauges, COMMAND_POLL_SLICE};
 
 /// How long `poll` blocks when no batch is pending: how quickly an idle
 /// reducer notices shutdown.
@@ -805,32 +802,7 @@ impl Runner {
                 }
                 None => {}
             }
-            // The command consumer's turn: what it has, without waiting. A
-            // poll that served another event (statistics, a log line) also
-            // returns nothing, so only a few empty polls in a row end it.
-            let mut empty = 0;
-            for _ in 0..COMMAND_BURST {
-                match self.commands.poll(Duration::ZERO) {
-                    Some(Ok(msg)) => {
-                        empty = 0;
-                        inner.ingest(&msg);
-                        if inner.batch_full() {
-                            inner.submit(&self.consumer)?;
-                        }
-                    }
-                    Some(Err(e)) => {
-                        inner.metrics.kafka_errors.inc();
-                        warn!(error = %e, "consume error (commands)");
-                        break;
-                    }
-                    None => {
-                        empty += 1;
-                        if empty >= COMMAND_EMPTY_POLLS {
-                            break;
-                        }
-                    }
-                }
-            }
+            inner.commands_turn(&self.commands, &self.consumer)?;
             if inner.batch_deadline() == Some(Duration::ZERO) {
                 inner.submit(&self.consumer)?;
             }

@@ -15,6 +15,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
 use super::{Inner, ReducerContext};
+use crate::error::Result;
 use crate::metrics::Metrics;
 
 /// How often stored command offsets are committed when they changed: the
@@ -115,6 +116,41 @@ impl ConsumerContext for CommandContext {}
 pub(super) type CommandConsumer = BaseConsumer<CommandContext>;
 
 impl Inner {
+    /// The command consumer's turn in the poll loop: takes what it has,
+    /// without waiting, into the batch. A poll that served another event
+    /// (statistics, a log line) also returns nothing, so only
+    /// [`COMMAND_EMPTY_POLLS`] empty polls in a row end the turn.
+    pub(super) fn commands_turn(
+        &mut self,
+        commands: &CommandConsumer,
+        consumer: &BaseConsumer<ReducerContext>,
+    ) -> Result<()> {
+        let mut empty = 0;
+        for _ in 0..COMMAND_BURST {
+            match commands.poll(Duration::ZERO) {
+                Some(Ok(msg)) => {
+                    empty = 0;
+                    self.ingest(&msg);
+                    if self.batch_full() {
+                        self.submit(consumer)?;
+                    }
+                }
+                Some(Err(e)) => {
+                    self.metrics.kafka_errors.inc();
+                    warn!(error = %e, "consume error (commands)");
+                    break;
+                }
+                None => {
+                    empty += 1;
+                    if empty >= COMMAND_EMPTY_POLLS {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Data partitions were assigned (their subscriptions are loaded):
     /// starts reading their command partitions from the group's committed
     /// offsets.
