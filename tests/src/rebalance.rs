@@ -24,6 +24,10 @@ const MARKETS_PER_PARTITION: usize = 2;
 /// market, so a healthy partition is never silent for long.
 const ROUND_EVERY: Duration = Duration::from_millis(20);
 
+/// The same on tansu, whose SQLite storage takes a few hundred records a
+/// second on this machine: 10 updates/s per market.
+const ROUND_EVERY_TANSU: Duration = Duration::from_millis(100);
+
 /// How often the owners of every partition are sampled during an event.
 const SAMPLE_EVERY: Duration = Duration::from_millis(20);
 
@@ -377,6 +381,10 @@ pub fn run(broker: Broker, strategy: Strategy, session_timeout: Duration) -> Sce
 
     let stop = Arc::new(AtomicBool::new(false));
     let last = Arc::new(AtomicU64::new(0));
+    let round_every = match broker {
+        Broker::Dev => ROUND_EVERY,
+        Broker::Tansu => ROUND_EVERY_TANSU,
+    };
     let producer = std::thread::spawn({
         let (p, stop, last, markets) = (p.clone(), stop.clone(), last.clone(), markets.clone());
         move || {
@@ -387,7 +395,7 @@ pub fn run(broker: Broker, strategy: Strategy, session_timeout: Duration) -> Sce
                     p.update(m, v, &format!(r#"{{"v":{v}}}"#));
                 }
                 last.store(v, Ordering::SeqCst);
-                std::thread::sleep(ROUND_EVERY);
+                std::thread::sleep(round_every);
             }
             p.flush();
         }
@@ -402,9 +410,9 @@ pub fn run(broker: Broker, strategy: Strategy, session_timeout: Duration) -> Sce
         std::thread::spawn(move || {
             for m in &markets {
                 p.command(kind, channel, m);
-                p.flush();
                 std::thread::sleep(Duration::from_millis(150));
             }
+            p.flush();
         })
     };
 
