@@ -39,10 +39,19 @@ ensure_packages() {
 # engine: libsql gives the SQLite engine the stack uses.
 ensure_tansu() {
     if [ -x "$TANSU_BIN" ]; then return; fi
-    log "building tansu $TANSU_VERSION (once per machine; cached in $STREAMPIPE_CACHE)"
-    CARGO_TARGET_DIR=$STREAMPIPE_CACHE/tansu-build cargo install tansu --version "$TANSU_VERSION" \
-        --locked --features dynostore,libsql --root "$STREAMPIPE_CACHE/tansu-$TANSU_VERSION" >&2
-    rm -rf "$STREAMPIPE_CACHE/tansu-build"
+    mkdir -p "$STREAMPIPE_CACHE"
+    # One build at a time per machine: two concurrent runs would share (and
+    # the first to finish delete) the build folder under the other.
+    exec 9>"$STREAMPIPE_CACHE/tansu.lock"
+    flock 9
+    if [ ! -x "$TANSU_BIN" ]; then
+        log "building tansu $TANSU_VERSION (once per machine; cached in $STREAMPIPE_CACHE)"
+        CARGO_TARGET_DIR=$STREAMPIPE_CACHE/tansu-build cargo install tansu --version "$TANSU_VERSION" \
+            --locked --features dynostore,libsql --root "$STREAMPIPE_CACHE/tansu-$TANSU_VERSION" >&2
+        rm -rf "$STREAMPIPE_CACHE/tansu-build"
+    fi
+    flock -u 9
+    exec 9>&-
 }
 
 # What only the test suite needs: Debian's Chromium for the live page's
