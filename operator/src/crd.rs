@@ -120,6 +120,30 @@ pub struct StreamPipelineSpec {
     /// Reducer autoscaling from Kafka consumer lag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+    /// Event history for market classes where the latest value is not
+    /// enough (bet settlements, account messages): off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySpec>,
+}
+
+/// Event history: every applied update of the matching markets is kept in
+/// a capped Redis Stream per market, and a client resuming with `since`
+/// gets the events it missed in order (docs/protocol.md, "Event history").
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistorySpec {
+    /// Market-id prefixes whose markets keep a history (`*`: every market).
+    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 128), regex(pattern = r"^(\*|[A-Za-z0-9._:-]+)$")))]
+    pub market_prefixes: Vec<String>,
+    /// Entries kept per market (approximate: `XADD MAXLEN ~`); Redis memory
+    /// per market is about this times an entry's size.
+    #[serde(default = "history_max_len")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_len: u64,
+}
+
+fn history_max_len() -> u64 {
+    streampipe_contract::history::DEFAULT_MAX_LEN
 }
 
 /// Reducer autoscaling from Kafka consumer lag (HPA semantics, capped at the
@@ -687,6 +711,16 @@ pub fn validate(spec: &StreamPipelineSpec) -> Vec<Invalid> {
             out.push(Invalid {
                 field: "spec.kafka.deliveryLogTopic",
                 message: "must differ from spec.kafka.dataTopic and commandTopic".into(),
+            });
+        }
+    }
+    if let Some(h) = &spec.history {
+        if let Err(e) =
+            streampipe_contract::History::parse(&h.market_prefixes.join(","), h.max_len)
+        {
+            out.push(Invalid {
+                field: "spec.history",
+                message: e.to_string(),
             });
         }
     }

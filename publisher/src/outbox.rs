@@ -24,6 +24,17 @@
 //! The outbox also drops versions that are not newer than what the
 //! connection already sent (or than its `since` resume point), so a `begin`
 //! replay or a reconnect never sends a client something it has.
+//!
+//! **History markets** (see `streampipe_contract::history`) are never
+//! conflated: every event matters. Their updates skip the age rule; when
+//! the byte bound or the pod's budget is reached and one of the market's
+//! events already waits, the connection is closed with
+//! [`HISTORY_GAP`](streampipe_contract::close::HISTORY_GAP) instead, and the
+//! client reconnects with `since` and gets the missed events replayed from
+//! the history. While a `begin` replays a history (see [`Outbox::hold`]),
+//! live updates of history markets wait in a bounded stash and are queued
+//! after the replayed ones, so the replay and the live stream leave no gap
+//! and repeat nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,6 +66,12 @@ pub const SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// conflates: absorbs a burst for thousands of clients while keeping the pod
 /// far below a typical memory limit.
 pub const POD_OUTBOX_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Bytes of live history-market updates a connection holds aside while a
+/// `begin` replays history (a Redis read, milliseconds): far more than
+/// arrives meanwhile; past it the stash is dropped and the connection
+/// closes with 4412 when the replay ends (it resumes from the history).
+pub const HOLD_STASH_BYTES: usize = 256 * 1024;
 
 /// The bytes queued in all outboxes of a pod.
 #[derive(Debug)]
@@ -106,6 +123,8 @@ pub struct Update {
     pub version: u64,
     /// The update's JSON, as sent to clients.
     pub bytes: Bytes,
+    /// The market keeps an event history: never conflated.
+    pub history: bool,
 }
 
 /// Something for the connection to do.
@@ -135,6 +154,11 @@ pub enum Pushed {
     TooSlow,
     /// The outbox is closed already.
     Closed,
+    /// A history market's event could not be queued without dropping
+    /// another: the outbox is now closing with 4412.
+    Gap,
+    /// A history market's event held aside while a replay runs.
+    Held,
 }
 
 #[derive(Debug)]
@@ -162,6 +186,17 @@ struct Inner {
     /// When the client last took something while messages waited.
     last_progress: Instant,
     closed: bool,
+    /// Live history-market updates held aside during a replay.
+    hold: Option<Hold>,
+}
+
+/// Live updates of history markets held during a replay (see [`Outbox::hold`]).
+#[derive(Debug, Default)]
+struct Hold {
+    stash: VecDeque<Update>,
+    bytes: usize,
+    /// More than [`HOLD_STASH_BYTES`] arrived: the stash was dropped.
+    overflowed: bool,
 }
 
 /// A connection's outbound queue. Share it in an `Arc` between the hub
@@ -209,6 +244,7 @@ impl Outbox {
                 sent: since,
                 last_progress: Instant::now(),
                 closed: false,
+                hold: None,
             }),
             notify: Notify::new(),
         }
@@ -227,18 +263,103 @@ impl Outbox {
         }
     }
 
-    /// Queues an update, conflating when the client is behind.
+    /// Queues an update, conflating when the client is behind (never a
+    /// history market's: see the module header).
     pub fn push_update(&self, u: &Update) -> Pushed {
         self.push_update_at(u, Instant::now())
     }
 
     fn push_update_at(&self, u: &Update, now: Instant) -> Pushed {
+        self.push(u, now, false)
+    }
+
+    /// Starts holding live updates of history markets aside, before a
+    /// `begin` reads the history (idempotent). [`Outbox::release`] ends it.
+    pub fn hold(&self) {
+        let mut g = self.lock();
+        if g.hold.is_none() && !g.closed {
+            g.hold = Some(Hold::default());
+        }
+    }
+
+    /// Whether history-market updates are held (a replay is pending).
+    pub fn is_held(&self) -> bool {
+        self.lock().hold.is_some()
+    }
+
+    /// Where the connection stands on `market`: the newest version sent,
+    /// queued or resumed from (`since`); `None` when it has none.
+    pub fn position(&self, market: &str) -> Option<u64> {
+        let g = self.lock();
+        let queued = g.queued.get(market).and_then(|&seq| {
+            g.queue
+                .get((seq - g.front_seq) as usize)
+                .and_then(|e| e.update.as_ref().map(|(_, v)| *v))
+        });
+        g.sent.get(market).copied().max(queued)
+    }
+
+    /// Queues a replayed update (history or a state read by `begin`) while
+    /// the hold is on: appended in order, never conflated or held (bounded
+    /// by the caller's replay limits).
+    pub fn push_replayed(&self, u: &Update) -> Pushed {
+        self.push(u, Instant::now(), true)
+    }
+
+    /// Ends a hold: queues the held live updates after what the replay
+    /// queued (dropping versions it already has), then lets live updates
+    /// through again. Closes with 4412 when the stash had overflowed.
+    pub fn release(&self) {
+        loop {
+            let stash = {
+                let mut g = self.lock();
+                let Some(h) = g.hold.as_mut() else { return };
+                if h.overflowed {
+                    g.hold = None;
+                    drop(g);
+                    self.close(
+                        streampipe_contract::close::HISTORY_GAP,
+                        "history events missed during a replay; resume with since",
+                    );
+                    return;
+                }
+                if h.stash.is_empty() {
+                    g.hold = None;
+                    return;
+                }
+                h.bytes = 0;
+                std::mem::take(&mut h.stash)
+            };
+            // Outside the lock, so more may arrive meanwhile: they go to
+            // the stash (newer), and the next round queues them.
+            for u in &stash {
+                self.push(u, Instant::now(), true);
+            }
+        }
+    }
+
+    fn push(&self, u: &Update, now: Instant, replayed: bool) -> Pushed {
         let mut g = self.lock();
         if g.closed {
             return Pushed::Closed;
         }
         if g.sent.get(&u.market).is_some_and(|&v| v >= u.version) {
             return Pushed::Duplicate;
+        }
+        if u.history && !replayed {
+            if let Some(h) = g.hold.as_mut() {
+                if !h.overflowed {
+                    if h.bytes + u.bytes.len() > HOLD_STASH_BYTES {
+                        h.overflowed = true;
+                        h.stash.clear();
+                        h.bytes = 0;
+                    } else {
+                        h.bytes += u.bytes.len();
+                        h.stash.push_back(u.clone());
+                    }
+                }
+                return Pushed::Held;
+            }
         }
         if g.queue.is_empty() {
             g.last_progress = now;
@@ -257,7 +378,27 @@ impl Outbox {
             .queue
             .front()
             .is_some_and(|e| now.saturating_duration_since(e.at) >= CONFLATE_AFTER_AGE);
-        if g.bytes >= g.conflate_after || self.budget.over() || lagging {
+        let full = g.bytes >= g.conflate_after || self.budget.over();
+        if u.history {
+            // Never conflated: late beats lost. Only when the bounds are
+            // reached and an event of the market already waits would a
+            // second one exceed "one entry per market": then the client
+            // resumes from the history instead.
+            if let Some(&seq) = g.queued.get(&u.market) {
+                let idx = (seq - g.front_seq) as usize;
+                if matches!(&g.queue[idx].update, Some((_, v)) if *v >= u.version) {
+                    return Pushed::Duplicate;
+                }
+                if full && !replayed {
+                    drop(g);
+                    self.close(
+                        streampipe_contract::close::HISTORY_GAP,
+                        "too far behind on a history market; resume with since",
+                    );
+                    return Pushed::Gap;
+                }
+            }
+        } else if full || lagging {
             if let Some(&seq) = g.queued.get(&u.market) {
                 let idx = (seq - g.front_seq) as usize;
                 let old_len = match &g.queue[idx] {
@@ -329,6 +470,7 @@ impl Outbox {
             return;
         }
         g.closed = true;
+        g.hold = None;
         g.queue.clear();
         self.budget.sub(g.bytes);
         g.bytes = 0;
@@ -398,7 +540,70 @@ mod tests {
             market: m.into(),
             version: v,
             bytes: Bytes::from(format!("{m}@{v}")),
+            history: false,
         }
+    }
+
+    fn hist(m: &str, v: u64) -> Update {
+        Update {
+            history: true,
+            ..upd(m, v)
+        }
+    }
+
+    #[test]
+    fn history_markets_are_never_conflated_a_client_too_far_behind_gets_4412() {
+        let o = Outbox::with_threshold(HashMap::new(), 100, Arc::default());
+        let t0 = Instant::now();
+        // The age rule does not apply: every event is queued.
+        for v in 1..=5 {
+            assert_eq!(o.push_update_at(&hist("h", v), t0 + CONFLATE_AFTER_AGE * v as u32), Pushed::Queued);
+        }
+        // Fill the byte bound with other markets (those conflate as before).
+        for i in 0..40 {
+            o.push_update_at(&upd(&format!("m{i}"), 1), t0);
+        }
+        assert!(o.queued_bytes() >= 100);
+        // A sixth event would need a second entry past the bound: closed.
+        assert_eq!(o.push_update_at(&hist("h", 6), t0), Pushed::Gap);
+        assert_eq!(drain(&o), vec!["close 4412"]);
+    }
+
+    #[test]
+    fn a_hold_queues_the_replay_first_then_the_live_events_once_each() {
+        let mut since = HashMap::new();
+        since.insert(Arc::from("h"), 2u64);
+        let o = Outbox::new(since, Arc::default());
+        o.hold();
+        assert_eq!(o.position("h"), Some(2));
+        // Live events arrive while the history is read: held.
+        assert_eq!(o.push_update(&hist("h", 5)), Pushed::Held);
+        assert_eq!(o.push_update(&hist("h", 6)), Pushed::Held);
+        // Other markets pass.
+        assert_eq!(o.push_update(&upd("x", 1)), Pushed::Queued);
+        // The replay read saw 3..=5.
+        for v in 3..=5 {
+            assert_eq!(o.push_replayed(&hist("h", v)), Pushed::Queued);
+        }
+        o.release();
+        assert!(!o.is_held());
+        assert_eq!(o.push_update(&hist("h", 7)), Pushed::Queued);
+        assert_eq!(drain(&o), vec!["x@1", "h@3", "h@4", "h@5", "h@6", "h@7"]);
+    }
+
+    #[test]
+    fn an_overflowing_hold_closes_with_4412_on_release() {
+        let o = Outbox::default();
+        o.hold();
+        let big = Update {
+            bytes: Bytes::from(vec![b'x'; HOLD_STASH_BYTES / 2 + 1]),
+            ..hist("h", 1)
+        };
+        assert_eq!(o.push_update(&big), Pushed::Held);
+        let big2 = Update { version: 2, ..big.clone() };
+        assert_eq!(o.push_update(&big2), Pushed::Held);
+        o.release();
+        assert_eq!(drain(&o), vec!["close 4412"]);
     }
 
     fn drain(o: &Outbox) -> Vec<String> {

@@ -158,6 +158,11 @@ pub async fn handle(
         }
     };
     let outbox = Arc::new(Outbox::new(since, ctx.outbox_budget.clone()));
+    if params.begin && ctx.hub.keeps_history() {
+        // History markets' live updates wait for the begin below, which
+        // replays what the client missed since `since` before them.
+        outbox.hold();
+    }
     let (membership, markets) = match ctx.hub.join(&channel, outbox.clone()).await {
         Ok(joined) => joined,
         Err(e) => {

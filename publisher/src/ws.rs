@@ -58,6 +58,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// produces a command per market, so a looping client must not flood Kafka.
 pub const BEGIN_MIN_INTERVAL: Duration = Duration::from_millis(500);
 
+/// How long a connection holds history markets' live updates aside while
+/// waiting for its first `begin` (clients send it on `subscribed`, one
+/// round trip later): that begin then resumes from the history in order. A
+/// client that never begins gets the held updates after this, as live ones.
+pub const HISTORY_HOLD_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long one write may take before the client counts as hopelessly behind.
 pub const WRITE_TIMEOUT: Duration = crate::outbox::SLOW_CLIENT_TIMEOUT;
 
@@ -435,6 +441,12 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
     };
     let mut token_deadline = deadline_of(principal.expires_at);
     let outbox = Arc::new(Outbox::new(since, ctx.outbox_budget.clone()));
+    // History markets' live updates wait for the first begin, which
+    // replays what the client missed before them (see `hub::begin`).
+    let mut hold_until = ctx.hub.keeps_history().then(|| {
+        outbox.hold();
+        tokio::time::Instant::now() + HISTORY_HOLD_TIMEOUT
+    });
     let (_membership, markets) = match ctx.hub.join(&channel, outbox.clone()).await {
         Ok(joined) => joined,
         Err(Error::Invalid { .. }) => {
@@ -456,6 +468,7 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
     let mut pending_begin: Option<tokio::time::Instant> = None;
     if begin {
         last_begin = Some(Instant::now());
+        hold_until = None; // this begin (now or pending) releases the hold
         match ctx.clients.take(&client, Kind::Begin, 1) {
             Ok(()) => {
                 if ctx.hub.begin(&channel, &outbox).await.is_err() {
@@ -487,6 +500,7 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
                                     continue;
                                 }
                                 last_begin = Some(Instant::now());
+                                hold_until = None; // this begin releases the hold
                                 outbox.resume_from(&since);
                                 if pending_begin.is_some() {
                                     // Merged into the begin already waiting.
@@ -634,6 +648,10 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
                     Err(wait) => pending_begin = Some(tokio::time::Instant::now() + wait),
                 }
             }
+            _ = tokio::time::sleep_until(hold_until.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)), if hold_until.is_some() => {
+                hold_until = None;
+                outbox.release();
+            }
         }
     }
 }
@@ -695,6 +713,7 @@ mod tests {
             "const LIFETIME_REACHED = {};",
             code::LIFETIME_REACHED
         )));
+        assert!(js.contains(&format!("const HISTORY_GAP = {};", code::HISTORY_GAP)));
         assert!(js.contains(&format!("const TOKEN_EXPIRED = {};", code::TOKEN_EXPIRED)));
         assert!(js.contains(&format!("const UNAUTHORIZED = {};", code::UNAUTHORIZED)));
         assert!(js.contains(&format!("const WS_PROTOCOL = '{WS_PROTOCOL}';")));
