@@ -69,11 +69,17 @@ async fn entries(p: &Arc<Pipeline>, market: &'static str) -> Vec<(String, u64)> 
 
 /// Opens a stream, waits for `subscribed` and sends `begin` with `since`.
 async fn resume(publ: &InProcess, ch: &str, since: &str) -> Ws {
+    resume_after(publ, ch, since, Duration::ZERO).await
+}
+
+/// [`resume`], sending `begin` only `delay` after `subscribed`.
+async fn resume_after(publ: &InProcess, ch: &str, since: &str, delay: Duration) -> Ws {
     let mut ws = ws_connect(publ.addr, ch, "").await;
     match ws_next(&mut ws, Duration::from_secs(10)).await {
         Some(Frame::Json(v)) if v["type"] == "subscribed" => {}
         other => panic!("expected subscribed, got {other:?}"),
     }
+    tokio::time::sleep(delay).await;
     ws_send(&mut ws, &format!(r#"{{"type":"begin","since":{since}}}"#)).await;
     ws
 }
@@ -137,17 +143,25 @@ async fn a_reconnecting_client_gets_every_missed_event_in_order_and_live_ones_wi
     wait_state(&p, hm, 3 + K).await;
     wait_state(&p, lm, 3 + K).await;
 
-    // Back with since, while the history market keeps changing: the replay
-    // and the live events meet without a gap or a repeat.
+    // Back with since, while the history market keeps changing — also
+    // between the stream's join and its begin (300 ms here; a round trip
+    // for a real client): the replay and the live events meet without a
+    // gap or a repeat.
     let pc = p.clone();
     let live = std::thread::spawn(move || {
         for v in 4 + K..=60 {
             pc.update(hm, v, &v.to_string());
             pc.flush();
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(Duration::from_millis(10));
         }
     });
-    let mut ws = resume(&publ, &ch, &format!(r#"{{"{hm}":3,"{lm}":3}}"#)).await;
+    let mut ws = resume_after(
+        &publ,
+        &ch,
+        &format!(r#"{{"{hm}":3,"{lm}":3}}"#),
+        Duration::from_millis(300),
+    )
+    .await;
     let mut got = Vec::new();
     read_until(&mut ws, &mut got, "every event up to 60", |g| {
         versions(g, hm).last() == Some(&60) && versions(g, lm).last() == Some(&(3 + K))
