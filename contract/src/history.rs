@@ -75,7 +75,11 @@ impl History {
                 "history max length {max_len}, at most {MAX_MAX_LEN}"
             )));
         }
-        let max_len = if max_len == 0 { DEFAULT_MAX_LEN } else { max_len };
+        let max_len = if max_len == 0 {
+            DEFAULT_MAX_LEN
+        } else {
+            max_len
+        };
         Ok(History {
             prefixes: list,
             max_len,
@@ -138,7 +142,9 @@ mod tests {
     fn bad_settings_are_refused() {
         assert!(History::parse("a{b", 0).is_err());
         assert!(History::parse("a", MAX_MAX_LEN + 1).is_err());
-        let many = (0..=MAX_PREFIXES).map(|i| format!("p{i}")).collect::<Vec<_>>();
+        let many = (0..=MAX_PREFIXES)
+            .map(|i| format!("p{i}"))
+            .collect::<Vec<_>>();
         assert!(History::parse(&many.join(","), 0).is_err());
     }
 

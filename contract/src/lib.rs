@@ -20,8 +20,8 @@ pub mod message;
 pub mod partitioner;
 pub mod slot;
 
-pub use history::History;
 pub use delivery::{decode_delivery, encode_delivery, DeliveryRecord};
+pub use history::History;
 pub use keys::{Keys, Topic};
 pub use message::{
     decode_channel_message, decode_command, decode_published, decode_update, encode_command,

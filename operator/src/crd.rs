@@ -133,7 +133,13 @@ pub struct StreamPipelineSpec {
 #[serde(rename_all = "camelCase")]
 pub struct HistorySpec {
     /// Market-id prefixes whose markets keep a history (`*`: every market).
-    #[schemars(length(min = 1, max = 64), inner(length(min = 1, max = 128), regex(pattern = r"^(\*|[A-Za-z0-9._:-]+)$")))]
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(
+            length(min = 1, max = 128),
+            regex(pattern = r"^(\*|[A-Za-z0-9._:-]+)$")
+        )
+    )]
     pub market_prefixes: Vec<String>,
     /// Entries kept per market (approximate: `XADD MAXLEN ~`); Redis memory
     /// per market is about this times an entry's size.
@@ -715,8 +721,7 @@ pub fn validate(spec: &StreamPipelineSpec) -> Vec<Invalid> {
         }
     }
     if let Some(h) = &spec.history {
-        if let Err(e) =
-            streampipe_contract::History::parse(&h.market_prefixes.join(","), h.max_len)
+        if let Err(e) = streampipe_contract::History::parse(&h.market_prefixes.join(","), h.max_len)
         {
             out.push(Invalid {
                 field: "spec.history",

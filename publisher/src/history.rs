@@ -159,13 +159,25 @@ mod tests {
         let got = decide(5, vec![e(6, 5), e(9, 6)], 10, Some(9), 1000);
         assert_eq!(got, Verdict::Recovered(vec![e(6, 5), e(9, 6)]));
         // Version 6 was trimmed: the first entry left continues 6, not 5.
-        assert_eq!(decide(5, vec![e(9, 6)], 10, Some(9), 1000), Verdict::NotRecovered);
+        assert_eq!(
+            decide(5, vec![e(9, 6)], 10, Some(9), 1000),
+            Verdict::NotRecovered
+        );
         // Too many for the begin's budget.
-        assert_eq!(decide(5, vec![e(6, 5), e(7, 6)], 2, Some(7), 1000), Verdict::NotRecovered);
+        assert_eq!(
+            decide(5, vec![e(6, 5), e(7, 6)], 2, Some(7), 1000),
+            Verdict::NotRecovered
+        );
         // Too many bytes.
-        assert_eq!(decide(5, vec![e(6, 5)], 10, Some(6), 1), Verdict::NotRecovered);
+        assert_eq!(
+            decide(5, vec![e(6, 5)], 10, Some(6), 1),
+            Verdict::NotRecovered
+        );
         // Up to date; or a history that began after the client's version.
-        assert_eq!(decide(9, vec![], 10, Some(9), 1000), Verdict::Recovered(vec![]));
+        assert_eq!(
+            decide(9, vec![], 10, Some(9), 1000),
+            Verdict::Recovered(vec![])
+        );
         assert_eq!(decide(5, vec![], 10, Some(9), 1000), Verdict::NotRecovered);
     }
 
@@ -175,10 +187,22 @@ mod tests {
         let entry = |id: &str, p: &str| {
             Value::Array(vec![
                 bulk(id),
-                Value::Array(vec![bulk("p"), bulk(p), bulk("ts"), bulk("1"), bulk("msg"), bulk("{}")]),
+                Value::Array(vec![
+                    bulk("p"),
+                    bulk(p),
+                    bulk("ts"),
+                    bulk("1"),
+                    bulk("msg"),
+                    bulk("{}"),
+                ]),
             ])
         };
-        let v = Value::Array(vec![entry("6-0", "5"), entry("7-1", "6"), entry("8-0", "x"), entry("9-0", "8")]);
+        let v = Value::Array(vec![
+            entry("6-0", "5"),
+            entry("7-1", "6"),
+            entry("8-0", "x"),
+            entry("9-0", "8"),
+        ]);
         let got = parse_entries(v);
         assert_eq!(got, vec![e(6, 5), e(9, 8)]);
         assert_eq!(read_count(1), REPLAY_MAX_EVENTS + 1);

@@ -366,7 +366,11 @@ impl Hub {
             );
             let recovered = matches!(verdict, Verdict::Recovered(_));
             m.history_replays
-                .with_label_values(&[if recovered { "recovered" } else { "not_recovered" }])
+                .with_label_values(&[if recovered {
+                    "recovered"
+                } else {
+                    "not_recovered"
+                }])
                 .inc();
             let updates: Vec<Update> = match verdict {
                 Verdict::Recovered(entries) => entries

@@ -270,7 +270,13 @@ mod tests {
         // Past the byte bound: conflated, and the entry carries the gap.
         assert_eq!(q.push("h", 4, b("4"), true, late), Ingested::Conflated);
         let taken = q.take(10);
-        assert_eq!(taken.iter().map(|t| (t.update.version, t.gap)).collect::<Vec<_>>(), [(1, false), (2, false), (4, true)]);
+        assert_eq!(
+            taken
+                .iter()
+                .map(|t| (t.update.version, t.gap))
+                .collect::<Vec<_>>(),
+            [(1, false), (2, false), (4, true)]
+        );
     }
 
     #[test]

@@ -557,7 +557,10 @@ mod tests {
         let t0 = Instant::now();
         // The age rule does not apply: every event is queued.
         for v in 1..=5 {
-            assert_eq!(o.push_update_at(&hist("h", v), t0 + CONFLATE_AFTER_AGE * v as u32), Pushed::Queued);
+            assert_eq!(
+                o.push_update_at(&hist("h", v), t0 + CONFLATE_AFTER_AGE * v as u32),
+                Pushed::Queued
+            );
         }
         // Fill the byte bound with other markets (those conflate as before).
         for i in 0..40 {
@@ -600,7 +603,10 @@ mod tests {
             ..hist("h", 1)
         };
         assert_eq!(o.push_update(&big), Pushed::Held);
-        let big2 = Update { version: 2, ..big.clone() };
+        let big2 = Update {
+            version: 2,
+            ..big.clone()
+        };
         assert_eq!(o.push_update(&big2), Pushed::Held);
         o.release();
         assert_eq!(drain(&o), vec!["close 4412"]);

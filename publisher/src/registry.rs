@@ -397,7 +397,10 @@ impl Registry {
             .map(|(m, after, count)| {
                 let mut c = redis::cmd("XRANGE");
                 c.arg(self.keys.market_history(m))
-                    .arg(format!("({}", streampipe_contract::history::entry_id(*after)))
+                    .arg(format!(
+                        "({}",
+                        streampipe_contract::history::entry_id(*after)
+                    ))
                     .arg("+")
                     .arg("COUNT")
                     .arg(*count);

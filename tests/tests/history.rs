@@ -168,7 +168,11 @@ async fn a_reconnecting_client_gets_every_missed_event_in_order_and_live_ones_wi
     })
     .await;
     live.join().unwrap();
-    assert_eq!(versions(&got, hm), (4..=60).collect::<Vec<u64>>(), "{got:?}");
+    assert_eq!(
+        versions(&got, hm),
+        (4..=60).collect::<Vec<u64>>(),
+        "{got:?}"
+    );
     let r = recovered(&got, hm);
     assert_eq!(r.len(), 1, "{got:?}");
     assert_eq!(r[0]["recovered"], true);
@@ -187,7 +191,9 @@ async fn a_reconnecting_client_gets_every_missed_event_in_order_and_live_ones_wi
     // naming its predecessor.
     let e = entries(&p, hm).await;
     assert!(e.len() as u64 <= MAX_LEN + 100, "capped: {}", e.len());
-    assert!(e.windows(2).all(|w| w[1].1 == w[0].0.trim_end_matches("-0").parse::<u64>().unwrap()));
+    assert!(e
+        .windows(2)
+        .all(|w| w[1].1 == w[0].0.trim_end_matches("-0").parse::<u64>().unwrap()));
     assert_eq!(e.last().unwrap().0, "60-0");
     drop(publ);
     blocking(move || reducer.shutdown().unwrap()).await;
@@ -205,7 +211,11 @@ async fn more_missed_events_than_the_history_keeps_give_recovered_false_and_the_
     p.flush();
     wait_state(&p, hm, 300).await;
     let e = entries(&p, hm).await;
-    assert!(e.len() < 300 && e.len() as u64 <= MAX_LEN + 100, "trimmed: {}", e.len());
+    assert!(
+        e.len() < 300 && e.len() as u64 <= MAX_LEN + 100,
+        "trimmed: {}",
+        e.len()
+    );
 
     let mut ws = resume(&publ, &ch, &format!(r#"{{"{hm}":1}}"#)).await;
     let mut got = Vec::new();
@@ -215,14 +225,20 @@ async fn more_missed_events_than_the_history_keeps_give_recovered_false_and_the_
     .await;
     let r = recovered(&got, hm);
     assert_eq!(r.len(), 1, "{got:?}");
-    assert_eq!((r[0]["recovered"].clone(), r[0]["replayed"].clone()), (serde_json::json!(false), serde_json::json!(0)));
+    assert_eq!(
+        (r[0]["recovered"].clone(), r[0]["replayed"].clone()),
+        (serde_json::json!(false), serde_json::json!(0))
+    );
     assert_eq!(versions(&got, hm), vec![300], "only the latest state");
 
     // A client whose gap the history still covers is recovered.
     let since = 300 - (e.len() as u64 / 2);
     let mut ws = resume(&publ, &ch, &format!(r#"{{"{hm}":{since}}}"#)).await;
     let mut got = Vec::new();
-    read_until(&mut ws, &mut got, "the tail", |g| versions(g, hm).last() == Some(&300)).await;
+    read_until(&mut ws, &mut got, "the tail", |g| {
+        versions(g, hm).last() == Some(&300)
+    })
+    .await;
     assert_eq!(recovered(&got, hm)[0]["recovered"], true);
     assert_eq!(versions(&got, hm), (since + 1..=300).collect::<Vec<u64>>());
     drop(publ);
@@ -264,7 +280,11 @@ async fn redelivered_records_add_no_history_entry() {
     assert_eq!(after.len(), 6, "{after:?}");
     assert_eq!(&after[..5], &before[..]);
     assert_eq!(after[5], ("6-0".to_string(), 5));
-    assert_eq!(metrics.updates_stale.get(), 5, "1..=5 redelivered, refused as stale");
+    assert_eq!(
+        metrics.updates_stale.get(),
+        5,
+        "1..=5 redelivered, refused as stale"
+    );
     let appended = metrics.history.with_label_values(&["appended"]).get();
     assert_eq!(appended, 1, "only version 6 appended");
     blocking(move || reducer.shutdown().unwrap()).await;
