@@ -806,6 +806,17 @@ mod tests {
         let errs = validate(&s);
         let fields: Vec<&str> = errs.iter().map(|e| e.field).collect();
         assert_eq!(fields, vec!["spec.kafka.commandTopic"]);
+        // History settings the schema lets through but the binaries refuse.
+        let mut s = spec();
+        s.history = Some(HistorySpec {
+            market_prefixes: vec!["bets.".into(), "a{b".into()],
+            max_len: 2_000_000,
+        });
+        let fields: Vec<&str> = validate(&s).iter().map(|e| e.field).collect();
+        assert_eq!(fields, vec!["spec.history"]);
+        s.history.as_mut().unwrap().market_prefixes = vec!["bets.".into()];
+        s.history.as_mut().unwrap().max_len = 50;
+        assert!(validate(&s).is_empty());
     }
 
     #[test]
