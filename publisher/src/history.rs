@@ -113,11 +113,13 @@ pub fn decide(
         return Verdict::NotRecovered; // more than this begin may replay
     }
     let Some(first) = entries.first() else {
-        // Nothing after `since` in the history: recovered only if the state
-        // has nothing newer either (a history switched on later has none).
+        // Nothing after `since` in the history: recovered only if the
+        // stored state is not newer either (a history switched on later has
+        // no entries for it). No state at all (lost with Redis, or reset):
+        // nobody can tell what was missed.
         return match state_version {
-            Some(v) if v > since => Verdict::NotRecovered,
-            _ => Verdict::Recovered(entries),
+            Some(v) if v <= since => Verdict::Recovered(entries),
+            _ => Verdict::NotRecovered,
         };
     };
     let size: usize = entries.iter().map(|e| e.msg.len()).sum();
@@ -179,6 +181,8 @@ mod tests {
             Verdict::Recovered(vec![])
         );
         assert_eq!(decide(5, vec![], 10, Some(9), 1000), Verdict::NotRecovered);
+        // Redis lost the market (or it was reset): unknown, so not recovered.
+        assert_eq!(decide(5, vec![], 10, None, 1000), Verdict::NotRecovered);
     }
 
     #[test]
