@@ -48,9 +48,11 @@ ensure_tansu() {
 # What only the test suite needs: Debian's Chromium for the live page's
 # end-to-end tests, Node.js (the machine's, else Debian's) for the JS
 # client's unit tests, openssl (the CLI, test certificates) and stunnel4 (a
-# TLS terminator in front of the broker for the Kafka TLS tests).
+# TLS terminator in front of the broker for the Kafka TLS tests) and
+# nginx-light (a real caching proxy in front of the publisher for the
+# snapshot tests; the tests run it as a child on a free port).
 ensure_test_packages() {
-    local extra=(chromium openssl stunnel4)
+    local extra=(chromium openssl stunnel4 nginx-light)
     command -v node >/dev/null || extra+=(nodejs)
     ensure_packages "${extra[@]}"
 }

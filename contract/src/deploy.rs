@@ -74,6 +74,14 @@ pub mod env {
     pub const SOCKET_SEND_BUFFER_BYTES: &str = "STREAMPIPE_SOCKET_SEND_BUFFER_BYTES";
     /// Publisher: longest life of an SSE stream, seconds.
     pub const SSE_MAX_LIFETIME_SECONDS: &str = "STREAMPIPE_SSE_MAX_LIFETIME_SECONDS";
+    /// Publisher: `max-age` of snapshots, seconds.
+    pub const SNAPSHOT_MAX_AGE_SECONDS: &str = "STREAMPIPE_SNAPSHOT_MAX_AGE_SECONDS";
+    /// Publisher: `stale-while-revalidate` of snapshots, seconds.
+    pub const SNAPSHOT_STALE_WHILE_REVALIDATE_SECONDS: &str =
+        "STREAMPIPE_SNAPSHOT_STALE_WHILE_REVALIDATE_SECONDS";
+    /// Publisher: `true` declares the odds public in token mode (snapshots
+    /// become `Cache-Control: public`).
+    pub const SNAPSHOT_PUBLIC: &str = "STREAMPIPE_SNAPSHOT_PUBLIC";
     /// Reducer: most records per Redis batch.
     pub const BATCH_MAX_RECORDS: &str = "STREAMPIPE_BATCH_MAX_RECORDS";
     /// Reducer: longest time a record waits in a batch (ms).

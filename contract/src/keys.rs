@@ -102,6 +102,14 @@ impl Keys {
         format!("{}epoch", self.prefix)
     }
 
+    /// Copy `i` of a marked epoch on a Redis Cluster (see [`crate::epoch`]):
+    /// its hash tag puts it in slot
+    /// `i × 256`, so every master holds some and a shard that lost its data
+    /// while the epoch key's shard did not is noticed.
+    pub fn epoch_marker(&self, i: usize) -> String {
+        format!("{}epoch:{{{}}}", self.prefix, crate::slot::SPREAD_TAGS[i])
+    }
+
     /// String holding the epoch in which data partition `partition`'s
     /// subscriptions were last written by its owner (on assignment, or when
     /// it wrote them back after a loss).

@@ -11,6 +11,23 @@
 /// Number of hash slots of a Redis Cluster.
 pub const SLOTS: u16 = 16384;
 
+/// Slots between two [`SPREAD_TAGS`].
+pub const SPREAD_STEP: u16 = 256;
+
+/// Hash tags whose slots are spread evenly over the cluster: tag `i` hashes
+/// to slot `i × SPREAD_STEP`, so keys carrying them land on every master
+/// that owns at least [`SPREAD_STEP`] consecutive slots (a master of a
+/// 3-master cluster holds ~21). Found by search, checked by a test.
+pub const SPREAD_TAGS: [&str; (SLOTS / SPREAD_STEP) as usize] = [
+    "e5404", "e1272", "e13433", "e6708", "e88430", "e61849", "e9471", "e8575", "e14584", "e15480",
+    "e44392", "e17688", "e326", "e11818", "e45878", "e69069", "e13500", "e3149", "e5537", "e1341",
+    "e9542", "e8446", "e38285", "e39381", "e2480", "e3584", "e22306", "e23202", "e6818", "e103881",
+    "e215", "e58391", "e26806", "e27902", "e9617", "e8713", "e5662", "e1014", "e2318", "e12751",
+    "e140", "e5841", "e12972", "e13876", "e11090", "e10194", "e8930", "e9834", "e9724", "e8620",
+    "e26935", "e27831", "e7559", "e12662", "e5751", "e1127", "e12841", "e13945", "e4876", "e5972",
+    "e7194", "e6090", "e22160", "e4298",
+];
+
 /// CRC16/XMODEM (polynomial 0x1021, init 0), as Redis Cluster uses it.
 pub fn crc16(data: &[u8]) -> u16 {
     let mut crc: u16 = 0;
@@ -46,6 +63,15 @@ pub fn slot(key: &[u8]) -> u16 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spread_tags_hash_to_evenly_spaced_slots() {
+        for (i, tag) in SPREAD_TAGS.iter().enumerate() {
+            assert_eq!(slot(tag.as_bytes()), i as u16 * SPREAD_STEP, "tag {tag}");
+            let key = format!("sp:x:epoch:{{{tag}}}");
+            assert_eq!(slot(key.as_bytes()), i as u16 * SPREAD_STEP);
+        }
+    }
 
     #[test]
     fn matches_redis_cluster_reference_values() {

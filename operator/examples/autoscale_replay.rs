@@ -19,17 +19,7 @@ const POLL: Duration = Duration::from_secs(10);
 
 fn main() {
     // The CRD defaults, with a partition-count cap of 8 from the traces.
-    let lag = Policy {
-        min_replicas: 1,
-        max_replicas: 10,
-        lag_threshold: 1000,
-        activation_lag_threshold: 0,
-        scale_up_window: Duration::ZERO,
-        scale_down_window: Duration::from_secs(300),
-        even_spread: false,
-        drain_target: None,
-        limit_to_lagging: false,
-    };
+    let lag = Policy::default();
     // The lag rule tuned for this workload: a threshold above what one
     // rebalance pause leaves behind at the base rate (so a step does not
     // trigger the next one).

@@ -303,15 +303,9 @@ mod tests {
 
     fn policy() -> Policy {
         Policy {
-            min_replicas: 1,
-            max_replicas: 10,
             lag_threshold: 100,
             activation_lag_threshold: 10,
-            scale_up_window: Duration::ZERO,
-            scale_down_window: Duration::from_secs(300),
-            even_spread: false,
-            drain_target: None,
-            limit_to_lagging: false,
+            ..Policy::default()
         }
     }
 

@@ -217,6 +217,14 @@ pub struct AutoscalingSpec {
     pub limit_to_partitions_with_lag: bool,
 }
 
+impl Default for AutoscalingSpec {
+    /// The CRD's defaults, from the same serde defaults an empty
+    /// `spec.autoscaling: {}` gets (so they are written once).
+    fn default() -> Self {
+        serde_json::from_value(serde_json::json!({})).expect("every field has a default")
+    }
+}
+
 /// `spec.autoscaling.policy` of the lag-threshold rule (the default).
 pub const POLICY_LAG: &str = "lag";
 /// `spec.autoscaling.policy` of the drain-time rule.

@@ -8,15 +8,8 @@ use crate::replay::{replay, traces, Outcome, Trace};
 
 fn policy(drain: Option<u64>) -> Policy {
     Policy {
-        min_replicas: 1,
-        max_replicas: 10,
-        lag_threshold: 1000,
-        activation_lag_threshold: 0,
-        scale_up_window: Duration::ZERO,
-        scale_down_window: Duration::from_secs(300),
-        even_spread: false,
         drain_target: drain.map(Duration::from_secs),
-        limit_to_lagging: false,
+        ..Policy::default()
     }
 }
 

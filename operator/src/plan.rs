@@ -107,6 +107,13 @@ pub fn policy_of(a: &AutoscalingSpec) -> Policy {
     }
 }
 
+impl Default for Policy {
+    /// The policy of the CRD's defaults (`spec.autoscaling: {}`).
+    fn default() -> Self {
+        policy_of(&AutoscalingSpec::default())
+    }
+}
+
 /// The poll interval of `a` (at least a second).
 pub fn interval(a: &AutoscalingSpec) -> Duration {
     Duration::from_secs(a.poll_interval_seconds.max(1).into())

@@ -51,7 +51,9 @@ pub fn client_ip(ctx: &Context, headers: &warp::http::HeaderMap, peer: Option<Pe
 
 /// Extracts the [`Caller`] of a REST request (`Authorization: Bearer` in
 /// token mode); 401 `unauthorized` otherwise, counted by reason.
-fn caller(ctx: Arc<Context>) -> impl Filter<Extract = (Caller,), Error = Rejection> + Clone {
+pub(crate) fn caller(
+    ctx: Arc<Context>,
+) -> impl Filter<Extract = (Caller,), Error = Rejection> + Clone {
     warp::header::headers_cloned()
         .and(warp::ext::optional::<PeerAddr>())
         .and(with_ctx(ctx))
@@ -100,12 +102,17 @@ struct ErrorDetail<'a> {
     message: &'a str,
 }
 
-/// A JSON error reply.
+/// A JSON error reply, never stored by any cache (a CDN in front of the
+/// snapshots must not serve one client's 401/403/429 to others).
 pub fn error_response(status: StatusCode, code: &str, message: &str) -> warp::reply::Response {
     let body = ErrorBody {
         error: ErrorDetail { code, message },
     };
     let mut resp = warp::reply::with_status(warp::reply::json(&body), status).into_response();
+    resp.headers_mut().insert(
+        "cache-control",
+        warp::http::HeaderValue::from_static("no-store"),
+    );
     if status == StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(
             "www-authenticate",
@@ -187,7 +194,11 @@ async fn channel_markets(ctx: &Context, caller: &Caller, id: &str) -> Result<Vec
 }
 
 /// 403 when the token does not allow one of `markets`.
-fn check_allowed(ctx: &Context, caller: &Caller, markets: &[String]) -> Result<(), Error> {
+pub(crate) fn check_allowed(
+    ctx: &Context,
+    caller: &Caller,
+    markets: &[String],
+) -> Result<(), Error> {
     match caller.principal.allowance.first_refused(markets) {
         None => Ok(()),
         Some(m) => {
@@ -258,7 +269,7 @@ fn take_tokens(ctx: &Context, n: usize) -> Result<(), Error> {
 }
 
 /// The handler's reply, or its error as JSON (counted by code).
-fn reply(
+pub(crate) fn reply(
     ctx: &Context,
     r: Result<warp::reply::Response, Error>,
 ) -> Result<warp::reply::Response, Rejection> {
@@ -801,6 +812,8 @@ pub fn routes(ctx: Arc<Context>) -> warp::filters::BoxedFilter<(warp::reply::Res
             "max_markets_per_channel": MAX_MARKETS_PER_CHANNEL,
             "max_body_bytes": MAX_BODY_BYTES,
             "max_snapshot_ids": MAX_SNAPSHOT_IDS,
+            "max_snapshot_markets": crate::limits::MAX_SNAPSHOT_MARKETS,
+            "max_snapshot_query_bytes": crate::limits::MAX_SNAPSHOT_QUERY_BYTES,
             "max_client_frame_bytes": crate::ws::MAX_CLIENT_FRAME,
             "max_token_bytes": crate::auth::MAX_TOKEN_BYTES,
             "ticket_ttl_seconds": crate::auth::TICKET_TTL.as_secs(),
@@ -809,7 +822,7 @@ pub fn routes(ctx: Arc<Context>) -> warp::filters::BoxedFilter<(warp::reply::Res
     });
     let demo = warp::path!("v1" / "demo" / "markets")
         .and(warp::get())
-        .and(with_ctx(ctx))
+        .and(with_ctx(ctx.clone()))
         .map(|ctx: Arc<Context>| {
             warp::reply::json(&serde_json::json!({"markets": ctx.config.demo_markets}))
                 .into_response()
@@ -830,6 +843,8 @@ pub fn routes(ctx: Arc<Context>) -> warp::filters::BoxedFilter<(warp::reply::Res
         .or(market)
         .unify()
         .or(markets)
+        .unify()
+        .or(crate::snapshot::route(ctx.clone()))
         .unify()
         .or(limits)
         .unify()
@@ -911,6 +926,7 @@ pub fn route_label(method: &str, path: &str) -> &'static str {
         ("DELETE", ["v1", "channels", _]) => "close_channel",
         ("GET", ["v1", "markets", _]) => "market",
         ("GET", ["v1", "markets"]) => "markets",
+        ("GET", ["v1", "snapshot"]) => "snapshot",
         ("GET", ["v1", "stream", _]) => "stream",
         ("GET", ["v1", "sse", _]) => "sse",
         ("GET", ["metrics"]) | ("GET", ["healthz"]) | ("GET", ["readyz"]) => "ops",

@@ -88,6 +88,16 @@ pub struct Args {
     /// Longest life of an SSE stream in seconds; the client then reconnects with `since`.
     #[arg(long, env = env::SSE_MAX_LIFETIME_SECONDS, default_value_t = crate::sse::DEFAULT_MAX_LIFETIME.as_secs())]
     pub sse_max_lifetime_seconds: u64,
+    /// `max-age` of snapshots (`GET /v1/snapshot`), seconds (at most 3600).
+    #[arg(long, env = env::SNAPSHOT_MAX_AGE_SECONDS, default_value_t = crate::snapshot_core::DEFAULT_MAX_AGE.as_secs())]
+    pub snapshot_max_age_seconds: u64,
+    /// `stale-while-revalidate` of snapshots, seconds (at most 3600).
+    #[arg(long, env = env::SNAPSHOT_STALE_WHILE_REVALIDATE_SECONDS, default_value_t = crate::snapshot_core::DEFAULT_STALE_WHILE_REVALIDATE.as_secs())]
+    pub snapshot_stale_while_revalidate_seconds: u64,
+    /// Token mode: declare the odds public, so snapshots are `Cache-Control: public`
+    /// and a CDN serves them without checking tokens (see docs/security.md).
+    #[arg(long, env = env::SNAPSHOT_PUBLIC, default_value_t = false)]
+    pub snapshot_public: bool,
     /// Markets the demo page shows (comma-separated).
     #[arg(long, env = env::DEMO_MARKETS, value_delimiter = ',')]
     pub demo_markets: Vec<String>,
@@ -187,6 +197,11 @@ impl Args {
             .cloned()
             .collect();
         config.channel_idle_ttl = Duration::from_secs(self.channel_idle_ttl_seconds);
+        config.snapshot = crate::snapshot_core::CachePolicy::from_seconds(
+            self.snapshot_max_age_seconds,
+            self.snapshot_stale_while_revalidate_seconds,
+            self.snapshot_public,
+        );
         config.max_connections = self.max_connections.max(1);
         config.socket_send_buffer = self.socket_send_buffer_bytes;
         config.auth = self.auth()?;

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use streampipe_contract::epoch::{new_epoch_id, EPOCH_CHECK_INTERVAL};
+use streampipe_contract::epoch::{Found, EPOCH_CHECK_INTERVAL};
 use streampipe_contract::CommandKind;
 use tracing::{error, info, warn};
 
@@ -93,14 +93,16 @@ pub async fn check(hub: &Hub) -> Result<bool> {
     let mut known = watch.known.lock().await;
     let registry = hub.registry();
     let read = registry.epoch().await?;
-    match (known.as_deref(), read.as_deref()) {
-        (Some(k), Some(r)) if k == r => return Ok(false),
-        (None, Some(r)) => {
+    match (known.as_deref(), &read) {
+        (Some(k), Found::Is(r)) if k == r => return Ok(false),
+        (None, Found::Is(r)) => {
             *known = Some(r.to_owned());
             return Ok(false);
         }
-        (None, None) => {
-            *known = Some(registry.claim_epoch(&new_epoch_id()).await?);
+        // Nothing here to write back; a damaged epoch is replaced so that
+        // every peer that trusts it notices the loss.
+        (None, Found::Missing) | (None, Found::Damaged(_)) => {
+            *known = Some(registry.claim_epoch(read.id()).await?);
             return Ok(false);
         }
         _ => {}
@@ -110,7 +112,11 @@ pub async fn check(hub: &Hub) -> Result<bool> {
     let channels = hub.channels_with_markets();
     error!(remembered = ?*known, found = ?read, channels = channels.len(),
         "redis lost its data (the pipeline's data epoch is gone or replaced): writing this pod's channels back");
-    let epoch = registry.claim_epoch(&new_epoch_id()).await?;
+    let replacing = match &read {
+        Found::Damaged(id) => Some(id.as_str()),
+        _ => known.as_deref(),
+    };
+    let epoch = registry.claim_epoch(replacing).await?;
     for chunk in channels.chunks(RESTORE_CHUNK) {
         registry.restore(chunk).await?;
         metrics.loss_channels_repaired.inc_by(chunk.len() as u64);

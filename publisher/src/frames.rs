@@ -1,8 +1,9 @@
 //! The frames a browser sends on a WebSocket stream, parsed and checked in
 //! one place (pure; `ws.rs` only acts on the result). A frame is at most
-//! [`crate::ws::MAX_CLIENT_FRAME`] bytes before it gets here; what is inside
-//! is checked with the same rules as the stream URL's `since`: valid market
-//! ids, at most one entry per market a channel may hold, versions in range.
+//! [`crate::ws::MAX_CLIENT_FRAME`] bytes before it gets here. A `since`, from
+//! a begin frame or the stream URL, is checked by one function
+//! ([`checked_since`]): valid market ids, at most one entry per market a
+//! channel may hold, versions in range.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -54,26 +55,33 @@ enum Raw {
 pub fn parse(text: &str) -> Result<ClientFrame, String> {
     let raw: Raw = serde_json::from_str(text).map_err(|e| format!("not a client frame: {e}"))?;
     match raw {
-        Raw::Begin { since } => {
-            if since.len() > MAX_MARKETS_PER_CHANNEL {
-                return Err(format!(
-                    "since has {} entries; at most {MAX_MARKETS_PER_CHANNEL}",
-                    since.len()
-                ));
-            }
-            let mut out = HashMap::with_capacity(since.len());
-            for (market, version) in since {
-                validate_market_id(&market).map_err(|e| format!("since: {e}"))?;
-                if version > MAX_VERSION {
-                    return Err(format!("since: version {version} above {MAX_VERSION}"));
-                }
-                out.insert(Arc::from(market), version);
-            }
-            Ok(ClientFrame::Begin { since: out })
-        }
+        Raw::Begin { since } => checked_since(since).map(|since| ClientFrame::Begin { since }),
         Raw::Auth { token } => checked_token(token).map(|token| ClientFrame::Auth { token }),
         Raw::Refresh { token } => checked_token(token).map(|token| ClientFrame::Refresh { token }),
     }
+}
+
+/// Checks a client's `since` (market → the version it has), from a begin
+/// frame or the stream URL: valid market ids, at most one entry per market a
+/// channel may hold, versions in range. Any bad entry refuses the whole.
+pub fn checked_since<M: AsRef<str>>(
+    entries: impl IntoIterator<Item = (M, u64)>,
+) -> Result<HashMap<Arc<str>, u64>, String> {
+    let mut out = HashMap::new();
+    for (market, version) in entries {
+        let market = market.as_ref();
+        validate_market_id(market).map_err(|e| format!("since: {e}"))?;
+        if version > MAX_VERSION {
+            return Err(format!("since: version {version} above {MAX_VERSION}"));
+        }
+        out.insert(Arc::from(market), version);
+        if out.len() > MAX_MARKETS_PER_CHANNEL {
+            return Err(format!(
+                "since has more than {MAX_MARKETS_PER_CHANNEL} entries"
+            ));
+        }
+    }
+    Ok(out)
 }
 
 fn checked_token(token: String) -> Result<String, String> {

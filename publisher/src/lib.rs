@@ -2,7 +2,8 @@
 //!
 //! - [`api`]: the REST control API (channels, markets, begin, close) that
 //!   turns requests into Kafka commands, plus market snapshots.
-//! - [`ws`] and [`sse`]: the streams; each connection joins its channel on
+//! - [`ws`] and [`sse`]: the streams, opened alike by [`opening`] (checks,
+//!   ownership, stream cap, join, first begin); each connection joins its channel on
 //!   the pod's multiplexed Redis subscription ([`hub`]: per-market topics,
 //!   kept by the [`subscriber`] task, routed by the [`table`] through the
 //!   bounded [`ingest`] queue) and drains
@@ -35,6 +36,7 @@ pub mod janitor;
 pub mod lag;
 pub mod limits;
 pub mod metrics;
+pub mod opening;
 pub mod origin;
 pub mod outbox;
 pub mod pubsub;
@@ -42,6 +44,8 @@ pub mod reconcile;
 pub mod registry;
 pub mod resp;
 pub mod server;
+pub mod snapshot;
+pub mod snapshot_core;
 pub mod sse;
 pub mod subscriber;
 pub mod table;
@@ -54,7 +58,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use streampipe_contract::deploy::{self, KafkaSecurity, RedisTls};
-use streampipe_contract::{validate_market_id, Keys};
+use streampipe_contract::Keys;
 use tokio::sync::watch;
 use warp::http::StatusCode;
 use warp::{Filter, Reply};
@@ -111,6 +115,8 @@ pub struct Config {
     pub reducer_group: String,
     /// Command lag beyond which command paths answer 429.
     pub max_command_lag: i64,
+    /// How snapshots may be cached (see [`snapshot`]).
+    pub snapshot: snapshot_core::CachePolicy,
 }
 
 /// Default channel TTL: a tab left closed for a day does not come back to
@@ -146,6 +152,7 @@ impl Config {
             client_limits: clients::ClientLimits::default(),
             reducer_group: deploy::default_group(pipeline),
             max_command_lag: lag::MAX_COMMAND_LAG,
+            snapshot: snapshot_core::CachePolicy::default(),
         }
     }
 }
@@ -208,35 +215,29 @@ fn flag<'de, D: serde::Deserializer<'de>>(d: D) -> std::result::Result<bool, D::
     Ok(matches!(s.as_str(), "1" | "true" | "yes"))
 }
 
-/// Most entries of a `since` query: one per market of a channel.
-const MAX_SINCE_ENTRIES: usize = api::MAX_MARKETS_PER_CHANNEL;
-
 impl StreamParams {
     /// Whether the URL carries a token (refused with 400 `token_in_url`).
     pub fn token_in_url(&self) -> bool {
         self.token.is_some() || self.access_token.is_some()
     }
 
-    /// Parses `since` into market → version.
+    /// Parses `since` (`market@version,…`) into market → version, checked
+    /// like a begin frame's ([`frames::checked_since`]).
     pub fn since(&self) -> std::result::Result<HashMap<Arc<str>, u64>, String> {
-        let mut out = HashMap::new();
         let Some(s) = self.since.as_deref().filter(|s| !s.is_empty()) else {
-            return Ok(out);
+            return Ok(HashMap::new());
         };
+        let mut entries = Vec::new();
         for part in s.split(',') {
             let (m, v) = part
                 .rsplit_once('@')
                 .ok_or_else(|| format!("since entry {part:?} is not market@version"))?;
-            validate_market_id(m).map_err(|e| e.to_string())?;
             let v: u64 = v
                 .parse()
                 .map_err(|_| format!("since version {v:?} is not a number"))?;
-            out.insert(Arc::from(m), v);
-            if out.len() > MAX_SINCE_ENTRIES {
-                return Err(format!("since has more than {MAX_SINCE_ENTRIES} entries"));
-            }
+            entries.push((m, v));
         }
-        Ok(out)
+        frames::checked_since(entries)
     }
 }
 
@@ -544,6 +545,31 @@ mod tests {
         assert!(accepted.nodelay().unwrap(), "TCP_NODELAY is inherited");
         let socket = tokio::net::TcpSocket::from_std_stream(accepted.into_std().unwrap());
         socket.send_buffer_size().unwrap()
+    }
+
+    /// The URL's `since` follows the begin frame's rules (one checker).
+    #[test]
+    fn url_since_is_checked_like_a_begin_frame() {
+        let p = |s: &str| {
+            StreamParams {
+                since: Some(s.to_owned()),
+                ..Default::default()
+            }
+            .since()
+        };
+        let ok = p("m1@7,m2@0").unwrap();
+        assert_eq!(ok.get("m1"), Some(&7));
+        assert_eq!(ok.len(), 2);
+        assert!(p("m1@9007199254740992").unwrap_err().contains("above"));
+        assert!(p("bad id@1").is_err());
+        assert!(p("m1").unwrap_err().contains("market@version"));
+        let many: Vec<String> = (0..=api::MAX_MARKETS_PER_CHANNEL)
+            .map(|i| format!("m{i}@1"))
+            .collect();
+        assert!(p(&many.join(",")).unwrap_err().contains("more than"));
+        // Repeats of one market are one entry.
+        let repeats = vec!["m1@1"; api::MAX_MARKETS_PER_CHANNEL + 5].join(",");
+        assert_eq!(p(&repeats).unwrap().len(), 1);
     }
 
     #[tokio::test]

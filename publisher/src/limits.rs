@@ -14,6 +14,16 @@ pub const MAX_MARKETS_PER_CHANNEL: usize = 500;
 /// Most ids in one `GET /v1/markets?ids=` request.
 pub const MAX_SNAPSHOT_IDS: usize = 500;
 
+/// Most markets in one cacheable snapshot (`GET /v1/snapshot?markets=`):
+/// a snapshot is a page's first paint, and each distinct set is a CDN cache
+/// entry; a page with more markets asks for several snapshots.
+pub const MAX_SNAPSHOT_MARKETS: usize = 100;
+
+/// Longest canonical snapshot query string: URLs beyond about 8 KiB are
+/// refused by common proxies and CDNs (nginx's default request line buffer
+/// is 8 KiB), and the browser adds its own path and origin.
+pub const MAX_SNAPSHOT_QUERY_BYTES: usize = 4096;
+
 /// Commands per second this pod may produce (burst: one second's worth):
 /// protects Kafka and the reducers from a client creating channels in a loop.
 pub const MAX_COMMANDS_PER_SECOND: f64 = 50_000.0;

@@ -58,6 +58,9 @@ pub struct Metrics {
     pub rejected: IntCounterVec,
     /// Delivery log records, by result (`sent`, `failed`, `dropped`).
     pub delivery_log: IntCounterVec,
+    /// Snapshot answers, by result (`ok`, `not_modified`, `redirect`,
+    /// `unreadable_state` per stored state that was not an update).
+    pub snapshots: IntCounterVec,
     /// Commands produced to Kafka, by type.
     pub commands: IntCounterVec,
     /// Channels closed because no stream used them for the channel TTL.
@@ -281,6 +284,14 @@ impl Metrics {
                     "streampipe_publisher_rejected_total",
                     "Rejected requests and frames",
                     &["reason"]
+                )
+            ),
+            snapshots: reg!(
+                r,
+                cv(
+                    "streampipe_publisher_snapshots_total",
+                    "Snapshot answers: ok (200), not_modified (304), redirect (non-canonical query), unreadable_state (a stored state skipped)",
+                    &["result"]
                 )
             ),
             delivery_log: reg!(

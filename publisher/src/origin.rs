@@ -146,7 +146,15 @@ pub fn with_cors(allow: Option<String>, reply: warp::reply::Response) -> warp::r
     if let Some(v) = allow.and_then(|o| HeaderValue::from_str(&o).ok()) {
         let h = reply.headers_mut();
         h.insert("access-control-allow-origin", v);
-        h.insert("vary", HeaderValue::from_static("origin"));
+        // A reply that already varies on Origin (cacheable snapshots) keeps
+        // its own list, which may name more headers.
+        let varies = h
+            .get("vary")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.to_ascii_lowercase().contains("origin"));
+        if !varies {
+            h.insert("vary", HeaderValue::from_static("origin"));
+        }
     }
     reply
 }
@@ -201,6 +209,24 @@ mod tests {
         assert_eq!(
             dev.decide(Some("http://localhost:3000"), Some("edge")),
             Decision::Cross("http://localhost:3000".into())
+        );
+    }
+
+    #[test]
+    fn cors_keeps_a_reply_s_own_vary_list() {
+        let plain = with_cors(
+            Some("https://a.example".into()),
+            StatusCode::OK.into_response(),
+        );
+        assert_eq!(plain.headers()["vary"], "origin");
+        let mut r = StatusCode::OK.into_response();
+        r.headers_mut()
+            .insert("vary", HeaderValue::from_static("origin, authorization"));
+        let r = with_cors(Some("https://a.example".into()), r);
+        assert_eq!(r.headers()["vary"], "origin, authorization");
+        assert_eq!(
+            r.headers()["access-control-allow-origin"],
+            "https://a.example"
         );
     }
 }

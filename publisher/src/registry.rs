@@ -12,6 +12,8 @@ use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use streampipe_contract::deploy::RedisTlsPem;
+use streampipe_contract::epoch::{mint, Found, EPOCH_CLAIM_SCRIPT, SPREAD_SUFFIX};
+use streampipe_contract::slot::SPREAD_TAGS;
 use streampipe_contract::{Keys, CHANNEL_CLOSED, CHANNEL_MARKETS_CHANGED};
 
 use crate::error::Result;
@@ -577,28 +579,90 @@ impl Registry {
         Ok(())
     }
 
-    /// The pipeline's data epoch (see [`streampipe_contract::epoch`]);
-    /// `None` when the key is gone.
-    pub async fn epoch(&self) -> Result<Option<String>> {
-        let mut c = self.conn.clone();
-        Ok(redis::cmd("GET")
-            .arg(self.keys.epoch())
-            .query_async(&mut c)
-            .await?)
+    /// Whether this registry talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
     }
 
-    /// Creates the epoch key with `candidate` unless it exists; returns what
-    /// it holds afterwards (another component may have created it first).
-    pub async fn claim_epoch(&self, candidate: &str) -> Result<String> {
-        let mut set = redis::cmd("SET");
-        set.arg(self.keys.epoch()).arg(candidate).arg("NX");
-        let mut get = redis::cmd("GET");
-        get.arg(self.keys.epoch());
-        // One after the other (a cluster runs a batch's commands concurrently).
+    /// The markers of an epoch minted here ([`SPREAD_TAGS`] on a cluster).
+    fn epoch_markers(&self) -> Vec<String> {
+        let n = if self.is_cluster() {
+            SPREAD_TAGS.len()
+        } else {
+            0
+        };
+        (0..n).map(|i| self.keys.epoch_marker(i)).collect()
+    }
+
+    /// The pipeline's data epoch and, on a cluster, whether its markers
+    /// agree (see [`streampipe_contract::epoch`]).
+    pub async fn epoch(&self) -> Result<Found> {
         let mut c = self.conn.clone();
-        let _: Option<String> = set.query_async(&mut c).await?;
-        let id: Option<String> = get.query_async(&mut c).await?;
-        Ok(id.unwrap_or_else(|| candidate.to_owned()))
+        let main: Option<String> = redis::cmd("GET")
+            .arg(self.keys.epoch())
+            .query_async(&mut c)
+            .await?;
+        let markers = self.epoch_markers();
+        let found: Vec<Option<String>> = if markers.is_empty() || main.is_none() {
+            Vec::new()
+        } else {
+            // Concurrent single commands: the async cluster connection
+            // sends a pipeline to one node only, and the markers are on all.
+            let reads = markers.iter().map(|m| {
+                let mut c = self.conn.clone();
+                async move {
+                    redis::cmd("GET")
+                        .arg(m)
+                        .query_async::<Option<String>>(&mut c)
+                        .await
+                }
+            });
+            join_all(reads)
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?
+        };
+        Ok(Found::from_reads(main, &found))
+    }
+
+    /// Mints a new epoch and makes it the pipeline's if the key is missing
+    /// or still holds `replacing` (the id found missing or damaged); returns
+    /// what it holds afterwards (another component may have replaced it
+    /// first). Markers go first, and again with the winner's id.
+    pub async fn claim_epoch(&self, replacing: Option<&str>) -> Result<String> {
+        let markers = self.epoch_markers();
+        let candidate = mint(!markers.is_empty());
+        let mut c = self.conn.clone();
+        let set_markers = |id: String| {
+            let markers = &markers;
+            async move {
+                let writes = markers.iter().map(|m| {
+                    let (mut c, id) = (self.conn.clone(), id.clone());
+                    async move {
+                        redis::cmd("SET")
+                            .arg(m)
+                            .arg(id)
+                            .query_async::<()>(&mut c)
+                            .await
+                    }
+                });
+                join_all(writes)
+                    .await
+                    .into_iter()
+                    .collect::<Result<(), _>>()
+            }
+        };
+        set_markers(candidate.clone()).await?;
+        let id: String = redis::Script::new(EPOCH_CLAIM_SCRIPT)
+            .key(self.keys.epoch())
+            .arg(&candidate)
+            .arg(replacing.unwrap_or(""))
+            .invoke_async(&mut c)
+            .await?;
+        if id != candidate && id.ends_with(SPREAD_SUFFIX) {
+            set_markers(id.clone()).await?;
+        }
+        Ok(id)
     }
 
     /// Writes channels back after Redis lost its data: each one's registry

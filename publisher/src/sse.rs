@@ -1,7 +1,8 @@
 //! Server-Sent Events streams: `GET /v1/sse/<channel>`.
 //!
-//! The same flow as the WebSocket endpoint over plain HTTP: join the channel
-//! (subscribed), then the outbox's items as events. SSE is one-way, so
+//! The same flow as the WebSocket endpoint over plain HTTP (the opening is
+//! [`crate::opening`]'s, shared with it): join the channel (subscribed),
+//! then the outbox's items as events. SSE is one-way, so
 //! `begin` is `?begin=1` (or `POST /v1/channels/<id>/begin`). A slow reader
 //! simply stops polling the body; its outbox conflates meanwhile.
 //!
@@ -18,15 +19,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream;
-use streampipe_contract::{close as code, validate_channel_id};
+use streampipe_contract::close as code;
 use warp::http::StatusCode;
 use warp::sse::Event;
 use warp::Reply;
 
 use crate::auth::{Allowance, Principal};
-use crate::clients::{Kind, StreamSlot};
+use crate::clients::StreamSlot;
 use crate::hub::Membership;
 use crate::metrics::GaugeGuard;
+use crate::opening::{self, FirstBegin};
 use crate::outbox::{Item, Outbox};
 use crate::server::PeerAddr;
 use crate::{api, Context, StreamParams};
@@ -68,22 +70,15 @@ pub async fn handle(
     ctx: Arc<Context>,
 ) -> Result<warp::reply::Response, warp::Rejection> {
     let m = &ctx.metrics;
-    if let Err(e) = validate_channel_id(&channel) {
-        m.rejected.with_label_values(&["invalid_channel"]).inc();
-        return Ok(api::error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_channel",
-            &e.to_string(),
-        ));
-    }
-    if params.token_in_url() {
-        m.rejected.with_label_values(&["token_in_url"]).inc();
-        return Ok(api::error_response(
-            StatusCode::BAD_REQUEST,
-            "token_in_url",
-            "tokens never go in a URL: get a ticket with POST /v1/channels/<id>/tickets",
-        ));
-    }
+    let req = match opening::check_request(
+        &ctx,
+        channel,
+        &params,
+        "get a ticket with POST /v1/channels/<id>/tickets",
+    ) {
+        Ok(req) => req,
+        Err(r) => return Ok(r.response(&ctx)),
+    };
     let principal = if ctx.auth.requires_token() {
         let unauthorized = |label: &str, msg: &str| {
             m.rejected.with_label_values(&[label]).inc();
@@ -99,7 +94,7 @@ pub async fn handle(
                 "an SSE stream needs ?ticket= from POST /v1/channels/<id>/tickets",
             ));
         };
-        let value = match ctx.registry.take_ticket(&channel, ticket).await {
+        let value = match ctx.registry.take_ticket(&req.channel, ticket).await {
             Ok(Some(v)) => v,
             Ok(None) => {
                 return Ok(unauthorized(
@@ -118,88 +113,43 @@ pub async fn handle(
     } else {
         Principal::anonymous()
     };
-    match crate::channels::owns(&ctx, &principal, &channel).await {
-        Ok(true) => {
-            // Kept for a write-back after a Redis data loss.
-            if let Some(s) = &principal.subject {
-                ctx.hub.remember_owner(&channel, s);
-            }
-        }
-        Ok(false) => {
+    let channel = req.channel.clone();
+    let ip = api::client_ip(&ctx, &headers, peer);
+    let opened = match opening::open(&ctx, &principal, &ip, req).await {
+        Ok(o) => o,
+        Err(r) => return Ok(r.response(&ctx)),
+    };
+    match opened.begin {
+        // No begin will come on this stream (`?begin=1` absent): the
+        // history markets' live updates the opening held go out now.
+        FirstBegin::None => opened.outbox.release(),
+        FirstBegin::Done => {}
+        // An SSE client cannot send begin again on this stream: fail the
+        // request, and the EventSource retries it.
+        FirstBegin::Failed => {
             return Ok(api::error_response(
-                StatusCode::NOT_FOUND,
-                "unknown_channel",
-                "unknown channel",
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "unavailable",
             ))
         }
-        Err(e) => return Ok(api::error_from(&e)),
-    }
-    let client = crate::channels::client_key(&principal, &api::client_ip(&ctx, &headers, peer));
-    let Some(slot) = ctx.clients.open_stream(&client) else {
-        m.rejected.with_label_values(&["limit_streams"]).inc();
-        return Ok(api::error_from(&crate::Error::limited(
-            "too_many_streams",
-            format!(
-                "a client holds at most {} open streams here",
-                ctx.clients.limits().max_streams
-            ),
-            Duration::from_secs(5),
-        )));
-    };
-    let since = match params.since() {
-        Ok(s) => s,
-        Err(msg) => {
-            m.rejected.with_label_values(&["invalid_since"]).inc();
-            return Ok(api::error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_since",
-                &msg,
-            ));
+        FirstBegin::Deferred(at) => {
+            let (ctx, outbox, channel) = (ctx.clone(), opened.outbox.clone(), channel.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep_until(at).await;
+                let _ = ctx.hub.begin(&channel, &outbox).await;
+            });
         }
-    };
-    let outbox = Arc::new(Outbox::new(since, ctx.outbox_budget.clone()));
-    if params.begin && ctx.hub.keeps_history() {
-        // History markets' live updates wait for the begin below, which
-        // replays what the client missed since `since` before them.
-        outbox.hold();
     }
-    let (membership, markets) = match ctx.hub.join(&channel, outbox.clone()).await {
-        Ok(joined) => joined,
-        Err(e) => {
-            if matches!(e, crate::Error::Invalid { .. }) {
-                m.rejected.with_label_values(&["unknown_channel"]).inc();
-            }
-            return Ok(api::error_from(&e));
-        }
-    };
     m.connections_total.with_label_values(&["sse"]).inc();
     let gauge = GaugeGuard::inc(m.connections.with_label_values(&["sse"]));
-    if params.begin {
-        match ctx.clients.take(&client, Kind::Begin, 1) {
-            Ok(()) => {
-                if let Err(e) = ctx.hub.begin(&channel, &outbox).await {
-                    return Ok(api::error_from(&e));
-                }
-            }
-            Err(wait) => {
-                // Deferred rather than refused: the stream is open and
-                // waits for its state as long as the bucket says.
-                m.rejected.with_label_values(&[Kind::Begin.label()]).inc();
-                let (ctx, outbox, channel) = (ctx.clone(), outbox.clone(), channel.clone());
-                tokio::spawn(async move {
-                    tokio::time::sleep(wait).await;
-                    let _ = ctx.hub.begin(&channel, &outbox).await;
-                });
-            }
-        }
-    }
-    let ack = serde_json::json!({"type": "subscribed", "channel": channel, "markets": markets});
+    let ack = opened.ack(&channel);
     let state = State {
-        outbox,
-        _membership: membership,
+        outbox: opened.outbox,
+        _membership: opened.membership,
         _gauge: gauge,
-        _slot: slot,
-        first: Some(Event::default().event("subscribed").data(ack.to_string())),
+        _slot: opened.slot,
+        first: Some(Event::default().event("subscribed").data(ack)),
         token_deadline: principal
             .expires_at
             .filter(|_| ctx.auth.requires_token())

@@ -8,7 +8,6 @@
 //! `OnUpgrade` extension and build the `WebSocketStream` with a small
 //! [`ws_config`].
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,23 +15,23 @@ use futures_util::{SinkExt, StreamExt};
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use streampipe_contract::deploy::{WS_BEARER_PREFIX, WS_PROTOCOL};
-use streampipe_contract::{close as code, validate_channel_id, MAX_UPDATE_MESSAGE_BYTES};
+use streampipe_contract::{close as code, MAX_UPDATE_MESSAGE_BYTES};
 use tokio_tungstenite::tungstenite::error::ProtocolError;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, warn};
+use tracing::debug;
 use warp::http::{Response, StatusCode};
 use warp::hyper::body::Bytes as HyperBytes;
 
 use crate::auth::{self, Principal};
 use crate::clients::Kind;
-use crate::error::Error;
 use crate::frames::{self, ClientFrame};
 use crate::metrics::GaugeGuard;
-use crate::outbox::{Item, Outbox};
+use crate::opening::{self, FirstBegin, Opened, Request};
+use crate::outbox::Item;
 use crate::server::PeerAddr;
 use crate::{api, Context, StreamParams};
 
@@ -197,38 +196,15 @@ pub async fn handle(
             "Sec-WebSocket-Key must be the base64 encoding of 16 bytes",
         );
     };
-    if let Err(e) = validate_channel_id(&channel) {
-        ctx.metrics
-            .rejected
-            .with_label_values(&["invalid_channel"])
-            .inc();
-        return Ok(api::error_response(
-            StatusCode::BAD_REQUEST,
-            "invalid_channel",
-            &e.to_string(),
-        ));
-    }
-    let since = match params.since() {
-        Ok(s) => s,
-        Err(msg) => {
-            ctx.metrics
-                .rejected
-                .with_label_values(&["invalid_since"])
-                .inc();
-            return Ok(api::error_response(
-                StatusCode::BAD_REQUEST,
-                "invalid_since",
-                &msg,
-            ));
-        }
+    let req = match opening::check_request(
+        &ctx,
+        channel,
+        &params,
+        "use the Sec-WebSocket-Protocol entry bearer.<token> or an auth frame",
+    ) {
+        Ok(req) => req,
+        Err(r) => return Ok(r.response(&ctx)),
     };
-    if params.token_in_url() {
-        return reject(
-            StatusCode::BAD_REQUEST,
-            "token_in_url",
-            "tokens never go in a URL: use the Sec-WebSocket-Protocol entry bearer.<token> or an auth frame",
-        );
-    }
     let (offered, v2, bearer) = offered_protocols(headers.protocol.as_deref());
     if offered && !v2 {
         return reject(
@@ -255,9 +231,7 @@ pub async fn handle(
         )
         .await;
         let opening = Opening {
-            channel,
-            since,
-            begin: params.begin,
+            req,
             origin_ok,
             bearer,
             ip,
@@ -278,9 +252,7 @@ pub async fn handle(
 
 /// What a connection was opened with.
 struct Opening {
-    channel: String,
-    since: HashMap<Arc<str>, u64>,
-    begin: bool,
+    req: Request,
     origin_ok: bool,
     bearer: Option<String>,
     ip: String,
@@ -394,9 +366,7 @@ fn read_error_close(e: &WsError) -> Option<(u16, &'static str, &'static str)> {
 /// One connection's life: check, join the channel, ack, stream.
 async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
     let Opening {
-        channel,
-        since,
-        begin,
+        req,
         origin_ok,
         bearer,
         ip,
@@ -418,69 +388,38 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
     let Some(mut principal) = authenticate(&mut ws, &ctx, bearer).await else {
         return;
     };
-    // Another subject's channel is an unknown one (no existence oracle).
-    match crate::channels::owns(&ctx, &principal, &channel).await {
-        Ok(true) => {
-            // Kept for a write-back after a Redis data loss.
-            if let Some(s) = &principal.subject {
-                ctx.hub.remember_owner(&channel, s);
-            }
-        }
-        Ok(false) => {
-            return close(&mut ws, &ctx, code::UNKNOWN_CHANNEL, "unknown channel").await;
-        }
-        Err(e) => {
-            warn!(error = %e, "stream could not check its channel's owner");
-            return close(&mut ws, &ctx, code::UNAVAILABLE, "unavailable").await;
-        }
-    }
-    let client = crate::channels::client_key(&principal, &ip);
-    let Some(_slot) = ctx.clients.open_stream(&client) else {
-        m.rejected.with_label_values(&["limit_streams"]).inc();
-        return close(&mut ws, &ctx, code::TOO_MANY_STREAMS, "too many streams").await;
-    };
     let mut token_deadline = deadline_of(principal.expires_at);
-    let outbox = Arc::new(Outbox::new(since, ctx.outbox_budget.clone()));
-    // History markets' live updates wait for the first begin, which
-    // replays what the client missed before them (see `hub::begin`).
-    let mut hold_until = ctx.hub.keeps_history().then(|| {
-        outbox.hold();
-        tokio::time::Instant::now() + HISTORY_HOLD_TIMEOUT
-    });
-    let (_membership, markets) = match ctx.hub.join(&channel, outbox.clone()).await {
-        Ok(joined) => joined,
-        Err(Error::Invalid { .. }) => {
-            m.rejected.with_label_values(&["unknown_channel"]).inc();
-            return close(&mut ws, &ctx, code::UNKNOWN_CHANNEL, "unknown channel").await;
-        }
-        Err(e) => {
-            warn!(error = %e, "stream could not join its channel");
-            return close(&mut ws, &ctx, code::UNAVAILABLE, "unavailable").await;
+    let channel = req.channel.clone();
+    let begin_asked = req.begin;
+    let opened = match opening::open(&ctx, &principal, &ip, req).await {
+        Ok(o) => o,
+        Err(r) => {
+            let (c, reason) = r.close();
+            return close(&mut ws, &ctx, c, reason).await;
         }
     };
-    let ack = serde_json::json!({"type": "subscribed", "channel": channel, "markets": markets});
-    if ws.send(Message::text(ack.to_string())).await.is_err() {
+    if ws.send(Message::text(opened.ack(&channel))).await.is_err() {
         return;
     }
-    let mut last_begin: Option<Instant> = None;
+    let Opened {
+        outbox,
+        membership: _membership,
+        slot: _slot,
+        client,
+        begin,
+        ..
+    } = opened;
+    let mut last_begin: Option<Instant> = begin_asked.then(Instant::now);
+    // The opening held history markets' live updates for the first begin
+    // (see `opening::open`); a client that sends none gets them after this.
+    let mut hold_until = (ctx.hub.keeps_history() && !begin_asked)
+        .then(|| tokio::time::Instant::now() + HISTORY_HOLD_TIMEOUT);
     // A begin the client's bucket could not pay for yet: done when it can
     // (later begin frames merge into it).
-    let mut pending_begin: Option<tokio::time::Instant> = None;
-    if begin {
-        last_begin = Some(Instant::now());
-        hold_until = None; // this begin (now or pending) releases the hold
-        match ctx.clients.take(&client, Kind::Begin, 1) {
-            Ok(()) => {
-                if ctx.hub.begin(&channel, &outbox).await.is_err() {
-                    m.rejected.with_label_values(&["begin_failed"]).inc();
-                }
-            }
-            Err(wait) => {
-                m.rejected.with_label_values(&[Kind::Begin.label()]).inc();
-                pending_begin = Some(tokio::time::Instant::now() + wait);
-            }
-        }
-    }
+    let mut pending_begin: Option<tokio::time::Instant> = match begin {
+        FirstBegin::Deferred(at) => Some(at),
+        _ => None,
+    };
     // Looked up once: a labelled lookup per message would cost more than the count.
     let sent = m.sent.with_label_values(&["ws"]);
     let mut shutdown = ctx.shutdown.clone();

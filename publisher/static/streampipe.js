@@ -30,6 +30,10 @@
  *   transport   'ws' (default when WebSocket exists) or 'sse'.
  *   versions    initial market -> version map (e.g. restored from storage):
  *               the first begin resumes from it with `since`.
+ *   snapshot    true: start() first loads the markets' cacheable snapshot
+ *               (loadSnapshot()), then opens the stream with `since` = the
+ *               snapshot's versions. A failed snapshot only costs the
+ *               shortcut (an `error` event; the stream's begin sends all).
  *   backoff     {min: 250, max: 10000, factor: 2, jitter: 0.5} (ms). Delay of
  *               reconnect attempt n (from 0): d = min(max, min * factor^n),
  *               randomised into [d * (1 - jitter), d]. The attempt counter
@@ -64,6 +68,16 @@
  *                        markets' state (begin); resolves to the market list
  *   removeMarket(m)      DELETE /v1/channels/<id>/markets/<m>; forgets m's
  *                        version and state and ignores its late updates
+ *   loadSnapshot(list = markets)  GET /v1/snapshot?markets=... (canonical:
+ *                        sorted, deduplicated, split into requests of at most
+ *                        100 markets / 4 KiB, answered by a CDN when one is
+ *                        in front): applies every market's state like an
+ *                        update (an `update` event each, versions recorded),
+ *                        so the stream opened afterwards asks only for newer
+ *                        versions. Resolves to {markets, missing, at}; emits
+ *                        `snapshot` with the same. A stale (cached) snapshot
+ *                        is fine: the stream's begin sends whatever is newer.
+ *   StreamPipe.snapshotPaths(list)  the canonical request paths for a list
  *   rate(windowMs=5000)  applied updates per second over the last full seconds
  *   on(event, fn)        subscribe; returns a function that unsubscribes
  *   off(event, fn)
@@ -86,6 +100,7 @@
  *                      'network' / 'bad_frame' / ...), .status (HTTP status
  *                      if any) and .fatal (true when the client stopped)
  *   rate       ({perSecond})  once a second while started, if listened to
+ *   snapshot   ({markets, missing, at})  a snapshot was loaded and applied
  *
  * Stream behaviour
  *   WebSocket: on `subscribed` send {"type":"begin","since":{m: version, ...}}
@@ -139,6 +154,8 @@
   const validVersion = (v) => Number.isSafeInteger(v) && v >= 1;
   const MAX_CLIENT_FRAME = 4096; // bytes; server closes bigger frames with 1009/4400
   const MAX_SINCE_QUERY = 4096; // characters of the SSE since= value
+  const MAX_SNAPSHOT_MARKETS = 100; // markets per snapshot request (server limit)
+  const MAX_SNAPSHOT_QUERY = 4096; // bytes of a snapshot's canonical markets=... query
 
   class StreamPipeError extends Error {
     constructor(code, message, extra) {
@@ -212,6 +229,7 @@
       this._now = opts.now || (() => Date.now());
       this._random = opts.random || Math.random;
 
+      this._snapshotFirst = opts.snapshot === true;
       this.versions = Object.create(null);
       // market -> whether the last begin's history replay covered the gap
       this.recovered = Object.create(null);
@@ -364,8 +382,62 @@
         };
         window.addEventListener('online', this._onOnline);
       }
+      if (this._snapshotFirst) {
+        // Only the first start: later connects resume from `versions`.
+        this._snapshotFirst = false;
+        const gen = this._gen;
+        this.loadSnapshot()
+          .catch((e) => this._error(e, false))
+          .then(() => {
+            if (this._started && this._gen === gen) this._connect();
+          });
+        return this;
+      }
       this._connect();
       return this;
+    }
+
+    // ---- snapshots ----------------------------------------------------
+    // Canonical snapshot paths for `list`: ids sorted (code unit order is
+    // byte order for the ASCII ids), deduplicated, in chunks within the
+    // server's limits, so equal sets share one CDN cache entry.
+    static snapshotPaths(list) {
+      const ids = uniqStrings(list).filter((m) => ID_RE.test(m)).sort();
+      const paths = [];
+      let chunk = [];
+      let size = 'markets='.length;
+      for (const m of ids) {
+        const add = m.length + (chunk.length ? 1 : 0);
+        if (chunk.length && (chunk.length >= MAX_SNAPSHOT_MARKETS || size + add > MAX_SNAPSHOT_QUERY)) {
+          paths.push('/v1/snapshot?markets=' + chunk.join(','));
+          chunk = [];
+          size = 'markets='.length;
+        }
+        size += m.length + (chunk.length ? 1 : 0);
+        chunk.push(m);
+      }
+      if (chunk.length) paths.push('/v1/snapshot?markets=' + chunk.join(','));
+      return paths;
+    }
+
+    async loadSnapshot(list) {
+      const paths = StreamPipe.snapshotPaths(list === undefined ? this.markets : list);
+      const parts = await Promise.all(paths.map((p) => this._api('GET', p)));
+      const out = { markets: Object.create(null), missing: [], at: null };
+      for (const data of parts) {
+        if (!data || typeof data !== 'object') continue;
+        const markets = data.markets && typeof data.markets === 'object' ? data.markets : {};
+        for (const m of Object.keys(markets)) {
+          const msg = markets[m];
+          if (!msg || typeof msg !== 'object' || msg.market !== m) continue;
+          out.markets[m] = msg;
+          this._onUpdate(msg, true); // applied if newer than what we have
+        }
+        if (Array.isArray(data.missing)) out.missing.push(...data.missing);
+        if (typeof data.at === 'number' && (out.at === null || data.at > out.at)) out.at = data.at;
+      }
+      this._emit('snapshot', out);
+      return out;
     }
 
     async close(opts) {
@@ -737,7 +809,8 @@
       }
     }
 
-    _onUpdate(msg) {
+    // `snapshot`: from loadSnapshot(), so its age is no stream latency.
+    _onUpdate(msg, snapshot) {
       const m = msg.market;
       const v = msg.version;
       if (typeof m !== 'string' || !validVersion(v)) {
@@ -753,12 +826,14 @@
       }
       this.versions[m] = v;
       this.state[m] = msg;
-      const now = this._now();
-      this.stats.updates++;
-      this.stats.lastUpdateAt = now;
-      if (typeof msg.ts === 'number') this.stats.lastLatencyMs = now - msg.ts;
-      this._countRate(now);
-      if (this.connectionState === 'subscribed') this._setState('live');
+      if (!snapshot) {
+        const now = this._now();
+        this.stats.updates++;
+        this.stats.lastUpdateAt = now;
+        if (typeof msg.ts === 'number') this.stats.lastLatencyMs = now - msg.ts;
+        this._countRate(now);
+        if (this.connectionState === 'subscribed') this._setState('live');
+      }
       this._emit('update', msg);
     }
 

@@ -22,7 +22,7 @@
 
 use std::time::{Duration, Instant};
 
-use streampipe_contract::epoch::{new_epoch_id, EPOCH_CHECK_INTERVAL};
+use streampipe_contract::epoch::EPOCH_CHECK_INTERVAL;
 
 use crate::core::Core;
 use crate::error::Result;
@@ -48,7 +48,7 @@ pub enum Verdict {
 pub fn judge(known: Option<&str>, read: &EpochRead) -> Option<Verdict> {
     Some(match (known, read) {
         (_, EpochRead::NotRead) => return None,
-        (None, EpochRead::Missing) => Verdict::Claim,
+        (None, EpochRead::Missing | EpochRead::Damaged(_)) => Verdict::Claim,
         (None, EpochRead::Is(id)) => Verdict::Adopt(id.clone()),
         (Some(k), EpochRead::Is(id)) if k == id => Verdict::Same,
         (Some(_), _) => Verdict::Lost,
@@ -127,15 +127,27 @@ pub struct WrittenBack {
     pub subscriptions: u64,
 }
 
-/// Re-creates the epoch key (or adopts the one a peer created first) and
-/// writes back every owned partition's subscriptions from `core`, marking
-/// each with the epoch. Idempotent: a failure is retried whole.
+/// The id a new epoch must replace after `read`: the damaged one (its key
+/// still holds it, every peer still trusts it), else the one remembered
+/// (gone, or already replaced by a peer, whose id then wins).
+pub fn replacing<'a>(known: Option<&'a str>, read: &'a EpochRead) -> Option<&'a str> {
+    match read {
+        EpochRead::Damaged(id) => Some(id),
+        _ => known,
+    }
+}
+
+/// Re-creates the epoch key, replacing `replacing` (or adopts the one a
+/// peer created first) and writes back every owned partition's
+/// subscriptions from `core`, marking each with the epoch. Idempotent: a
+/// failure is retried whole.
 pub fn write_back_all(
     store: &mut RedisStore,
     core: &Core,
     metrics: &Metrics,
+    replacing: Option<&str>,
 ) -> Result<WrittenBack> {
-    let epoch = store.claim_epoch(&new_epoch_id())?;
+    let epoch = store.claim_epoch(replacing)?;
     let mut done = WrittenBack {
         epoch,
         ..WrittenBack::default()
@@ -167,6 +179,15 @@ mod tests {
         // A peer noticed first and created a new one: still our loss.
         assert_eq!(judge(Some("a"), &is("b")), Some(Verdict::Lost));
         assert_eq!(judge(Some("a"), &EpochRead::NotRead), None);
+        // A cluster shard lost the markers: a loss even though the key
+        // still holds our id; a newcomer claims a new one over it.
+        let damaged = EpochRead::Damaged("a".into());
+        assert_eq!(judge(Some("a"), &damaged), Some(Verdict::Lost));
+        assert_eq!(judge(None, &damaged), Some(Verdict::Claim));
+        assert_eq!(replacing(Some("a"), &damaged), Some("a"));
+        assert_eq!(replacing(None, &damaged), Some("a"));
+        assert_eq!(replacing(Some("a"), &EpochRead::Missing), Some("a"));
+        assert_eq!(replacing(Some("a"), &is("b")), Some("a"));
     }
 
     /// A batch whose read predates our write-back saw the key missing; it

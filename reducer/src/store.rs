@@ -29,6 +29,8 @@ use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Client, ClientTlsConfig, Cmd, Connection, Script, TlsCertificates, Value};
 use streampipe_contract::deploy::RedisTlsPem;
+use streampipe_contract::epoch::{mint, Found, EPOCH_CLAIM_SCRIPT, SPREAD_SUFFIX};
+use streampipe_contract::slot::SPREAD_TAGS;
 use streampipe_contract::{slot, History, Keys};
 
 use crate::core::Effect;
@@ -189,13 +191,16 @@ pub enum EpochRead {
     Missing,
     /// The key holds this id.
     Is(String),
+    /// The key holds this id, but a cluster marker of it is gone (see
+    /// [`streampipe_contract::epoch::Found::Damaged`]).
+    Damaged(String),
 }
 
 impl EpochRead {
     /// The id read, if the key was read and exists.
     pub fn id(&self) -> Option<&str> {
         match self {
-            EpochRead::Is(id) => Some(id),
+            EpochRead::Is(id) | EpochRead::Damaged(id) => Some(id),
             _ => None,
         }
     }
@@ -629,37 +634,77 @@ impl RedisStore {
         Ok(out)
     }
 
-    /// Reads the pipeline's data epoch.
+    /// Reads the pipeline's data epoch and, on a cluster, its markers (one
+    /// pipeline: a round trip per master).
     pub fn read_epoch(&mut self) -> Result<EpochRead> {
         let key = self.keys.epoch();
-        let id: Option<String> =
-            self.with_conn(|c| redis::cmd("GET").arg(&key).query(c.as_like()))?;
-        Ok(id.map_or(EpochRead::Missing, EpochRead::Is))
-    }
-
-    /// Creates the epoch key with `candidate` unless it exists, and returns
-    /// what it holds afterwards (another component may have created it first).
-    pub fn claim_epoch(&mut self, candidate: &str) -> Result<String> {
-        let key = self.keys.epoch();
-        let (id,): (String,) = self.with_conn(|c| {
-            let mut set = redis::cmd("SET");
-            set.arg(&key).arg(candidate).arg("NX");
-            let mut get = redis::cmd("GET");
-            get.arg(&key);
-            match c {
-                Conn::Single(c) => redis::pipe()
-                    .add_command(set)
-                    .ignore()
-                    .add_command(get)
-                    .query(c),
-                Conn::Cluster { conn, .. } => redis::cluster::cluster_pipe()
-                    .add_command(set)
-                    .ignore()
-                    .add_command(get)
-                    .query(conn.as_mut()),
+        let markers: Vec<String> = (0..self.marker_count())
+            .map(|i| self.keys.epoch_marker(i))
+            .collect();
+        let (main, found): (Option<String>, Vec<Option<String>>) = self.with_conn(|c| match c {
+            Conn::Single(c) => Ok((redis::cmd("GET").arg(&key).query(c)?, Vec::new())),
+            Conn::Cluster { conn, .. } => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                pipe.get(&key);
+                for m in &markers {
+                    pipe.get(m);
+                }
+                let mut all: Vec<Option<String>> = pipe.query(conn.as_mut())?;
+                let main = all.remove(0);
+                Ok((main, all))
             }
         })?;
-        Ok(id)
+        Ok(match Found::from_reads(main, &found) {
+            Found::Missing => EpochRead::Missing,
+            Found::Is(id) => EpochRead::Is(id),
+            Found::Damaged(id) => EpochRead::Damaged(id),
+        })
+    }
+
+    /// Markers of an epoch minted here: [`SPREAD_TAGS`] on a cluster.
+    fn marker_count(&self) -> usize {
+        if self.is_cluster() {
+            SPREAD_TAGS.len()
+        } else {
+            0
+        }
+    }
+
+    /// Mints a new epoch and makes it the pipeline's if the key is missing
+    /// or still holds `replacing` (the id found missing or damaged); returns
+    /// what the key holds afterwards (another component may have replaced
+    /// it first). On a cluster the markers are written before the key (a
+    /// reader never sees a new key with old markers) and again with the
+    /// winner's id when another component won.
+    pub fn claim_epoch(&mut self, replacing: Option<&str>) -> Result<String> {
+        let candidate = mint(self.is_cluster());
+        let key = self.keys.epoch();
+        let markers: Vec<String> = (0..self.marker_count())
+            .map(|i| self.keys.epoch_marker(i))
+            .collect();
+        let replacing = replacing.unwrap_or("").to_owned();
+        self.with_conn(|c| {
+            let set_markers = |c: &mut Conn, id: &str| -> redis::RedisResult<()> {
+                if let Conn::Cluster { conn, .. } = c {
+                    let mut pipe = redis::cluster::cluster_pipe();
+                    for m in &markers {
+                        pipe.set(m, id).ignore();
+                    }
+                    pipe.query::<()>(conn.as_mut())?;
+                }
+                Ok(())
+            };
+            set_markers(c, &candidate)?;
+            let id: String = redis::Script::new(EPOCH_CLAIM_SCRIPT)
+                .key(&key)
+                .arg(&candidate)
+                .arg(&replacing)
+                .invoke(c.as_like())?;
+            if id != candidate && id.ends_with(SPREAD_SUFFIX) {
+                set_markers(c, &id)?;
+            }
+            Ok(id)
+        })
     }
 
     /// Marks `partition` as written by its owner in `epoch`; returns the

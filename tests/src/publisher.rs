@@ -197,13 +197,33 @@ pub async fn http_full(
     body: Option<&str>,
     token: Option<&str>,
 ) -> (u16, String, String) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| ("Authorization", a))
+        .into_iter()
+        .collect();
+    let (status, head, body) = http_with_headers(addr, method, path, body, &headers).await;
+    (status, head.to_ascii_lowercase(), body)
+}
+
+/// One HTTP/1.1 request with these extra headers (e.g. `If-None-Match`);
+/// returns status, head (as sent) and body.
+pub async fn http_with_headers(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    headers: &[(&str, &str)],
+) -> (u16, String, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let body = body.unwrap_or("");
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
     s.write_all(req.as_bytes()).await.unwrap();
@@ -227,7 +247,7 @@ pub async fn http_full(
     } else {
         rest.to_owned()
     };
-    (status, head.to_ascii_lowercase(), body)
+    (status, head.to_owned(), body)
 }
 
 fn dechunk(mut s: &str) -> String {

@@ -13,15 +13,9 @@ use streampipe_tests::{wait_for, Broker, Pipeline};
 
 fn policy() -> Policy {
     Policy {
-        min_replicas: 1,
         max_replicas: 100,
         lag_threshold: 50,
-        activation_lag_threshold: 0,
-        scale_up_window: Duration::ZERO,
-        scale_down_window: Duration::from_secs(300),
-        even_spread: false,
-        drain_target: None,
-        limit_to_lagging: false,
+        ..Policy::default()
     }
 }
 

@@ -56,6 +56,15 @@ async fn live_page_shows_changing_prices() {
     )
     .await;
     eprintln!("screenshot kept at {}", shot.display());
+    // It painted from the snapshot first (docs/protocol.md, "Snapshots").
+    let snapshot = b
+        .eval(
+            "JSON.stringify(performance.getEntriesByType('resource')\
+             .filter(e => e.name.includes('/v1/snapshot?markets='))\
+             .map(e => e.responseStatus))",
+        )
+        .await;
+    assert_eq!(snapshot, "[200]", "one snapshot request, answered 200");
 
     stop.store(true, Ordering::SeqCst);
     feeder.join().unwrap();

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use streampipe_tests::browser::{assert_live_page_moves, feed_odds, Browser};
-use streampipe_tests::publisher::{create_channel, has, open_stream, read_updates};
+use streampipe_tests::publisher::{create_channel, has, http_as, open_stream, read_updates};
 use streampipe_tests::{wait_for, Broker, Pipeline};
 
 /// The install's namespace: the default (namespaced) install watches it.
@@ -339,9 +339,10 @@ impl Drop for PortForward {
     }
 }
 
-/// Install, a pipeline that becomes Ready with running pods, a feed streamed
-/// through to a WebSocket client over `kubectl port-forward` to the publisher
-/// Service, and a deleted pipeline's pods gone.
+/// Install, a token-mode pipeline that becomes Ready with running pods, a
+/// feed streamed through to a WebSocket client over `kubectl port-forward`
+/// to the publisher Service (calls without a token, or with another
+/// subject's, refused), and a deleted pipeline's pods gone.
 #[test]
 fn a_pipeline_runs_and_streams_on_a_real_node() {
     let Some(_cfg) = node_kubeconfig("a_pipeline_runs_and_streams_on_a_real_node") else {
@@ -372,9 +373,30 @@ fn a_pipeline_runs_and_streams_on_a_real_node() {
         "leader {holder} is one of {names:?}"
     );
 
+    // Token mode (#9): the HS256 secret reaches the publisher pod only
+    // through a secretKeyRef the operator wires from spec.publisher.auth.
     let p = node_pipeline(2);
+    let key_secret = format!("{}-auth", p.name);
+    let (ok, _, err) = kubectl(&[
+        "create",
+        "secret",
+        "generic",
+        &key_secret,
+        "-n",
+        NS,
+        &format!(
+            "--from-literal=hs256={}",
+            streampipe_tests::auth::TEST_SECRET
+        ),
+    ]);
+    assert!(ok, "auth secret: {err}");
     let t0 = Instant::now();
-    apply_pipeline(&p, "2 partitions", json!({}));
+    apply_pipeline(
+        &p,
+        "2 partitions, token mode",
+        json!({"publisher": {"replicas": 1, "auth": {
+            "mode": "token", "hs256Secret": {"name": key_secret, "key": "hs256"}}}}),
+    );
     let sp = wait_for(POD_TIMEOUT, "pipeline Ready", || {
         let sp = get("streampipeline", &p.name)?;
         (condition(&sp, "Ready")?["status"] == "True").then_some(sp)
@@ -406,7 +428,16 @@ fn a_pipeline_runs_and_streams_on_a_real_node() {
     let pf = PortForward::service(&format!("{}-publisher", p.name), 80);
     let rt = tokio::runtime::Runtime::new().unwrap();
     rt.block_on(async {
+        // No token, or another subject's: refused (401 / the channel is not
+        // theirs, 404). The harness's own token streams.
+        let body = r#"{"markets":["m1"]}"#;
+        let r = http_as(pf.addr, "POST", "/v1/channels", Some(body), None).await;
+        assert_eq!(r.status, 401, "no token: {}", r.body);
         let channel = create_channel(pf.addr, &["m1", "m2"]).await;
+        let other = streampipe_tests::auth::token_for("someone-else", &["*"], 600);
+        let path = format!("/v1/channels/{channel}/begin");
+        let r = http_as(pf.addr, "POST", &path, None, Some(&other)).await;
+        assert_eq!(r.status, 404, "another subject's channel: {}", r.body);
         let mut ws = open_stream(pf.addr, &channel).await;
         p.wait_subscribed(&channel, "m1");
         for v in 1..=5 {
@@ -425,6 +456,7 @@ fn a_pipeline_runs_and_streams_on_a_real_node() {
     drop(pf);
 
     delete_pipeline(&p.name);
+    let _ = kubectl(&["delete", "secret", &key_secret, "-n", NS]);
 }
 
 /// Autoscaling with the loop closed: a backlog raises the reducers to the

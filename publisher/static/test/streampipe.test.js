@@ -966,3 +966,78 @@ test('SSE with a token exchanges it for a one-time ticket; `expired` reconnects 
   assert.ok(env.sources[1].url.includes('ticket=tk2'), env.sources[1].url);
   await env.client.close({ deleteChannel: false });
 });
+
+// ---- snapshots (first paint from a cacheable snapshot, then since) --------
+
+test('snapshotPaths are canonical: sorted, deduplicated, split within the limits', () => {
+  assert.deepEqual(StreamPipe.snapshotPaths([M2, M1, M2, 'bad id', '']), ['/v1/snapshot?markets=' + M1 + ',' + M2]);
+  assert.deepEqual(StreamPipe.snapshotPaths([]), []);
+  const many = Array.from({ length: 250 }, (_, i) => 'm' + String(i).padStart(3, '0'));
+  const paths = StreamPipe.snapshotPaths(many.slice().reverse());
+  assert.equal(paths.length, 3);
+  assert.equal(paths[0].split('=')[1].split(',').length, 100);
+  assert.deepEqual(paths.flatMap((p) => p.split('=')[1].split(',')), many);
+  // Long ids: the 4 KiB query bound cuts first.
+  const long = Array.from({ length: 60 }, (_, i) => String(i).padStart(3, '0') + 'x'.repeat(120));
+  for (const p of StreamPipe.snapshotPaths(long)) {
+    assert.ok(p.length - '/v1/snapshot?'.length <= 4096, 'query within 4 KiB');
+  }
+  assert.deepEqual(StreamPipe.snapshotPaths(long).flatMap((p) => p.split('=')[1].split(',')), long);
+});
+
+test('snapshot first: the stream opens after it, with since = its versions (stale snapshot, no gap)', async () => {
+  const snap = {
+    at: 1000,
+    markets: { [M1]: upd(M1, 5, { home: 1 }, 900), [M2]: upd(M2, 3, { home: 2 }, 1000) },
+    missing: [],
+  };
+  const env = setup({ client: { snapshot: true } }, [['GET', /\/v1\/snapshot$/, () => response(200, snap)]]);
+  const snapshots = [];
+  env.client.on('snapshot', (s) => snapshots.push(s));
+  env.client.start();
+  await waitFor(() => env.sockets.length === 1, 'socket');
+  // The snapshot came first, on its canonical URL, then the channel.
+  assert.equal(env.calls[0].method, 'GET');
+  assert.equal(env.calls[0].url, BASE + '/v1/snapshot?markets=' + M1 + ',' + M2);
+  assert.equal(env.calls[1].url, BASE + '/v1/channels');
+  assert.deepEqual(env.events.update.map((u) => [u.market, u.version]), [[M1, 5], [M2, 3]]);
+  assert.equal(snapshots.length, 1);
+  assert.equal(env.client.stats.lastLatencyMs, null, 'a snapshot is no stream latency');
+  const ws = env.sockets[0];
+  ws.subscribed('ch-1', [M1, M2]);
+  assert.deepEqual(ws.sent, [{ type: 'begin', since: { [M1]: 5, [M2]: 3 } }]);
+  // The server replays what is newer; an old one (repeated) is dropped.
+  ws.frame(upd(M1, 7));
+  ws.frame(upd(M2, 3));
+  ws.frame(upd(M1, 8));
+  assert.deepEqual(env.events.update.slice(2).map((u) => [u.market, u.version]), [[M1, 7], [M1, 8]]);
+  assert.equal(env.events.duplicate.length, 1);
+  await env.client.close({ deleteChannel: false });
+});
+
+test('a failed snapshot is an error event, and the stream still starts (full begin)', async () => {
+  const env = setup({ client: { snapshot: true } }, [
+    ['GET', /\/v1\/snapshot$/, () => response(503, { error: { code: 'unavailable', message: 'unavailable' } })],
+  ]);
+  env.client.start();
+  await waitFor(() => env.sockets.length === 1, 'socket');
+  assert.equal(env.events.error.length, 1);
+  assert.equal(env.events.error[0].code, 'unavailable');
+  assert.equal(env.events.error[0].fatal, false);
+  env.sockets[0].subscribed('ch-1', [M1, M2]);
+  assert.deepEqual(env.sockets[0].sent, [{ type: 'begin' }]);
+  await env.client.close({ deleteChannel: false });
+});
+
+test('loadSnapshot sends the token, keeps newer local versions, and reports missing markets', async () => {
+  const snap = { at: 5, markets: { [M1]: upd(M1, 4) }, missing: [M2] };
+  const env = setup({ client: { token: 'tok', versions: { [M1]: 9 } } }, [
+    ['GET', /\/v1\/snapshot$/, () => response(200, snap)],
+  ]);
+  const got = await env.client.loadSnapshot();
+  assert.equal(env.calls[0].init.headers.authorization, 'Bearer tok');
+  assert.deepEqual(got.missing, [M2]);
+  assert.equal(got.at, 5);
+  assert.equal(env.client.versions[M1], 9, 'an older snapshot never moves a version back');
+  assert.equal(env.events.update.length, 0);
+});

@@ -104,10 +104,7 @@ impl Inner {
         match epoch::judge(self.epoch.known(), read) {
             Some(Verdict::Lost) => self.write_back(read),
             Some(Verdict::Adopt(id)) => self.epoch.set(id),
-            Some(Verdict::Claim) => match self
-                .loader
-                .claim_epoch(&streampipe_contract::epoch::new_epoch_id())
-            {
+            Some(Verdict::Claim) => match self.loader.claim_epoch(epoch::replacing(None, read)) {
                 Ok(id) => self.epoch.set(id),
                 Err(e) => {
                     debug!(error = %e, "creating the data epoch failed; the next check retries")
@@ -130,7 +127,13 @@ impl Inner {
         let mut backoff = RETRY_BACKOFF_MIN;
         let mut attempts = 0;
         loop {
-            match epoch::write_back_all(&mut self.loader, &self.core, &self.metrics) {
+            let replacing = epoch::replacing(self.epoch.known(), read).map(str::to_owned);
+            match epoch::write_back_all(
+                &mut self.loader,
+                &self.core,
+                &self.metrics,
+                replacing.as_deref(),
+            ) {
                 Ok(done) => {
                     info!(epoch = %done.epoch, partitions = done.partitions,
                         subscriptions = done.subscriptions, elapsed = ?t.elapsed(),
