@@ -9,6 +9,9 @@
 #                                                 channels on ONE market, then
 #                                                 spread over 100 000 markets
 #   scripts/bench-reducer.sh --mode subscribe --subscribes 20000
+#   scripts/bench-reducer.sh --history-compare    update throughput twice in one
+#                                                 run: history off, then on for
+#                                                 every market (XADD per update)
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 cd "$ROOT"
@@ -50,5 +53,19 @@ case " $* " in
 esac
 redis-cli -p 36379 flushall >/dev/null
 
-"$BIN_DIR/streampipe-bench-reducer" --brokers 127.0.0.1:39092 --admin 127.0.0.1:39093 \
-    --redis-url redis://127.0.0.1:36379 "$@"
+bench() {
+    "$BIN_DIR/streampipe-bench-reducer" --brokers 127.0.0.1:39092 --admin 127.0.0.1:39093 \
+        --redis-url redis://127.0.0.1:36379 "$@"
+}
+case " $* " in
+*" --history-compare "*)
+    args=()
+    for a in "$@"; do [ "$a" = --history-compare ] || args+=("$a"); done
+    echo "===== history off"
+    bench "${args[@]}"
+    redis-cli -p 36379 flushall >/dev/null
+    echo "===== history on (every market, max len 1000)"
+    bench "${args[@]}" --history-prefixes '*'
+    ;;
+*) bench "$@" ;;
+esac

@@ -43,6 +43,10 @@ pub const CHANNEL_CLOSED: u16 = 4410;
 /// `since`. Bounds how long one connection pins a pod, so load rebalances
 /// after a scale-out and a leaked stream does not live forever.
 pub const LIFETIME_REACHED: u16 = 4411;
+/// Events of a history market could not be queued in order for this
+/// client (it fell behind, or the pod had to conflate them): reconnect at
+/// once with `since`; the missed events are replayed from the history.
+pub const HISTORY_GAP: u16 = 4412;
 
 /// Codes after which a client stops for good without an error.
 pub const STOP: [u16; 2] = [NORMAL, CHANNEL_CLOSED];

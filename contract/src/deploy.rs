@@ -39,6 +39,11 @@ pub mod env {
     pub const KEY_NAMESPACE: &str = "STREAMPIPE_KEY_NAMESPACE";
     /// Publisher: the delivery log's Kafka topic (unset or "": no log).
     pub const DELIVERY_LOG_TOPIC: &str = "STREAMPIPE_DELIVERY_LOG_TOPIC";
+    /// Reducer and publisher: comma-separated market-id prefixes whose
+    /// markets keep an event history (`*`: all; unset or "": none).
+    pub const HISTORY_MARKET_PREFIXES: &str = "STREAMPIPE_HISTORY_MARKET_PREFIXES";
+    /// Reducer: entries kept per history market's stream (`MAXLEN ~`).
+    pub const HISTORY_MAX_LEN: &str = "STREAMPIPE_HISTORY_MAX_LEN";
     /// Kafka bootstrap servers.
     pub const KAFKA_BROKERS: &str = "STREAMPIPE_KAFKA_BROKERS";
     /// Data topic.

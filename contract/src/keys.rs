@@ -117,6 +117,14 @@ impl Keys {
         format!("{}p2e:{partition}", self.prefix)
     }
 
+    /// Capped stream of every applied update of a history market (see
+    /// [`crate::history`]): entry id `<version>-0`, fields `p`, `ts`, `msg`.
+    /// Same hash tag as the market's state, so the reducer's script appends
+    /// it in the state write's slot (atomic, Redis Cluster-valid).
+    pub fn market_history(&self, market: &str) -> String {
+        format!("{}{{m:{market}}}:hist", self.prefix)
+    }
+
     /// The pub/sub topic of `market`: every update of a watched market is
     /// published here **once**, whatever the number of watchers. It carries
     /// the market's hash tag, so on Redis Cluster the state write and the
@@ -188,5 +196,6 @@ mod tests {
         // The topic and the state hash of a market hash to one slot.
         let tag = |s: &str| s[s.find('{').unwrap()..=s.find('}').unwrap()].to_owned();
         assert_eq!(tag(&m), tag(&k.market_state("M1")));
+        assert_eq!(tag(&m), tag(&k.market_history("M1")));
     }
 }

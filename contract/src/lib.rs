@@ -5,7 +5,8 @@
 //! schema ([`keys`]) and the partitioner that decides which Kafka partition a
 //! market lives on ([`partitioner`]), and the deployment contract
 //! ([`deploy`]): env names, ports and defaults the operator and binaries share;
-//! the delivery log's record ([`delivery`]) and the data epoch that reveals a
+//! the delivery log's record ([`delivery`]), which markets keep an event
+//! history and how ([`history`]) and the data epoch that reveals a
 //! Redis that lost its data ([`epoch`]). Anything that two components must agree
 //! on byte for byte lives here and nowhere else.
 
@@ -13,12 +14,14 @@ pub mod close;
 pub mod delivery;
 pub mod deploy;
 pub mod epoch;
+pub mod history;
 pub mod keys;
 pub mod message;
 pub mod partitioner;
 pub mod slot;
 
 pub use delivery::{decode_delivery, encode_delivery, DeliveryRecord};
+pub use history::History;
 pub use keys::{Keys, Topic};
 pub use message::{
     decode_channel_message, decode_command, decode_published, decode_update, encode_command,

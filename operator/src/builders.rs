@@ -157,6 +157,12 @@ pub fn config_data(sp: &StreamPipeline) -> BTreeMap<String, String> {
     if let Some(topic) = &k.delivery_log_topic {
         set(names::DELIVERY_LOG_TOPIC, topic.clone());
     }
+    // Both roles: the reducers append, the publishers replay (and never
+    // conflate) the same markets.
+    if let Some(h) = &sp.spec.history {
+        set(names::HISTORY_MARKET_PREFIXES, h.market_prefixes.join(","));
+        set(names::HISTORY_MAX_LEN, h.max_len.to_string());
+    }
     set(names::REDIS_CLUSTER, sp.spec.redis.cluster.to_string());
     // `spec.publisher.auth` (anonymous when absent); keys never go here.
     for (k, v) in crate::publisher_auth::config_entries(sp) {
@@ -684,6 +690,20 @@ pub(crate) mod tests {
             );
             assert!(np["metadata"]["ownerReferences"].is_array());
         }
+    }
+
+    #[test]
+    fn the_history_setting_reaches_both_roles_only_when_set() {
+        let d = config_data(&sample());
+        assert!(!d.contains_key(names::HISTORY_MARKET_PREFIXES));
+        assert!(!d.contains_key(names::HISTORY_MAX_LEN));
+        let mut s = serde_json::to_value(&sample().spec).unwrap();
+        s["history"] = json!({"marketPrefixes": ["bets.", "acct:"]});
+        let d = config_data(&pipeline(s.clone()));
+        assert_eq!(d[names::HISTORY_MARKET_PREFIXES], "bets.,acct:");
+        assert_eq!(d[names::HISTORY_MAX_LEN], "1000");
+        s["history"]["maxLen"] = json!(50);
+        assert_eq!(config_data(&pipeline(s))[names::HISTORY_MAX_LEN], "50");
     }
 
     #[test]

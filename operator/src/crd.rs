@@ -120,6 +120,36 @@ pub struct StreamPipelineSpec {
     /// Reducer autoscaling from Kafka consumer lag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+    /// Event history for market classes where the latest value is not
+    /// enough (bet settlements, account messages): off when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub history: Option<HistorySpec>,
+}
+
+/// Event history: every applied update of the matching markets is kept in
+/// a capped Redis Stream per market, and a client resuming with `since`
+/// gets the events it missed in order (docs/protocol.md, "Event history").
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HistorySpec {
+    /// Market-id prefixes whose markets keep a history (`*`: every market).
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(
+            length(min = 1, max = 128),
+            regex(pattern = r"^(\*|[A-Za-z0-9._:-]+)$")
+        )
+    )]
+    pub market_prefixes: Vec<String>,
+    /// Entries kept per market (approximate: `XADD MAXLEN ~`); Redis memory
+    /// per market is about this times an entry's size.
+    #[serde(default = "history_max_len")]
+    #[schemars(range(min = 1, max = 1_000_000))]
+    pub max_len: u64,
+}
+
+fn history_max_len() -> u64 {
+    streampipe_contract::history::DEFAULT_MAX_LEN
 }
 
 /// Reducer autoscaling from Kafka consumer lag (HPA semantics, capped at the
@@ -698,6 +728,15 @@ pub fn validate(spec: &StreamPipelineSpec) -> Vec<Invalid> {
             });
         }
     }
+    if let Some(h) = &spec.history {
+        if let Err(e) = streampipe_contract::History::parse(&h.market_prefixes.join(","), h.max_len)
+        {
+            out.push(Invalid {
+                field: "spec.history",
+                message: e.to_string(),
+            });
+        }
+    }
     out.extend(validate_security(spec));
     out
 }
@@ -775,6 +814,17 @@ mod tests {
         let errs = validate(&s);
         let fields: Vec<&str> = errs.iter().map(|e| e.field).collect();
         assert_eq!(fields, vec!["spec.kafka.commandTopic"]);
+        // History settings the schema lets through but the binaries refuse.
+        let mut s = spec();
+        s.history = Some(HistorySpec {
+            market_prefixes: vec!["bets.".into(), "a{b".into()],
+            max_len: 2_000_000,
+        });
+        let fields: Vec<&str> = validate(&s).iter().map(|e| e.field).collect();
+        assert_eq!(fields, vec!["spec.history"]);
+        s.history.as_mut().unwrap().market_prefixes = vec!["bets.".into()];
+        s.history.as_mut().unwrap().max_len = 50;
+        assert!(validate(&s).is_empty());
     }
 
     #[test]

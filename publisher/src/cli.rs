@@ -46,6 +46,10 @@ pub struct Args {
     /// browsers, for audit); unset or "": no log.
     #[arg(long, env = env::DELIVERY_LOG_TOPIC)]
     pub delivery_log_topic: Option<String>,
+    /// Comma-separated market-id prefixes whose markets keep an event history (`*`: all;
+    /// empty: none); must match the reducers' setting.
+    #[arg(long, env = env::HISTORY_MARKET_PREFIXES, default_value = "")]
+    pub history_market_prefixes: String,
     /// Command topic [default: <pipeline>.commands].
     #[arg(long, env = env::COMMAND_TOPIC)]
     pub command_topic: Option<String>,
@@ -166,6 +170,8 @@ impl Args {
         let mut config = Config::new(&self.brokers, &self.pipeline, &redis_url);
         config.key_namespace = self.key_namespace.clone().filter(|n| !n.is_empty());
         config.delivery_log_topic = self.delivery_log_topic.clone().filter(|t| !t.is_empty());
+        config.history = streampipe_contract::History::parse(&self.history_market_prefixes, 0)
+            .map_err(|e| Error::Config(e.to_string()))?;
         config.redis_cluster = self.redis_cluster;
         config.redis_tls = self.redis_tls.tls();
         if let Some(t) = &self.command_topic {

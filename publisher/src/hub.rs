@@ -23,6 +23,14 @@
 //! watched (its "announce"). Subscription changes go through one task that
 //! reconciles Redis with the table, so a leave racing a join never drops a
 //! topic that is still wanted.
+//!
+//! History markets (see [`crate::history`]): a `begin` holds their live
+//! updates aside on the connection ([`Outbox::hold`]), reads the history
+//! after the connection's position, queues the missed events (or, when the
+//! history does not cover the gap, the latest state) after a `recovered`
+//! message, then releases the held live updates — subscribe first, read,
+//! then dedupe by version. Their versions are never conflated: where the
+//! ingest queue would, every watcher here is closed with 4412 and resumes.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,7 +38,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use streampipe_contract::{decode_channel_message, peek_update, ChannelMessage, Keys, Topic};
+use streampipe_contract::{
+    decode_channel_message, peek_update, ChannelMessage, History, Keys, Topic,
+};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, warn};
 
@@ -38,6 +48,7 @@ use crate::commands::Commands;
 use crate::delivery_log::{Delivery, DeliveryLog};
 use crate::epoch;
 use crate::error::{Error, Result};
+use crate::history::{self as hist, Verdict};
 use crate::ingest::{Ingest, Ingested};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed, Update};
@@ -78,6 +89,8 @@ struct Inner {
     refreshing: Mutex<HashSet<Arc<str>>>,
     /// The data epoch this pod saw (see [`crate::epoch`]).
     epoch: epoch::Watch,
+    /// Which markets keep an event history.
+    history: History,
 }
 
 /// Handle to the hub; cheap to clone.
@@ -118,6 +131,7 @@ impl Hub {
         metrics: Arc<Metrics>,
         delivery_log: Option<DeliveryLog>,
         commands: Option<Commands>,
+        history: History,
     ) -> Result<Self> {
         let (tx, rx) = mpsc::channel(HUB_COMMAND_QUEUE);
         let (connected, _) = watch::channel(false);
@@ -134,6 +148,7 @@ impl Hub {
                 delivery_log,
                 refreshing: Mutex::new(HashSet::new()),
                 epoch: epoch::Watch::new(commands),
+                history,
             }),
         };
         tokio::spawn(Driver::new(hub.clone(), target, rx).run());
@@ -286,6 +301,24 @@ impl Hub {
     /// lost) closes the connection with 4404 and is a 404 `unknown_channel`:
     /// a stream must never stay open silently receiving nothing.
     pub async fn begin(&self, channel: &str, outbox: &Outbox) -> Result<usize> {
+        if !self.inner.history.is_on() {
+            return self.begin_held(channel, outbox).await;
+        }
+        // Held from before the history read until its events are queued
+        // (a connection may be held since it joined; see `ws`).
+        outbox.hold();
+        let res = self.begin_held(channel, outbox).await;
+        outbox.release();
+        res
+    }
+
+    /// Whether this pipeline keeps any history (connections then hold
+    /// history markets' live updates from their join to their first begin).
+    pub fn keeps_history(&self) -> bool {
+        self.inner.history.is_on()
+    }
+
+    async fn begin_held(&self, channel: &str, outbox: &Outbox) -> Result<usize> {
         let markets = match self.sync_or_recover(channel).await? {
             Some(Synced {
                 markets: Some(m), ..
@@ -296,10 +329,78 @@ impl Hub {
             }
             None => return Ok(0),
         };
-        let states = self.inner.registry.states(&markets).await?;
+        // History markets the connection has a position on are resumed
+        // from their history; the others get their state.
+        let h = &self.inner.history;
+        let resumed: Vec<(String, u64)> = markets
+            .iter()
+            .filter(|m| h.applies(m))
+            .filter_map(|m| outbox.position(m).map(|p| (m.clone(), p)))
+            .collect();
+        let count = hist::read_count(resumed.len());
+        let reads: Vec<(String, u64, usize)> = resumed
+            .iter()
+            .map(|(m, p)| (m.clone(), *p, count))
+            .collect();
+        let (states, histories) = tokio::try_join!(
+            self.inner.registry.states(&markets),
+            self.inner.registry.history_after(&reads),
+        )?;
+        let mut state_of: std::collections::HashMap<Arc<str>, Update> = states
+            .into_iter()
+            .flatten()
+            .filter_map(|b| state_update(b, h))
+            .map(|u| (u.market.clone(), u))
+            .collect();
         let mut queued = 0;
-        for u in states.into_iter().flatten().filter_map(state_update) {
-            queued += usize::from(self.count(outbox.push_update(&u)));
+        let mut bytes_left = hist::REPLAY_MAX_BYTES;
+        let m = &self.inner.metrics;
+        for ((market, since), reply) in resumed.iter().zip(histories) {
+            let state = state_of.remove(market.as_str());
+            let verdict = hist::decide(
+                *since,
+                hist::parse_entries(reply),
+                count,
+                state.as_ref().map(|u| u.version),
+                bytes_left,
+            );
+            let recovered = matches!(verdict, Verdict::Recovered(_));
+            m.history_replays
+                .with_label_values(&[if recovered {
+                    "recovered"
+                } else {
+                    "not_recovered"
+                }])
+                .inc();
+            let updates: Vec<Update> = match verdict {
+                Verdict::Recovered(entries) => entries
+                    .into_iter()
+                    .map(|e| Update {
+                        market: market.as_str().into(),
+                        version: e.version,
+                        bytes: e.msg,
+                        history: true,
+                    })
+                    .collect(),
+                Verdict::NotRecovered => state.into_iter().collect(),
+            };
+            let replayed = if recovered { updates.len() } else { 0 };
+            bytes_left -= if recovered {
+                updates.iter().map(|u| u.bytes.len()).sum()
+            } else {
+                0
+            };
+            m.history_replayed.inc_by(replayed as u64);
+            outbox.push_message(
+                "recovered",
+                hist::recovered_message(market, *since, recovered, replayed),
+            );
+            for u in &updates {
+                queued += usize::from(self.count(outbox.push_replayed(u)));
+            }
+        }
+        for u in state_of.into_values() {
+            queued += usize::from(self.count(outbox.push_replayed(&u)));
         }
         Ok(queued)
     }
@@ -339,7 +440,12 @@ impl Hub {
             }
         };
         let t = self.table();
-        for u in states.into_iter().flatten().filter_map(state_update) {
+        let h = &self.inner.history;
+        for u in states
+            .into_iter()
+            .flatten()
+            .filter_map(|b| state_update(b, h))
+        {
             t.for_each_member(channel, |o| {
                 self.count(o.push_update(&u));
             });
@@ -355,6 +461,8 @@ impl Hub {
             Pushed::Conflated => m.conflated.inc(),
             Pushed::Duplicate => m.duplicates.inc(),
             Pushed::TooSlow => m.slow_closed.inc(),
+            Pushed::Gap => m.history_gaps.inc(),
+            Pushed::Held => {}
         }
         false
     }
@@ -432,10 +540,11 @@ impl Hub {
                 // A copy of its own: a slice of the read buffer would pin the
                 // whole buffer for as long as any outbox holds the update.
                 let bytes = Bytes::copy_from_slice(payload);
+                let history = self.inner.history.applies(market);
                 match self
                     .inner
                     .ingest
-                    .push(market, head.version, bytes, Instant::now())
+                    .push(market, head.version, bytes, history, Instant::now())
                 {
                     Ingested::Queued => {}
                     Ingested::Conflated => m.hub_conflated.inc(),
@@ -465,6 +574,7 @@ impl Hub {
                         market: head.market.into(),
                         version: head.version,
                         bytes: Bytes::copy_from_slice(payload),
+                        history: self.inner.history.applies(head.market),
                     };
                     let t = self.table();
                     if t.holds(channel, head.market) {
@@ -570,12 +680,13 @@ fn observe_latency(m: &Metrics, ts: Option<i64>) {
 }
 
 /// A stored state message as an update for an outbox.
-fn state_update(bytes: Bytes) -> Option<Update> {
+fn state_update(bytes: Bytes, history: &History) -> Option<Update> {
     let (market, version) = {
         let head = peek_update(&bytes).ok()?;
         (Arc::<str>::from(head.market), head.version)
     };
     Some(Update {
+        history: history.applies(&market),
         market,
         version,
         bytes,
@@ -594,7 +705,7 @@ async fn dispatch(hub: Hub) {
         }
         let now = Instant::now();
         let at = now_ms();
-        let (mut conflated, mut duplicates, mut slow) = (0u64, 0u64, 0u64);
+        let (mut conflated, mut duplicates, mut slow, mut gaps) = (0u64, 0u64, 0u64, 0u64);
         {
             let t = hub.table();
             for item in &batch {
@@ -604,6 +715,16 @@ async fn dispatch(hub: Hub) {
                 // of an older one still waiting): what the log records.
                 let mut handed = 0u32;
                 let n = t.for_each_watcher(&item.update.market, |o| {
+                    if item.gap {
+                        // A history market's event was conflated away here:
+                        // every watcher resumes from the history instead.
+                        o.close(
+                            streampipe_contract::close::HISTORY_GAP,
+                            "the pod fell behind on a history market; resume with since",
+                        );
+                        gaps += 1;
+                        return;
+                    }
                     match o.push_update(&item.update) {
                         Pushed::Queued => handed += 1,
                         Pushed::Closed => {}
@@ -613,6 +734,8 @@ async fn dispatch(hub: Hub) {
                         }
                         Pushed::Duplicate => duplicates += 1,
                         Pushed::TooSlow => slow += 1,
+                        Pushed::Gap => gaps += 1,
+                        Pushed::Held => handed += 1,
                     }
                 });
                 m.fanout.observe(n as f64);
@@ -630,6 +753,7 @@ async fn dispatch(hub: Hub) {
         m.conflated.inc_by(conflated);
         m.duplicates.inc_by(duplicates);
         m.slow_closed.inc_by(slow);
+        m.history_gaps.inc_by(gaps);
         m.hub_pending.set(hub.inner.ingest.len() as i64);
         tokio::task::yield_now().await;
     }

@@ -52,6 +52,9 @@ pub struct Taken {
     pub update: Update,
     /// When its entry was queued (for a conflated entry: the first version's time).
     pub since: Instant,
+    /// A history market's entry that replaced a queued version: its
+    /// watchers here missed an event and must resume from the history.
+    pub gap: bool,
 }
 
 #[derive(Debug, Default)]
@@ -100,16 +103,26 @@ impl Ingest {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Queues an update of `market`.
-    pub fn push(&self, market: &str, version: u64, bytes: Bytes, now: Instant) -> Ingested {
+    /// Queues an update of `market` (`history`: a history market, whose
+    /// versions conflate only past the byte bound, and then mark a gap).
+    pub fn push(
+        &self,
+        market: &str,
+        version: u64,
+        bytes: Bytes,
+        history: bool,
+        now: Instant,
+    ) -> Ingested {
         let mut g = self.lock();
         let st = &mut *g;
-        // Behind: too many bytes wait, or the oldest has waited too long.
-        let behind = st.bytes >= self.conflate_after
-            || st
-                .queue
-                .front()
-                .is_some_and(|f| now.saturating_duration_since(f.since) >= self.conflate_after_lag);
+        // Behind: too many bytes wait, or the oldest has waited too long
+        // (lateness alone never drops a history market's event).
+        let full = st.bytes >= self.conflate_after;
+        let behind = full
+            || (!history
+                && st.queue.front().is_some_and(|f| {
+                    now.saturating_duration_since(f.since) >= self.conflate_after_lag
+                }));
         if let Some(&seq) = st.newest.get(market) {
             let idx = (seq - st.front_seq) as usize;
             let queued = &mut st.queue[idx];
@@ -120,6 +133,7 @@ impl Ingest {
                 st.bytes = st.bytes - queued.update.bytes.len() + bytes.len();
                 queued.update.version = version;
                 queued.update.bytes = bytes;
+                queued.gap |= history;
                 return Ingested::Conflated;
             }
         }
@@ -135,8 +149,10 @@ impl Ingest {
                 market: key,
                 version,
                 bytes,
+                history,
             },
             since: now,
+            gap: false,
         });
         let was_empty = st.queue.len() == 1;
         drop(g);
@@ -199,9 +215,9 @@ mod tests {
         let q = Ingest::default();
         let now = Instant::now();
         for v in 1..=1000 {
-            assert_eq!(q.push("a", v, b("x"), now), Ingested::Queued);
+            assert_eq!(q.push("a", v, b("x"), false, now), Ingested::Queued);
         }
-        assert_eq!(q.push("a", 1000, b("x"), now), Ingested::Stale);
+        assert_eq!(q.push("a", 1000, b("x"), false, now), Ingested::Stale);
         let t = q.take(2000);
         assert_eq!(
             t.iter().map(|t| t.update.version).collect::<Vec<_>>(),
@@ -218,7 +234,7 @@ mod tests {
         let mut conflated = 0;
         for v in 1..=10_000u64 {
             for m in ["a", "b", "c"] {
-                match q.push(m, v, b(&format!("{m}{v:05}")), now) {
+                match q.push(m, v, b(&format!("{m}{v:05}")), false, now) {
                     Ingested::Conflated => conflated += 1,
                     Ingested::Queued => {}
                     Ingested::Stale => panic!("nothing stale was offered"),
@@ -243,22 +259,43 @@ mod tests {
     }
 
     #[test]
+    fn a_history_market_conflates_only_past_the_bytes_and_then_marks_a_gap() {
+        let q = Ingest::with_threshold(4);
+        let t0 = Instant::now();
+        let late = t0 + CONFLATE_AFTER_LAG * 2;
+        assert_eq!(q.push("h", 1, b("1"), true, t0), Ingested::Queued);
+        // Late, but few bytes: every event still queued.
+        assert_eq!(q.push("h", 2, b("2"), true, late), Ingested::Queued);
+        assert_eq!(q.push("h", 3, b("33"), true, late), Ingested::Queued);
+        // Past the byte bound: conflated, and the entry carries the gap.
+        assert_eq!(q.push("h", 4, b("4"), true, late), Ingested::Conflated);
+        let taken = q.take(10);
+        assert_eq!(
+            taken
+                .iter()
+                .map(|t| (t.update.version, t.gap))
+                .collect::<Vec<_>>(),
+            [(1, false), (2, false), (4, true)]
+        );
+    }
+
+    #[test]
     fn a_lagging_queue_conflates_however_few_bytes_wait() {
         let q = Ingest::with_thresholds(usize::MAX, Duration::from_millis(500));
         let t0 = Instant::now();
         // Young queue: every version passes.
-        assert_eq!(q.push("hot", 1, b("1"), t0), Ingested::Queued);
+        assert_eq!(q.push("hot", 1, b("1"), false, t0), Ingested::Queued);
         assert_eq!(
-            q.push("hot", 2, b("2"), t0 + Duration::from_millis(499)),
+            q.push("hot", 2, b("2"), false, t0 + Duration::from_millis(499)),
             Ingested::Queued
         );
         // The oldest entry has waited 500 ms: the newest entry of the
         // market takes the new version in place.
         let late = t0 + Duration::from_millis(500);
-        assert_eq!(q.push("hot", 3, b("3"), late), Ingested::Conflated);
-        assert_eq!(q.push("hot", 4, b("4"), late), Ingested::Conflated);
+        assert_eq!(q.push("hot", 3, b("3"), false, late), Ingested::Conflated);
+        assert_eq!(q.push("hot", 4, b("4"), false, late), Ingested::Conflated);
         // A market not yet queued is still appended.
-        assert_eq!(q.push("cold", 1, b("1"), late), Ingested::Queued);
+        assert_eq!(q.push("cold", 1, b("1"), false, late), Ingested::Queued);
         let t = q.take(10);
         assert_eq!(
             t.iter()
@@ -271,20 +308,20 @@ mod tests {
             ]
         );
         // Drained: a fresh queue passes every version again.
-        assert_eq!(q.push("hot", 5, b("5"), late), Ingested::Queued);
-        assert_eq!(q.push("hot", 6, b("6"), late), Ingested::Queued);
+        assert_eq!(q.push("hot", 5, b("5"), false, late), Ingested::Queued);
+        assert_eq!(q.push("hot", 6, b("6"), false, late), Ingested::Queued);
     }
 
     #[test]
     fn taking_part_of_the_queue_keeps_conflation_consistent() {
         let q = Ingest::with_threshold(0);
         let now = Instant::now();
-        q.push("a", 1, b("1"), now);
-        q.push("b", 1, b("1"), now);
+        q.push("a", 1, b("1"), false, now);
+        q.push("b", 1, b("1"), false, now);
         assert_eq!(q.take(1)[0].update.market.as_ref(), "a");
         // "a" is no longer queued: a new version is appended, "b" conflates.
-        assert_eq!(q.push("a", 2, b("2"), now), Ingested::Queued);
-        assert_eq!(q.push("b", 2, b("2"), now), Ingested::Conflated);
+        assert_eq!(q.push("a", 2, b("2"), false, now), Ingested::Queued);
+        assert_eq!(q.push("b", 2, b("2"), false, now), Ingested::Conflated);
         let t = q.take(10);
         assert_eq!(
             t.iter()

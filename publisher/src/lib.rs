@@ -29,6 +29,7 @@ pub mod delivery_log;
 pub mod epoch;
 pub mod error;
 pub mod frames;
+pub mod history;
 pub mod hub;
 pub mod ingest;
 pub mod janitor;
@@ -74,6 +75,9 @@ pub struct Config {
     pub key_namespace: Option<String>,
     /// Kafka topic of the delivery log; `None`: no log.
     pub delivery_log_topic: Option<String>,
+    /// Which markets keep an event history (replayed on `begin` with
+    /// `since`, never conflated; see [`history`]).
+    pub history: streampipe_contract::History,
     /// Redis URL (with `redis_cluster`: comma-separated seed node URLs).
     pub redis_url: String,
     /// Redis is a Redis Cluster: sharded topics, one subscription per master.
@@ -129,6 +133,7 @@ impl Config {
             pipeline: pipeline.into(),
             key_namespace: None,
             delivery_log_topic: None,
+            history: streampipe_contract::History::off(),
             redis_url: redis_url.into(),
             redis_cluster: false,
             brokers: brokers.into(),
@@ -280,6 +285,7 @@ pub async fn context(
         metrics.clone(),
         delivery_log,
         Some(commands.clone()),
+        config.history.clone(),
     )?;
     let command_lag = Arc::new(lag::CommandLag::default());
     lag::spawn(

@@ -35,6 +35,14 @@ pub struct Metrics {
     pub duplicates: IntCounter,
     /// Clients closed as hopelessly behind.
     pub slow_closed: IntCounter,
+    /// History markets resumed by a `begin`, by result (`recovered`: the
+    /// missed events were replayed; `not_recovered`: the latest state).
+    pub history_replays: IntCounterVec,
+    /// History events replayed to resuming clients.
+    pub history_replayed: IntCounter,
+    /// Connections closed with 4412: a history market's events could not
+    /// be queued without dropping one (the client resumes from the history).
+    pub history_gaps: IntCounter,
     /// Redis pub/sub reconnects.
     pub redis_reconnects: IntCounter,
     /// Times this pod found the pipeline's data epoch gone or replaced:
@@ -195,6 +203,30 @@ impl Metrics {
                 IntCounter::new(
                     "streampipe_publisher_duplicates_total",
                     "Updates not newer than what the client has, dropped"
+                )
+                .expect("valid")
+            ),
+            history_replays: reg!(
+                r,
+                cv(
+                    "streampipe_publisher_history_replays_total",
+                    "History markets resumed by a begin, by result",
+                    &["result"]
+                )
+            ),
+            history_replayed: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_history_replayed_total",
+                    "History events replayed to resuming clients"
+                )
+                .expect("valid")
+            ),
+            history_gaps: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_history_gap_closes_total",
+                    "Connections closed with 4412 rather than drop a history market's event"
                 )
                 .expect("valid")
             ),

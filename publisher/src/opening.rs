@@ -180,6 +180,12 @@ pub async fn open(
         return Err(Refused::TooManyStreams);
     };
     let outbox = Arc::new(Outbox::new(req.since, ctx.outbox_budget.clone()));
+    if ctx.hub.keeps_history() {
+        // History markets' live updates wait for the first begin, which
+        // replays what the client missed before them (see `hub::begin`);
+        // a transport whose client will not begin releases the hold.
+        outbox.hold();
+    }
     let (membership, markets) = match ctx.hub.join(&req.channel, outbox.clone()).await {
         Ok(joined) => joined,
         Err(Error::Invalid { .. }) => {

@@ -24,6 +24,17 @@
 //! The outbox also drops versions that are not newer than what the
 //! connection already sent (or than its `since` resume point), so a `begin`
 //! replay or a reconnect never sends a client something it has.
+//!
+//! **History markets** (see `streampipe_contract::history`) are never
+//! conflated: every event matters. Their updates skip the age rule; when
+//! the byte bound or the pod's budget is reached and one of the market's
+//! events already waits, the connection is closed with
+//! [`HISTORY_GAP`](streampipe_contract::close::HISTORY_GAP) instead, and the
+//! client reconnects with `since` and gets the missed events replayed from
+//! the history. While a `begin` replays a history (see [`Outbox::hold`]),
+//! live updates of history markets wait in a bounded stash and are queued
+//! after the replayed ones, so the replay and the live stream leave no gap
+//! and repeat nothing.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -55,6 +66,12 @@ pub const SLOW_CLIENT_TIMEOUT: Duration = Duration::from_secs(30);
 /// conflates: absorbs a burst for thousands of clients while keeping the pod
 /// far below a typical memory limit.
 pub const POD_OUTBOX_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Bytes of live history-market updates a connection holds aside while a
+/// `begin` replays history (a Redis read, milliseconds): far more than
+/// arrives meanwhile; past it the stash is dropped and the connection
+/// closes with 4412 when the replay ends (it resumes from the history).
+pub const HOLD_STASH_BYTES: usize = 256 * 1024;
 
 /// The bytes queued in all outboxes of a pod.
 #[derive(Debug)]
@@ -106,6 +123,8 @@ pub struct Update {
     pub version: u64,
     /// The update's JSON, as sent to clients.
     pub bytes: Bytes,
+    /// The market keeps an event history: never conflated.
+    pub history: bool,
 }
 
 /// Something for the connection to do.
@@ -135,6 +154,11 @@ pub enum Pushed {
     TooSlow,
     /// The outbox is closed already.
     Closed,
+    /// A history market's event could not be queued without dropping
+    /// another: the outbox is now closing with 4412.
+    Gap,
+    /// A history market's event held aside while a replay runs.
+    Held,
 }
 
 #[derive(Debug)]
@@ -162,6 +186,17 @@ struct Inner {
     /// When the client last took something while messages waited.
     last_progress: Instant,
     closed: bool,
+    /// Live history-market updates held aside during a replay.
+    hold: Option<Hold>,
+}
+
+/// Live updates of history markets held during a replay (see [`Outbox::hold`]).
+#[derive(Debug, Default)]
+struct Hold {
+    stash: VecDeque<Update>,
+    bytes: usize,
+    /// More than [`HOLD_STASH_BYTES`] arrived: the stash was dropped.
+    overflowed: bool,
 }
 
 /// A connection's outbound queue. Share it in an `Arc` between the hub
@@ -209,6 +244,7 @@ impl Outbox {
                 sent: since,
                 last_progress: Instant::now(),
                 closed: false,
+                hold: None,
             }),
             notify: Notify::new(),
         }
@@ -227,18 +263,103 @@ impl Outbox {
         }
     }
 
-    /// Queues an update, conflating when the client is behind.
+    /// Queues an update, conflating when the client is behind (never a
+    /// history market's: see the module header).
     pub fn push_update(&self, u: &Update) -> Pushed {
         self.push_update_at(u, Instant::now())
     }
 
     fn push_update_at(&self, u: &Update, now: Instant) -> Pushed {
+        self.push(u, now, false)
+    }
+
+    /// Starts holding live updates of history markets aside, before a
+    /// `begin` reads the history (idempotent). [`Outbox::release`] ends it.
+    pub fn hold(&self) {
+        let mut g = self.lock();
+        if g.hold.is_none() && !g.closed {
+            g.hold = Some(Hold::default());
+        }
+    }
+
+    /// Whether history-market updates are held (a replay is pending).
+    pub fn is_held(&self) -> bool {
+        self.lock().hold.is_some()
+    }
+
+    /// Where the connection stands on `market`: the newest version sent,
+    /// queued or resumed from (`since`); `None` when it has none.
+    pub fn position(&self, market: &str) -> Option<u64> {
+        let g = self.lock();
+        let queued = g.queued.get(market).and_then(|&seq| {
+            g.queue
+                .get((seq - g.front_seq) as usize)
+                .and_then(|e| e.update.as_ref().map(|(_, v)| *v))
+        });
+        g.sent.get(market).copied().max(queued)
+    }
+
+    /// Queues a replayed update (history or a state read by `begin`) while
+    /// the hold is on: appended in order, never conflated or held (bounded
+    /// by the caller's replay limits).
+    pub fn push_replayed(&self, u: &Update) -> Pushed {
+        self.push(u, Instant::now(), true)
+    }
+
+    /// Ends a hold: queues the held live updates after what the replay
+    /// queued (dropping versions it already has), then lets live updates
+    /// through again. Closes with 4412 when the stash had overflowed.
+    pub fn release(&self) {
+        loop {
+            let stash = {
+                let mut g = self.lock();
+                let Some(h) = g.hold.as_mut() else { return };
+                if h.overflowed {
+                    g.hold = None;
+                    drop(g);
+                    self.close(
+                        streampipe_contract::close::HISTORY_GAP,
+                        "history events missed during a replay; resume with since",
+                    );
+                    return;
+                }
+                if h.stash.is_empty() {
+                    g.hold = None;
+                    return;
+                }
+                h.bytes = 0;
+                std::mem::take(&mut h.stash)
+            };
+            // Outside the lock, so more may arrive meanwhile: they go to
+            // the stash (newer), and the next round queues them.
+            for u in &stash {
+                self.push(u, Instant::now(), true);
+            }
+        }
+    }
+
+    fn push(&self, u: &Update, now: Instant, replayed: bool) -> Pushed {
         let mut g = self.lock();
         if g.closed {
             return Pushed::Closed;
         }
         if g.sent.get(&u.market).is_some_and(|&v| v >= u.version) {
             return Pushed::Duplicate;
+        }
+        if u.history && !replayed {
+            if let Some(h) = g.hold.as_mut() {
+                if !h.overflowed {
+                    if h.bytes + u.bytes.len() > HOLD_STASH_BYTES {
+                        h.overflowed = true;
+                        h.stash.clear();
+                        h.bytes = 0;
+                    } else {
+                        h.bytes += u.bytes.len();
+                        h.stash.push_back(u.clone());
+                    }
+                }
+                return Pushed::Held;
+            }
         }
         if g.queue.is_empty() {
             g.last_progress = now;
@@ -257,7 +378,27 @@ impl Outbox {
             .queue
             .front()
             .is_some_and(|e| now.saturating_duration_since(e.at) >= CONFLATE_AFTER_AGE);
-        if g.bytes >= g.conflate_after || self.budget.over() || lagging {
+        let full = g.bytes >= g.conflate_after || self.budget.over();
+        if u.history {
+            // Never conflated: late beats lost. Only when the bounds are
+            // reached and an event of the market already waits would a
+            // second one exceed "one entry per market": then the client
+            // resumes from the history instead.
+            if let Some(&seq) = g.queued.get(&u.market) {
+                let idx = (seq - g.front_seq) as usize;
+                if matches!(&g.queue[idx].update, Some((_, v)) if *v >= u.version) {
+                    return Pushed::Duplicate;
+                }
+                if full && !replayed {
+                    drop(g);
+                    self.close(
+                        streampipe_contract::close::HISTORY_GAP,
+                        "too far behind on a history market; resume with since",
+                    );
+                    return Pushed::Gap;
+                }
+            }
+        } else if full || lagging {
             if let Some(&seq) = g.queued.get(&u.market) {
                 let idx = (seq - g.front_seq) as usize;
                 let old_len = match &g.queue[idx] {
@@ -329,6 +470,7 @@ impl Outbox {
             return;
         }
         g.closed = true;
+        g.hold = None;
         g.queue.clear();
         self.budget.sub(g.bytes);
         g.bytes = 0;
@@ -390,169 +532,5 @@ fn item_len(item: &Item) -> usize {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn upd(m: &str, v: u64) -> Update {
-        Update {
-            market: m.into(),
-            version: v,
-            bytes: Bytes::from(format!("{m}@{v}")),
-        }
-    }
-
-    fn drain(o: &Outbox) -> Vec<String> {
-        let mut out = Vec::new();
-        while let Some(item) = o.pop() {
-            match item {
-                Item::Message { bytes, .. } => out.push(String::from_utf8(bytes.to_vec()).unwrap()),
-                Item::Close(code, _) => out.push(format!("close {code}")),
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn a_client_that_keeps_up_gets_every_version_in_order() {
-        let o = Outbox::default();
-        for v in 1..=1000 {
-            assert_eq!(o.push_update(&upd("a", v)), Pushed::Queued);
-        }
-        let got = drain(&o);
-        assert_eq!(
-            got,
-            (1..=1000).map(|v| format!("a@{v}")).collect::<Vec<_>>()
-        );
-    }
-
-    #[test]
-    fn a_slow_client_gets_the_latest_version_of_every_market_in_bounded_memory() {
-        let o = Outbox::with_threshold(HashMap::new(), 100, Arc::default());
-        // 5 markets, 1000 updates each, nothing read.
-        for v in 1..=1000 {
-            for m in ["a", "b", "c", "d", "e"] {
-                o.push_update(&upd(m, v));
-            }
-        }
-        assert!(
-            o.queued_bytes() <= 100 + 5 * 8,
-            "queue bounded: {} bytes",
-            o.queued_bytes()
-        );
-        assert!(o.len() <= 100 / 3 + 5, "queue bounded: {} entries", o.len());
-        let got = drain(&o);
-        for m in ["a", "b", "c", "d", "e"] {
-            assert!(
-                got.contains(&format!("{m}@1000")),
-                "{m} latest missing: {got:?}"
-            );
-        }
-        // Per market, versions are increasing.
-        for m in ["a", "b", "c", "d", "e"] {
-            let vs: Vec<u64> = got
-                .iter()
-                .filter_map(|s| s.strip_prefix(&format!("{m}@")).map(|v| v.parse().unwrap()))
-                .collect();
-            assert!(vs.windows(2).all(|w| w[0] < w[1]), "{m}: {vs:?}");
-        }
-    }
-
-    #[test]
-    fn a_lagging_outbox_conflates_however_few_bytes_wait() {
-        let o = Outbox::default();
-        let t0 = Instant::now();
-        assert_eq!(o.push_update_at(&upd("a", 1), t0), Pushed::Queued);
-        let young = t0 + CONFLATE_AFTER_AGE - Duration::from_millis(1);
-        assert_eq!(o.push_update_at(&upd("a", 2), young), Pushed::Queued);
-        // The oldest entry has waited CONFLATE_AFTER_AGE: the newest entry
-        // of the market takes the new version in place.
-        let late = t0 + CONFLATE_AFTER_AGE;
-        assert_eq!(o.push_update_at(&upd("a", 3), late), Pushed::Conflated);
-        assert_eq!(o.push_update_at(&upd("a", 4), late), Pushed::Conflated);
-        // A market not yet queued is still appended.
-        assert_eq!(o.push_update_at(&upd("b", 1), late), Pushed::Queued);
-        assert_eq!(drain(&o), vec!["a@1", "a@4", "b@1"]);
-        // Drained: every version passes again.
-        assert_eq!(o.push_update_at(&upd("a", 5), late), Pushed::Queued);
-        assert_eq!(o.push_update_at(&upd("a", 6), late), Pushed::Queued);
-    }
-
-    #[test]
-    fn duplicates_and_resume_points_are_dropped() {
-        let mut since = HashMap::new();
-        since.insert(Arc::from("a"), 5u64);
-        let o = Outbox::new(since, Arc::default());
-        assert_eq!(o.push_update(&upd("a", 5)), Pushed::Duplicate);
-        assert_eq!(o.push_update(&upd("a", 6)), Pushed::Queued);
-        assert_eq!(o.push_update(&upd("a", 6)), Pushed::Duplicate);
-        assert_eq!(drain(&o), vec!["a@6"]);
-        assert_eq!(
-            o.push_update(&upd("a", 6)),
-            Pushed::Duplicate,
-            "already sent"
-        );
-        assert_eq!(
-            o.push_update(&upd("a", 4)),
-            Pushed::Duplicate,
-            "older than sent"
-        );
-        o.forget_sent();
-        assert_eq!(o.push_update(&upd("a", 6)), Pushed::Queued, "after a reset");
-    }
-
-    #[test]
-    fn hopelessly_behind_client_is_closed_with_4408() {
-        let o = Outbox::default();
-        let t0 = Instant::now();
-        assert_eq!(o.push_update_at(&upd("a", 1), t0), Pushed::Queued);
-        let later = t0 + SLOW_CLIENT_TIMEOUT + Duration::from_secs(1);
-        assert_eq!(o.push_update_at(&upd("a", 2), later), Pushed::TooSlow);
-        assert_eq!(drain(&o), vec!["close 4408"]);
-        assert_eq!(o.push_update(&upd("a", 3)), Pushed::Closed);
-    }
-
-    #[test]
-    fn control_messages_are_never_conflated() {
-        let o = Outbox::with_threshold(HashMap::new(), 100, Arc::default());
-        for v in 1..=100 {
-            o.push_update(&upd("a", v));
-        }
-        o.push_message("reset", Bytes::from_static(b"reset"));
-        let got = drain(&o);
-        assert_eq!(
-            got.last().unwrap(),
-            "reset",
-            "queued after the updates, kept"
-        );
-        assert!(got.contains(&"a@100".to_string()));
-    }
-
-    #[test]
-    fn a_pod_over_its_budget_conflates_every_outbox() {
-        let budget = Arc::new(Budget::new(1000));
-        let big = Outbox::new(HashMap::new(), budget.clone());
-        let small = Outbox::new(HashMap::new(), budget.clone());
-        // Each outbox far below its own threshold, together over the budget.
-        // Distinct markets: nothing of `big` can conflate with itself.
-        for i in 0..200 {
-            assert_eq!(big.push_update(&upd(&format!("m{i}"), 1)), Pushed::Queued);
-        }
-        assert_eq!(budget.queued(), big.queued_bytes());
-        assert!(budget.queued() >= 1000);
-        assert_eq!(small.push_update(&upd("x", 1)), Pushed::Queued);
-        assert_eq!(small.push_update(&upd("x", 2)), Pushed::Conflated);
-        assert_eq!(big.push_update(&upd("m5", 2)), Pushed::Conflated);
-        assert_eq!(drain(&small), vec!["x@2"]);
-        // Memory goes back to the budget on pop, close and drop.
-        drain(&big);
-        assert_eq!(budget.queued(), 0);
-        small.push_update(&upd("x", 3));
-        small.close(1000, "bye");
-        assert_eq!(budget.queued(), 0);
-        let gone = Outbox::new(HashMap::new(), budget.clone());
-        gone.push_update(&upd("y", 1));
-        drop(gone);
-        assert_eq!(budget.queued(), 0);
-        assert_eq!(small.push_update(&upd("x", 4)), Pushed::Closed);
-    }
-}
+#[path = "outbox_tests.rs"]
+mod tests;

@@ -390,6 +390,28 @@ impl Registry {
         Ok(())
     }
 
+    /// Reads the history of each `(market, after, count)`: at most `count`
+    /// entries with versions above `after`, oldest first (raw `XRANGE`
+    /// replies; see [`crate::history::parse_entries`]).
+    pub async fn history_after(&self, reads: &[(String, u64, usize)]) -> Result<Vec<Value>> {
+        let cmds = reads
+            .iter()
+            .map(|(m, after, count)| {
+                let mut c = redis::cmd("XRANGE");
+                c.arg(self.keys.market_history(m))
+                    .arg(format!(
+                        "({}",
+                        streampipe_contract::history::entry_id(*after)
+                    ))
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(*count);
+                c
+            })
+            .collect();
+        self.run_all(cmds).await
+    }
+
     /// Runs `cmds` and returns their replies in order: one pipeline on a
     /// single Redis; on a cluster, which refuses a pipeline across slots,
     /// each command on its own, concurrently.

@@ -120,7 +120,10 @@ pub async fn handle(
         Err(r) => return Ok(r.response(&ctx)),
     };
     match opened.begin {
-        FirstBegin::None | FirstBegin::Done => {}
+        // No begin will come on this stream (`?begin=1` absent): the
+        // history markets' live updates the opening held go out now.
+        FirstBegin::None => opened.outbox.release(),
+        FirstBegin::Done => {}
         // An SSE client cannot send begin again on this stream: fail the
         // request, and the EventSource retries it.
         FirstBegin::Failed => {

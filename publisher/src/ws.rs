@@ -57,6 +57,12 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// produces a command per market, so a looping client must not flood Kafka.
 pub const BEGIN_MIN_INTERVAL: Duration = Duration::from_millis(500);
 
+/// How long a connection holds history markets' live updates aside while
+/// waiting for its first `begin` (clients send it on `subscribed`, one
+/// round trip later): that begin then resumes from the history in order. A
+/// client that never begins gets the held updates after this, as live ones.
+pub const HISTORY_HOLD_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// How long one write may take before the client counts as hopelessly behind.
 pub const WRITE_TIMEOUT: Duration = crate::outbox::SLOW_CLIENT_TIMEOUT;
 
@@ -404,6 +410,10 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
         ..
     } = opened;
     let mut last_begin: Option<Instant> = begin_asked.then(Instant::now);
+    // The opening held history markets' live updates for the first begin
+    // (see `opening::open`); a client that sends none gets them after this.
+    let mut hold_until = (ctx.hub.keeps_history() && !begin_asked)
+        .then(|| tokio::time::Instant::now() + HISTORY_HOLD_TIMEOUT);
     // A begin the client's bucket could not pay for yet: done when it can
     // (later begin frames merge into it).
     let mut pending_begin: Option<tokio::time::Instant> = match begin {
@@ -429,6 +439,7 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
                                     continue;
                                 }
                                 last_begin = Some(Instant::now());
+                                hold_until = None; // this begin releases the hold
                                 outbox.resume_from(&since);
                                 if pending_begin.is_some() {
                                     // Merged into the begin already waiting.
@@ -576,6 +587,10 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
                     Err(wait) => pending_begin = Some(tokio::time::Instant::now() + wait),
                 }
             }
+            _ = tokio::time::sleep_until(hold_until.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)), if hold_until.is_some() => {
+                hold_until = None;
+                outbox.release();
+            }
         }
     }
 }
@@ -637,6 +652,7 @@ mod tests {
             "const LIFETIME_REACHED = {};",
             code::LIFETIME_REACHED
         )));
+        assert!(js.contains(&format!("const HISTORY_GAP = {};", code::HISTORY_GAP)));
         assert!(js.contains(&format!("const TOKEN_EXPIRED = {};", code::TOKEN_EXPIRED)));
         assert!(js.contains(&format!("const UNAUTHORIZED = {};", code::UNAUTHORIZED)));
         assert!(js.contains(&format!("const WS_PROTOCOL = '{WS_PROTOCOL}';")));

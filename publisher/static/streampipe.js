@@ -89,6 +89,12 @@
  *   state      (s)     connection state changed (see connectionState)
  *   subscribed (msg)   the `subscribed` frame {channel, markets}
  *   reset      (msg)   the `reset` frame; begin (with since) is sent again
+ *   recovered  (msg)   a history market was resumed by a begin:
+ *                      {type:'recovered', market, since, recovered, replayed};
+ *                      recovered true: the `replayed` events missed after
+ *                      `since` follow in order; false: the history did not
+ *                      cover the gap (trimmed), its latest state follows.
+ *                      Also kept in client.recovered[market].
  *   channel    (id)    a channel was created (initially, or after 4404)
  *   error      (err)   Error with .code (API error code, close code, or
  *                      'network' / 'bad_frame' / ...), .status (HTTP status
@@ -104,14 +110,18 @@
  *   of both are replayed in full and deduplicated here. On `reset`, and after
  *   addMarkets(), send begin again (throttled, see beginMinIntervalMs).
  *   SSE: GET /v1/sse/<id>?begin=1&since=m@v,m@v; on `reset`,
- *   POST /v1/channels/<id>/begin. EventSource's own retry is not used: the
+ *   POST /v1/channels/<id>/begin, or, once a `recovered` frame showed that
+ *   the pipeline keeps event history, a reconnect with since (a REST begin
+ *   sends latest states only, the reconnect replays missed events). EventSource's own retry is not used: the
  *   client reconnects itself so `since` is current. An SSE `close` event
  *   {"type":"close","code":N} is handled like a WebSocket close code N. When an
  *   SSE connection fails before `subscribed`, the client probes the channel
  *   with POST /v1/channels/<id>/begin; 404 means unknown channel (as 4404).
  *   Close codes: 1001, 1006, 1011, 4408, 4409 and any code not listed below ->
  *   reconnect with backoff and since; 4411 (stream lifetime reached) ->
- *   reconnect at once (first attempt) with since; 4401 (token expired) ->
+ *   reconnect at once (first attempt) with since; 4412 (history gap: the
+ *   client fell behind on a history market) -> reconnect at once with since,
+ *   the missed events are replayed; 4401 (token expired) ->
  *   get a new token and reconnect at once; 4407 (no valid token) -> with
  *   getToken, a new token and reconnect with backoff, else stop with a fatal
  *   error; 4404 -> create a new channel (at once
@@ -135,6 +145,7 @@
   const FATAL_CODES = new Set([1002, 1003, 1007, 1008, 1009, 4400, 4403]);
   const UNKNOWN_CHANNEL = 4404;
   const LIFETIME_REACHED = 4411; // the stream's maximum lifetime: reconnect at once with since
+  const HISTORY_GAP = 4412; // behind on a history market: reconnect at once with since (replayed)
   const TOKEN_EXPIRED = 4401; // get a new token, reconnect at once with since
   const UNAUTHORIZED = 4407; // no valid token: a new one (getToken) or stop
   const WS_PROTOCOL = 'streampipe.v2';
@@ -220,6 +231,9 @@
 
       this._snapshotFirst = opts.snapshot === true;
       this.versions = Object.create(null);
+      // market -> whether the last begin's history replay covered the gap
+      this.recovered = Object.create(null);
+      this._history = false; // a `recovered` frame was seen: history kept
       if (opts.versions) {
         for (const m of Object.keys(opts.versions)) {
           const v = opts.versions[m];
@@ -581,7 +595,7 @@
         this._error(new StreamPipeError('unknown_channel', 'channel ' + this.channel + ' is unknown; creating a new one', { closeCode: code }), false);
         this.channel = null;
         this._scheduleReconnect(true);
-      } else if (code === LIFETIME_REACHED) {
+      } else if (code === LIFETIME_REACHED || code === HISTORY_GAP) {
         this._scheduleReconnect(true);
       } else if (code === TOKEN_EXPIRED) {
         if (this._getToken) this._tokenValue = null; // fetched anew on connect
@@ -695,7 +709,7 @@
       const onEvent = (ev) => {
         if (mine()) this._onFrame(ev.data);
       };
-      for (const t of ['subscribed', 'update', 'reset', 'close', 'expired']) es.addEventListener(t, onEvent);
+      for (const t of ['subscribed', 'update', 'recovered', 'reset', 'close', 'expired']) es.addEventListener(t, onEvent);
       es.onmessage = onEvent; // unnamed events carry their type in the JSON
       es.onerror = () => {
         if (!mine()) return;
@@ -758,7 +772,20 @@
           break;
         case 'reset':
           this._emit('reset', msg);
-          this._sendBegin();
+          if (this.transport === 'sse' && this._history) {
+            // A REST begin sends latest states; a reconnect with since
+            // replays the history markets' missed events.
+            this._scheduleReconnect(true);
+          } else {
+            this._sendBegin();
+          }
+          break;
+        case 'recovered':
+          if (typeof msg.market === 'string' && typeof msg.recovered === 'boolean') {
+            this._history = true;
+            this.recovered[msg.market] = msg.recovered;
+            this._emit('recovered', msg);
+          }
           break;
         case 'refreshed': // WebSocket: the server took the new token
           this._scheduleRefresh(this._ws);

@@ -86,6 +86,13 @@ pub struct Args {
     /// ahead is dead-lettered (`version_jump`). Lower it for sequence-numbered producers.
     #[arg(long, env = env::MAX_VERSION_JUMP, default_value_t = crate::store::DEFAULT_MAX_VERSION_JUMP)]
     pub max_version_jump: u64,
+    /// Comma-separated market-id prefixes whose markets keep an event history, a capped
+    /// Redis Stream of every applied update (`*`: every market; empty: none).
+    #[arg(long, env = env::HISTORY_MARKET_PREFIXES, default_value = "")]
+    pub history_market_prefixes: String,
+    /// Entries kept per history market (`XADD MAXLEN ~`; 0: the default).
+    #[arg(long, env = env::HISTORY_MAX_LEN, default_value_t = streampipe_contract::history::DEFAULT_MAX_LEN)]
+    pub history_max_len: u64,
     /// Extra librdkafka property for tuning, `key=value` (repeatable; comma-separated in
     /// the variable). Security settings are refused here: they have their own flags.
     #[arg(long = "kafka-option", env = env::KAFKA_OPTIONS, value_delimiter = ',', value_parser = parse_kafka_option)]
@@ -136,6 +143,11 @@ impl Args {
         config.batch_max_delay = Duration::from_millis(self.batch_max_delay_ms);
         config.session_timeout = Duration::from_millis(self.session_timeout_ms);
         config.max_version_jump = self.max_version_jump.max(1);
+        config.history = streampipe_contract::History::parse(
+            &self.history_market_prefixes,
+            self.history_max_len,
+        )
+        .map_err(|e| Error::Config(e.to_string()))?;
         config.kafka_options = self.kafka_options.clone();
         config.kafka_security = self
             .kafka_security

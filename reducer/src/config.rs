@@ -55,6 +55,9 @@ pub struct Config {
     /// Largest version jump over a market's stored version; a record
     /// further ahead is dead-lettered (`version_jump`).
     pub max_version_jump: u64,
+    /// Which markets keep an event history (a capped stream per market,
+    /// appended in the state write's script); off by default.
+    pub history: streampipe_contract::History,
 }
 
 impl Config {
@@ -78,6 +81,7 @@ impl Config {
             kafka_security: KafkaSecurity::default(),
             redis_tls: RedisTls::default(),
             max_version_jump: crate::store::DEFAULT_MAX_VERSION_JUMP,
+            history: streampipe_contract::History::off(),
         }
     }
 

@@ -500,6 +500,13 @@ impl Inner {
                     self.metrics.updates_applied.inc_by(outcome.applied);
                     self.metrics.updates_stale.inc_by(outcome.stale);
                     self.metrics.publishes.inc_by(outcome.published);
+                    if outcome.history_appended + outcome.history_refused > 0 {
+                        let h = &self.metrics.history;
+                        h.with_label_values(&["appended"])
+                            .inc_by(outcome.history_appended);
+                        h.with_label_values(&["refused"])
+                            .inc_by(outcome.history_refused);
+                    }
                     let mut letters = batch.dead_letters;
                     for j in outcome.jumped {
                         letters.push(self.version_jump_letter(j));
@@ -660,7 +667,10 @@ impl Runner {
                 tls.as_ref(),
                 timeout,
             )
-            .map(|s| s.with_max_version_jump(config.max_version_jump))
+            .map(|s| {
+                s.with_max_version_jump(config.max_version_jump)
+                    .with_history(config.history.clone())
+            })
         };
         let loader = open(keys.clone(), REDIS_TIMEOUT)?;
         let pinger = Pinger::start(

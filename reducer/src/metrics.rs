@@ -18,6 +18,10 @@ pub struct Metrics {
     pub updates_stale: IntCounter,
     /// Messages published to market topics (updates of watched markets and announces).
     pub publishes: IntCounter,
+    /// Applied updates of history markets, by result: `appended` to the
+    /// market's stream, or `refused` (the stream already holds a newer id,
+    /// e.g. its state hash was deleted by hand but not its history).
+    pub history: IntCounterVec,
     /// Malformed or misrouted records, by topic and reason.
     pub malformed: IntCounterVec,
     /// Records counted without effect, by reason.
@@ -134,6 +138,12 @@ impl Metrics {
                 &r,
                 "streampipe_reducer_publishes_total",
                 "Messages published to market topics (updates of watched markets, announces)",
+            ),
+            history: counter_vec(
+                &r,
+                "streampipe_reducer_history_entries_total",
+                "Applied updates of history markets, by result (appended, refused)",
+                &["result"],
             ),
             malformed: counter_vec(
                 &r,

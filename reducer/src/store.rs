@@ -3,7 +3,9 @@
 //! A whole batch of effects goes to Redis as one pipeline (one round trip).
 //! Consecutive updates are grouped into calls of the update script, which
 //! compares versions, writes state and (for a watched market) publishes the
-//! update once to the market's topic, atomically inside Redis, so a
+//! update once to the market's topic — and, for a history market (see
+//! [`streampipe_contract::history`]), appends it to the market's capped
+//! stream — atomically inside Redis, so a
 //! redelivered or late record can never move a market's state backwards and
 //! never republishes an old version. Every script touches the keys of one
 //! market only besides its topic, which carries the same hash tag, so each
@@ -29,7 +31,7 @@ use redis::{Client, ClientTlsConfig, Cmd, Connection, Script, TlsCertificates, V
 use streampipe_contract::deploy::RedisTlsPem;
 use streampipe_contract::epoch::{mint, Found, EPOCH_CLAIM_SCRIPT, SPREAD_SUFFIX};
 use streampipe_contract::slot::SPREAD_TAGS;
-use streampipe_contract::{slot, Keys};
+use streampipe_contract::{slot, History, Keys};
 
 use crate::core::Effect;
 use crate::error::Result;
@@ -49,17 +51,25 @@ pub const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 /// (availability over durability while a replica is missing).
 pub const REPLICA_WAIT_TIMEOUT: Duration = Duration::from_millis(500);
 
-/// KEYS[i]: state hash of update i. ARGV[1]: the publish command, ARGV[2]:
-/// the largest version jump accepted over a stored version; then per
-/// update: version, ts, message, topic ('' when the market is unwatched).
-/// Writes (and publishes, if a topic is given) only if newer than stored and
-/// at most the jump ahead of it. Returns `{applied, published, i...}` with
-/// the (1-based) positions of the updates refused as too far ahead.
+/// KEYS[1..n]: state hash of update i; KEYS[n+1..]: the history streams
+/// of the call's history markets. ARGV[1]: the publish command, ARGV[2]:
+/// the largest version jump accepted over a stored version, ARGV[3]: the
+/// history cap (`MAXLEN ~`); then per update: version, ts, message, topic
+/// ('' when the market is unwatched), history (index of its stream in
+/// KEYS, 0 for a market without history).
+/// Writes (appends, publishes) only if newer than stored and at most the
+/// jump ahead of it; the stream entry's id is `<version>-0` and it carries
+/// the previous stored version (`p`), so the append is idempotent with the
+/// state write and a reader can prove the entries it holds leave no gap.
+/// Returns `{applied, published, appended, history_refused, i...}` with the
+/// (1-based) positions of the updates refused as too far ahead.
 const UPDATE_SCRIPT: &str = r#"
-local pub, jump, applied, published = ARGV[1], tonumber(ARGV[2]), 0, 0
+local pub, jump, maxlen = ARGV[1], tonumber(ARGV[2]), ARGV[3]
+local applied, published, appended, hrefused = 0, 0, 0, 0
+local n = (#ARGV - 3) / 5
 local refused = {}
-for i = 1, #KEYS do
-  local a = 4 * i - 1
+for i = 1, n do
+  local a = 5 * i - 1
   local cur = redis.call('HGET', KEYS[i], 'v')
   local v = tonumber(ARGV[a])
   if cur and v > tonumber(cur) + jump then
@@ -67,13 +77,23 @@ for i = 1, #KEYS do
   elseif (not cur) or tonumber(cur) < v then
     redis.call('HSET', KEYS[i], 'v', ARGV[a], 'ts', ARGV[a + 1], 'msg', ARGV[a + 2])
     applied = applied + 1
+    local h = tonumber(ARGV[a + 4])
+    if h > 0 then
+      local r = redis.pcall('XADD', KEYS[h], 'MAXLEN', '~', maxlen, ARGV[a] .. '-0',
+        'p', cur or '0', 'ts', ARGV[a + 1], 'msg', ARGV[a + 2])
+      if type(r) == 'table' and r.err then
+        hrefused = hrefused + 1
+      else
+        appended = appended + 1
+      end
+    end
     if ARGV[a + 3] ~= '' then
       redis.call(pub, ARGV[a + 3], ARGV[a + 2])
       published = published + 1
     end
   end
 end
-local out = {applied, published}
+local out = {applied, published, appended, hrefused}
 for _, i in ipairs(refused) do out[#out + 1] = i end
 return out
 "#;
@@ -148,6 +168,11 @@ pub struct Outcome {
     /// Messages published: applied updates of watched markets plus
     /// announces that found a stored state (one per market, never per channel).
     pub published: u64,
+    /// Applied updates of history markets appended to their stream.
+    pub history_appended: u64,
+    /// Applied updates of history markets whose stream refused the entry
+    /// (it held a newer id: its state was deleted by hand, not its history).
+    pub history_refused: u64,
     /// Cluster masters whose `WAIT` saw no replica acknowledge the batch in
     /// [`REPLICA_WAIT_TIMEOUT`] (the batch was accepted anyway).
     pub unreplicated: u64,
@@ -230,6 +255,7 @@ pub struct RedisStore {
     update: Script,
     announce: Script,
     max_version_jump: u64,
+    history: History,
 }
 
 /// One queued command whose reply the outcome needs.
@@ -325,7 +351,14 @@ impl RedisStore {
             update: Script::new(UPDATE_SCRIPT),
             announce: Script::new(ANNOUNCE_SCRIPT),
             max_version_jump: DEFAULT_MAX_VERSION_JUMP,
+            history: History::off(),
         }
+    }
+
+    /// Chooses which markets keep an event history, and its cap.
+    pub fn with_history(mut self, history: History) -> Self {
+        self.history = history;
+        self
     }
 
     /// Sets the largest version jump accepted over a stored version.
@@ -398,7 +431,20 @@ impl RedisStore {
     /// Queues one update script call over `updates` (all `Effect::Update`).
     fn queue_updates<'e>(&self, batch: &mut Batch<'e>, updates: Vec<&'e Effect>) {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(self.update.get_hash()).arg(updates.len());
+        let mut streams: Vec<String> = Vec::new();
+        let mut stream_of: Vec<usize> = Vec::with_capacity(updates.len());
+        for e in &updates {
+            if let Effect::Update { market, .. } = e {
+                if self.history.applies(market) {
+                    streams.push(self.keys.market_history(market));
+                    stream_of.push(updates.len() + streams.len());
+                } else {
+                    stream_of.push(0);
+                }
+            }
+        }
+        cmd.arg(self.update.get_hash())
+            .arg(updates.len() + streams.len());
         for e in &updates {
             if let Effect::Update { market, .. } = e {
                 let key = self.keys.market_state(market);
@@ -406,8 +452,11 @@ impl RedisStore {
                 cmd.arg(key);
             }
         }
-        cmd.arg(self.publish.as_str()).arg(self.max_version_jump);
-        for e in &updates {
+        cmd.arg(&streams);
+        cmd.arg(self.publish.as_str())
+            .arg(self.max_version_jump)
+            .arg(self.history.max_len());
+        for (e, h) in updates.iter().zip(&stream_of) {
             if let Effect::Update {
                 market,
                 version,
@@ -423,6 +472,7 @@ impl RedisStore {
                 } else {
                     cmd.arg("");
                 }
+                cmd.arg(*h);
             }
         }
         batch.push(cmd, Some(Reply::Updates(updates)));
@@ -511,8 +561,10 @@ impl RedisStore {
                 Effect::ResetMarket { market } => {
                     let key = self.keys.market_state(market);
                     batch.touch(&key);
+                    // The history goes with the state: the next version may
+                    // be lower than its entries (one slot: same hash tag).
                     let mut cmd = redis::cmd("DEL");
-                    cmd.arg(key);
+                    cmd.arg(key).arg(self.keys.market_history(market));
                     batch.push(cmd, Some(Reply::Reset));
                 }
                 Effect::DeadLetter { .. } | Effect::Skipped(_) => {}
@@ -541,7 +593,9 @@ impl RedisStore {
                     let r: Vec<u64> =
                         redis::from_redis_value(value).map_err(redis::RedisError::from)?;
                     let (applied, published) = (r[0], r[1]);
-                    let refused = &r[2..];
+                    out.history_appended += r[2];
+                    out.history_refused += r[3];
+                    let refused = &r[4..];
                     out.applied += applied;
                     out.stale += updates.len() as u64 - applied - refused.len() as u64;
                     out.published += published;

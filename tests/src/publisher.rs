@@ -393,8 +393,18 @@ pub async fn setup(partitions: i32) -> (Arc<Pipeline>, ReducerHandle, InProcess)
 /// publisher with [`config_for`] and [`InProcess::start_with_config`] when
 /// it needs other settings).
 pub async fn with_reducer(partitions: i32) -> (Arc<Pipeline>, ReducerHandle) {
+    with_reducer_using(partitions, |_| {}).await
+}
+
+/// [`with_reducer`] with reducer settings changed by `adjust` first (the
+/// pipeline keeps them in `config`, for a restarted reducer).
+pub async fn with_reducer_using(
+    partitions: i32,
+    adjust: impl FnOnce(&mut streampipe_reducer::Config) + Send + 'static,
+) -> (Arc<Pipeline>, ReducerHandle) {
     blocking(move || {
-        let p = Pipeline::new(Broker::Dev, partitions);
+        let mut p = Pipeline::new(Broker::Dev, partitions);
+        adjust(&mut p.config);
         let r = streampipe_reducer::spawn(
             p.config.clone(),
             Arc::new(streampipe_reducer::Metrics::new()),

@@ -487,6 +487,63 @@ test('reset sends begin again with since', async () => {
   await env.client.close({ deleteChannel: false });
 });
 
+test('history: recovered frames are kept and emitted; the replayed events apply in order', async () => {
+  const env = setup();
+  const got = [];
+  env.client.on('recovered', (m) => got.push(m));
+  env.client.start();
+  const ws = await connected(env);
+  ws.frame(upd(M1, 3));
+  ws.serverClose(1006);
+  env.timers.runAll();
+  await waitFor(() => env.sockets.length === 2, 'second socket');
+  const ws2 = env.sockets[1];
+  ws2.subscribed('ch-1', [M1]);
+  assert.deepEqual(ws2.sent, [{ type: 'begin', since: { [M1]: 3 } }]);
+  ws2.frame({ type: 'recovered', market: M1, since: 3, recovered: true, replayed: 3 });
+  for (const v of [4, 5, 6]) ws2.frame(upd(M1, v));
+  ws2.frame(upd(M1, 6)); // a live duplicate of the last replayed one
+  assert.equal(got.length, 1);
+  assert.equal(env.client.recovered[M1], true);
+  assert.deepEqual(env.events.update.map((u) => u.version), [3, 4, 5, 6]);
+  assert.equal(env.client.stats.duplicates, 1);
+  ws2.frame({ type: 'recovered', market: M1, since: 6, recovered: false, replayed: 0 });
+  assert.equal(env.client.recovered[M1], false);
+  await env.client.close({ deleteChannel: false });
+});
+
+test('history: 4412 (history gap) reconnects at once and resumes with since', async () => {
+  const env = setup();
+  env.client.start();
+  const ws = await connected(env);
+  ws.frame(upd(M1, 8));
+  ws.serverClose(4412, 'too far behind on a history market');
+  assert.equal(env.client.connectionState, 'reconnecting');
+  assert.equal(env.timers.delays[env.timers.delays.length - 1], 0, 'no backoff');
+  env.timers.runAll();
+  await waitFor(() => env.sockets.length === 2, 'second socket');
+  env.sockets[1].subscribed('ch-1', [M1]);
+  assert.deepEqual(env.sockets[1].sent, [{ type: 'begin', since: { [M1]: 8 } }]);
+  assert.equal(env.events.error.length, 0);
+  await env.client.close({ deleteChannel: false });
+});
+
+test('history over SSE: after a recovered frame, reset reconnects with since instead of a REST begin', async () => {
+  const env = setup({ client: { transport: 'sse', channel: 'c' } });
+  env.client.start();
+  await waitFor(() => env.sources.length === 1, 'event source');
+  env.sources[0].emit('subscribed', { type: 'subscribed', channel: 'c', markets: [M1] });
+  env.sources[0].emit('recovered', { type: 'recovered', market: M1, since: 1, recovered: true, replayed: 0 });
+  env.sources[0].emit('update', upd(M1, 7));
+  env.sources[0].emit('reset', { type: 'reset', reason: 'x' });
+  assert.equal(env.sources[0].closed, true);
+  env.timers.runAll();
+  await waitFor(() => env.sources.length === 2, 'second event source');
+  assert.equal(env.sources[1].url, BASE + '/v1/sse/c?begin=1&since=' + M1 + '@7');
+  assert.equal(env.calls.filter((c) => c.url.endsWith('/begin')).length, 0, 'no REST begin');
+  await env.client.close({ deleteChannel: false });
+});
+
 test('close() deletes the channel, closes the socket and does not reconnect', async () => {
   const env = setup();
   env.client.start();

@@ -81,6 +81,13 @@ struct Args {
     /// Extra librdkafka property for the reducer, `key=value` (repeatable).
     #[arg(long = "kafka-option")]
     kafka_options: Vec<String>,
+    /// Market-id prefixes whose markets keep an event history (`*`: all;
+    /// empty: none), to measure what the append costs per update.
+    #[arg(long, default_value = "")]
+    history_prefixes: String,
+    /// Entries kept per history market.
+    #[arg(long, default_value_t = streampipe_contract::history::DEFAULT_MAX_LEN)]
+    history_max_len: u64,
 }
 
 fn now_us() -> u64 {
@@ -202,6 +209,7 @@ fn new_pipeline(a: &Args) -> anyhow::Result<Config> {
     let mut config = Config::new(&a.brokers, &pipeline, &a.redis_url);
     config.dead_letter_topic = None;
     config.batch_max_records = a.batch_max_records;
+    config.history = streampipe_contract::History::parse(&a.history_prefixes, a.history_max_len)?;
     for kv in &a.kafka_options {
         let (k, v) = kv
             .split_once('=')
@@ -503,8 +511,16 @@ fn updates(a: &Args) -> anyhow::Result<()> {
     let delivered = received.load(Ordering::Relaxed) - pub_before;
     let batches = metrics.batch_records.get_sample_count();
     println!(
-        "== phase 1: drain {} records, {} markets, {} subscriber(s) per market, {} partitions",
-        a.records, a.markets, a.subscribers, a.partitions
+        "== phase 1: drain {} records, {} markets, {} subscriber(s) per market, {} partitions, history {}",
+        a.records,
+        a.markets,
+        a.subscribers,
+        a.partitions,
+        if config.history.is_on() {
+            format!("on ({:?}, max len {})", a.history_prefixes, a.history_max_len)
+        } else {
+            "off".into()
+        }
     );
     println!("updates/s:             {:>10.0}", drained / elapsed);
     println!(
@@ -519,6 +535,36 @@ fn updates(a: &Args) -> anyhow::Result<()> {
     println!("CPU during the drain ({elapsed:.2} s wall): redis-server {redis_cpu:.2} s, dev broker {broker_cpu:.2} s, bench threads: {}",
         breakdown.iter().map(|(n, c)| format!("{n} {c:.2}")).collect::<Vec<_>>().join(", "));
     println!("published {published}, delivered to the subscriber {delivered}");
+    if config.history.is_on() {
+        // Redis memory of the streams: a sample of markets, per stream and
+        // per entry (MEMORY USAGE with all samples: exact for listpacks).
+        let mut redis = redis::Client::open(a.redis_url.as_str())?.get_connection()?;
+        let sample: Vec<&String> = markets.iter().take(100).collect();
+        let (mut bytes, mut entries, mut n) = (0u64, 0u64, 0u64);
+        for m in &sample {
+            let key = keys.market_history(m);
+            let len: u64 = redis::cmd("XLEN").arg(&key).query(&mut redis)?;
+            let mem: Option<u64> = redis::cmd("MEMORY")
+                .arg("USAGE")
+                .arg(&key)
+                .arg("SAMPLES")
+                .arg(0)
+                .query(&mut redis)?;
+            if let Some(mem) = mem {
+                bytes += mem;
+                entries += len;
+                n += 1;
+            }
+        }
+        println!(
+            "history streams: {} entries appended; a stream of {:.0} entries holds {:.0} bytes ({:.0} bytes per entry, {} streams sampled)",
+            metrics.history.with_label_values(&["appended"]).get(),
+            entries as f64 / n.max(1) as f64,
+            bytes as f64 / n.max(1) as f64,
+            bytes as f64 / entries.max(1) as f64,
+            n
+        );
+    }
     println!(
         "batches: {} (mean {:.0} records), mean Redis flush {:.2} ms",
         batches,
