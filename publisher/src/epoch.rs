@@ -43,6 +43,10 @@ pub const RESTORE_CHUNK: usize = 500;
 /// is pruned to those: bounds it under churn without pruning on every join.
 pub const OWNER_SLACK: usize = 1024;
 
+/// Longest wait for a read of the epoch and its markers: a Redis (or a
+/// cluster master) that does not answer within it is left to the next check.
+pub const EPOCH_READ_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// The epoch a pod remembers; checks are serialized (one repair at a time).
 #[derive(Default)]
 pub struct Watch {
@@ -92,7 +96,17 @@ pub async fn check(hub: &Hub) -> Result<bool> {
     let watch = hub.epoch_watch();
     let mut known = watch.known.lock().await;
     let registry = hub.registry();
-    let read = registry.epoch().await?;
+    // Bounded: during a cluster failover a read of a marker on the dead
+    // master can hang, and a check holds the watch (after a reconnect the
+    // clients' `reset` waits for it).
+    let read = tokio::time::timeout(EPOCH_READ_TIMEOUT, registry.epoch())
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "reading the data epoch timed out",
+            )
+        })??;
     match (known.as_deref(), &read) {
         (Some(k), Found::Is(r)) if k == r => return Ok(false),
         (None, Found::Is(r)) => {
