@@ -184,10 +184,18 @@ fn length(s: &[u8]) -> Result<i64, RespError> {
     }
 }
 
+/// An integer as Redis writes it: an optional `-`, then digits without
+/// leading zeros (`0` alone; no `+`, `-0` or `007`), so every accepted
+/// frame re-encodes to exactly its bytes (found by the property test).
 fn int(s: &[u8]) -> Result<i64, RespError> {
-    std::str::from_utf8(s)
-        .ok()
-        .and_then(|s| s.parse().ok())
+    let digits = s.strip_prefix(b"-").unwrap_or(s);
+    let canonical = !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits.len() == 1 || digits[0] != b'0')
+        && !(digits == b"0" && digits.len() != s.len());
+    canonical
+        .then(|| std::str::from_utf8(s).ok()?.parse().ok())
+        .flatten()
         .ok_or(RespError::Malformed("bad integer"))
 }
 
@@ -347,5 +355,8 @@ mod tests {
         ));
         assert_eq!(parse(&mut buf(b"$-1\r\n")), Ok(Some(Frame::Bulk(None))));
         assert_eq!(parse(&mut buf(b"*-1\r\n")), Ok(Some(Frame::Array(None))));
+        for bad in [&b"*-0\r\n"[..], b"$+1\r\nx\r\n", b"*01\r\n", b":-0\r\n"] {
+            assert!(parse(&mut buf(bad)).is_err(), "{bad:?}");
+        }
     }
 }
