@@ -603,24 +603,12 @@ impl Registry {
             .query_async(&mut c)
             .await?;
         let markers = self.epoch_markers();
-        let found: Vec<Option<String>> = if markers.is_empty() || main.is_none() {
+        let found: Vec<Option<String>> = if main.is_none() {
             Vec::new()
         } else {
-            // Concurrent single commands: the async cluster connection
-            // sends a pipeline to one node only, and the markers are on all.
-            let reads = markers.iter().map(|m| {
-                let mut c = self.conn.clone();
-                async move {
-                    redis::cmd("GET")
-                        .arg(m)
-                        .query_async::<Option<String>>(&mut c)
-                        .await
-                }
-            });
-            join_all(reads)
-                .await
-                .into_iter()
-                .collect::<Result<_, _>>()?
+            // run_all: the markers are on every node of a cluster.
+            let reads = markers.iter().map(|m| redis::cmd("GET").arg(m).clone());
+            self.run_all(reads.collect()).await?
         };
         Ok(Found::from_reads(main, &found))
     }
@@ -634,23 +622,10 @@ impl Registry {
         let candidate = mint(!markers.is_empty());
         let mut c = self.conn.clone();
         let set_markers = |id: String| {
-            let markers = &markers;
-            async move {
-                let writes = markers.iter().map(|m| {
-                    let (mut c, id) = (self.conn.clone(), id.clone());
-                    async move {
-                        redis::cmd("SET")
-                            .arg(m)
-                            .arg(id)
-                            .query_async::<()>(&mut c)
-                            .await
-                    }
-                });
-                join_all(writes)
-                    .await
-                    .into_iter()
-                    .collect::<Result<(), _>>()
-            }
+            let writes = markers
+                .iter()
+                .map(|m| redis::cmd("SET").arg(m).arg(&id).clone());
+            self.run_all::<()>(writes.collect())
         };
         set_markers(candidate.clone()).await?;
         let id: String = redis::Script::new(EPOCH_CLAIM_SCRIPT)

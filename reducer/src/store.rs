@@ -638,9 +638,7 @@ impl RedisStore {
     /// pipeline: a round trip per master).
     pub fn read_epoch(&mut self) -> Result<EpochRead> {
         let key = self.keys.epoch();
-        let markers: Vec<String> = (0..self.marker_count())
-            .map(|i| self.keys.epoch_marker(i))
-            .collect();
+        let markers = self.epoch_markers();
         let (main, found): (Option<String>, Vec<Option<String>>) = self.with_conn(|c| match c {
             Conn::Single(c) => Ok((redis::cmd("GET").arg(&key).query(c)?, Vec::new())),
             Conn::Cluster { conn, .. } => {
@@ -661,13 +659,14 @@ impl RedisStore {
         })
     }
 
-    /// Markers of an epoch minted here: [`SPREAD_TAGS`] on a cluster.
-    fn marker_count(&self) -> usize {
-        if self.is_cluster() {
+    /// The markers of an epoch minted here: [`SPREAD_TAGS`] on a cluster.
+    fn epoch_markers(&self) -> Vec<String> {
+        let n = if self.is_cluster() {
             SPREAD_TAGS.len()
         } else {
             0
-        }
+        };
+        (0..n).map(|i| self.keys.epoch_marker(i)).collect()
     }
 
     /// Mints a new epoch and makes it the pipeline's if the key is missing
@@ -679,9 +678,7 @@ impl RedisStore {
     pub fn claim_epoch(&mut self, replacing: Option<&str>) -> Result<String> {
         let candidate = mint(self.is_cluster());
         let key = self.keys.epoch();
-        let markers: Vec<String> = (0..self.marker_count())
-            .map(|i| self.keys.epoch_marker(i))
-            .collect();
+        let markers = self.epoch_markers();
         let replacing = replacing.unwrap_or("").to_owned();
         self.with_conn(|c| {
             let set_markers = |c: &mut Conn, id: &str| -> redis::RedisResult<()> {
