@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod browser;
+pub mod follower;
 pub mod nginx;
 pub mod publisher;
 

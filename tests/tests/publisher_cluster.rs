@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
 use streampipe_reducer::{spawn, Metrics};
+use streampipe_tests::follower::{every_client_above, follow, Feed};
 use streampipe_tests::publisher::{
     blocking, create_channel, http, open_stream, ws_next, ws_send, Frame, InProcess, Ws,
 };
@@ -156,37 +157,6 @@ async fn streams_survive_a_master_failover_on_a_cluster() {
     drop(cluster);
 }
 
-/// Reads a stream in the background, recording the highest version per
-/// market and the `reset`s (answered with `begin`, as the JS client does).
-fn follow(mut ws: Ws) -> Arc<std::sync::Mutex<(HashMap<String, u64>, usize)>> {
-    let seen = Arc::new(std::sync::Mutex::new((
-        HashMap::<String, u64>::new(),
-        0usize,
-    )));
-    let s = seen.clone();
-    tokio::spawn(async move {
-        loop {
-            match ws_next(&mut ws, Duration::from_millis(500)).await {
-                Some(Frame::Json(v)) if v["type"] == "update" => {
-                    let m = v["market"].as_str().unwrap().to_owned();
-                    let ver = v["version"].as_u64().unwrap();
-                    let mut g = s.lock().unwrap();
-                    let e = g.0.entry(m).or_default();
-                    *e = (*e).max(ver);
-                }
-                Some(Frame::Json(v)) if v["type"] == "reset" => {
-                    s.lock().unwrap().1 += 1;
-                    tokio::time::sleep(Duration::from_millis(600)).await;
-                    ws_send(&mut ws, r#"{"type":"begin"}"#).await;
-                }
-                Some(Frame::Closed(_)) => return,
-                _ => {}
-            }
-        }
-    });
-    seen
-}
-
 /// One shard of the cluster loses its data (`FLUSHALL` on a master that
 /// does not hold the epoch key; its replica follows) while the epoch key's
 /// shard keeps it: the epoch's markers on the flushed shard are gone, so
@@ -225,52 +195,12 @@ async fn a_shard_that_lost_its_data_is_noticed_and_repaired() {
     for set in &sets {
         let refs: Vec<&str> = set.iter().map(String::as_str).collect();
         let ch = create_channel(publ.addr, &refs).await;
-        clients.push((ch.clone(), follow(open_stream(publ.addr, &ch).await)));
+        let seen = follow(open_stream(publ.addr, &ch).await);
+        clients.push((ch, set.clone(), seen));
     }
     let all: Vec<String> = sets.concat();
-    let version = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    {
-        let (p, all, version, stop) = (p.clone(), all.clone(), version.clone(), stop.clone());
-        std::thread::spawn(move || {
-            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-                let v = version.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-                for m in &all {
-                    p.update(m, v, &v.to_string());
-                }
-                p.flush();
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        });
-    }
-    let every_client_above = |after: u64, when: &'static str| {
-        let (clients, sets) = (&clients, &sets);
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(90);
-            loop {
-                let missing: Vec<String> = clients
-                    .iter()
-                    .zip(sets)
-                    .flat_map(|((ch, seen), set)| {
-                        let g = seen.lock().unwrap();
-                        set.iter()
-                            .filter(|m| g.0.get(*m).is_none_or(|v| *v <= after))
-                            .map(|m| format!("{ch}/{m}"))
-                            .collect::<Vec<_>>()
-                    })
-                    .collect();
-                if missing.is_empty() {
-                    return;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "{when}: no version above {after} of {missing:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    every_client_above(0, "before the loss").await;
+    let feed = Feed::start(p.clone(), all.clone(), Duration::from_millis(100));
+    every_client_above(&clients, 0, "before the loss").await;
 
     // Flush a master other than the epoch key's.
     let keys = p.keys();
@@ -297,7 +227,7 @@ async fn a_shard_that_lost_its_data_is_noticed_and_repaired() {
         epoch_before.ends_with(streampipe_contract::epoch::SPREAD_SUFFIX),
         "a cluster's epoch has markers: {epoch_before}"
     );
-    let at_loss = version.load(std::sync::atomic::Ordering::SeqCst);
+    let at_loss = feed.version();
     let t = Instant::now();
     let (rm, pm) = (first.1.clone(), publ.ctx.metrics.clone());
     blocking(move || {
@@ -332,7 +262,7 @@ async fn a_shard_that_lost_its_data_is_noticed_and_repaired() {
         }
     })
     .await;
-    every_client_above(at_loss, "after the loss").await;
+    every_client_above(&clients, at_loss, "after the loss").await;
 
     // The rebalance: the second reducer loads its partitions from the
     // repaired cluster.
@@ -355,13 +285,16 @@ async fn a_shard_that_lost_its_data_is_noticed_and_repaired() {
         all.len() as i64,
         "together they hold every subscription"
     );
-    let after_rebalance = version.load(std::sync::atomic::Ordering::SeqCst);
-    every_client_above(after_rebalance, "after the rebalance").await;
-    for (ch, seen) in &clients {
-        assert!(seen.lock().unwrap().1 >= 1, "{ch} was told reset");
+    let after_rebalance = feed.version();
+    every_client_above(&clients, after_rebalance, "after the rebalance").await;
+    for (ch, _, seen) in &clients {
+        assert!(
+            !seen.lock().unwrap().resets.is_empty(),
+            "{ch} was told reset"
+        );
     }
 
-    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    drop(feed);
     drop(publ);
     blocking(move || {
         second.0.shutdown().unwrap();

@@ -4,15 +4,12 @@
 //! a rebalance; and a Redis restarted with its append-only file, which must
 //! not be mistaken for a loss.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use streampipe_reducer::{Metrics, ReducerHandle};
-use streampipe_tests::publisher::{
-    blocking, create_channel, http, open_stream, ws_next, ws_send, Frame, InProcess, Ws,
-};
+use streampipe_tests::follower::{every_client_above, follow, Client, Feed};
+use streampipe_tests::publisher::{blocking, create_channel, http, open_stream, InProcess};
 use streampipe_tests::{free_port, wait_for, Broker, Pipeline, PrivateRedis};
 
 /// Channels of the test, each with its own markets (spread over partitions).
@@ -21,73 +18,6 @@ const CHANNELS: usize = 3;
 const MARKETS: usize = 4;
 /// Pause between two rounds of updates (one new version of every market).
 const ROUND: Duration = Duration::from_millis(100);
-
-/// What one WebSocket client saw.
-#[derive(Default, Debug)]
-struct Seen {
-    /// Highest version received per market.
-    max: HashMap<String, u64>,
-    /// Reasons of the `reset` frames received.
-    resets: Vec<String>,
-    /// The close code, once closed.
-    closed: Option<u16>,
-}
-
-/// Reads a stream in the background like the JS client: records updates,
-/// answers `reset` with `begin` (no sooner than the publisher's begin rate
-/// allows), records the close.
-fn run_client(mut ws: Ws, seen: Arc<Mutex<Seen>>) {
-    tokio::spawn(async move {
-        let mut last_begin = Instant::now();
-        loop {
-            match ws_next(&mut ws, Duration::from_millis(500)).await {
-                Some(Frame::Json(v)) if v["type"] == "update" => {
-                    let m = v["market"].as_str().unwrap().to_owned();
-                    let ver = v["version"].as_u64().unwrap();
-                    let mut s = seen.lock().unwrap();
-                    let e = s.max.entry(m).or_insert(0);
-                    *e = (*e).max(ver);
-                }
-                Some(Frame::Json(v)) if v["type"] == "reset" => {
-                    seen.lock()
-                        .unwrap()
-                        .resets
-                        .push(v["reason"].as_str().unwrap_or("").to_owned());
-                    let wait = Duration::from_millis(600).saturating_sub(last_begin.elapsed());
-                    tokio::time::sleep(wait).await;
-                    ws_send(&mut ws, r#"{"type":"begin"}"#).await;
-                    last_begin = Instant::now();
-                }
-                Some(Frame::Json(_)) => {}
-                Some(Frame::Closed(c)) => {
-                    seen.lock().unwrap().closed = Some(c);
-                    return;
-                }
-                None => {}
-            }
-        }
-    });
-}
-
-/// Produces one new version of every market per [`ROUND`] until stopped;
-/// the version counter is shared so the test knows what was produced when.
-fn run_feed(
-    p: Arc<Pipeline>,
-    markets: Vec<String>,
-    version: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
-) {
-    std::thread::spawn(move || {
-        while !stop.load(Ordering::SeqCst) {
-            let v = version.fetch_add(1, Ordering::SeqCst) + 1;
-            for m in &markets {
-                p.update(m, v, &v.to_string());
-            }
-            p.flush();
-            std::thread::sleep(ROUND);
-        }
-    });
-}
 
 fn start_reducer(p: &Pipeline) -> (ReducerHandle, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
@@ -102,9 +32,8 @@ struct World {
     redis: PrivateRedis,
     reducer: (ReducerHandle, Arc<Metrics>),
     publ: InProcess,
-    channels: Vec<(String, Vec<String>, Arc<Mutex<Seen>>)>,
-    version: Arc<AtomicU64>,
-    stop: Arc<AtomicBool>,
+    channels: Vec<Client>,
+    feed: Feed,
 }
 
 async fn world(broker: Broker, redis: PrivateRedis) -> World {
@@ -124,58 +53,23 @@ async fn world(broker: Broker, redis: PrivateRedis) -> World {
         let markets: Vec<String> = (0..MARKETS).map(|m| format!("L{c}M{m}")).collect();
         let refs: Vec<&str> = markets.iter().map(String::as_str).collect();
         let ch = create_channel(publ.addr, &refs).await;
-        let ws = open_stream(publ.addr, &ch).await;
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        run_client(ws, seen.clone());
+        let seen = follow(open_stream(publ.addr, &ch).await);
         all.extend(markets.iter().cloned());
         channels.push((ch, markets, seen));
     }
-    let version = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    run_feed(p.clone(), all, version.clone(), stop.clone());
-    let w = World {
+    let feed = Feed::start(p.clone(), all, ROUND);
+    every_client_above(&channels, 0, "before the loss").await;
+    World {
         p,
         redis,
         reducer,
         publ,
         channels,
-        version,
-        stop,
-    };
-    w.every_client_gets_versions_after(0, "before the loss")
-        .await;
-    w
+        feed,
+    }
 }
 
 impl World {
-    /// Waits until every client holds a version above `after` of every
-    /// market of its channel.
-    async fn every_client_gets_versions_after(&self, after: u64, when: &str) {
-        let deadline = Instant::now() + Duration::from_secs(90);
-        loop {
-            let missing: Vec<String> = self
-                .channels
-                .iter()
-                .flat_map(|(ch, markets, seen)| {
-                    let s = seen.lock().unwrap();
-                    markets
-                        .iter()
-                        .filter(|m| s.max.get(*m).is_none_or(|v| *v <= after))
-                        .map(|m| format!("{ch}/{m}@{:?}", s.max.get(m)))
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            if missing.is_empty() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{when}: clients lack versions above {after} of {missing:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
     fn resets(&self) -> Vec<Vec<String>> {
         self.channels
             .iter()
@@ -218,7 +112,7 @@ async fn loss_then_rebalance(broker: Broker, loss: Loss) {
                 .unwrap();
         }
     }
-    let at_loss = w.version.load(Ordering::SeqCst);
+    let at_loss = w.feed.version();
     let rm = w.reducer.1.clone();
     let pm = w.publ.ctx.metrics.clone();
     blocking(move || {
@@ -251,8 +145,7 @@ async fn loss_then_rebalance(broker: Broker, loss: Loss) {
         .query(&mut w.redis.connection())
         .unwrap();
     assert_ne!(epoch_before, epoch_after, "a new epoch after the loss");
-    w.every_client_gets_versions_after(at_loss, "after the loss")
-        .await;
+    every_client_above(&w.channels, at_loss, "after the loss").await;
 
     // The rebalance: a second reducer joins and takes half the partitions,
     // loading them from the Redis that lost its data.
@@ -282,9 +175,8 @@ async fn loss_then_rebalance(broker: Broker, loss: Loss) {
         "together they hold every subscription"
     );
     assert_eq!(second.1.partitions_unrepaired.get(), 0);
-    let after_rebalance = w.version.load(Ordering::SeqCst);
-    w.every_client_gets_versions_after(after_rebalance, "after the rebalance")
-        .await;
+    let after_rebalance = w.feed.version();
+    every_client_above(&w.channels, after_rebalance, "after the rebalance").await;
     for (i, r) in w.resets().iter().enumerate() {
         assert!(
             r.iter().any(|r| r.contains("lost its data")),
@@ -344,7 +236,7 @@ async fn loss_then_rebalance(broker: Broker, loss: Loss) {
         assert_eq!(s.lock().unwrap().closed, None, "client {i} still streams");
     }
 
-    w.stop.store(true, Ordering::SeqCst);
+    drop(w.feed);
     drop(w.publ);
     blocking(move || {
         second.0.shutdown().unwrap();
@@ -378,9 +270,8 @@ async fn redis_restarted_with_its_data_is_no_loss() {
     tokio::time::sleep(Duration::from_millis(1500)).await;
     w.redis.stop(true);
     w.redis.start_again();
-    let at_restart = w.version.load(Ordering::SeqCst);
-    w.every_client_gets_versions_after(at_restart, "after the restart")
-        .await;
+    let at_restart = w.feed.version();
+    every_client_above(&w.channels, at_restart, "after the restart").await;
     // Give the periodic checks time to run on the restarted Redis.
     tokio::time::sleep(streampipe_contract::epoch::EPOCH_CHECK_INTERVAL * 2).await;
     assert_eq!(w.reducer.1.redis_data_loss.get(), 0, "reducer saw no loss");
@@ -398,7 +289,7 @@ async fn redis_restarted_with_its_data_is_no_loss() {
             "client {i}: {r:?}"
         );
     }
-    w.stop.store(true, Ordering::SeqCst);
+    drop(w.feed);
     drop(w.publ);
     blocking(move || w.reducer.0.shutdown().unwrap()).await;
     let _ = std::fs::remove_dir_all(dir);
@@ -429,43 +320,12 @@ async fn owner_dead_with_the_data_is_loud_and_live_channels_resubscribe() {
         let markets: Vec<String> = (0..MARKETS).map(|m| format!("D{c}M{m}")).collect();
         let refs: Vec<&str> = markets.iter().map(String::as_str).collect();
         let ch = create_channel(publ.addr, &refs).await;
-        let ws = open_stream(publ.addr, &ch).await;
-        let seen = Arc::new(Mutex::new(Seen::default()));
-        run_client(ws, seen.clone());
+        let seen = follow(open_stream(publ.addr, &ch).await);
         all.extend(markets.iter().cloned());
         channels.push((ch, markets, seen));
     }
-    let version = Arc::new(AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    run_feed(p.clone(), all, version.clone(), stop.clone());
-    let reached = |after: u64, when: &'static str| {
-        let channels: Vec<_> = channels
-            .iter()
-            .map(|(_, m, s)| (m.clone(), s.clone()))
-            .collect();
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(90);
-            loop {
-                let missing: Vec<String> = channels
-                    .iter()
-                    .flat_map(|(markets, seen)| {
-                        let s = seen.lock().unwrap();
-                        markets
-                            .iter()
-                            .filter(|m| s.max.get(*m).is_none_or(|v| *v <= after))
-                            .cloned()
-                            .collect::<Vec<_>>()
-                    })
-                    .collect();
-                if missing.is_empty() {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "{when}: missing {missing:?}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    reached(0, "before the loss").await;
+    let feed = Feed::start(p.clone(), all, ROUND);
+    every_client_above(&channels, 0, "before the loss").await;
     // Let the auto-committer commit the subscribes' offsets (every second).
     tokio::time::sleep(Duration::from_secs(3)).await;
 
@@ -473,7 +333,7 @@ async fn owner_dead_with_the_data_is_loud_and_live_channels_resubscribe() {
     let _: () = redis::cmd("FLUSHALL")
         .query(&mut redis.connection())
         .unwrap();
-    let at_loss = version.load(Ordering::SeqCst);
+    let at_loss = feed.version();
     let pc = p.clone();
     let second = blocking(move || start_reducer(&pc)).await;
     let (m, pm) = (second.1.clone(), publ.ctx.metrics.clone());
@@ -497,11 +357,7 @@ async fn owner_dead_with_the_data_is_loud_and_live_channels_resubscribe() {
         publ.ctx.metrics.loss_resubscribed.get(),
         t.elapsed()
     );
-    reached(
-        at_loss.max(version.load(Ordering::SeqCst)),
-        "after the loss",
-    )
-    .await;
+    every_client_above(&channels, at_loss.max(feed.version()), "after the loss").await;
     assert_eq!(
         second.1.subscriptions.get(),
         (CHANNELS * MARKETS) as i64,
@@ -514,7 +370,7 @@ async fn owner_dead_with_the_data_is_loud_and_live_channels_resubscribe() {
             "{s:?}"
         );
     }
-    stop.store(true, Ordering::SeqCst);
+    drop(feed);
     drop(publ);
     blocking(move || second.0.shutdown().unwrap()).await;
 }
