@@ -3,7 +3,8 @@
 //! [`crate::ws::MAX_CLIENT_FRAME`] bytes before it gets here. A `since`, from
 //! a begin frame or the stream URL, is checked by one function
 //! ([`checked_since`]): valid market ids, at most one entry per market a
-//! channel may hold, versions in range.
+//! channel may hold, versions in range; a `from_ms` (resume history markets
+//! by time) by [`checked_from_ms`].
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -21,6 +22,9 @@ pub enum ClientFrame {
     Begin {
         /// Market → the version the client already has.
         since: HashMap<Arc<str>, u64>,
+        /// History markets the client has no version of: resume from this
+        /// time (ms since the epoch; see `crate::history`).
+        from_ms: Option<u64>,
     },
     /// The token, as the first frame (when not in the subprotocol).
     Auth {
@@ -41,6 +45,8 @@ enum Raw {
     Begin {
         #[serde(default)]
         since: HashMap<String, u64>,
+        #[serde(default)]
+        from_ms: Option<u64>,
     },
     Auth {
         token: String,
@@ -55,7 +61,10 @@ enum Raw {
 pub fn parse(text: &str) -> Result<ClientFrame, String> {
     let raw: Raw = serde_json::from_str(text).map_err(|e| format!("not a client frame: {e}"))?;
     match raw {
-        Raw::Begin { since } => checked_since(since).map(|since| ClientFrame::Begin { since }),
+        Raw::Begin { since, from_ms } => Ok(ClientFrame::Begin {
+            since: checked_since(since)?,
+            from_ms: from_ms.map(checked_from_ms).transpose()?,
+        }),
         Raw::Auth { token } => checked_token(token).map(|token| ClientFrame::Auth { token }),
         Raw::Refresh { token } => checked_token(token).map(|token| ClientFrame::Refresh { token }),
     }
@@ -84,6 +93,15 @@ pub fn checked_since<M: AsRef<str>>(
     Ok(out)
 }
 
+/// Checks a `from_ms` (a begin frame's or the stream URL's): at most
+/// 2^53 − 1, the largest integer a browser's number holds exactly.
+pub fn checked_from_ms(ms: u64) -> Result<u64, String> {
+    if ms > MAX_VERSION {
+        return Err(format!("from_ms {ms} above {MAX_VERSION}"));
+    }
+    Ok(ms)
+}
+
 fn checked_token(token: String) -> Result<String, String> {
     if token.is_empty() || token.len() > MAX_TOKEN_BYTES {
         return Err(format!(
@@ -103,16 +121,22 @@ mod tests {
         assert_eq!(
             parse(r#"{"type":"begin"}"#),
             Ok(ClientFrame::Begin {
-                since: HashMap::new()
+                since: HashMap::new(),
+                from_ms: None,
             })
         );
-        let b = parse(r#"{"type":"begin","since":{"m1":7}}"#).unwrap();
+        let b = parse(r#"{"type":"begin","since":{"m1":7},"from_ms":1700000000000}"#).unwrap();
         assert_eq!(
             b,
             ClientFrame::Begin {
-                since: [(Arc::from("m1"), 7)].into_iter().collect()
+                since: [(Arc::from("m1"), 7)].into_iter().collect(),
+                from_ms: Some(1_700_000_000_000),
             }
         );
+        assert!(parse(r#"{"type":"begin","from_ms":9007199254740992}"#)
+            .unwrap_err()
+            .contains("from_ms"));
+        assert!(parse(r#"{"type":"begin","from_ms":-1}"#).is_err());
         assert!(parse(r#"{"type":"begin","since":{"bad id":7}}"#)
             .unwrap_err()
             .contains("since"));

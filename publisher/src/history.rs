@@ -10,6 +10,12 @@
 //! Then the begin answers `recovered: true` and queues them in order;
 //! otherwise `recovered: false` and the market's latest state, as for a
 //! market without history.
+//!
+//! A client with no position on a market may resume by time instead
+//! (`from_ms`, the JustEat article's `fromMs`): the newest entries are read
+//! backwards (`XREVRANGE key + - COUNT n`) and those stamped at or after
+//! the time are replayed when the read reached an older entry (or the
+//! market's very first one): the history then holds everything since.
 
 use bytes::Bytes;
 use redis::Value;
@@ -32,6 +38,8 @@ pub struct Entry {
     pub version: u64,
     /// The market's version before it (0: none).
     pub prev: u64,
+    /// The update's time (ms since the epoch; 0 when the entry has none).
+    pub ts: u64,
     /// The update as published.
     pub msg: Bytes,
 }
@@ -58,17 +66,23 @@ pub fn parse_entries(v: Value) -> Vec<Entry> {
         let Some(version) = text(&id).as_deref().and_then(entry_version) else {
             continue;
         };
-        let (mut prev, mut msg) = (None, None);
+        let (mut prev, mut msg, mut ts) = (None, None, 0);
         let mut fields = fields.into_iter();
         while let (Some(k), Some(v)) = (fields.next(), fields.next()) {
             match text(&k).as_deref() {
                 Some(FIELD_PREV) => prev = text(&v).and_then(|p| p.parse().ok()),
                 Some(FIELD_MSG) => msg = bytes(v),
-                Some(FIELD_TS) | Some(_) | None => {}
+                Some(FIELD_TS) => ts = text(&v).and_then(|t| t.parse().ok()).unwrap_or(0),
+                Some(_) | None => {}
             }
         }
         if let (Some(prev), Some(msg)) = (prev, msg) {
-            out.push(Entry { version, prev, msg });
+            out.push(Entry {
+                version,
+                prev,
+                ts,
+                msg,
+            });
         }
     }
     out
@@ -129,19 +143,66 @@ pub fn decide(
     Verdict::Recovered(entries)
 }
 
+/// Decides for a client resuming by time (`from_ms`) without a position on
+/// the market, given the newest entries (newest first, `count` asked for),
+/// the market's stored state version, and how many bytes the begin may
+/// still queue. The history covers the time when the read reached an entry
+/// older than it (everything after that one is here, as a stream is only
+/// trimmed at its old end), or the market's first version (`prev` 0) with
+/// room to spare in the read.
+pub fn decide_from_time(
+    from_ms: u64,
+    newest_first: Vec<Entry>,
+    count: usize,
+    state_version: Option<u64>,
+    bytes_left: usize,
+) -> Verdict {
+    let read = newest_first.len();
+    let Some(newest) = newest_first.first() else {
+        return Verdict::NotRecovered; // no history (yet, or lost with Redis)
+    };
+    if state_version.is_some_and(|v| v > newest.version) {
+        return Verdict::NotRecovered; // the history lags the state: not all here
+    }
+    let mut wanted: Vec<Entry> = newest_first
+        .into_iter()
+        .take_while(|e| e.ts >= from_ms)
+        .collect();
+    let boundary_seen = wanted.len() < read;
+    let whole_history = read < count && wanted.last().is_some_and(|e| e.prev == 0);
+    if !(boundary_seen || whole_history) {
+        return Verdict::NotRecovered;
+    }
+    if wanted.iter().map(|e| e.msg.len()).sum::<usize>() > bytes_left {
+        return Verdict::NotRecovered;
+    }
+    wanted.reverse();
+    Verdict::Recovered(wanted)
+}
+
+/// Where a resuming client said it was on a market.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resume {
+    /// After this version (`since`, or what the connection already got).
+    Version(u64),
+    /// Events at or after this time (`from_ms`).
+    Time(u64),
+}
+
 /// The `recovered` message sent before a history market's replay (or its
-/// latest state, when not recovered).
-pub fn recovered_message(market: &str, since: u64, recovered: bool, replayed: usize) -> Bytes {
-    Bytes::from(
-        serde_json::json!({
-            "type": "recovered",
-            "market": market,
-            "since": since,
-            "recovered": recovered,
-            "replayed": replayed,
-        })
-        .to_string(),
-    )
+/// latest state, when not recovered); it echoes `since` or `from_ms`.
+pub fn recovered_message(market: &str, from: Resume, recovered: bool, replayed: usize) -> Bytes {
+    let mut v = serde_json::json!({
+        "type": "recovered",
+        "market": market,
+        "recovered": recovered,
+        "replayed": replayed,
+    });
+    match from {
+        Resume::Version(since) => v["since"] = since.into(),
+        Resume::Time(ms) => v["from_ms"] = ms.into(),
+    }
+    Bytes::from(v.to_string())
 }
 
 #[cfg(test)]
@@ -149,11 +210,61 @@ mod tests {
     use super::*;
 
     fn e(version: u64, prev: u64) -> Entry {
+        t(version, prev, 1)
+    }
+
+    fn t(version: u64, prev: u64, ts: u64) -> Entry {
         Entry {
             version,
             prev,
+            ts,
             msg: Bytes::from_static(b"{}"),
         }
+    }
+
+    #[test]
+    fn resuming_by_time_needs_an_older_entry_or_the_first_one() {
+        // Newest first: versions 9 (t=300), 6 (t=200), 5 (t=100, prev 4).
+        let newest = || vec![t(9, 6, 300), t(6, 5, 200), t(5, 4, 100)];
+        assert_eq!(
+            decide_from_time(150, newest(), 10, Some(9), 1000),
+            Verdict::Recovered(vec![t(6, 5, 200), t(9, 6, 300)])
+        );
+        // Nothing since the time, and an older entry read: up to date.
+        assert_eq!(
+            decide_from_time(400, newest(), 10, Some(9), 1000),
+            Verdict::Recovered(vec![])
+        );
+        // Every entry read is after the time and the oldest continues an
+        // earlier version: trimmed (or beyond the read), not covered.
+        assert_eq!(
+            decide_from_time(50, newest(), 10, Some(9), 1000),
+            Verdict::NotRecovered
+        );
+        // ... unless it is the market's first version and the read was whole.
+        let from_first = vec![t(6, 5, 200), t(5, 0, 100)];
+        assert_eq!(
+            decide_from_time(50, from_first.clone(), 10, Some(6), 1000),
+            Verdict::Recovered(vec![t(5, 0, 100), t(6, 5, 200)])
+        );
+        assert_eq!(
+            decide_from_time(50, from_first, 2, Some(6), 1000),
+            Verdict::NotRecovered,
+            "a full read may have stopped short of older entries"
+        );
+        // The state is newer than the history; no history; too many bytes.
+        assert_eq!(
+            decide_from_time(150, newest(), 10, Some(12), 1000),
+            Verdict::NotRecovered
+        );
+        assert_eq!(
+            decide_from_time(150, vec![], 10, Some(9), 1000),
+            Verdict::NotRecovered
+        );
+        assert_eq!(
+            decide_from_time(150, newest(), 10, Some(9), 3),
+            Verdict::NotRecovered
+        );
     }
 
     #[test]
@@ -208,7 +319,7 @@ mod tests {
             entry("9-0", "8"),
         ]);
         let got = parse_entries(v);
-        assert_eq!(got, vec![e(6, 5), e(9, 8)]);
+        assert_eq!(got, vec![e(6, 5), e(9, 8)], "ts parsed from the entry");
         assert_eq!(read_count(1), REPLAY_MAX_EVENTS + 1);
         assert_eq!(read_count(10_000), 2);
     }

@@ -48,7 +48,7 @@ use crate::commands::Commands;
 use crate::delivery_log::{Delivery, DeliveryLog};
 use crate::epoch;
 use crate::error::{Error, Result};
-use crate::history::{self as hist, Verdict};
+use crate::history::{self as hist, Resume, Verdict};
 use crate::ingest::{Ingest, Ingested};
 use crate::metrics::Metrics;
 use crate::outbox::{Outbox, Pushed, Update};
@@ -330,22 +330,37 @@ impl Hub {
             None => return Ok(0),
         };
         // History markets the connection has a position on are resumed
-        // from their history; the others get their state.
+        // from their history after it; those it has none on, from the time
+        // it gave (`from_ms`) if any; the others get their state.
         let h = &self.inner.history;
-        let resumed: Vec<(String, u64)> = markets
+        let from_ms = outbox.from_time();
+        let resumed: Vec<(String, Resume)> = markets
             .iter()
             .filter(|m| h.applies(m))
-            .filter_map(|m| outbox.position(m).map(|p| (m.clone(), p)))
+            .filter_map(|m| match outbox.position(m) {
+                Some(p) => Some((m.clone(), Resume::Version(p))),
+                None => from_ms.map(|t| (m.clone(), Resume::Time(t))),
+            })
             .collect();
         let count = hist::read_count(resumed.len());
-        let reads: Vec<(String, u64, usize)> = resumed
+        let after_reads: Vec<(String, u64, usize)> = resumed
             .iter()
-            .map(|(m, p)| (m.clone(), *p, count))
+            .filter_map(|(m, r)| match r {
+                Resume::Version(p) => Some((m.clone(), *p, count)),
+                Resume::Time(_) => None,
+            })
             .collect();
-        let (states, histories) = tokio::try_join!(
+        let time_reads: Vec<(String, usize)> = resumed
+            .iter()
+            .filter(|(_, r)| matches!(r, Resume::Time(_)))
+            .map(|(m, _)| (m.clone(), count))
+            .collect();
+        let (states, after, latest) = tokio::try_join!(
             self.inner.registry.states(&markets),
-            self.inner.registry.history_after(&reads),
+            self.inner.registry.history_after(&after_reads),
+            self.inner.registry.history_latest(&time_reads),
         )?;
+        let (mut after, mut latest) = (after.into_iter(), latest.into_iter());
         let mut state_of: std::collections::HashMap<Arc<str>, Update> = states
             .into_iter()
             .flatten()
@@ -355,15 +370,25 @@ impl Hub {
         let mut queued = 0;
         let mut bytes_left = hist::REPLAY_MAX_BYTES;
         let m = &self.inner.metrics;
-        for ((market, since), reply) in resumed.iter().zip(histories) {
+        for (market, from) in &resumed {
             let state = state_of.remove(market.as_str());
-            let verdict = hist::decide(
-                *since,
-                hist::parse_entries(reply),
-                count,
-                state.as_ref().map(|u| u.version),
-                bytes_left,
-            );
+            let state_version = state.as_ref().map(|u| u.version);
+            let verdict = match *from {
+                Resume::Version(since) => hist::decide(
+                    since,
+                    hist::parse_entries(after.next().unwrap_or(redis::Value::Nil)),
+                    count,
+                    state_version,
+                    bytes_left,
+                ),
+                Resume::Time(ms) => hist::decide_from_time(
+                    ms,
+                    hist::parse_entries(latest.next().unwrap_or(redis::Value::Nil)),
+                    count,
+                    state_version,
+                    bytes_left,
+                ),
+            };
             let recovered = matches!(verdict, Verdict::Recovered(_));
             m.history_replays
                 .with_label_values(&[if recovered {
@@ -393,7 +418,7 @@ impl Hub {
             m.history_replayed.inc_by(replayed as u64);
             outbox.push_message(
                 "recovered",
-                hist::recovered_message(market, *since, recovered, replayed),
+                hist::recovered_message(market, *from, recovered, replayed),
             );
             for u in &updates {
                 queued += usize::from(self.count(outbox.push_replayed(u)));

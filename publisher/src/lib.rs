@@ -199,6 +199,10 @@ pub struct StreamParams {
     /// `since=m1@12,m2@5`: resume after these versions.
     #[serde(default)]
     pub since: Option<String>,
+    /// `from_ms=<ms>`: resume history markets without a `since` entry from
+    /// this time (see `history`).
+    #[serde(default)]
+    pub from_ms: Option<u64>,
     /// SSE: the one-time ticket from `POST /v1/channels/<id>/tickets`.
     #[serde(default)]
     pub ticket: Option<String>,

@@ -32,6 +32,8 @@ pub struct Request {
     pub channel: String,
     /// Market → the version the client already has.
     pub since: HashMap<Arc<str>, u64>,
+    /// `from_ms`: history markets without a `since` entry resume from it.
+    pub from_ms: Option<u64>,
     /// `begin=1`: replay the channel's state at once.
     pub begin: bool,
 }
@@ -106,9 +108,15 @@ pub fn check_request(
         ));
     }
     let since = params.since().map_err(|m| refuse("invalid_since", m))?;
+    let from_ms = params
+        .from_ms
+        .map(crate::frames::checked_from_ms)
+        .transpose()
+        .map_err(|m| refuse("invalid_from_ms", m))?;
     Ok(Request {
         channel,
         since,
+        from_ms,
         begin: params.begin,
     })
 }
@@ -180,6 +188,9 @@ pub async fn open(
         return Err(Refused::TooManyStreams);
     };
     let outbox = Arc::new(Outbox::new(req.since, ctx.outbox_budget.clone()));
+    if let Some(ms) = req.from_ms {
+        outbox.resume_from_time(ms);
+    }
     if ctx.hub.keeps_history() {
         // History markets' live updates wait for the first begin, which
         // replays what the client missed before them (see `hub::begin`);

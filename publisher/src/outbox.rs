@@ -188,6 +188,9 @@ struct Inner {
     closed: bool,
     /// Live history-market updates held aside during a replay.
     hold: Option<Hold>,
+    /// Resume history markets the connection has no position on from this
+    /// time (ms since the epoch; `from_ms`), see [`crate::history`].
+    from_ms: Option<u64>,
 }
 
 /// Live updates of history markets held during a replay (see [`Outbox::hold`]).
@@ -245,6 +248,7 @@ impl Outbox {
                 last_progress: Instant::now(),
                 closed: false,
                 hold: None,
+                from_ms: None,
             }),
             notify: Notify::new(),
         }
@@ -285,6 +289,17 @@ impl Outbox {
     /// Whether history-market updates are held (a replay is pending).
     pub fn is_held(&self) -> bool {
         self.lock().hold.is_some()
+    }
+
+    /// Resume history markets without a position from `ms` (a `begin`'s
+    /// or the stream URL's `from_ms`; the latest one counts).
+    pub fn resume_from_time(&self, ms: u64) {
+        self.lock().from_ms = Some(ms);
+    }
+
+    /// The time history markets without a position resume from, if any.
+    pub fn from_time(&self) -> Option<u64> {
+        self.lock().from_ms
     }
 
     /// Where the connection stands on `market`: the newest version sent,

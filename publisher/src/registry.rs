@@ -412,6 +412,24 @@ impl Registry {
         self.run_all(cmds).await
     }
 
+    /// The newest `count` history entries of each market, newest first
+    /// (`XREVRANGE key + - COUNT count`: a resume by time).
+    pub async fn history_latest(&self, reads: &[(String, usize)]) -> Result<Vec<Value>> {
+        let cmds = reads
+            .iter()
+            .map(|(m, count)| {
+                let mut c = redis::cmd("XREVRANGE");
+                c.arg(self.keys.market_history(m))
+                    .arg("+")
+                    .arg("-")
+                    .arg("COUNT")
+                    .arg(*count);
+                c
+            })
+            .collect();
+        self.run_all(cmds).await
+    }
+
     /// Runs `cmds` and returns their replies in order: one pipeline on a
     /// single Redis; on a cluster, which refuses a pipeline across slots,
     /// each command on its own, concurrently.

@@ -433,7 +433,7 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
                 match frame {
                     Some(Ok(Message::Text(text))) => {
                         match frames::parse(text.as_str()) {
-                            Ok(ClientFrame::Begin { since }) => {
+                            Ok(ClientFrame::Begin { since, from_ms }) => {
                                 if last_begin.is_some_and(|t| t.elapsed() < BEGIN_MIN_INTERVAL) {
                                     m.rejected.with_label_values(&["begin_rate"]).inc();
                                     continue;
@@ -441,6 +441,9 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
                                 last_begin = Some(Instant::now());
                                 hold_until = None; // this begin releases the hold
                                 outbox.resume_from(&since);
+                                if let Some(ms) = from_ms {
+                                    outbox.resume_from_time(ms);
+                                }
                                 if pending_begin.is_some() {
                                     // Merged into the begin already waiting.
                                     continue;

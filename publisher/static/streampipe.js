@@ -30,6 +30,10 @@
  *   transport   'ws' (default when WebSocket exists) or 'sse'.
  *   versions    initial market -> version map (e.g. restored from storage):
  *               the first begin resumes from it with `since`.
+ *   fromMs      a time (ms since the epoch, e.g. when the user last looked):
+ *               history markets with no known version resume from it
+ *               (`from_ms` in every begin and on the SSE URL): their events
+ *               since then are replayed, with a `recovered` frame first.
  *   snapshot    true: start() first loads the markets' cacheable snapshot
  *               (loadSnapshot()), then opens the stream with `since` = the
  *               snapshot's versions. A failed snapshot only costs the
@@ -90,7 +94,7 @@
  *   subscribed (msg)   the `subscribed` frame {channel, markets}
  *   reset      (msg)   the `reset` frame; begin (with since) is sent again
  *   recovered  (msg)   a history market was resumed by a begin:
- *                      {type:'recovered', market, since, recovered, replayed};
+ *                      {type:'recovered', market, since | from_ms, recovered, replayed};
  *                      recovered true: the `replayed` events missed after
  *                      `since` follow in order; false: the history did not
  *                      cover the gap (trimmed), its latest state follows.
@@ -230,6 +234,7 @@
       this._random = opts.random || Math.random;
 
       this._snapshotFirst = opts.snapshot === true;
+      this.fromMs = Number.isSafeInteger(opts.fromMs) && opts.fromMs >= 0 ? opts.fromMs : null;
       this.versions = Object.create(null);
       // market -> whether the last begin's history replay covered the gap
       this.recovered = Object.create(null);
@@ -695,6 +700,7 @@
       }
       const since = this._sinceQuery();
       if (since) url += '&since=' + since;
+      if (this.fromMs !== null) url += '&from_ms=' + this.fromMs;
       let es;
       try {
         es = new ES(url);
@@ -854,7 +860,8 @@
 
     _frameSinceEntries() {
       // {"type":"begin","since":{...}} ; ids are ASCII so length == bytes.
-      const overhead = '{"type":"begin","since":{}}'.length;
+      const fromMs = this.fromMs === null ? '' : ',"from_ms":' + this.fromMs;
+      const overhead = '{"type":"begin","since":{}}'.length + fromMs.length;
       return this._sinceEntries(MAX_CLIENT_FRAME, overhead, 1, (m, v) => JSON.stringify(m) + ':' + v);
     }
 
@@ -866,6 +873,7 @@
         for (const [m, v] of entries) since[m] = v;
         frame.since = since;
       }
+      if (this.fromMs !== null) frame.from_ms = this.fromMs;
       return JSON.stringify(frame);
     }
 

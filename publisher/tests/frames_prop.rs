@@ -25,7 +25,7 @@ proptest! {
     fn begin_frames_round_trip(since in proptest::collection::hash_map(market(), 0..=MAX_VERSION, 0..20)) {
         let text = json!({"type": "begin", "since": since}).to_string();
         let want: HashMap<Arc<str>, u64> = since.iter().map(|(k, v)| (Arc::from(k.as_str()), *v)).collect();
-        prop_assert_eq!(parse(&text), Ok(ClientFrame::Begin { since: want }));
+        prop_assert_eq!(parse(&text), Ok(ClientFrame::Begin { since: want, from_ms: None }));
     }
 
     /// One bad entry refuses the whole frame.
@@ -51,7 +51,7 @@ proptest! {
     /// within the limits.
     #[test]
     fn arbitrary_text_never_panics(text in ".{0,200}") {
-        if let Ok(ClientFrame::Begin { since }) = parse(&text) {
+        if let Ok(ClientFrame::Begin { since, .. }) = parse(&text) {
             prop_assert!(since.len() <= MAX_MARKETS_PER_CHANNEL);
             prop_assert!(since.values().all(|v| *v <= MAX_VERSION));
         }
@@ -69,7 +69,7 @@ proptest! {
             chars[at] = c;
         }
         let text: String = chars.into_iter().collect();
-        if let Ok(ClientFrame::Begin { since }) = parse(&text) {
+        if let Ok(ClientFrame::Begin { since, .. }) = parse(&text) {
             for m in since.keys() {
                 prop_assert!(streampipe_contract::validate_market_id(m).is_ok());
             }

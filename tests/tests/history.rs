@@ -289,3 +289,87 @@ async fn redelivered_records_add_no_history_entry() {
     assert_eq!(appended, 1, "only version 6 appended");
     blocking(move || reducer.shutdown().unwrap()).await;
 }
+
+/// Resume by time (`from_ms`, the JustEat article's `fromMs`): a client with
+/// no version of a history market gets exactly the events stamped at or
+/// after the time, in order, after `recovered: true` echoing `from_ms`;
+/// markets without history get their latest state as ever; once the
+/// stream no longer reaches back to the time, `recovered: false` and the
+/// latest state. The URL's `from_ms` works like the begin frame's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_resuming_by_time_gets_the_events_since_then() {
+    let (p, reducer, publ) = start().await;
+    let (hm, lm) = ("H.settle.1", "L.odds.2");
+    let ch = create_channel(publ.addr, &[hm, lm]).await;
+    let produce = |range: std::ops::RangeInclusive<u64>| {
+        for v in range {
+            p.update(hm, v, &v.to_string());
+            p.update(lm, v, &v.to_string());
+        }
+        p.flush();
+    };
+    produce(1..=3);
+    wait_state(&p, hm, 3).await;
+    // Kafka and the feed stamp in ms: keep the time clear of both batches.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let t = streampipe_tests::now_ms();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    produce(4..=6);
+    wait_state(&p, hm, 6).await;
+    wait_state(&p, lm, 6).await;
+
+    let mut ws = ws_connect(publ.addr, &ch, "").await;
+    match ws_next(&mut ws, Duration::from_secs(10)).await {
+        Some(Frame::Json(v)) if v["type"] == "subscribed" => {}
+        other => panic!("expected subscribed, got {other:?}"),
+    }
+    ws_send(&mut ws, &format!(r#"{{"type":"begin","from_ms":{t}}}"#)).await;
+    let mut got = Vec::new();
+    read_until(&mut ws, &mut got, "the events since t", |g| {
+        versions(g, hm).last() == Some(&6) && versions(g, lm).last() == Some(&6)
+    })
+    .await;
+    let r = recovered(&got, hm);
+    assert_eq!(r.len(), 1, "{got:?}");
+    assert_eq!(r[0]["recovered"], true, "{r:?}");
+    assert_eq!(r[0]["from_ms"], t, "{r:?}");
+    assert_eq!(r[0]["replayed"], 3, "{r:?}");
+    assert_eq!(
+        versions(&got, hm),
+        vec![4, 5, 6],
+        "exactly the events since t"
+    );
+    assert_eq!(versions(&got, lm), vec![6], "no history: the latest state");
+    assert!(recovered(&got, lm).is_empty());
+    drop(ws);
+
+    // The stream is trimmed past t: not recovered, the latest state.
+    for v in 7..=306 {
+        p.update(hm, v, &v.to_string());
+    }
+    p.flush();
+    wait_state(&p, hm, 306).await;
+    let mut ws = ws_connect(publ.addr, &ch, &format!("?begin=1&from_ms={t}")).await;
+    let mut got = Vec::new();
+    read_until(&mut ws, &mut got, "the latest state", |g| {
+        versions(g, hm).last() == Some(&306)
+    })
+    .await;
+    let r = recovered(&got, hm);
+    assert_eq!(r.len(), 1, "{got:?}");
+    assert_eq!(r[0]["recovered"], false, "{r:?}");
+    assert_eq!(versions(&got, hm), vec![306], "only the latest state");
+
+    // A bad from_ms is refused before anything opens.
+    let r = streampipe_tests::publisher::http(
+        publ.addr,
+        "GET",
+        &format!("/v1/sse/{ch}?from_ms=9007199254740993"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("invalid_from_ms"), "{}", r.body);
+    drop(publ);
+    blocking(move || reducer.shutdown().unwrap()).await;
+}

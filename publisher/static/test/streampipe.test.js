@@ -242,6 +242,17 @@ test('begin carries since with the known versions', async () => {
   await env.client.close({ deleteChannel: false });
 });
 
+test('fromMs rides in every begin frame next to since', async () => {
+  const env = setup({ client: { channel: 'c', versions: { [M1]: 7 }, fromMs: 1700000000000 } });
+  env.client.start();
+  await waitFor(() => env.sockets.length === 1, 'socket');
+  env.sockets[0].subscribed('c', [M1, M2]);
+  assert.deepEqual(env.sockets[0].sent, [{ type: 'begin', since: { [M1]: 7 }, from_ms: 1700000000000 }]);
+  await env.client.close({ deleteChannel: false });
+  const bad = setup({ client: { channel: 'c', fromMs: -5 } });
+  assert.equal(bad.client.fromMs, null, 'a negative time is ignored');
+});
+
 test('since is trimmed so the begin frame stays within 4 KiB; the overflow goes in the URL', async () => {
   const versions = {};
   for (let i = 0; i < 300; i++) versions['football.league.' + (100000 + i) + ':match_odds'] = 1000000 + i;
