@@ -172,7 +172,11 @@ impl Query {
         if let Some(p) = &self.prefix {
             parts.push(format!("{MARKET_PREFIX}{p}"));
         }
-        parts.extend(self.fields.iter().map(|f| format!("{}={}", f.field, f.value)));
+        parts.extend(
+            self.fields
+                .iter()
+                .map(|f| format!("{}={}", f.field, f.value)),
+        );
         parts.join(";")
     }
 
@@ -330,7 +334,9 @@ mod tests {
     use super::*;
 
     fn m(q: &str, market: &str, payload: &str) -> bool {
-        Query::parse(q).unwrap().matches(market, &Fields::of(payload))
+        Query::parse(q)
+            .unwrap()
+            .matches(market, &Fields::of(payload))
     }
 
     #[test]
@@ -412,7 +418,10 @@ mod tests {
         let v = br#"{"type":"remove_query","channel":"c1","query":"status=open;market^=FB."}"#;
         assert_eq!(decode_query_command(v).unwrap().0.query, cmd.query);
         let bad = br#"{"type":"add_query","channel":"c1","query":"x"}"#;
-        assert_eq!(decode_query_command(bad).unwrap_err().kind(), "invalid_json");
+        assert_eq!(
+            decode_query_command(bad).unwrap_err().kind(),
+            "invalid_json"
+        );
         let bad = br#"{"type":"add_query","channel":"c 1","query":"a=1"}"#;
         assert_eq!(
             decode_query_command(bad).unwrap_err().kind(),
