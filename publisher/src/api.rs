@@ -148,7 +148,7 @@ fn public_message(e: &Error) -> String {
     }
 }
 
-fn bad(code: &'static str, msg: impl Into<String>) -> Error {
+pub(crate) fn bad(code: &'static str, msg: impl Into<String>) -> Error {
     Error::invalid(StatusCode::BAD_REQUEST, code, msg)
 }
 
@@ -177,7 +177,7 @@ fn validate_markets(markets: Vec<String>) -> Result<Vec<String>, Error> {
     Ok(out)
 }
 
-fn check_channel(id: &str) -> Result<(), Error> {
+pub(crate) fn check_channel(id: &str) -> Result<(), Error> {
     validate_channel_id(id).map_err(|e| bad("invalid_channel", e.to_string()))
 }
 
@@ -186,7 +186,11 @@ fn unknown_channel() -> Error {
 }
 
 /// The markets of a known channel the caller owns; 404 `unknown_channel` otherwise.
-async fn channel_markets(ctx: &Context, caller: &Caller, id: &str) -> Result<Vec<String>, Error> {
+pub(crate) async fn channel_markets(
+    ctx: &Context,
+    caller: &Caller,
+    id: &str,
+) -> Result<Vec<String>, Error> {
     if !owns(ctx, &caller.principal, id).await? {
         return Err(unknown_channel());
     }
@@ -232,7 +236,7 @@ pub fn limit(ctx: &Context, client: &str, kind: Kind, n: usize) -> Result<(), Er
 
 /// 429 while the reducers' command lag is past its bound: new commands
 /// would only queue behind minutes of others.
-fn shed(ctx: &Context) -> Result<(), Error> {
+pub(crate) fn shed(ctx: &Context) -> Result<(), Error> {
     let lag = ctx.command_lag.get();
     if lag > ctx.config.max_command_lag {
         ctx.metrics
@@ -252,7 +256,7 @@ fn check_market(id: &str) -> Result<(), Error> {
     validate_market_id(id).map_err(|e| bad("invalid_market", e.to_string()))
 }
 
-fn take_tokens(ctx: &Context, n: usize) -> Result<(), Error> {
+pub(crate) fn take_tokens(ctx: &Context, n: usize) -> Result<(), Error> {
     if ctx.limiter.try_take(n) {
         Ok(())
     } else {
@@ -478,7 +482,7 @@ async fn begin(
             if !owns(&ctx, &caller.principal, &id).await? {
                 return Err(unknown_channel());
             }
-            let Some(markets) = ctx.registry.markets(&id).await? else {
+            let Some(markets) = ctx.registry.received(&id).await? else {
                 // Streams of a vanished channel may still be open on some
                 // pod: they re-read the registry and close with 4404.
                 ctx.registry.notify_markets_changed(&id).await?;
@@ -688,7 +692,7 @@ async fn markets(
 
 // ---- filters ----
 
-fn with_ctx(
+pub(crate) fn with_ctx(
     ctx: Arc<Context>,
 ) -> impl Filter<Extract = (Arc<Context>,), Error = Infallible> + Clone {
     warp::any().map(move || ctx.clone())
@@ -697,7 +701,7 @@ fn with_ctx(
 /// A JSON request body, read within [`crate::server::BODY_READ_TIMEOUT`]
 /// (hyper bounds only the head: a client trickling a body byte by byte
 /// would otherwise hold its connection and this task for as long as it likes).
-fn json_body<T: serde::de::DeserializeOwned + Send>(
+pub(crate) fn json_body<T: serde::de::DeserializeOwned + Send>(
 ) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
     warp::body::content_length_limit(MAX_BODY_BYTES)
         .and(warp::header::optional::<String>("content-type"))
@@ -845,6 +849,8 @@ pub fn routes(ctx: Arc<Context>) -> warp::filters::BoxedFilter<(warp::reply::Res
         .or(markets)
         .unify()
         .or(crate::snapshot::route(ctx.clone()))
+        .unify()
+        .or(crate::queries::routes(ctx.clone()))
         .unify()
         .or(limits)
         .unify()

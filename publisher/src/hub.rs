@@ -197,7 +197,7 @@ impl Hub {
             return Ok(None);
         };
         let _serialized = lock.lock().await;
-        let read = self.inner.registry.markets(channel).await?;
+        let read = self.inner.registry.received(channel).await?;
         let (topics, added) = {
             let mut t = self.table();
             let Some(markets) = read.as_deref() else {
