@@ -185,6 +185,14 @@ impl Query {
         self.prefix.as_deref()
     }
 
+    /// The first field clause (by field name) as `(field, value)`: what a
+    /// matcher can index the query by.
+    pub fn first_field(&self) -> Option<(&str, &str)> {
+        self.fields
+            .first()
+            .map(|f| (f.field.as_str(), f.value.as_str()))
+    }
+
     /// Whether matching needs the payload's fields (else the market id is enough).
     pub fn needs_fields(&self) -> bool {
         !self.fields.is_empty()
@@ -227,16 +235,20 @@ impl<'a> Fields<'a> {
         Fields::default()
     }
 
-    fn equals(&self, field: &str, value: &str) -> bool {
-        let Some(raw) = self.map.get(field) else {
-            return false;
-        };
-        let text = raw.get().trim();
+    /// The text a clause compares a top-level field by: a string's
+    /// unescaped text, a number's or boolean's JSON text; `None` for a
+    /// missing field, `null`, an object or an array.
+    pub fn scalar(&self, field: &str) -> Option<Cow<'a, str>> {
+        let text = self.map.get(field)?.get().trim();
         match text.as_bytes().first() {
-            Some(b'"') => serde_json::from_str::<Cow<'_, str>>(text).is_ok_and(|s| s == value),
-            Some(b'{' | b'[' | b'n') | None => false,
-            Some(_) => text == value,
+            Some(b'"') => serde_json::from_str::<Cow<'a, str>>(text).ok(),
+            Some(b'{' | b'[' | b'n') | None => None,
+            Some(_) => Some(Cow::Borrowed(text)),
         }
+    }
+
+    fn equals(&self, field: &str, value: &str) -> bool {
+        self.scalar(field).is_some_and(|s| s == value)
     }
 }
 

@@ -19,7 +19,16 @@ const PARTITIONS: u32 = 8;
 const RECORDS: usize = 200_000;
 const ROUNDS: usize = 5;
 
-fn core_with(queries: usize, fields: bool) -> Core {
+/// Which queries: `market^=Q<i>.`, plus `;status=open`, or no prefix at
+/// all (`sport=s<i>`: compared with every record, the worst case).
+#[derive(Clone, Copy)]
+enum Shape {
+    Prefix,
+    PrefixAndField,
+    FieldOnly,
+}
+
+fn core_with(queries: usize, shape: Shape) -> Core {
     let mut core = Core::new(PARTITIONS);
     for p in 0..PARTITIONS as i32 {
         core.apply(
@@ -31,10 +40,10 @@ fn core_with(queries: usize, fields: bool) -> Core {
         );
     }
     for i in 0..queries {
-        let query = if fields {
-            format!("market^=Q{i}.;status=open")
-        } else {
-            format!("market^=Q{i}.")
+        let query = match shape {
+            Shape::Prefix => format!("market^=Q{i}."),
+            Shape::PrefixAndField => format!("market^=Q{i}.;status=open"),
+            Shape::FieldOnly => format!("sport=s{i}"),
         };
         let v = encode_query_command(&QueryCommand {
             kind: QueryCommandKind::AddQuery,
@@ -105,24 +114,30 @@ fn main() {
     let matching = records("Q0.");
     println!("| queries | clauses | records | baseline ns/record (0 queries) | ns/record | matching cost ns/record |");
     println!("|---|---|---|---|---|---|");
-    for (n, fields, recs, label) in [
-        (10, false, &plain, "non-matching"),
-        (100, false, &plain, "non-matching"),
-        (1000, false, &plain, "non-matching"),
-        (10, true, &plain, "non-matching"),
-        (100, true, &plain, "non-matching"),
-        (1000, true, &plain, "non-matching"),
-        (1000, true, &matching, "matching"),
+    use Shape::*;
+    for (n, shape, recs, label) in [
+        (10, Prefix, &plain, "non-matching"),
+        (100, Prefix, &plain, "non-matching"),
+        (1000, Prefix, &plain, "non-matching"),
+        (1000, PrefixAndField, &plain, "non-matching"),
+        (1000, PrefixAndField, &matching, "matching"),
+        (10, FieldOnly, &plain, "non-matching"),
+        (100, FieldOnly, &plain, "non-matching"),
+        (1000, FieldOnly, &plain, "non-matching"),
     ] {
         let (mut base, mut with) = (Vec::new(), Vec::new());
-        let mut b = core_with(0, false);
-        let mut w = core_with(n, fields);
+        let mut b = core_with(0, Prefix);
+        let mut w = core_with(n, shape);
         for _ in 0..ROUNDS {
             base.push(run(&mut b, recs));
             with.push(run(&mut w, recs));
         }
         let (b, w) = (median(base), median(with));
-        let clauses = if fields { "market^= + status=" } else { "market^=" };
+        let clauses = match shape {
+            Prefix => "market^=",
+            PrefixAndField => "market^= + status=",
+            FieldOnly => "field only",
+        };
         println!(
             "| {n} | {clauses} | {label} | {b:.0} | {w:.0} | {:.0} |",
             w - b

@@ -377,6 +377,15 @@ impl Core {
             .unwrap_or_default()
     }
 
+    /// The query matches of an owned partition: `(market, queries,
+    /// channels holding it)` (for a write-back).
+    pub fn query_matches_of(&self, partition: i32) -> Vec<(String, Vec<String>, Vec<String>)> {
+        self.queries
+            .get(&partition)
+            .map(PartitionQueries::matches)
+            .unwrap_or_default()
+    }
+
     /// The `(channel, query)` pairs of an owned partition (for a write-back).
     pub fn queries_of(&self, partition: i32) -> Vec<(String, String)> {
         self.queries

@@ -4,16 +4,21 @@
 //! [`PartitionQueries`] holds the queries of one owned partition (every
 //! partition holds every query: a market matching a prefix can live on any
 //! partition) and which markets match them now. For each data record it
-//! answers, in O(distinct queries), whether the market's match set changed
-//! and which channels gained or lost the market by it; the core turns that
-//! into effects. A `(market, channel)` pair is *held* while at least one of
+//! answers whether the market's match set changed and which channels
+//! gained or lost the market by it; the core turns that into effects.
+//! Queries are indexed by their market prefix, or (without one) by their
+//! first field clause, so a record is compared only with the queries whose
+//! prefix its id starts with (one hash lookup per distinct prefix length)
+//! or whose first field equals the record's (one lookup per distinct field
+//! name): a feed of football and tennis queries costs a tennis record
+//! nothing per football query (see benchmarks.md, "Query matching"). A `(market, channel)` pair is *held* while at least one of
 //! the channel's queries matches the market. Queries are deduplicated
 //! across channels (one evaluation per distinct query per record).
 //!
 //! Matches are decided on a market's updates: a query added now matches an
 //! existing market at its next update (the reducer keeps no payloads).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use streampipe_contract::{
@@ -72,9 +77,13 @@ pub struct PartitionQueries {
     /// channel → its queries.
     by_channel: HashMap<Arc<str>, HashSet<Arc<str>>>,
     pairs: usize,
-    /// Distinct queries that compare payload fields (the payload is parsed
-    /// only when there is one).
-    with_fields: usize,
+    /// market prefix → the queries with that prefix.
+    by_prefix: HashMap<Box<str>, HashSet<Arc<str>>>,
+    /// prefix length → distinct prefixes of that length (the lengths a
+    /// record's id is looked up at).
+    prefix_lens: BTreeMap<usize, usize>,
+    /// Queries without a market prefix: first field → its value → queries.
+    by_field: HashMap<Box<str>, HashMap<Box<str>, HashSet<Arc<str>>>>,
 }
 
 impl PartitionQueries {
@@ -122,6 +131,21 @@ impl PartitionQueries {
             .collect()
     }
 
+    /// Every matched market with its queries and the channels holding it
+    /// through them (for a write-back), unsorted.
+    pub fn matches(&self) -> Vec<(String, Vec<String>, Vec<String>)> {
+        self.matched
+            .iter()
+            .map(|(m, qs)| {
+                (
+                    m.to_string(),
+                    qs.iter().map(|q| q.to_string()).collect(),
+                    self.channels_of(m),
+                )
+            })
+            .collect()
+    }
+
     /// Channels holding a market matched by `queries`.
     fn holders<'a>(&self, queries: impl Iterator<Item = &'a Arc<str>>) -> HashSet<Arc<str>> {
         queries
@@ -153,8 +177,8 @@ impl PartitionQueries {
         let key: Arc<str> = match self.queries.get_key_value(canonical) {
             Some((k, _)) => k.clone(),
             None => {
-                self.with_fields += usize::from(query.needs_fields());
                 let k: Arc<str> = canonical.into();
+                self.index(&k, &query);
                 self.queries.insert(
                     k.clone(),
                     Entry {
@@ -176,6 +200,52 @@ impl PartitionQueries {
         // Markets the query already matches (another channel's) join this
         // channel too.
         Ok(true)
+    }
+
+    fn index(&mut self, key: &Arc<str>, query: &Query) {
+        let Some(prefix) = query.market_prefix() else {
+            let (field, value) = query.first_field().expect("a query has a clause");
+            self.by_field
+                .entry(field.into())
+                .or_default()
+                .entry(value.into())
+                .or_default()
+                .insert(key.clone());
+            return;
+        };
+        let set = self.by_prefix.entry(prefix.into()).or_default();
+        if set.is_empty() {
+            *self.prefix_lens.entry(prefix.len()).or_insert(0) += 1;
+        }
+        set.insert(key.clone());
+    }
+
+    fn unindex(&mut self, key: &Arc<str>, query: &Query) {
+        let Some(prefix) = query.market_prefix() else {
+            let (field, value) = query.first_field().expect("a query has a clause");
+            let values = self.by_field.get_mut(field).expect("indexed");
+            let set = values.get_mut(value).expect("indexed");
+            set.remove(key);
+            if set.is_empty() {
+                values.remove(value);
+                if values.is_empty() {
+                    self.by_field.remove(field);
+                }
+            }
+            return;
+        };
+        let Some(set) = self.by_prefix.get_mut(prefix) else {
+            return;
+        };
+        set.remove(key);
+        if set.is_empty() {
+            self.by_prefix.remove(prefix);
+            let n = self.prefix_lens.get_mut(&prefix.len()).expect("counted");
+            *n -= 1;
+            if *n == 0 {
+                self.prefix_lens.remove(&prefix.len());
+            }
+        }
     }
 
     /// Markets `query` matches now that `channel` does not hold otherwise
@@ -214,7 +284,7 @@ impl PartitionQueries {
         let markets: Vec<Arc<str>> = entry.markets.iter().cloned().collect();
         if gone {
             let e = self.queries.remove(&key).expect("present");
-            self.with_fields -= usize::from(e.query.needs_fields());
+            self.unindex(&key, &e.query);
         }
         let mut changes = Vec::new();
         for market in markets {
@@ -256,17 +326,37 @@ impl PartitionQueries {
         if self.queries.is_empty() {
             return None;
         }
-        let fields = if self.with_fields > 0 {
-            Fields::of(payload)
-        } else {
-            Fields::none()
-        };
         let empty = HashSet::new();
         let old = self.matched.get(market).unwrap_or(&empty);
+        // The payload's fields are read once, and only when a candidate
+        // query compares one.
+        let mut fields: Option<Fields<'_>> = None;
+        let no_fields = Fields::none();
         let mut new: HashSet<Arc<str>> = HashSet::new();
         let mut refused = 0;
-        for (k, e) in &self.queries {
-            if e.query.matches(market, &fields) {
+        let prefixed = self
+            .prefix_lens
+            .keys()
+            .map_while(|&len| market.get(..len))
+            .filter_map(|p| self.by_prefix.get(p))
+            .flatten();
+        if !self.by_field.is_empty() {
+            fields = Some(Fields::of(payload));
+        }
+        let by_field = fields.iter().flat_map(|f| {
+            self.by_field.iter().filter_map(move |(name, values)| {
+                f.scalar(name).and_then(|text| values.get(text.as_ref()))
+            })
+        });
+        let candidates: Vec<&Arc<str>> = prefixed.chain(by_field.flatten()).collect();
+        for k in candidates {
+            let e = &self.queries[k];
+            if fields.is_none() && e.query.needs_fields() {
+                fields = Some(Fields::of(payload));
+            }
+            if e.query
+                .matches(market, fields.as_ref().unwrap_or(&no_fields))
+            {
                 if old.contains(k) || e.markets.len() < MAX_QUERY_MATCHES_PER_PARTITION {
                     new.insert(k.clone());
                 } else {
@@ -472,6 +562,30 @@ mod tests {
         // One leaves, then there is room again.
         pq.remove("c1", "market^=M").unwrap();
         assert_eq!(pq.matched_count(), 0);
+    }
+
+    #[test]
+    fn the_prefix_index_finds_every_matching_query_and_forgets_removed_ones() {
+        let mut pq = PartitionQueries::default();
+        add(&mut pq, "c1", "market^=F").unwrap();
+        add(&mut pq, "c2", "market^=FB.").unwrap();
+        add(&mut pq, "c3", "market^=FB.EPL.;status=open").unwrap();
+        add(&mut pq, "c4", "status=open").unwrap();
+        add(&mut pq, "c5", "market^=TN.").unwrap();
+        let ch = pq.on_record("FB.EPL.1", r#"{"status":"open"}"#).unwrap();
+        assert_eq!(names(&ch.joined), ["c1", "c2", "c3", "c4"]);
+        assert_eq!(pq.on_record("F", "{}").unwrap().joined.len(), 1, "c1 only");
+        assert_eq!(pq.on_record("", "{}"), None);
+        // Prefixes of one length share a slot; removing one keeps the other.
+        add(&mut pq, "c6", "market^=TX.").unwrap();
+        pq.remove("c5", "market^=TN.").unwrap();
+        assert_eq!(pq.on_record("TN.1", "{}"), None);
+        assert_eq!(names(&pq.on_record("TX.1", "{}").unwrap().joined), ["c6"]);
+        pq.remove("c6", "market^=TX.").unwrap();
+        assert!(!pq.prefix_lens.contains_key(&3) || pq.by_prefix.contains_key("FB."));
+        pq.remove("c2", "market^=FB.").unwrap();
+        assert!(!pq.prefix_lens.contains_key(&3), "{:?}", pq.prefix_lens);
+        assert_eq!(pq.by_prefix.len(), 2);
     }
 
     #[test]

@@ -837,6 +837,63 @@ impl RedisStore {
         Ok(pairs)
     }
 
+    /// Writes a partition's queries back after a data loss: the pairs
+    /// (`pq:<partition>`), each channel's query set and the pipeline's
+    /// (the API's view, which the loss took too), the match index and each
+    /// holding channel's query markets. Idempotent: adds only.
+    pub fn write_back_queries(
+        &mut self,
+        partition: i32,
+        pairs: &[(String, String)],
+        matches: &[(String, Vec<String>, Vec<String>)],
+    ) -> Result<()> {
+        let k = self.keys.clone();
+        let mut cmds: Vec<Cmd> = Vec::new();
+        for (channel, query) in pairs {
+            let pair = format!("{channel} {query}");
+            let mut c = redis::cmd("SADD");
+            c.arg(k.partition_queries(partition)).arg(&pair);
+            cmds.push(c);
+            let mut c = redis::cmd("SADD");
+            c.arg(k.pipeline_queries()).arg(&pair);
+            cmds.push(c);
+            let mut c = redis::cmd("SADD");
+            c.arg(k.channel_queries(channel)).arg(query);
+            cmds.push(c);
+        }
+        for (market, queries, channels) in matches {
+            let mut c = redis::cmd("HSET");
+            c.arg(k.partition_query_matches(partition))
+                .arg(market)
+                .arg(queries.join("\n"));
+            cmds.push(c);
+            for ch in channels {
+                let mut c = redis::cmd("SADD");
+                c.arg(k.channel_query_markets(ch)).arg(market);
+                cmds.push(c);
+            }
+        }
+        for chunk in cmds.chunks(WRITE_BACK_CHUNK) {
+            self.with_conn(|c| match c {
+                Conn::Single(c) => {
+                    let mut pipe = redis::pipe();
+                    chunk.iter().for_each(|cmd| {
+                        pipe.add_command(cmd.clone()).ignore();
+                    });
+                    pipe.query::<()>(c)
+                }
+                Conn::Cluster { conn, .. } => {
+                    let mut pipe = redis::cluster::cluster_pipe();
+                    chunk.iter().for_each(|cmd| {
+                        pipe.add_command(cmd.clone()).ignore();
+                    });
+                    pipe.query::<()>(conn.as_mut())
+                }
+            })?;
+        }
+        Ok(())
+    }
+
     /// Loads the persisted queries of a partition: its `(channel, query)`
     /// pairs and `(market, matching queries)`.
     #[allow(clippy::type_complexity)]

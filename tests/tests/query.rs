@@ -314,3 +314,52 @@ async fn queries_survive_a_reducer_restart() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queries_are_written_back_after_redis_lost_the_pipeline() {
+    let (p, _reducer, publ) = setup(PARTITIONS).await;
+    let ch = create_channel(publ.addr, &["OTHER.1"]).await;
+    let q = "market^=WB.";
+    assert_eq!(add_query(&publ, &ch, q).await.status, 200);
+    wait_query_held(&p, &ch, q).await;
+    p.update("WB.before", 1, "{}");
+    p.flush();
+    let mut ws = open_stream(publ.addr, &ch).await;
+    let mut got = Vec::new();
+    read_until(&mut ws, &mut got, "before", |g| has(g, "WB.before", 1)).await;
+    // Redis loses everything of the pipeline (as a restart without
+    // persistence would): the reducers notice the epoch is gone and write
+    // back what they hold, queries included.
+    let pc = p.clone();
+    blocking(move || {
+        let keys = pc.all_keys();
+        assert!(!keys.is_empty());
+        let mut c = pc.redis();
+        let _: () = redis::cmd("DEL").arg(&keys).query(&mut c).unwrap();
+    })
+    .await;
+    wait_query_held(&p, &ch, q).await;
+    let (pc, chc) = (p.clone(), ch.clone());
+    blocking(move || {
+        wait_for(
+            Duration::from_secs(30),
+            "the API's view written back",
+            || {
+                let k = pc.keys();
+                (pc.smembers(&k.channel_queries(&chc)) == vec![q.to_string()]
+                    && pc.smembers(&k.channel_query_markets(&chc)) == vec!["WB.before".to_string()])
+                .then_some(())
+            },
+        )
+    })
+    .await;
+    let markets = markets_on_every_partition("WB.after.");
+    for m in &markets {
+        p.update(m, 1, "{}");
+    }
+    p.flush();
+    read_until(&mut ws, &mut got, "new markets after the loss", |g| {
+        markets.iter().all(|m| has(g, m, 1))
+    })
+    .await;
+}
