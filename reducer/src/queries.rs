@@ -26,6 +26,9 @@ use streampipe_contract::{
     MAX_QUERY_MATCHES_PER_PARTITION,
 };
 
+/// A field's values → the queries whose first field clause names them.
+type ByValue = HashMap<Box<str>, HashSet<Arc<str>>>;
+
 /// Why a query command was not applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refused {
@@ -83,7 +86,7 @@ pub struct PartitionQueries {
     /// record's id is looked up at).
     prefix_lens: BTreeMap<usize, usize>,
     /// Queries without a market prefix: first field → its value → queries.
-    by_field: HashMap<Box<str>, HashMap<Box<str>, HashSet<Arc<str>>>>,
+    by_field: HashMap<Box<str>, ByValue>,
 }
 
 impl PartitionQueries {
