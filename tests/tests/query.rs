@@ -9,7 +9,7 @@ use streampipe_contract::{partition_for, MAX_QUERIES_PER_CHANNEL};
 use streampipe_tests::publisher::{
     blocking, create_channel, http, open_stream, setup, with_reducer, ws_next, Frame, InProcess, Ws,
 };
-use streampipe_tests::{wait_for, Pipeline};
+use streampipe_tests::{wait_for, Broker, Pipeline};
 
 const PARTITIONS: i32 = 4;
 
@@ -98,9 +98,37 @@ fn markets_on_every_partition(prefix: &str) -> Vec<String> {
     out
 }
 
+/// A pipeline on `broker` with an in-process reducer and publisher.
+async fn setup_on(broker: Broker) -> (Arc<Pipeline>, streampipe_reducer::ReducerHandle, InProcess) {
+    if let Broker::Dev = broker {
+        return setup(PARTITIONS).await;
+    }
+    let (p, r) = blocking(move || {
+        let p = Pipeline::new(broker, PARTITIONS);
+        let r = streampipe_reducer::spawn(
+            p.config.clone(),
+            Arc::new(streampipe_reducer::Metrics::new()),
+        )
+        .unwrap();
+        (Arc::new(p), r)
+    })
+    .await;
+    let publ = InProcess::start(&p).await;
+    (p, r, publ)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn markets_created_after_the_query_reach_the_client_and_leave_when_they_stop_matching() {
-    let (p, _reducer, publ) = setup(PARTITIONS).await;
+    created_after_the_query(Broker::Dev).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn markets_created_after_the_query_reach_the_client_on_tansu() {
+    created_after_the_query(Broker::Tansu).await;
+}
+
+async fn created_after_the_query(broker: Broker) {
+    let (p, _reducer, publ) = setup_on(broker).await;
     let ch = create_channel(publ.addr, &["OTHER.1"]).await;
     let r = add_query(&publ, &ch, "status=open;market^=FB.").await;
     assert_eq!(r.status, 200, "{}", r.body);
