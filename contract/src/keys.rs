@@ -117,6 +117,38 @@ impl Keys {
         format!("{}p2e:{partition}", self.prefix)
     }
 
+    /// Set of the canonical queries a channel holds (written by the
+    /// publisher's API, like the registry; read by close and listing).
+    pub fn channel_queries(&self, channel: &str) -> String {
+        format!("{}{{c:{channel}}}:q", self.prefix)
+    }
+
+    /// Set of markets a channel receives because one of its queries matches
+    /// them (written by the reducers that own the markets). Kept apart from
+    /// the registry, which holds what the channel asked for by name, so a
+    /// market the channel holds both ways stays when either reason ends.
+    pub fn channel_query_markets(&self, channel: &str) -> String {
+        format!("{}{{c:{channel}}}:qm", self.prefix)
+    }
+
+    /// Set of `<channel> <query>` pairs held for command partition
+    /// `partition` (every partition holds every query); a new owner loads it.
+    pub fn partition_queries(&self, partition: i32) -> String {
+        format!("{}pq:{partition}", self.prefix)
+    }
+
+    /// Hash of data partition `partition`: market → the canonical queries
+    /// matching it now, newline-separated; a new owner loads it.
+    pub fn partition_query_matches(&self, partition: i32) -> String {
+        format!("{}pqm:{partition}", self.prefix)
+    }
+
+    /// Set of every `<channel> <query>` pair of the pipeline: the API's
+    /// per-pipeline query cap.
+    pub fn pipeline_queries(&self) -> String {
+        format!("{}queries", self.prefix)
+    }
+
     /// Capped stream of every applied update of a history market (see
     /// [`crate::history`]): entry id `<version>-0`, fields `p`, `ts`, `msg`.
     /// Same hash tag as the market's state, so the reducer's script appends

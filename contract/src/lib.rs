@@ -18,6 +18,7 @@ pub mod history;
 pub mod keys;
 pub mod message;
 pub mod partitioner;
+pub mod query;
 pub mod slot;
 
 pub use delivery::{decode_delivery, encode_delivery, DeliveryRecord};
@@ -31,4 +32,9 @@ pub use message::{
     MAX_UPDATE_MESSAGE_BYTES, MAX_VERSION, PROTOCOL_VERSION,
 };
 pub use partitioner::{murmur2, partition_for};
+pub use query::{
+    decode_query_command, encode_query_command, is_query_command, Fields, Query, QueryCommand,
+    QueryCommandKind, QueryError, MAX_QUERIES_PER_CHANNEL, MAX_QUERIES_PER_PIPELINE,
+    MAX_QUERY_MATCHES_PER_PARTITION,
+};
 pub use slot::slot;

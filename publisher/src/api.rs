@@ -21,13 +21,13 @@ pub use crate::limits::{
     RateLimiter, MAX_BODY_BYTES, MAX_COMMANDS_PER_SECOND, MAX_MARKETS_PER_CHANNEL, MAX_SNAPSHOT_IDS,
 };
 pub use dev_token::DevTokenBody;
-pub(crate) use guards::check_allowed;
 pub use guards::limit;
+pub(crate) use guards::{bad, channel_markets, check_allowed, check_channel, shed, take_tokens};
 pub(crate) use replies::reply;
 pub use replies::{error_from, error_response, recover};
 pub(crate) use request::caller;
 pub use request::{client_ip, Caller, MarketsBody};
-use request::{json_body, with_ctx};
+pub(crate) use request::{json_body, with_ctx};
 
 /// All control API routes under `/v1`.
 pub fn routes(ctx: Arc<Context>) -> warp::filters::BoxedFilter<(warp::reply::Response,)> {
@@ -118,6 +118,8 @@ pub fn routes(ctx: Arc<Context>) -> warp::filters::BoxedFilter<(warp::reply::Res
         .unify()
         .or(crate::snapshot::route(ctx.clone()))
         .unify()
+        .or(crate::queries::routes(ctx.clone()))
+        .unify()
         .or(limits)
         .unify()
         .or(demo)
@@ -134,6 +136,9 @@ pub fn route_label(method: &str, path: &str) -> &'static str {
         ("DELETE", ["v1", "channels", _, "markets", _]) => "remove_market",
         ("POST", ["v1", "channels", _, "begin"]) => "begin",
         ("POST", ["v1", "channels", _, "tickets"]) => "ticket",
+        ("GET", ["v1", "channels", _, "queries"]) => "list_queries",
+        ("POST", ["v1", "channels", _, "queries"]) => "add_query",
+        ("DELETE", ["v1", "channels", _, "queries"]) => "remove_query",
         ("POST", ["v1", "dev", "token"]) => "dev_token",
         ("DELETE", ["v1", "channels", _]) => "close_channel",
         ("GET", ["v1", "markets", _]) => "market",

@@ -2,7 +2,7 @@
 //! janitor and the reconciler — no HTTP here: who owns a channel, closing
 //! it, and which client a principal counts as.
 
-use streampipe_contract::CommandKind;
+use streampipe_contract::{CommandKind, QueryCommandKind};
 
 use crate::auth::Principal;
 use crate::error::Error;
@@ -35,6 +35,14 @@ pub async fn owns(ctx: &Context, principal: &Principal, channel: &str) -> Result
 /// still exists and the close can be retried), then deletes the registry and
 /// tells every pod's streams. Shared by `DELETE /v1/channels/<id>` and the janitor.
 pub async fn close(ctx: &Context, id: &str, markets: &[String]) -> Result<(), Error> {
+    // Queries first, like markets: every partition's owner drops them and
+    // the markets they brought (the query markets set goes with the registry).
+    for q in ctx.registry.queries(id).await? {
+        ctx.commands
+            .send_query(QueryCommandKind::RemoveQuery, id, &q, &ctx.metrics)
+            .await?;
+        ctx.registry.remove_query(id, &q).await?;
+    }
     if !markets.is_empty() {
         ctx.commands
             .send(CommandKind::Unsubscribe, id, markets, &ctx.metrics)

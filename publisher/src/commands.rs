@@ -12,7 +12,9 @@ use futures_util::future::join_all;
 use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use streampipe_contract::deploy::{self, KafkaSecurity};
-use streampipe_contract::{encode_command, Command, CommandKind};
+use streampipe_contract::{
+    encode_command, encode_query_command, Command, CommandKind, QueryCommand, QueryCommandKind,
+};
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
@@ -47,6 +49,9 @@ pub fn producer_config(
 pub struct Commands {
     producer: FutureProducer,
     topic: String,
+    /// The command topic's partition count, read from the broker once (0:
+    /// not yet): query commands go to every partition.
+    partitions: std::sync::Arc<std::sync::atomic::AtomicU32>,
 }
 
 impl Commands {
@@ -70,7 +75,76 @@ impl Commands {
         Ok(Commands {
             producer: c.create()?,
             topic: topic.to_owned(),
+            partitions: Default::default(),
         })
+    }
+
+    /// The command topic's partition count (asked of the broker the first
+    /// time; the topics' partition counts are fixed, co-partitioning needs it).
+    async fn partition_count(&self) -> Result<u32> {
+        use std::sync::atomic::Ordering;
+        let known = self.partitions.load(Ordering::Relaxed);
+        if known > 0 {
+            return Ok(known);
+        }
+        let (producer, topic) = (self.producer.clone(), self.topic.clone());
+        let n = tokio::task::spawn_blocking(move || -> Result<u32> {
+            use rdkafka::producer::Producer;
+            let md = producer
+                .client()
+                .fetch_metadata(Some(&topic), COMMAND_TIMEOUT)?;
+            Ok(md
+                .topics()
+                .iter()
+                .find(|t| t.name() == topic && t.error().is_none())
+                .map_or(0, |t| t.partitions().len() as u32))
+        })
+        .await
+        .map_err(|e| Error::Config(format!("metadata task: {e}")))??;
+        if n == 0 {
+            return Err(Error::Config(format!(
+                "command topic {:?} has no partitions (missing?)",
+                self.topic
+            )));
+        }
+        self.partitions.store(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Sends a query command to **every** partition of the command topic
+    /// (markets matching a query live on any partition, and each partition's
+    /// owner holds the queries of its partitions), keyed by the channel, and
+    /// waits until the broker acknowledged all of them.
+    pub async fn send_query(
+        &self,
+        kind: QueryCommandKind,
+        channel: &str,
+        query: &str,
+        metrics: &Metrics,
+    ) -> Result<()> {
+        let n = self.partition_count().await?;
+        let value = encode_query_command(&QueryCommand {
+            kind,
+            channel: channel.to_owned(),
+            query: query.to_owned(),
+        });
+        let sends = (0..n as i32).map(|p| {
+            self.producer.send(
+                FutureRecord::to(&self.topic)
+                    .key(channel)
+                    .payload(&value)
+                    .partition(p),
+                COMMAND_TIMEOUT,
+            )
+        });
+        for r in join_all(sends).await {
+            r.map_err(|(e, _)| e)?;
+        }
+        metrics
+            .commands
+            .with_label_values(&[kind.as_str()])
+            .inc_by(u64::from(n));
+        Ok(())
     }
 
     /// Sends one `kind` command per market for `channel` and waits until the

@@ -118,6 +118,8 @@ struct Synced {
     markets: Option<Vec<String>>,
     /// Markets this pod did not hold for the channel before.
     added: Vec<Arc<str>>,
+    /// Markets this pod held for the channel and does not any more.
+    removed: Vec<Arc<str>>,
 }
 
 impl Hub {
@@ -197,8 +199,8 @@ impl Hub {
             return Ok(None);
         };
         let _serialized = lock.lock().await;
-        let read = self.inner.registry.markets(channel).await?;
-        let (topics, added) = {
+        let read = self.inner.registry.received(channel).await?;
+        let (topics, added, removed) = {
             let mut t = self.table();
             let Some(markets) = read.as_deref() else {
                 // Unknown to the registry (closed, or lost with Redis): keep
@@ -208,6 +210,7 @@ impl Hub {
                 return Ok(Some(Synced {
                     markets: None,
                     added: Vec::new(),
+                    removed: Vec::new(),
                 }));
             };
             let Some(diff) = t.apply_markets(channel, markets) else {
@@ -217,12 +220,13 @@ impl Hub {
             // another sync asked for a moment ago may still be unconfirmed.
             let mut topics = t.topics_of(channel);
             topics.extend(diff.topics);
-            (topics, diff.added)
+            (topics, diff.added, diff.removed)
         };
         self.reconcile(topics, true).await?;
         Ok(Some(Synced {
             markets: read,
             added,
+            removed,
         }))
     }
 
@@ -446,7 +450,16 @@ impl Hub {
                     .for_each_member(channel, |o| o.close(4404, "unknown channel"));
                 return;
             }
-            Ok(Some(s)) => s.added,
+            Ok(Some(s)) => {
+                // A market that left (removed, or its query stopped matching)
+                // is announced to the streams: they did not all ask for it.
+                let t = self.table();
+                for m in &s.removed {
+                    let msg = removed_message(m);
+                    t.for_each_member(channel, |o| o.push_message("removed", msg.clone()));
+                }
+                s.added
+            }
             Ok(None) => return,
             Err(e) => {
                 warn!(error = %e, channel, "refreshing a channel's markets failed");
@@ -673,6 +686,11 @@ impl Hub {
             o.push_message("reset", reset.clone());
         });
     }
+}
+
+/// `{"type":"removed","market":…}`: the channel no longer receives the market.
+fn removed_message(market: &str) -> Bytes {
+    Bytes::from(serde_json::json!({"type": "removed", "market": market}).to_string())
 }
 
 fn unknown_channel() -> Error {

@@ -40,6 +40,7 @@ pub mod opening;
 pub mod origin;
 pub mod outbox;
 pub mod pubsub;
+pub mod queries;
 pub mod reconcile;
 pub mod registry;
 pub mod resp;

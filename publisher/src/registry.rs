@@ -253,6 +253,95 @@ impl Registry {
         Ok(Some(v))
     }
 
+    /// What the channel receives: the markets it asked for by name and
+    /// those its queries brought (one slot: `SUNION` of the registry and
+    /// the query markets); `None` when the channel is unknown, as
+    /// [`Registry::markets`].
+    pub async fn received(&self, channel: &str) -> Result<Option<Vec<String>>> {
+        let mut c = self.conn.clone();
+        let mut v: Vec<String> = redis::cmd("SUNION")
+            .arg(self.keys.channel_registry(channel))
+            .arg(self.keys.channel_query_markets(channel))
+            .query_async(&mut c)
+            .await?;
+        if v.is_empty() {
+            return self.markets(channel).await;
+        }
+        v.sort();
+        Ok(Some(v))
+    }
+
+    /// The channel's queries (canonical), sorted.
+    pub async fn queries(&self, channel: &str) -> Result<Vec<String>> {
+        let mut c = self.conn.clone();
+        let mut v: Vec<String> = redis::cmd("SMEMBERS")
+            .arg(self.keys.channel_queries(channel))
+            .query_async(&mut c)
+            .await?;
+        v.sort();
+        Ok(v)
+    }
+
+    /// Adds `query` to the channel unless the pipeline would then hold more
+    /// than `pipeline_cap` queries or the channel more than `channel_cap`
+    /// (each checked and added in one step; the pipeline's entry is taken
+    /// back when the channel's cap refuses). `Ok(None)`: a cap refused it,
+    /// with which; `Ok(Some(new))`: added (`new` false when it was held).
+    pub async fn add_query(
+        &self,
+        channel: &str,
+        query: &str,
+        (pipeline_cap, channel_cap): (usize, usize),
+    ) -> Result<Result<bool, &'static str>> {
+        let mut c = self.conn.clone();
+        let script = redis::Script::new(ADD_CAPPED_SCRIPT);
+        let pair = format!("{channel} {query}");
+        let v: redis::Value = script
+            .key(self.keys.pipeline_queries())
+            .arg(pipeline_cap)
+            .arg(&pair)
+            .invoke_async(&mut c)
+            .await?;
+        if v == redis::Value::Int(-1) {
+            return Ok(Err("pipeline"));
+        }
+        let v: redis::Value = script
+            .key(self.keys.channel_queries(channel))
+            .arg(channel_cap)
+            .arg(query)
+            .invoke_async(&mut c)
+            .await?;
+        match v {
+            redis::Value::Int(-1) => {
+                let _: () = redis::cmd("SREM")
+                    .arg(self.keys.pipeline_queries())
+                    .arg(&pair)
+                    .query_async(&mut c)
+                    .await?;
+                Ok(Err("channel"))
+            }
+            redis::Value::Array(a) => Ok(Ok(!a.is_empty())),
+            _ => Ok(Ok(false)),
+        }
+    }
+
+    /// Removes `query` from the channel (and the pipeline's count); false
+    /// when the channel did not hold it.
+    pub async fn remove_query(&self, channel: &str, query: &str) -> Result<bool> {
+        let mut c = self.conn.clone();
+        let n: usize = redis::cmd("SREM")
+            .arg(self.keys.channel_queries(channel))
+            .arg(query)
+            .query_async(&mut c)
+            .await?;
+        let _: () = redis::cmd("SREM")
+            .arg(self.keys.pipeline_queries())
+            .arg(format!("{channel} {query}"))
+            .query_async(&mut c)
+            .await?;
+        Ok(n == 1)
+    }
+
     /// Removes one market; false when the channel did not have it.
     pub async fn remove(&self, channel: &str, market: &str) -> Result<bool> {
         let mut c = self.conn.clone();
@@ -378,6 +467,8 @@ impl Registry {
         }
         let mut del = redis::cmd("DEL");
         del.arg(self.keys.channel_registry(channel))
+            .arg(self.keys.channel_queries(channel))
+            .arg(self.keys.channel_query_markets(channel))
             .arg(self.keys.channel_owner(channel))
             .arg(self.keys.channel_client(channel));
         let mut zrem = redis::cmd("ZREM");

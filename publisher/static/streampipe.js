@@ -15,6 +15,10 @@
  *               'https://host:8080' or 'https://host/odds'. Default: the
  *               page's location.origin. The stream URL swaps http(s) for ws(s).
  *   markets     market ids to subscribe to when a channel is created.
+ *   queries     query subscriptions to add when a channel is created (e.g.
+ *               ['market^=football.;status=open']; grammar in
+ *               docs/protocol.md, "Query subscriptions"): matching markets
+ *               stream without being named, also ones created later.
  *   channel     an existing channel id; when absent start() creates one with
  *               POST /v1/channels. The id in use is `sp.channel`.
  *   token       a signed token from the bookmaker's backend (protocol v2;
@@ -55,7 +59,9 @@
  *
  * Properties
  *   channel          channel id in use (null until created)
- *   markets          market ids of the channel (array)
+ *   markets          market ids of the channel (array; markets brought by a
+ *                    query are added at their first update, dropped on `removed`)
+ *   queries          the channel's queries (canonical once the server answered)
  *   versions         market -> last applied version (null-prototype object)
  *   state            market -> last applied update message (null-prototype object)
  *   connectionState  'idle' | 'connecting' | 'subscribed' | 'live' |
@@ -72,6 +78,11 @@
  *                        markets' state (begin); resolves to the market list
  *   removeMarket(m)      DELETE /v1/channels/<id>/markets/<m>; forgets m's
  *                        version and state and ignores its late updates
+ *   addQuery(q)          POST /v1/channels/<id>/queries {query}; resolves to
+ *                        the channel's queries (canonical). Matching markets
+ *                        then arrive as updates, their state first.
+ *   removeQuery(q)       DELETE /v1/channels/<id>/queries?query=<q>; the
+ *                        markets only it brought leave (`removed` events)
  *   loadSnapshot(list = markets)  GET /v1/snapshot?markets=... (canonical:
  *                        sorted, deduplicated, split into requests of at most
  *                        100 markets / 4 KiB, answered by a CDN when one is
@@ -99,7 +110,12 @@
  *                      `since` follow in order; false: the history did not
  *                      cover the gap (trimmed), its latest state follows.
  *                      Also kept in client.recovered[market].
- *   channel    (id)    a channel was created (initially, or after 4404)
+ *   removed    (msg)   {type:'removed', market}: the channel no longer
+ *                      receives the market (removed, or it stopped matching
+ *                      the channel's queries); its version and state are
+ *                      forgotten (a query may bring it back later)
+ *   channel    (id)    a channel was created (initially, or after 4404;
+ *                      the client's queries are added to it)
  *   error      (err)   Error with .code (API error code, close code, or
  *                      'network' / 'bad_frame' / ...), .status (HTTP status
  *                      if any) and .fatal (true when the client stopped)
@@ -213,6 +229,7 @@
       opts = opts || {};
       this.baseUrl = resolveBase(opts.baseUrl);
       this.markets = uniqStrings(opts.markets);
+      this.queries = uniqStrings(opts.queries);
       this.channel = opts.channel || null;
       this._tokenValue = typeof opts.token === 'string' && opts.token ? opts.token : null;
       this._getToken = typeof opts.getToken === 'function' ? opts.getToken : null;
@@ -559,6 +576,15 @@
         this.channel = res.channel;
         this._channelGone = false;
         if (Array.isArray(res.markets)) this.markets = uniqStrings(res.markets);
+        // A new channel (also after 4404) gets the client's queries; a
+        // refused one is an error event, the channel still serves the rest.
+        for (const q of this.queries.slice()) {
+          try {
+            await this._postQuery(q);
+          } catch (e) {
+            this._error(e, false);
+          }
+        }
         this._emit('channel', res.channel);
         return res.channel;
       })();
@@ -793,6 +819,14 @@
             this._emit('recovered', msg);
           }
           break;
+        case 'removed':
+          if (typeof msg.market === 'string') {
+            this.markets = this.markets.filter((m) => m !== msg.market);
+            delete this.versions[msg.market];
+            delete this.state[msg.market];
+            this._emit('removed', msg);
+          }
+          break;
         case 'refreshed': // WebSocket: the server took the new token
           this._scheduleRefresh(this._ws);
           break;
@@ -830,6 +864,8 @@
         this._emit('duplicate', msg);
         return;
       }
+      // A market a query brought joins the list at its first update.
+      if (last === undefined && this.markets.indexOf(m) < 0) this.markets.push(m);
       this.versions[m] = v;
       this.state[m] = msg;
       if (!snapshot) {
@@ -987,6 +1023,48 @@
       // Subscribing does not publish state: ask for it (since skips the rest).
       this._sendBegin();
       return this.markets.slice();
+    }
+
+    async _postQuery(query) {
+      const res = await this._api('POST', '/v1/channels/' + encId(this.channel) + '/queries', { query });
+      if (res && Array.isArray(res.queries)) this.queries = uniqStrings(res.queries);
+      return this.queries.slice();
+    }
+
+    async addQuery(query) {
+      if (typeof query !== 'string' || !query) throw new StreamPipeError('invalid_query', 'addQuery: query required');
+      if (this._creating) {
+        try {
+          await this._creating;
+        } catch (e) {
+          /* no channel yet */
+        }
+      }
+      if (!this.channel) {
+        // Added when the channel is created.
+        this.queries = uniqStrings(this.queries.concat([query]));
+        return this.queries.slice();
+      }
+      return this._postQuery(query);
+    }
+
+    async removeQuery(query) {
+      if (typeof query !== 'string' || !query) throw new StreamPipeError('invalid_query', 'removeQuery: query required');
+      this.queries = this.queries.filter((q) => q !== query);
+      if (this._creating) {
+        try {
+          await this._creating;
+        } catch (e) {
+          /* no channel */
+        }
+      }
+      if (!this.channel) return;
+      try {
+        await this._api('DELETE', '/v1/channels/' + encId(this.channel) + '/queries?query=' + encodeURIComponent(query));
+      } catch (e) {
+        if (e.status === 404 && e.code === 'unknown_query') return;
+        throw e;
+      }
     }
 
     async removeMarket(market) {

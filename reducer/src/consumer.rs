@@ -288,6 +288,12 @@ impl Inner {
         self.metrics
             .max_market_channels
             .set(self.core.max_market_channels() as i64);
+        self.metrics
+            .queries
+            .set(self.core.query_pair_count() as i64);
+        self.metrics
+            .query_matched_markets
+            .set(self.core.query_matched_count() as i64);
     }
 
     /// Sleeps for `backoff` and doubles it; false when shutdown cut the retries short.
@@ -381,6 +387,16 @@ impl Inner {
                                 .with_label_values(&["reset_market"])
                                 .inc();
                             warn!(%market, "operator reset: the market's stored state and version are deleted");
+                        }
+                        Effect::QueryHeld { held, .. } => self
+                            .metrics
+                            .commands
+                            .with_label_values(&[if *held { "add_query" } else { "remove_query" }])
+                            .inc(),
+                        Effect::QueryMatch { joined, left, .. } => {
+                            let c = &self.metrics.query_changes;
+                            c.with_label_values(&["joined"]).inc_by(joined.len() as u64);
+                            c.with_label_values(&["left"]).inc_by(left.len() as u64);
                         }
                         _ => {}
                     }

@@ -22,9 +22,11 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use streampipe_contract::{
-    decode_command, decode_update, partition_for, CommandKind, ContractError, DerivedVersion,
-    MarketUpdate,
+    decode_command, decode_query_command, decode_update, is_query_command, partition_for,
+    CommandKind, ContractError, DerivedVersion, MarketUpdate, QueryCommandKind,
 };
+
+use crate::queries::{MatchChange, PartitionQueries, Refused};
 
 /// Which of the two co-partitioned input topics a record came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -75,6 +77,16 @@ pub enum Event<'a> {
         /// Subscriptions persisted for the partition's markets.
         subscriptions: Vec<(String, Vec<String>)>,
     },
+    /// The queries of a just assigned partition were loaded from Redis
+    /// (applied right after its [`Event::Assigned`]).
+    QueriesLoaded {
+        /// The partition number.
+        partition: i32,
+        /// `(channel, query)` pairs held for the partition.
+        pairs: Vec<(String, String)>,
+        /// `(market, queries matching it)` of the partition.
+        matches: Vec<(String, Vec<String>)>,
+    },
     /// A partition was revoked; forget everything about it.
     Revoked {
         /// The partition number.
@@ -94,6 +106,16 @@ pub enum Skip {
     /// A data record whose key does not hash to its partition: it is stored,
     /// but its subscribers (whose commands follow the partitioner) never see it.
     MisroutedData,
+    /// `add_query` for a query the channel holds already.
+    DuplicateQuery,
+    /// `remove_query` for a query the channel does not hold.
+    UnknownQuery,
+    /// `add_query` past the channel's query limit.
+    QueryChannelFull,
+    /// `add_query` past the pipeline's query limit.
+    QueryPipelineFull,
+    /// A market matched a query that is at its match limit: not added.
+    QueryMatchesFull,
 }
 
 impl Skip {
@@ -104,6 +126,11 @@ impl Skip {
             Skip::UnknownSubscription => "unknown_subscription",
             Skip::UnownedPartition => "unowned_partition",
             Skip::MisroutedData => "misrouted_data",
+            Skip::DuplicateQuery => "duplicate_query",
+            Skip::UnknownQuery => "unknown_query",
+            Skip::QueryChannelFull => "query_limit_channel",
+            Skip::QueryPipelineFull => "query_limit_pipeline",
+            Skip::QueryMatchesFull => "query_limit_matches",
         }
     }
 }
@@ -187,6 +214,36 @@ pub enum Effect {
         /// Human-readable reason, carried in a header.
         reason: String,
     },
+    /// Persist (or forget) that `channel` holds `query` on `partition`.
+    QueryHeld {
+        /// The command partition.
+        partition: i32,
+        /// Channel id.
+        channel: Arc<str>,
+        /// Canonical query.
+        query: Arc<str>,
+        /// Added (true) or removed.
+        held: bool,
+    },
+    /// A market's query matches changed: persist its match set, add it to
+    /// the query markets of the channels that `joined` and remove it from
+    /// those that `left`, tell each of them (`markets` on the channel's
+    /// topic, so publishers re-read and send the state of what joined),
+    /// and announce the market when that made it watched.
+    QueryMatch {
+        /// Partition of the market.
+        partition: i32,
+        /// Market id.
+        market: Arc<str>,
+        /// Queries matching it now (empty: none; the entry is deleted).
+        matched: Vec<Arc<str>>,
+        /// Channels that gained the market.
+        joined: Vec<Arc<str>>,
+        /// Channels that lost it.
+        left: Vec<Arc<str>>,
+        /// Nobody watched it before (no channel, no query).
+        market_now_watched: bool,
+    },
     /// Counted, nothing else to do.
     Skipped(Skip),
 }
@@ -249,6 +306,8 @@ pub struct Core {
     /// channel → markets, restricted to owned markets.
     channel_markets: HashMap<Arc<str>, HashSet<Arc<str>>>,
     tally: Tally,
+    /// partition → its queries and what they match (see [`crate::queries`]).
+    queries: HashMap<i32, PartitionQueries>,
 }
 
 impl Core {
@@ -259,6 +318,7 @@ impl Core {
             owned: HashMap::new(),
             channel_markets: HashMap::new(),
             tally: Tally::default(),
+            queries: HashMap::new(),
         }
     }
 
@@ -284,11 +344,54 @@ impl Core {
         self.tally.max
     }
 
-    /// Whether `market` has at least one subscribed channel here.
+    /// Whether `market` has at least one subscribed channel here, or a
+    /// query matching it.
     pub fn is_watched(&self, market: &str) -> bool {
-        self.owned
+        let p = self.partition_of(market);
+        self.owned.get(&p).is_some_and(|m| m.contains_key(market))
+            || self.queries.get(&p).is_some_and(|q| q.is_matched(market))
+    }
+
+    /// `(channel, query)` pairs held over all owned partitions (each
+    /// partition holds every query, so this is a multiple of the pipeline's). O(partitions).
+    pub fn query_pair_count(&self) -> usize {
+        self.queries
+            .values()
+            .map(PartitionQueries::pair_count)
+            .sum()
+    }
+
+    /// Markets matched by at least one query. O(partitions).
+    pub fn query_matched_count(&self) -> usize {
+        self.queries
+            .values()
+            .map(PartitionQueries::matched_count)
+            .sum()
+    }
+
+    /// Channels holding `market` through a query, sorted.
+    pub fn query_channels_of(&self, market: &str) -> Vec<String> {
+        self.queries
             .get(&self.partition_of(market))
-            .is_some_and(|m| m.contains_key(market))
+            .map(|q| q.channels_of(market))
+            .unwrap_or_default()
+    }
+
+    /// The query matches of an owned partition: `(market, queries,
+    /// channels holding it)` (for a write-back).
+    pub fn query_matches_of(&self, partition: i32) -> Vec<(String, Vec<String>, Vec<String>)> {
+        self.queries
+            .get(&partition)
+            .map(PartitionQueries::matches)
+            .unwrap_or_default()
+    }
+
+    /// The `(channel, query)` pairs of an owned partition (for a write-back).
+    pub fn queries_of(&self, partition: i32) -> Vec<(String, String)> {
+        self.queries
+            .get(&partition)
+            .map(PartitionQueries::pairs)
+            .unwrap_or_default()
     }
 
     /// Channel ids subscribed to `market`, sorted (for tests and diagnostics).
@@ -348,6 +451,11 @@ impl Core {
                 partition,
                 subscriptions,
             } => self.on_assigned(partition, subscriptions, out),
+            Event::QueriesLoaded {
+                partition,
+                pairs,
+                matches,
+            } => self.on_queries_loaded(partition, pairs, matches, out),
             Event::Revoked { partition } => self.on_revoked(partition),
         }
     }
@@ -382,9 +490,32 @@ impl Core {
             }
         }
         self.owned.insert(partition, markets);
+        self.queries.insert(partition, PartitionQueries::default());
+    }
+
+    fn on_queries_loaded(
+        &mut self,
+        partition: i32,
+        pairs: Vec<(String, String)>,
+        matches: Vec<(String, Vec<String>)>,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(concrete) = self.owned.get(&partition) else {
+            return;
+        };
+        let mut pq = PartitionQueries::default();
+        for market in pq.load(pairs, matches) {
+            // Watched through a query only: a previous owner may have stored
+            // an update it did not publish (as for concrete markets).
+            if !concrete.contains_key(&market) {
+                out.push(Effect::Announce { market });
+            }
+        }
+        self.queries.insert(partition, pq);
     }
 
     fn on_revoked(&mut self, partition: i32) {
+        self.queries.remove(&partition);
         if let Some(markets) = self.owned.remove(&partition) {
             for (market, subs) in markets {
                 self.tally.moved(subs.channels.len(), 0);
@@ -427,6 +558,7 @@ impl Core {
                     Err(e) => Self::dead_letter(&r, &e, out),
                 }
             }
+            TopicKind::Command if is_query_command(value) => self.on_query_command(&r, value, out),
             TopicKind::Command => match decode_command(r.key, value) {
                 Ok(cmd) => {
                     let home = self.partition_of(&cmd.market);
@@ -471,14 +603,28 @@ impl Core {
         out: &mut Vec<Effect>,
     ) {
         let message = update.encode();
+        let misrouted = self.partition_of(&update.market) != partition;
         let markets = self.owned.get(&partition).expect("checked by on_record");
-        let (market, watched) = match markets.get_key_value(update.market.as_str()) {
+        let (market, concrete) = match markets.get_key_value(update.market.as_str()) {
             Some((m, _)) => (m.clone(), true),
             None => (Arc::from(update.market.as_str()), false),
         };
-        if self.partition_of(&market) != partition {
+        if misrouted {
             out.push(Effect::Skipped(Skip::MisroutedData));
         }
+        // The cascade's first step: does the market (still) match a query?
+        // Misrouted records are stored but never matched: their market's
+        // queries' owners are elsewhere.
+        let pq = self
+            .queries
+            .get_mut(&partition)
+            .expect("owned with the partition");
+        if !misrouted {
+            if let Some(change) = pq.on_record(&market, update.payload.get()) {
+                Self::query_effects(partition, concrete, change, out);
+            }
+        }
+        let watched = concrete || pq.is_matched(&market);
         out.push(Effect::Update {
             market,
             version: update.version,
@@ -488,6 +634,87 @@ impl Core {
             partition,
             offset,
         });
+    }
+
+    /// Effects of one market's changed query matches.
+    fn query_effects(partition: i32, concrete: bool, change: MatchChange, out: &mut Vec<Effect>) {
+        for _ in 0..change.refused {
+            out.push(Effect::Skipped(Skip::QueryMatchesFull));
+        }
+        let market_now_watched = !concrete && !change.was_matched && change.now_matched();
+        if change.was_matched == change.now_matched()
+            && change.joined.is_empty()
+            && change.left.is_empty()
+            && change.refused > 0
+        {
+            // Only refusals: the match set did not change.
+            return;
+        }
+        out.push(Effect::QueryMatch {
+            partition,
+            market: change.market,
+            matched: change.matched,
+            joined: change.joined,
+            left: change.left,
+            market_now_watched,
+        });
+    }
+
+    fn on_query_command(&mut self, r: &Record<'_>, value: &[u8], out: &mut Vec<Effect>) {
+        let (cmd, query) = match decode_query_command(value) {
+            Ok(c) => c,
+            Err(e) => return Self::dead_letter(r, &e, out),
+        };
+        let partition = r.partition;
+        let pq = self
+            .queries
+            .get_mut(&partition)
+            .expect("checked by on_record");
+        let concrete = self.owned.get(&partition).expect("checked by on_record");
+        let channel: Arc<str> = cmd.channel.as_str().into();
+        let canonical: Arc<str> = cmd.query.as_str().into();
+        match cmd.kind {
+            QueryCommandKind::AddQuery => match pq.add(&channel, &canonical, query) {
+                Ok(true) => {
+                    out.push(Effect::QueryHeld {
+                        partition,
+                        channel: channel.clone(),
+                        query: canonical.clone(),
+                        held: true,
+                    });
+                    // The query may already match markets (another channel's).
+                    for market in pq.joined_by_add(&channel, &canonical) {
+                        let matched = pq.matched_of(&market);
+                        out.push(Effect::QueryMatch {
+                            partition,
+                            market,
+                            matched,
+                            joined: vec![channel.clone()],
+                            left: Vec::new(),
+                            market_now_watched: false,
+                        });
+                    }
+                }
+                Ok(false) => out.push(Effect::Skipped(Skip::DuplicateQuery)),
+                Err(Refused::ChannelFull) => out.push(Effect::Skipped(Skip::QueryChannelFull)),
+                Err(Refused::PipelineFull) => out.push(Effect::Skipped(Skip::QueryPipelineFull)),
+            },
+            QueryCommandKind::RemoveQuery => match pq.remove(&channel, &canonical) {
+                Some(changes) => {
+                    out.push(Effect::QueryHeld {
+                        partition,
+                        channel,
+                        query: canonical,
+                        held: false,
+                    });
+                    for change in changes {
+                        let concrete = concrete.contains_key(&change.market);
+                        Self::query_effects(partition, concrete, change, out);
+                    }
+                }
+                None => out.push(Effect::Skipped(Skip::UnknownQuery)),
+            },
+        }
     }
 
     fn on_subscribe(&mut self, partition: i32, market: &str, channel: &str, out: &mut Vec<Effect>) {
@@ -564,6 +791,10 @@ impl Core {
         });
     }
 }
+
+#[cfg(test)]
+#[path = "core_query_tests.rs"]
+mod query_tests;
 
 #[cfg(test)]
 mod tests {

@@ -139,7 +139,7 @@ pub fn replacing<'a>(known: Option<&'a str>, read: &'a EpochRead) -> Option<&'a 
 
 /// Re-creates the epoch key, replacing `replacing` (or adopts the one a
 /// peer created first) and writes back every owned partition's
-/// subscriptions from `core`, marking each with the epoch. Idempotent: a
+/// subscriptions and queries from `core`, marking each with the epoch. Idempotent: a
 /// failure is retried whole.
 pub fn write_back_all(
     store: &mut RedisStore,
@@ -153,6 +153,9 @@ pub fn write_back_all(
         ..WrittenBack::default()
     };
     for p in core.owned_partitions() {
+        // Queries first: the partition's mark (written last by
+        // `write_back`) says the partition is complete.
+        store.write_back_queries(p, &core.queries_of(p), &core.query_matches_of(p))?;
         let pairs = store.write_back(p, &core.subscriptions_of(p), &done.epoch)?;
         metrics.loss_partitions_repaired.inc();
         metrics.loss_subscriptions_repaired.inc_by(pairs);

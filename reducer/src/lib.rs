@@ -5,6 +5,8 @@
 //! pub/sub topic, committing offsets only after Redis has the data.
 //!
 //! - [`core`]: the pure state machine (`apply(state, event) -> effects`).
+//! - [`queries`]: pure: which markets of a partition match which channels'
+//!   queries (the first step of the cascade; see docs/architecture.md).
 //! - [`store`]: the Redis adapter that carries out effects.
 //! - [`consumer`]: the Kafka adapter (poll loop, batching, rebalances).
 //! - [`offsets`]: the at-least-once bookkeeping (which offsets may be stored).
@@ -28,6 +30,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod offsets;
+pub mod queries;
 pub mod store;
 pub mod writer;
 

@@ -56,6 +56,12 @@ pub struct Metrics {
     pub watched_markets: IntGauge,
     /// The largest number of channels subscribed to one market.
     pub max_market_channels: IntGauge,
+    /// (channel, query) pairs held, summed over owned partitions.
+    pub queries: IntGauge,
+    /// Markets matched by at least one query.
+    pub query_matched_markets: IntGauge,
+    /// Channels that gained (`joined`) or lost (`left`) a market through a query.
+    pub query_changes: IntCounterVec,
     /// Kafka client errors reported by librdkafka.
     pub kafka_errors: IntCounter,
     /// Time to load a newly assigned partition's subscriptions from Redis.
@@ -234,6 +240,22 @@ impl Metrics {
                 &r,
                 "streampipe_reducer_max_market_channels",
                 "Largest number of channels subscribed to one market",
+            ),
+            queries: gauge(
+                &r,
+                "streampipe_reducer_queries",
+                "Query subscriptions (channel, query) held, summed over owned partitions",
+            ),
+            query_matched_markets: gauge(
+                &r,
+                "streampipe_reducer_query_matched_markets",
+                "Markets matched by at least one query",
+            ),
+            query_changes: counter_vec(
+                &r,
+                "streampipe_reducer_query_changes_total",
+                "Channels that gained (joined) or lost (left) a market through a query",
+                &["kind"],
             ),
             kafka_errors: counter(
                 &r,

@@ -31,7 +31,7 @@ use redis::{Client, ClientTlsConfig, Cmd, Connection, Script, TlsCertificates, V
 use streampipe_contract::deploy::RedisTlsPem;
 use streampipe_contract::epoch::{mint, Found, EPOCH_CLAIM_SCRIPT, SPREAD_SUFFIX};
 use streampipe_contract::slot::SPREAD_TAGS;
-use streampipe_contract::{slot, History, Keys};
+use streampipe_contract::{slot, History, Keys, CHANNEL_MARKETS_CHANGED};
 
 use crate::core::Effect;
 use crate::error::Result;
@@ -499,6 +499,49 @@ impl RedisStore {
         batch.push(cmd, None);
     }
 
+    /// Queues a market's changed query matches: its match set, then the
+    /// query markets of each channel that gained or lost it and a `markets`
+    /// notice on that channel's topic (publishers re-read the channel and
+    /// send the state of what it gained), then an announce when the match
+    /// made the market watched. Idempotent, like every effect.
+    fn queue_query_match(
+        &self,
+        batch: &mut Batch<'_>,
+        partition: i32,
+        market: &str,
+        matched: &[Arc<str>],
+        (joined, left): (&[Arc<str>], &[Arc<str>]),
+        market_now_watched: bool,
+    ) {
+        let k = &self.keys;
+        let index = k.partition_query_matches(partition);
+        batch.touch(&index);
+        let cmd = if matched.is_empty() {
+            let mut c = redis::cmd("HDEL");
+            c.arg(&index).arg(market);
+            c
+        } else {
+            let set: Vec<&str> = matched.iter().map(|q| &**q).collect();
+            let mut c = redis::cmd("HSET");
+            c.arg(&index).arg(market).arg(set.join("\n"));
+            c
+        };
+        batch.push(cmd, None);
+        for (op, channels) in [("SADD", joined), ("SREM", left)] {
+            for c in channels {
+                Self::queue_set(batch, op, k.channel_query_markets(c), market);
+                let topic = k.channel_topic(c);
+                batch.touch(&topic);
+                let mut publish = redis::cmd(self.publish.as_str());
+                publish.arg(topic).arg(CHANNEL_MARKETS_CHANGED);
+                batch.push(publish, None);
+            }
+        }
+        if market_now_watched {
+            self.queue_announce(batch, market);
+        }
+    }
+
     /// Carries out `effects` in order, in one pipeline. Dead-letter and
     /// skip effects are not Redis' business and are ignored here.
     pub fn execute(&mut self, effects: &[Effect]) -> Result<Outcome> {
@@ -567,6 +610,36 @@ impl RedisStore {
                     cmd.arg(key).arg(self.keys.market_history(market));
                     batch.push(cmd, Some(Reply::Reset));
                 }
+                Effect::QueryHeld {
+                    partition,
+                    channel,
+                    query,
+                    held,
+                } => {
+                    let op = if *held { "SADD" } else { "SREM" };
+                    let pair = format!("{channel} {query}");
+                    Self::queue_set(
+                        &mut batch,
+                        op,
+                        self.keys.partition_queries(*partition),
+                        &pair,
+                    );
+                }
+                Effect::QueryMatch {
+                    partition,
+                    market,
+                    matched,
+                    joined,
+                    left,
+                    market_now_watched,
+                } => self.queue_query_match(
+                    &mut batch,
+                    *partition,
+                    market,
+                    matched,
+                    (joined, left),
+                    *market_now_watched,
+                ),
                 Effect::DeadLetter { .. } | Effect::Skipped(_) => {}
             }
             i += 1;
@@ -762,6 +835,90 @@ impl RedisStore {
         // The mark last: a partition marked with the new epoch is complete.
         self.mark_partition(partition, epoch)?;
         Ok(pairs)
+    }
+
+    /// Writes a partition's queries back after a data loss: the pairs
+    /// (`pq:<partition>`), each channel's query set and the pipeline's
+    /// (the API's view, which the loss took too), the match index and each
+    /// holding channel's query markets. Idempotent: adds only.
+    pub fn write_back_queries(
+        &mut self,
+        partition: i32,
+        pairs: &[(String, String)],
+        matches: &[(String, Vec<String>, Vec<String>)],
+    ) -> Result<()> {
+        let k = self.keys.clone();
+        let mut cmds: Vec<Cmd> = Vec::new();
+        for (channel, query) in pairs {
+            let pair = format!("{channel} {query}");
+            let mut c = redis::cmd("SADD");
+            c.arg(k.partition_queries(partition)).arg(&pair);
+            cmds.push(c);
+            let mut c = redis::cmd("SADD");
+            c.arg(k.pipeline_queries()).arg(&pair);
+            cmds.push(c);
+            let mut c = redis::cmd("SADD");
+            c.arg(k.channel_queries(channel)).arg(query);
+            cmds.push(c);
+        }
+        for (market, queries, channels) in matches {
+            let mut c = redis::cmd("HSET");
+            c.arg(k.partition_query_matches(partition))
+                .arg(market)
+                .arg(queries.join("\n"));
+            cmds.push(c);
+            for ch in channels {
+                let mut c = redis::cmd("SADD");
+                c.arg(k.channel_query_markets(ch)).arg(market);
+                cmds.push(c);
+            }
+        }
+        for chunk in cmds.chunks(WRITE_BACK_CHUNK) {
+            self.with_conn(|c| match c {
+                Conn::Single(c) => {
+                    let mut pipe = redis::pipe();
+                    chunk.iter().for_each(|cmd| {
+                        pipe.add_command(cmd.clone()).ignore();
+                    });
+                    pipe.query::<()>(c)
+                }
+                Conn::Cluster { conn, .. } => {
+                    let mut pipe = redis::cluster::cluster_pipe();
+                    chunk.iter().for_each(|cmd| {
+                        pipe.add_command(cmd.clone()).ignore();
+                    });
+                    pipe.query::<()>(conn.as_mut())
+                }
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Loads the persisted queries of a partition: its `(channel, query)`
+    /// pairs and `(market, matching queries)`.
+    #[allow(clippy::type_complexity)]
+    pub fn load_queries(
+        &mut self,
+        partition: i32,
+    ) -> Result<(Vec<(String, String)>, Vec<(String, Vec<String>)>)> {
+        let (qk, mk) = (
+            self.keys.partition_queries(partition),
+            self.keys.partition_query_matches(partition),
+        );
+        let pairs: Vec<String> =
+            self.with_conn(|c| redis::cmd("SMEMBERS").arg(&qk).query(c.as_like()))?;
+        let matches: Vec<(String, String)> =
+            self.with_conn(|c| redis::cmd("HGETALL").arg(&mk).query(c.as_like()))?;
+        Ok((
+            pairs
+                .into_iter()
+                .filter_map(|p| p.split_once(' ').map(|(c, q)| (c.to_owned(), q.to_owned())))
+                .collect(),
+            matches
+                .into_iter()
+                .map(|(m, qs)| (m, qs.split('\n').map(str::to_owned).collect()))
+                .collect(),
+        ))
     }
 
     /// Loads the persisted subscriptions of a data partition:

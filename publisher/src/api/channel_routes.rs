@@ -227,7 +227,7 @@ pub(super) async fn begin(
             if !owns(&ctx, &caller.principal, &id).await? {
                 return Err(unknown_channel());
             }
-            let Some(markets) = ctx.registry.markets(&id).await? else {
+            let Some(markets) = ctx.registry.received(&id).await? else {
                 // Streams of a vanished channel may still be open on some
                 // pod: they re-read the registry and close with 4404.
                 ctx.registry.notify_markets_changed(&id).await?;

@@ -14,7 +14,7 @@ use crate::error::Error;
 use crate::limits::MAX_MARKETS_PER_CHANNEL;
 use crate::Context;
 
-pub(super) fn bad(code: &'static str, msg: impl Into<String>) -> Error {
+pub(crate) fn bad(code: &'static str, msg: impl Into<String>) -> Error {
     Error::invalid(StatusCode::BAD_REQUEST, code, msg)
 }
 
@@ -43,7 +43,7 @@ pub(super) fn validate_markets(markets: Vec<String>) -> Result<Vec<String>, Erro
     Ok(out)
 }
 
-pub(super) fn check_channel(id: &str) -> Result<(), Error> {
+pub(crate) fn check_channel(id: &str) -> Result<(), Error> {
     validate_channel_id(id).map_err(|e| bad("invalid_channel", e.to_string()))
 }
 
@@ -52,7 +52,7 @@ pub(super) fn unknown_channel() -> Error {
 }
 
 /// The markets of a known channel the caller owns; 404 `unknown_channel` otherwise.
-pub(super) async fn channel_markets(
+pub(crate) async fn channel_markets(
     ctx: &Context,
     caller: &Caller,
     id: &str,
@@ -102,7 +102,7 @@ pub fn limit(ctx: &Context, client: &str, kind: Kind, n: usize) -> Result<(), Er
 
 /// 429 while the reducers' command lag is past its bound: new commands
 /// would only queue behind minutes of others.
-pub(super) fn shed(ctx: &Context) -> Result<(), Error> {
+pub(crate) fn shed(ctx: &Context) -> Result<(), Error> {
     let lag = ctx.command_lag.get();
     if lag > ctx.config.max_command_lag {
         ctx.metrics
@@ -122,7 +122,7 @@ pub(super) fn check_market(id: &str) -> Result<(), Error> {
     validate_market_id(id).map_err(|e| bad("invalid_market", e.to_string()))
 }
 
-pub(super) fn take_tokens(ctx: &Context, n: usize) -> Result<(), Error> {
+pub(crate) fn take_tokens(ctx: &Context, n: usize) -> Result<(), Error> {
     if ctx.limiter.try_take(n) {
         Ok(())
     } else {

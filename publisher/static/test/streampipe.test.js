@@ -711,6 +711,57 @@ test('removeMarket deletes it on the server and ignores its late updates', async
   await env.client.close({ deleteChannel: false });
 });
 
+const QUERY_ROUTES = [
+  ['POST', /\/v1\/channels\/[^/]+\/queries$/, (c) => response(200, { channel: 'x', queries: [c.body.query.split(';').sort().join(';')] })],
+  ['DELETE', /\/v1\/channels\/[^/]+\/queries$/, (c) =>
+    new URL(c.url).searchParams.get('query') === 'gone=1'
+      ? response(404, { error: { code: 'unknown_query', message: 'no' } })
+      : response(204)],
+];
+
+test('queries: added to a created channel; their markets join at their first update and leave on `removed`', async () => {
+  const env = setup({ client: { queries: ['status=open;market^=FB.'] } }, QUERY_ROUTES);
+  const removed = [];
+  env.client.on('removed', (m) => removed.push(m));
+  env.client.start();
+  const ws = await connected(env);
+  const post = env.calls.find((c) => c.url === BASE + '/v1/channels/ch-1/queries');
+  assert.ok(post, 'the query was added to the new channel');
+  assert.deepEqual(post.body, { query: 'status=open;market^=FB.' });
+  assert.deepEqual(env.client.queries, ['market^=FB.;status=open'], 'canonical from the server');
+  ws.frame(upd('FB.new', 1));
+  assert.deepEqual(env.client.markets, [M1, M2, 'FB.new']);
+  assert.equal(env.client.versions['FB.new'], 1);
+  ws.frame({ type: 'removed', market: 'FB.new' });
+  assert.deepEqual(removed, [{ type: 'removed', market: 'FB.new' }]);
+  assert.deepEqual(env.client.markets, [M1, M2]);
+  assert.equal(env.client.versions['FB.new'], undefined);
+  assert.equal(env.client.state['FB.new'], undefined);
+  // It may match again later: its updates are applied again.
+  ws.frame(upd('FB.new', 3));
+  assert.equal(env.client.versions['FB.new'], 3);
+  ws.frame({ type: 'reset', reason: 'x' });
+  assert.deepEqual(ws.sent[ws.sent.length - 1], { type: 'begin', since: { 'FB.new': 3 } });
+  await env.client.close({ deleteChannel: false });
+});
+
+test('addQuery / removeQuery call the API; removing an unknown query is no error', async () => {
+  const env = setup({}, QUERY_ROUTES);
+  await env.client.addQuery('market^=TN.');
+  assert.deepEqual(env.client.queries, ['market^=TN.'], 'kept for the channel to come');
+  assert.equal(env.calls.length, 0);
+  env.client.start();
+  await connected(env);
+  const qs = await env.client.addQuery('sport=tennis');
+  assert.deepEqual(qs, ['sport=tennis']);
+  await env.client.removeQuery('market^=TN.');
+  const del = env.calls.find((c) => c.method === 'DELETE');
+  assert.equal(del.url, BASE + '/v1/channels/ch-1/queries?query=market%5ETN.'.replace('%5ETN', '%5E%3DTN'));
+  await env.client.removeQuery('gone=1');
+  await assert.rejects(env.client.addQuery(''), (e) => e.code === 'invalid_query');
+  await env.client.close({ deleteChannel: false });
+});
+
 test('SSE: connects with begin=1 and since, dedupes, and reconnects with fresh since', async () => {
   const env = setup({ client: { transport: 'sse', channel: 'c-sse', versions: { [M1]: 3 } } });
   env.client.start();

@@ -34,8 +34,14 @@ impl Inner {
         let mut attempts = 0;
         loop {
             let t = Instant::now();
-            match self.loader.load_partition(partition) {
-                Ok(subscriptions) => {
+            let loaded = self
+                .loader
+                .load_partition(partition)
+                .and_then(|subscriptions| {
+                    Ok((subscriptions, self.loader.load_queries(partition)?))
+                });
+            match loaded {
+                Ok((subscriptions, (pairs, matches))) => {
                     self.metrics
                         .load_seconds
                         .with_label_values(&["ok"])
@@ -52,6 +58,14 @@ impl Inner {
                         Event::Assigned {
                             partition,
                             subscriptions,
+                        },
+                        &mut announces,
+                    );
+                    self.core.apply(
+                        Event::QueriesLoaded {
+                            partition,
+                            pairs,
+                            matches,
                         },
                         &mut announces,
                     );
