@@ -81,7 +81,7 @@ impl Commands {
 
     /// The command topic's partition count (asked of the broker the first
     /// time; the topics' partition counts are fixed, co-partitioning needs it).
-    async fn partition_count(&self) -> Result<u32> {
+    pub(crate) async fn partition_count(&self) -> Result<u32> {
         use std::sync::atomic::Ordering;
         let known = self.partitions.load(Ordering::Relaxed);
         if known > 0 {

@@ -19,6 +19,13 @@ pub const MAX_SNAPSHOT_IDS: usize = 500;
 /// entry; a page with more markets asks for several snapshots.
 pub const MAX_SNAPSHOT_MARKETS: usize = 100;
 
+/// Most (market → queries) entries a query snapshot reads over all
+/// partitions (`HGETALL` of the reducers' per-partition match hashes, which
+/// hold every held query's matches): bounds the Redis work one uncached
+/// query snapshot costs; beyond it the endpoint answers 429 and the stream's
+/// `begin` remains the way to the state.
+pub const MAX_QUERY_SNAPSHOT_SCAN: usize = 20_000;
+
 /// Longest canonical snapshot query string: URLs beyond about 8 KiB are
 /// refused by common proxies and CDNs (nginx's default request line buffer
 /// is 8 KiB), and the browser adds its own path and origin.

@@ -521,6 +521,56 @@ impl Registry {
         self.run_all(cmds).await
     }
 
+    /// The markets matching the held query `canonical` now, sorted: read
+    /// from the reducers' per-partition match hashes (market → the
+    /// canonical queries matching it, newline-separated) of `partitions`
+    /// partitions. `None` when those hashes hold more than `max_scan`
+    /// entries together (the read would cost too much).
+    pub async fn query_matches(
+        &self,
+        canonical: &str,
+        partitions: u32,
+        max_scan: usize,
+    ) -> Result<Option<Vec<String>>> {
+        let keys: Vec<String> = (0..partitions as i32)
+            .map(|p| self.keys.partition_query_matches(p))
+            .collect();
+        let lens: Vec<usize> = self
+            .run_all(
+                keys.iter()
+                    .map(|k| {
+                        let mut c = redis::cmd("HLEN");
+                        c.arg(k);
+                        c
+                    })
+                    .collect(),
+            )
+            .await?;
+        if lens.iter().sum::<usize>() > max_scan {
+            return Ok(None);
+        }
+        let hashes: Vec<Vec<(String, String)>> = self
+            .run_all(
+                keys.iter()
+                    .map(|k| {
+                        let mut c = redis::cmd("HGETALL");
+                        c.arg(k);
+                        c
+                    })
+                    .collect(),
+            )
+            .await?;
+        let mut out: Vec<String> = hashes
+            .into_iter()
+            .flatten()
+            .filter(|(_, queries)| queries.lines().any(|q| q == canonical))
+            .map(|(market, _)| market)
+            .collect();
+        out.sort_unstable();
+        out.dedup();
+        Ok(Some(out))
+    }
+
     /// Runs `cmds` and returns their replies in order: one pipeline on a
     /// single Redis; on a cluster, which refuses a pipeline across slots,
     /// each command on its own, concurrently.

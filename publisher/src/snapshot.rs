@@ -1,5 +1,8 @@
 //! `GET /v1/snapshot?markets=a,b,c`: the state of a market set in one
-//! response a CDN can cache, for a page's first paint (issue #13 item 2).
+//! response a CDN can cache, for a page's first paint (issue #13 item 2);
+//! `GET /v1/snapshot?query=<canonical query>`: the same for the markets a
+//! held query matches now (the reducers' per-partition match hashes say
+//! which; a query no channel holds matches nothing yet).
 //! The client then opens its stream with `since` = the snapshot's versions
 //! and receives only what is newer (docs/protocol.md, "Snapshots").
 //!
@@ -19,7 +22,8 @@ use warp::{Filter, Rejection};
 
 use crate::api::{caller, check_allowed, reply, Caller};
 use crate::error::Error;
-use crate::snapshot_core::{build, http_date, not_modified, parse_query, Query};
+use crate::limits::{MAX_QUERY_SNAPSHOT_SCAN, MAX_SNAPSHOT_MARKETS};
+use crate::snapshot_core::{build, build_query, http_date, not_modified, parse_query, Query};
 use crate::Context;
 
 /// The route.
@@ -60,10 +64,40 @@ async fn snapshot(
     if_none_match: Option<&str>,
     if_modified_since: Option<&str>,
 ) -> Result<warp::reply::Response, Error> {
-    let markets = match parse_query(raw)
+    let (markets, query) = match parse_query(raw)
         .map_err(|r| Error::invalid(StatusCode::BAD_REQUEST, r.code, r.message))?
     {
-        Query::Canonical(m) => m,
+        Query::Canonical(m) => (m, None),
+        Query::Matching(text) => {
+            let q = crate::queries::parse(&text)?;
+            if !crate::queries::allows(&caller.principal.allowance, &q) {
+                return Err(Error::invalid(
+                    StatusCode::FORBIDDEN,
+                    "query_not_allowed",
+                    "the token's market patterns do not cover every market this query can match",
+                ));
+            }
+            let partitions = ctx.commands.partition_count().await?;
+            let Some(mut matched) = ctx
+                .registry
+                .query_matches(&text, partitions, MAX_QUERY_SNAPSHOT_SCAN)
+                .await?
+            else {
+                ctx.metrics
+                    .snapshots
+                    .with_label_values(&["query_too_costly"])
+                    .inc();
+                return Err(Error::limited(
+                    "query_snapshot_unavailable",
+                    "the pipeline's queries match too many markets for a query snapshot; \
+                     open the stream (its begin sends the state)",
+                    std::time::Duration::from_secs(60),
+                ));
+            };
+            let truncated = matched.len() > MAX_SNAPSHOT_MARKETS;
+            matched.truncate(MAX_SNAPSHOT_MARKETS);
+            (matched, Some((text, truncated)))
+        }
         Query::Redirect(q) => {
             // Relative, so a path prefix in front of the publisher is kept.
             ctx.metrics.snapshots.with_label_values(&["redirect"]).inc();
@@ -76,9 +110,16 @@ async fn snapshot(
         }
     };
     check_allowed(ctx, caller, &markets)?;
-    let states = ctx.registry.states(&markets).await?;
+    let states = if markets.is_empty() {
+        Vec::new()
+    } else {
+        ctx.registry.states(&markets).await?
+    };
     let refs: Vec<Option<&[u8]>> = states.iter().map(|s| s.as_deref()).collect();
-    let snap = build(&markets, &refs);
+    let snap = match &query {
+        None => build(&markets, &refs),
+        Some((text, truncated)) => build_query(text, &markets, &refs, *truncated),
+    };
     if snap.unreadable > 0 {
         // The reducer writes JSON updates only: another writer or damage.
         ctx.metrics

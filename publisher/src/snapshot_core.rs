@@ -1,5 +1,6 @@
-//! The pure part of cacheable snapshots (`GET /v1/snapshot?markets=`):
-//! the canonical form of a market set, the body, its validators (`ETag`,
+//! The pure part of cacheable snapshots (`GET /v1/snapshot?markets=` and
+//! `?query=`): the canonical form of a market set or a query, the body,
+//! its validators (`ETag`,
 //! `Last-Modified`), conditional requests and the `Cache-Control` policy.
 //! No I/O here; [`crate::snapshot`] is the HTTP adapter.
 //!
@@ -24,6 +25,7 @@
 use std::time::{Duration, UNIX_EPOCH};
 
 use serde::Deserialize;
+use streampipe_contract::query::Query as MarketQuery;
 use streampipe_contract::validate_market_id;
 
 use crate::limits::{MAX_SNAPSHOT_MARKETS, MAX_SNAPSHOT_QUERY_BYTES};
@@ -115,6 +117,9 @@ impl CachePolicy {
 pub enum Query {
     /// The canonical spelling of a valid set: answer it.
     Canonical(Vec<String>),
+    /// The canonical spelling of a valid query (its canonical text): answer
+    /// it with the markets matching it now.
+    Matching(String),
     /// A valid set spelled otherwise: redirect to this query string.
     Redirect(String),
 }
@@ -151,26 +156,47 @@ pub fn parse_query(raw: &str) -> Result<Query, Refused> {
         ));
     }
     let mut list: Option<String> = None;
+    let mut query: Option<String> = None;
     for part in raw.split('&').filter(|p| !p.is_empty()) {
         let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        if k != "markets" {
-            return Err(refused(
-                "invalid_query",
-                format!(
-                    "unknown parameter {:?}; only markets=a,b,... is accepted",
-                    k.chars().take(32).collect::<String>()
-                ),
-            ));
+        let slot = match k {
+            "markets" => &mut list,
+            "query" => &mut query,
+            _ => {
+                return Err(refused(
+                    "invalid_query",
+                    format!(
+                        "unknown parameter {:?}; only markets=a,b,... or query=... is accepted",
+                        k.chars().take(32).collect::<String>()
+                    ),
+                ))
+            }
+        };
+        if slot.is_some() {
+            return Err(refused("invalid_query", format!("{k}= is given twice")));
         }
-        if list.is_some() {
-            return Err(refused("invalid_query", "markets= is given twice"));
-        }
-        list = Some(percent_decode(v).ok_or_else(|| {
+        *slot = Some(percent_decode(v).ok_or_else(|| {
             refused(
                 "invalid_query",
-                "markets= is not valid percent-encoded UTF-8",
+                format!("{k}= is not valid percent-encoded UTF-8"),
             )
         })?);
+    }
+    if let Some(text) = query {
+        if list.is_some() {
+            return Err(refused(
+                "invalid_query",
+                "markets= and query= are exclusive",
+            ));
+        }
+        let q = MarketQuery::parse(&text).map_err(|e| refused("invalid_query", e.to_string()))?;
+        let text = q.canonical();
+        let canonical = canonical_query_of(&text);
+        return Ok(if canonical == raw {
+            Query::Matching(text)
+        } else {
+            Query::Redirect(canonical)
+        });
     }
     let list = list.unwrap_or_default();
     let mut ids: Vec<String> = list
@@ -213,6 +239,21 @@ pub fn parse_query(raw: &str) -> Result<Query, Refused> {
     } else {
         Ok(Query::Redirect(canonical))
     }
+}
+
+/// The canonical query string of a query's canonical text: `query=` and
+/// the text with every byte outside `[A-Za-z0-9._:-]` as `%XX` (upper
+/// case), so `^`, `=` and `;` have one spelling a cache can key on.
+pub fn canonical_query_of(text: &str) -> String {
+    let mut out = String::from("query=");
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// `%XX` and `+` decoding of a query value; `None` when malformed.
@@ -270,6 +311,27 @@ pub struct Snapshot {
 /// Body: `{"at":<ms>|null,"markets":{"<id>":<update>,...},"missing":[...]}`;
 /// each update is the stored message byte for byte (it carries `version`).
 pub fn build(markets: &[String], states: &[Option<&[u8]>]) -> Snapshot {
+    build_with(markets, states, "")
+}
+
+/// Builds the snapshot of a query's matching `markets` (canonical order):
+/// the body of [`build`] with `"query"` (the canonical text) and
+/// `"truncated"` (true when more markets matched than one snapshot holds;
+/// the stream's `begin` sends the others) first.
+pub fn build_query(
+    query: &str,
+    markets: &[String],
+    states: &[Option<&[u8]>],
+    truncated: bool,
+) -> Snapshot {
+    let head = format!(
+        "\"query\":{},\"truncated\":{truncated},",
+        json_string(query)
+    );
+    build_with(markets, states, &head)
+}
+
+fn build_with(markets: &[String], states: &[Option<&[u8]>], head: &str) -> Snapshot {
     let mut found = String::new();
     let mut missing = Vec::new();
     let mut at: Option<i64> = None;
@@ -303,7 +365,7 @@ pub fn build(markets: &[String], states: &[Option<&[u8]>]) -> Snapshot {
     }
     let at_text = at.map_or_else(|| "null".to_owned(), |a| a.to_string());
     let body = format!(
-        "{{\"at\":{at_text},\"markets\":{{{found}}},\"missing\":[{}]}}",
+        "{{{head}\"at\":{at_text},\"markets\":{{{found}}},\"missing\":[{}]}}",
         missing.join(",")
     );
     let etag = format!("\"{:016x}\"", fnv1a64(body.as_bytes()));
@@ -395,6 +457,36 @@ mod tests {
                 "{other}"
             );
         }
+    }
+
+    #[test]
+    fn a_query_has_one_spelling_and_its_body_says_so() {
+        let canon = "query=market%5E%3DFB.%3Bstatus%3Dopen";
+        assert_eq!(
+            parse_query(canon).unwrap(),
+            Query::Matching("market^=FB.;status=open".into())
+        );
+        for other in [
+            "query=status%3Dopen%3Bmarket%5E%3DFB.",
+            "query=market^=FB.;status=open",
+            "query=market%5e%3dFB.%3bstatus%3dopen",
+        ] {
+            assert_eq!(
+                parse_query(other).unwrap(),
+                Query::Redirect(canon.into()),
+                "{other}"
+            );
+        }
+        let code = |q: &str| parse_query(q).unwrap_err().code;
+        assert_eq!(code("query="), "invalid_query");
+        assert_eq!(code("query=nonsense"), "invalid_query");
+        assert_eq!(code("query=a%3Db&markets=x"), "invalid_query");
+        assert_eq!(code("query=a%3Db&query=a%3Dc"), "invalid_query");
+        let s = build_query("market^=FB.", &ids(&["FB.1"]), &[None], true);
+        let v: serde_json::Value = serde_json::from_str(&s.body).unwrap();
+        assert_eq!(v["query"], "market^=FB.");
+        assert_eq!(v["truncated"], true);
+        assert_eq!(v["missing"][0], "FB.1");
     }
 
     #[test]

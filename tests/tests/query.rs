@@ -391,3 +391,68 @@ async fn queries_are_written_back_after_redis_lost_the_pipeline() {
     })
     .await;
 }
+
+/// `GET /v1/snapshot?query=`: the markets a held query matches now, with
+/// their versions, under one canonical URL (other spellings redirect); a
+/// query nobody holds matches nothing yet; a market that stopped matching
+/// is not in it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_snapshot_holds_the_markets_matching_now() {
+    let (p, _reducer, publ) = setup(PARTITIONS).await;
+    let ch = create_channel(publ.addr, &["OTHER.2"]).await;
+    let q = "market^=QS.;status=open";
+    let r = add_query(&publ, &ch, q).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    wait_query_held(&p, &ch, q).await;
+    let mut ws = open_stream(publ.addr, &ch).await;
+    let markets = markets_on_every_partition("QS.");
+    for (i, m) in markets.iter().enumerate() {
+        p.update(m, 10 + i as u64, r#"{"status":"open"}"#);
+    }
+    p.update("QS.shut", 1, r#"{"status":"closed"}"#);
+    p.flush();
+    let mut got = Vec::new();
+    read_until(&mut ws, &mut got, "every matching market", |g| {
+        markets
+            .iter()
+            .enumerate()
+            .all(|(i, m)| has(g, m, 10 + i as u64))
+    })
+    .await;
+    // One market stops matching: it leaves the snapshot too.
+    p.update(&markets[0], 99, r#"{"status":"suspended"}"#);
+    p.flush();
+    read_until(&mut ws, &mut got, "removed", |g| removed(g, &markets[0])).await;
+
+    let path = format!("/v1/snapshot?query={}", enc(q));
+    let r = http(publ.addr, "GET", &path, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    assert_eq!(v["query"], q);
+    assert_eq!(v["truncated"], false);
+    let got_markets = v["markets"].as_object().unwrap();
+    assert_eq!(got_markets.len(), markets.len() - 1, "{v}");
+    for (i, m) in markets.iter().enumerate().skip(1) {
+        assert_eq!(got_markets[m]["version"], 10 + i as u64, "{m}: {v}");
+    }
+    assert!(!got_markets.contains_key(&markets[0]), "{v}");
+    assert!(!got_markets.contains_key("QS.shut"), "{v}");
+
+    // Another spelling of the same query redirects to the canonical URL.
+    let other = format!("/v1/snapshot?query={}", enc("status=open;market^=QS."));
+    let r = http(publ.addr, "GET", &other, None).await;
+    assert_eq!(r.status, 308, "{}", r.body);
+    // A query nobody holds matches nothing yet; a bad one is a 400.
+    let r = http(
+        publ.addr,
+        "GET",
+        &format!("/v1/snapshot?query={}", enc("market^=NOBODY.")),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["markets"], serde_json::json!({}));
+    let r = http(publ.addr, "GET", "/v1/snapshot?query=nonsense", None).await;
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(r.body.contains("invalid_query"), "{}", r.body);
+}
