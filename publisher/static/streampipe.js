@@ -83,7 +83,9 @@
  *                        then arrive as updates, their state first.
  *   removeQuery(q)       DELETE /v1/channels/<id>/queries?query=<q>; the
  *                        markets only it brought leave (`removed` events)
- *   loadSnapshot(list = markets)  GET /v1/snapshot?markets=... (canonical:
+ *   loadSnapshot(list = markets)  GET /v1/snapshot?markets=... (and, by
+ *                        default, ?query=... for each of the client's queries:
+ *                        the markets it matches now), (canonical:
  *                        sorted, deduplicated, split into requests of at most
  *                        100 markets / 4 KiB, answered by a CDN when one is
  *                        in front): applies every market's state like an
@@ -442,8 +444,17 @@
       return paths;
     }
 
+    // The snapshot path of a query: the server answers its canonical
+    // spelling and redirects others to it (fetch follows), so a CDN holds
+    // one entry per query.
+    static querySnapshotPath(query) {
+      return '/v1/snapshot?query=' + encodeURIComponent(query);
+    }
+
     async loadSnapshot(list) {
       const paths = StreamPipe.snapshotPaths(list === undefined ? this.markets : list);
+      // By default also the markets the client's queries match now.
+      if (list === undefined) for (const q of this.queries) paths.push(StreamPipe.querySnapshotPath(q));
       const parts = await Promise.all(paths.map((p) => this._api('GET', p)));
       const out = { markets: Object.create(null), missing: [], at: null };
       for (const data of parts) {

@@ -1077,6 +1077,28 @@ test('snapshot first: the stream opens after it, with since = its versions (stal
   await env.client.close({ deleteChannel: false });
 });
 
+test('snapshot first with queries also loads what each query matches now', async () => {
+  const Q = 'market^=football.;status=open';
+  const qm = 'football.cup.9:match_odds';
+  const env = setup({ client: { snapshot: true, queries: [Q] } }, [
+    ['POST', /\/v1\/channels\/[^/]+\/queries$/, () => response(200, { channel: 'ch-1', queries: [Q] })],
+    ['GET', /\/v1\/snapshot$/, (c) =>
+      c.url.includes('query=')
+        ? response(200, { query: Q, truncated: false, at: 5, markets: { [qm]: upd(qm, 4) }, missing: [] })
+        : response(200, { at: 1, markets: { [M1]: upd(M1, 2) }, missing: [M2] })],
+  ]);
+  env.client.start();
+  await waitFor(() => env.sockets.length === 1, 'socket');
+  const urls = env.calls.filter((c) => c.method === 'GET').map((c) => c.url);
+  assert.ok(urls.includes(BASE + '/v1/snapshot?query=' + encodeURIComponent(Q)), urls.join(' '));
+  assert.equal(StreamPipe.querySnapshotPath(Q), '/v1/snapshot?query=market%5E%3Dfootball.%3Bstatus%3Dopen');
+  env.sockets[0].subscribed('ch-1', [M1, M2]);
+  const begin = env.sockets[0].sent[0];
+  assert.equal(begin.since[qm], 4, 'the query market resumes from its snapshot version');
+  assert.equal(begin.since[M1], 2);
+  await env.client.close({ deleteChannel: false });
+});
+
 test('a failed snapshot is an error event, and the stream still starts (full begin)', async () => {
   const env = setup({ client: { snapshot: true } }, [
     ['GET', /\/v1\/snapshot$/, () => response(503, { error: { code: 'unavailable', message: 'unavailable' } })],
