@@ -43,6 +43,11 @@ async fn read_until(
                 }
                 vs.push(ver);
             }
+            Some(Frame::Json(v)) if v["type"] == "removed" => {
+                // A market left the channel: recorded as `removed:<market>`.
+                let m = v["market"].as_str().unwrap();
+                seen.entry(format!("removed:{m}")).or_default();
+            }
             Some(Frame::Json(v)) => panic!("waiting for {what}: unexpected {v}"),
             other => panic!("waiting for {what}: got {other:?}; seen {seen:?}"),
         }
@@ -272,6 +277,10 @@ async fn markets_changed_on_another_pod_reach_live_streams() {
     assert!(
         !seen["X1"].contains(&2),
         "a removed market kept streaming: {seen:?}"
+    );
+    assert!(
+        seen.contains_key("removed:X1"),
+        "the stream was told the market left: {seen:?}"
     );
     drop((ws, ws2, a, b));
     blocking(move || reducer.shutdown().unwrap()).await;
