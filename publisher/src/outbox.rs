@@ -478,6 +478,11 @@ impl Outbox {
         self.lock().sent.clear();
     }
 
+    /// Whether the connection was told to close (nothing more is queued).
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
     /// Asks the connection to close; pending messages are discarded.
     pub fn close(&self, code: u16, reason: &'static str) {
         let mut g = self.lock();

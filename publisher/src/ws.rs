@@ -22,7 +22,7 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
-use tracing::debug;
+use tracing::{debug, warn};
 use warp::http::{Response, StatusCode};
 use warp::hyper::body::Bytes as HyperBytes;
 
@@ -31,7 +31,7 @@ use crate::clients::Kind;
 use crate::frames::{self, ClientFrame};
 use crate::metrics::GaugeGuard;
 use crate::opening::{self, FirstBegin, Opened, Request};
-use crate::outbox::Item;
+use crate::outbox::{Item, Outbox};
 use crate::server::PeerAddr;
 use crate::{api, Context, StreamParams};
 
@@ -56,6 +56,16 @@ pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Minimum time between two `begin`s honoured for one connection: each one
 /// produces a command per market, so a looping client must not flood Kafka.
 pub const BEGIN_MIN_INTERVAL: Duration = Duration::from_millis(500);
+
+/// First wait before a failed `begin` (Redis unreachable, e.g. during a
+/// cluster failover) is tried again for the client: it asked, and would
+/// otherwise wait silently for updates that may not come. Doubled per
+/// failure up to [`BEGIN_RETRY_MAX`], so a Redis outage is not met by every
+/// connection retrying every second.
+pub const BEGIN_RETRY_MIN: Duration = Duration::from_secs(1);
+
+/// Longest wait between two retries of a failed `begin`.
+pub const BEGIN_RETRY_MAX: Duration = Duration::from_secs(16);
 
 /// How long a connection holds history markets' live updates aside while
 /// waiting for its first `begin` (clients send it on `subscribed`, one
@@ -250,7 +260,37 @@ pub async fn handle(
     Ok(resp.body(HyperBytes::new().into()).expect("valid response"))
 }
 
-/// What a connection was opened with.
+/// Runs a `begin`; when it fails (counted as `begin_failed`) on a stream
+/// that is still open, returns when to try again (backing off), so the
+/// client is not left waiting silently for a state that never comes.
+async fn begin_or_retry(
+    ctx: &Context,
+    channel: &str,
+    outbox: &Outbox,
+    retry: &mut Duration,
+) -> Option<tokio::time::Instant> {
+    match ctx.hub.begin(channel, outbox).await {
+        Ok(_) => {
+            *retry = BEGIN_RETRY_MIN;
+            None
+        }
+        Err(e) => {
+            ctx.metrics
+                .rejected
+                .with_label_values(&["begin_failed"])
+                .inc();
+            if outbox.is_closed() {
+                return None; // unknown channel (closed 4404), or shutting down
+            }
+            warn!(error = %e, channel, retry_in = ?*retry, "begin failed; retrying");
+            let at = tokio::time::Instant::now() + *retry;
+            *retry = (*retry * 2).min(BEGIN_RETRY_MAX);
+            Some(at)
+        }
+    }
+}
+
+/// What a connection was opened with./// What a connection was opened with.
 struct Opening {
     req: Request,
     origin_ok: bool,
@@ -416,8 +456,11 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
         .then(|| tokio::time::Instant::now() + HISTORY_HOLD_TIMEOUT);
     // A begin the client's bucket could not pay for yet: done when it can
     // (later begin frames merge into it).
+    // A failed begin is retried (see `BEGIN_RETRY_MIN`) through the same slot.
+    let mut begin_retry = BEGIN_RETRY_MIN;
     let mut pending_begin: Option<tokio::time::Instant> = match begin {
         FirstBegin::Deferred(at) => Some(at),
+        FirstBegin::Failed => Some(tokio::time::Instant::now() + begin_retry),
         _ => None,
     };
     // Looked up once: a labelled lookup per message would cost more than the count.
@@ -455,9 +498,7 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
                                 }
                                 // The hub re-reads the channel's markets first:
                                 // some may have been added since it connected.
-                                if ctx.hub.begin(&channel, &outbox).await.is_err() {
-                                    m.rejected.with_label_values(&["begin_failed"]).inc();
-                                }
+                                pending_begin = begin_or_retry(&ctx, &channel, &outbox, &mut begin_retry).await;
                             }
                             Ok(ClientFrame::Auth { token } | ClientFrame::Refresh { token }) => {
                                 if !ctx.auth.requires_token() {
@@ -582,10 +623,7 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
             _ = tokio::time::sleep_until(pending_begin.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)), if pending_begin.is_some() => {
                 match ctx.clients.take(&client, Kind::Begin, 1) {
                     Ok(()) => {
-                        pending_begin = None;
-                        if ctx.hub.begin(&channel, &outbox).await.is_err() {
-                            m.rejected.with_label_values(&["begin_failed"]).inc();
-                        }
+                        pending_begin = begin_or_retry(&ctx, &channel, &outbox, &mut begin_retry).await;
                     }
                     Err(wait) => pending_begin = Some(tokio::time::Instant::now() + wait),
                 }

@@ -437,3 +437,69 @@ async fn concurrent_begins_after_a_loss_keep_their_streams() {
     drop(publ);
     blocking(move || reducer.0.shutdown().unwrap()).await;
 }
+
+/// A `begin` that fails because Redis is unreachable (as during a cluster
+/// failover) is retried by the publisher: the client, which asked once and
+/// ignores the `reset`s, still gets the state when Redis is back, instead
+/// of waiting silently for an update that may never come.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_begin_that_failed_is_retried_when_redis_is_back() {
+    let dir = std::env::temp_dir().join(streampipe_tests::unique("redis-begin"));
+    let mut redis = PrivateRedis::start_persistent(free_port(), &dir);
+    let url = redis.url();
+    let p = blocking(move || {
+        let mut p = Pipeline::new(Broker::Dev, 4);
+        p.config.redis_url = url;
+        Arc::new(p)
+    })
+    .await;
+    let pc = p.clone();
+    let reducer = blocking(move || start_reducer(&pc)).await;
+    let publ = InProcess::start_with_redis(&p, &redis.url()).await;
+    let ch = create_channel(publ.addr, &["RB1"]).await;
+    let mut ws = open_stream(publ.addr, &ch).await;
+    p.update("RB1", 7, "7");
+    p.flush();
+    // The live v7 arrives (stored first: the reducer publishes after the write).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match ws_next(&mut ws, left).await {
+            Some(Frame::Json(v)) if v["type"] == "update" && v["market"] == "RB1" => break,
+            Some(Frame::Json(_)) => {}
+            other => panic!("waiting for RB1 v7: got {other:?}"),
+        }
+    }
+    // everysec: let the state reach the append-only file.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    redis.stop(true);
+    let failed_before = publ
+        .ctx
+        .metrics
+        .rejected
+        .with_label_values(&["begin_failed"])
+        .get();
+    // A fresh resume point, so the state counts as new for this connection.
+    ws_send(&mut ws, r#"{"type":"begin","since":{"RB1":0}}"#).await;
+    let pm = publ.ctx.metrics.clone();
+    blocking(move || {
+        wait_for(Duration::from_secs(30), "the begin failed", || {
+            (pm.rejected.with_label_values(&["begin_failed"]).get() > failed_before).then_some(())
+        })
+    })
+    .await;
+    redis.start_again();
+    let deadline = std::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        assert!(!left.is_zero(), "the failed begin was never retried");
+        match ws_next(&mut ws, left).await {
+            Some(Frame::Json(v)) if v["type"] == "update" && v["market"] == "RB1" => break,
+            Some(Frame::Json(_)) => {} // resets are not answered: the server retries
+            other => panic!("got {other:?}"),
+        }
+    }
+    drop(publ);
+    blocking(move || reducer.0.shutdown().unwrap()).await;
+    let _ = std::fs::remove_dir_all(dir);
+}
