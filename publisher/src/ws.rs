@@ -53,8 +53,9 @@ pub const PING_INTERVAL: Duration = Duration::from_secs(20);
 /// (sleeping laptops, vanished mobiles) whose TCP would linger for minutes.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Minimum time between two `begin`s honoured for one connection: each one
-/// produces a command per market, so a looping client must not flood Kafka.
+/// Minimum time between two `begin`s run for one connection (each reads
+/// every market's state; a looping client must not flood Redis): a sooner
+/// one is deferred to this interval, and several merge into one.
 pub const BEGIN_MIN_INTERVAL: Duration = Duration::from_millis(500);
 
 /// First wait before a failed `begin` (Redis unreachable, e.g. during a
@@ -477,16 +478,22 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
                     Some(Ok(Message::Text(text))) => {
                         match frames::parse(text.as_str()) {
                             Ok(ClientFrame::Begin { since, from_ms }) => {
-                                if last_begin.is_some_and(|t| t.elapsed() < BEGIN_MIN_INTERVAL) {
-                                    m.rejected.with_label_values(&["begin_rate"]).inc();
-                                    continue;
-                                }
-                                last_begin = Some(Instant::now());
                                 hold_until = None; // this begin releases the hold
                                 outbox.resume_from(&since);
                                 if let Some(ms) = from_ms {
                                     outbox.resume_from_time(ms);
                                 }
+                                if let Some(t) = last_begin.filter(|t| t.elapsed() < BEGIN_MIN_INTERVAL) {
+                                    // Too soon after the previous one: deferred
+                                    // to when it is allowed, never dropped (a
+                                    // client answering two quick `reset`s must
+                                    // get the state read after the second).
+                                    m.rejected.with_label_values(&["begin_rate"]).inc();
+                                    let at = tokio::time::Instant::from_std(t + BEGIN_MIN_INTERVAL);
+                                    pending_begin = Some(pending_begin.map_or(at, |p| p.max(at)));
+                                    continue;
+                                }
+                                last_begin = Some(Instant::now());
                                 if pending_begin.is_some() {
                                     // Merged into the begin already waiting.
                                     continue;
@@ -623,6 +630,7 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
             _ = tokio::time::sleep_until(pending_begin.unwrap_or_else(|| tokio::time::Instant::now() + NEVER)), if pending_begin.is_some() => {
                 match ctx.clients.take(&client, Kind::Begin, 1) {
                     Ok(()) => {
+                        last_begin = Some(Instant::now());
                         pending_begin = begin_or_retry(&ctx, &channel, &outbox, &mut begin_retry).await;
                     }
                     Err(wait) => pending_begin = Some(tokio::time::Instant::now() + wait),

@@ -48,7 +48,7 @@
  *               goes back to 0 when a connection reaches `subscribed`.
  *   deleteOnClose  close() deletes the channel (default true).
  *   beginMinIntervalMs  least time between two begin frames on one
- *               connection (default 600; the server ignores a begin within
+ *               connection (default 600; the server defers a begin within
  *               500 ms of the previous one): a begin asked for sooner is
  *               deferred, and requests meanwhile are merged into it.
  *   WebSocket, EventSource, fetch   constructors / function to use instead of
@@ -929,7 +929,7 @@
       return entries.map(([m, v]) => encId(m) + '@' + v).join(',');
     }
 
-    // The server ignores a begin that follows the previous one on the same
+    // The server defers a begin that follows the previous one on the same
     // connection within 500 ms, so a begin asked for too soon is deferred
     // (several such requests make one begin).
     _sendBegin() {

@@ -63,6 +63,15 @@ async fn read_until(ws: &mut Ws, want: &HashMap<String, u64>, resets: &mut usize
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_survive_a_master_failover_on_a_cluster() {
+    // Warnings of the reducer and publisher (reconnects, retries) are shown
+    // when this test fails: it has failed in CI only, never locally.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STREAMPIPE_TEST_LOG")
+                .unwrap_or_else(|_| "warn,librdkafka=off,rdkafka=off".into()),
+        )
+        .with_test_writer()
+        .try_init();
     let cluster = blocking(|| Arc::new(PrivateCluster::start(base_port()))).await;
     let url = cluster.url();
     let (p, reducer) = {
