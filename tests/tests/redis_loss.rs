@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use streampipe_reducer::{Metrics, ReducerHandle};
 use streampipe_tests::follower::{every_client_above, follow, Client, Feed};
 use streampipe_tests::publisher::{
-    blocking, create_channel, http, open_stream, ws_next, ws_send, Frame, InProcess,
+    blocking, create_channel, http, open_stream, ws_next, ws_send, Frame, InProcess, Ws,
 };
 use streampipe_tests::{free_port, wait_for, Broker, Pipeline, PrivateRedis};
 
@@ -20,6 +20,32 @@ const CHANNELS: usize = 3;
 const MARKETS: usize = 4;
 /// Pause between two rounds of updates (one new version of every market).
 const ROUND: Duration = Duration::from_millis(100);
+
+/// A pipeline of 4 partitions on `broker` whose Redis is `redis`.
+async fn pipeline_on(broker: Broker, redis: &PrivateRedis) -> Arc<Pipeline> {
+    let url = redis.url();
+    blocking(move || {
+        let mut p = Pipeline::new(broker, 4);
+        p.config.redis_url = url;
+        Arc::new(p)
+    })
+    .await
+}
+
+/// Reads until an update of `market` arrives within `within`, skipping
+/// other JSON frames (`reset`s are not answered); panics naming `what`.
+async fn next_update_of(ws: &mut Ws, market: &str, within: Duration, what: &str) {
+    let deadline = Instant::now() + within;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(!left.is_zero(), "timed out waiting for {what}");
+        match ws_next(ws, left).await {
+            Some(Frame::Json(v)) if v["type"] == "update" && v["market"] == market => return,
+            Some(Frame::Json(_)) => {}
+            other => panic!("waiting for {what}: got {other:?}"),
+        }
+    }
+}
 
 fn start_reducer(p: &Pipeline) -> (ReducerHandle, Arc<Metrics>) {
     let metrics = Arc::new(Metrics::new());
@@ -39,13 +65,7 @@ struct World {
 }
 
 async fn world(broker: Broker, redis: PrivateRedis) -> World {
-    let url = redis.url();
-    let p = blocking(move || {
-        let mut p = Pipeline::new(broker, 4);
-        p.config.redis_url = url;
-        Arc::new(p)
-    })
-    .await;
+    let p = pipeline_on(broker, &redis).await;
     let pc = p.clone();
     let reducer = blocking(move || start_reducer(&pc)).await;
     let publ = InProcess::start_with_redis(&p, &redis.url()).await;
@@ -306,13 +326,7 @@ async fn redis_restarted_with_its_data_is_no_loss() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn owner_dead_with_the_data_is_loud_and_live_channels_resubscribe() {
     let redis = PrivateRedis::start(free_port());
-    let url = redis.url();
-    let p = blocking(move || {
-        let mut p = Pipeline::new(Broker::Dev, 4);
-        p.config.redis_url = url;
-        Arc::new(p)
-    })
-    .await;
+    let p = pipeline_on(Broker::Dev, &redis).await;
     let pc = p.clone();
     let mut first = blocking(move || streampipe_tests::ReducerProcess::spawn(&pc)).await;
     let publ = InProcess::start_with_redis(&p, &redis.url()).await;
@@ -388,13 +402,7 @@ async fn owner_dead_with_the_data_is_loud_and_live_channels_resubscribe() {
 async fn concurrent_begins_after_a_loss_keep_their_streams() {
     const STREAMS: usize = 8;
     let redis = PrivateRedis::start(free_port());
-    let url = redis.url();
-    let p = blocking(move || {
-        let mut p = Pipeline::new(Broker::Dev, 4);
-        p.config.redis_url = url;
-        Arc::new(p)
-    })
-    .await;
+    let p = pipeline_on(Broker::Dev, &redis).await;
     let pc = p.clone();
     let reducer = blocking(move || start_reducer(&pc)).await;
     let publ = InProcess::start_with_redis(&p, &redis.url()).await;
@@ -446,13 +454,7 @@ async fn concurrent_begins_after_a_loss_keep_their_streams() {
 async fn a_begin_that_failed_is_retried_when_redis_is_back() {
     let dir = std::env::temp_dir().join(streampipe_tests::unique("redis-begin"));
     let mut redis = PrivateRedis::start_persistent(free_port(), &dir);
-    let url = redis.url();
-    let p = blocking(move || {
-        let mut p = Pipeline::new(Broker::Dev, 4);
-        p.config.redis_url = url;
-        Arc::new(p)
-    })
-    .await;
+    let p = pipeline_on(Broker::Dev, &redis).await;
     let pc = p.clone();
     let reducer = blocking(move || start_reducer(&pc)).await;
     let publ = InProcess::start_with_redis(&p, &redis.url()).await;
@@ -461,15 +463,7 @@ async fn a_begin_that_failed_is_retried_when_redis_is_back() {
     p.update("RB1", 7, "7");
     p.flush();
     // The live v7 arrives (stored first: the reducer publishes after the write).
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match ws_next(&mut ws, left).await {
-            Some(Frame::Json(v)) if v["type"] == "update" && v["market"] == "RB1" => break,
-            Some(Frame::Json(_)) => {}
-            other => panic!("waiting for RB1 v7: got {other:?}"),
-        }
-    }
+    next_update_of(&mut ws, "RB1", Duration::from_secs(30), "RB1 v7").await;
     // everysec: let the state reach the append-only file.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     redis.stop(true);
@@ -489,16 +483,14 @@ async fn a_begin_that_failed_is_retried_when_redis_is_back() {
     })
     .await;
     redis.start_again();
-    let deadline = std::time::Instant::now() + Duration::from_secs(40);
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        assert!(!left.is_zero(), "the failed begin was never retried");
-        match ws_next(&mut ws, left).await {
-            Some(Frame::Json(v)) if v["type"] == "update" && v["market"] == "RB1" => break,
-            Some(Frame::Json(_)) => {} // resets are not answered: the server retries
-            other => panic!("got {other:?}"),
-        }
-    }
+    // Resets are not answered: the server retries the begin itself.
+    next_update_of(
+        &mut ws,
+        "RB1",
+        Duration::from_secs(40),
+        "the retried begin's state",
+    )
+    .await;
     drop(publ);
     blocking(move || reducer.0.shutdown().unwrap()).await;
     let _ = std::fs::remove_dir_all(dir);
