@@ -285,8 +285,9 @@ impl Registry {
     /// Adds `query` to the channel unless the pipeline would then hold more
     /// than `pipeline_cap` queries or the channel more than `channel_cap`
     /// (each checked and added in one step; the pipeline's entry is taken
-    /// back when the channel's cap refuses). `Ok(None)`: a cap refused it,
-    /// with which; `Ok(Some(new))`: added (`new` false when it was held).
+    /// back when the channel's cap refuses). `Ok(Err(which))`: a cap refused
+    /// it (`"pipeline"` or `"channel"`); `Ok(Ok(new))`: added (`new` false
+    /// when it was held).
     pub async fn add_query(
         &self,
         channel: &str,

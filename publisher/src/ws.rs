@@ -291,7 +291,7 @@ async fn begin_or_retry(
     }
 }
 
-/// What a connection was opened with./// What a connection was opened with.
+/// What a connection was opened with.
 struct Opening {
     req: Request,
     origin_ok: bool,
@@ -455,10 +455,11 @@ async fn run(mut ws: Ws, opening: Opening, ctx: Arc<Context>) {
     // (see `opening::open`); a client that sends none gets them after this.
     let mut hold_until = (ctx.hub.keeps_history() && !begin_asked)
         .then(|| tokio::time::Instant::now() + HISTORY_HOLD_TIMEOUT);
-    // A begin the client's bucket could not pay for yet: done when it can
-    // (later begin frames merge into it).
-    // A failed begin is retried (see `BEGIN_RETRY_MIN`) through the same slot.
+    // A failed begin is retried through the pending slot (see `BEGIN_RETRY_MIN`).
     let mut begin_retry = BEGIN_RETRY_MIN;
+    // A begin the client's bucket could not pay for yet, one sent too soon
+    // after the last, or one to retry: done when due (later begin frames
+    // merge into it).
     let mut pending_begin: Option<tokio::time::Instant> = match begin {
         FirstBegin::Deferred(at) => Some(at),
         FirstBegin::Failed => Some(tokio::time::Instant::now() + begin_retry),
