@@ -8,7 +8,8 @@
 //!   kept by the [`subscriber`] task, routed by the [`table`] through the
 //!   bounded [`ingest`] queue) and drains
 //!   its own bounded, conflating [`outbox`].
-//! - [`registry`], [`commands`]: Redis and Kafka adapters; [`pubsub`] and
+//! - [`registry`], [`commands`]: Redis and Kafka adapters ([`redis_conn`]:
+//!   the registry's connection, rebuilt when a cluster one stops answering); [`pubsub`] and
 //!   [`resp`]: our own bounded subscribed-mode Redis connection.
 //! - [`limits`]: the control API's bounds and its token bucket.
 //! - [`epoch`]: noticing a Redis that lost its data and writing this pod's
@@ -42,6 +43,7 @@ pub mod outbox;
 pub mod pubsub;
 pub mod queries;
 pub mod reconcile;
+pub mod redis_conn;
 pub mod registry;
 pub mod resp;
 pub mod server;
@@ -264,6 +266,7 @@ pub async fn context(
         keys.clone(),
         config.redis_cluster,
         tls.as_ref(),
+        metrics.redis_cluster_rebuilds.clone(),
     )
     .await?;
     let commands = commands::Commands::new(

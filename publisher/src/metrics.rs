@@ -45,6 +45,9 @@ pub struct Metrics {
     pub history_gaps: IntCounter,
     /// Redis pub/sub reconnects.
     pub redis_reconnects: IntCounter,
+    /// Times the Redis Cluster connection of the control API stopped
+    /// answering and was rebuilt from the seed nodes.
+    pub redis_cluster_rebuilds: IntCounter,
     /// Times this pod found the pipeline's data epoch gone or replaced:
     /// Redis lost data (see docs/operations.md).
     pub redis_data_loss: IntCounter,
@@ -243,6 +246,14 @@ impl Metrics {
                 IntCounter::new(
                     "streampipe_publisher_redis_reconnects_total",
                     "Redis pub/sub reconnects"
+                )
+                .expect("valid")
+            ),
+            redis_cluster_rebuilds: reg!(
+                r,
+                IntCounter::new(
+                    "streampipe_publisher_redis_cluster_rebuilds_total",
+                    "Redis Cluster connections rebuilt after they stopped answering"
                 )
                 .expect("valid")
             ),

@@ -8,15 +8,16 @@
 
 use bytes::Bytes;
 use futures_util::future::join_all;
+use prometheus::IntCounter;
 use redis::aio::ConnectionManager;
-use redis::cluster_async::ClusterConnection;
-use redis::{Cmd, Pipeline, RedisFuture, Value};
+use redis::{Cmd, Value};
 use streampipe_contract::deploy::RedisTlsPem;
 use streampipe_contract::epoch::{mint, Found, EPOCH_CLAIM_SCRIPT, SPREAD_SUFFIX};
 use streampipe_contract::slot::SPREAD_TAGS;
 use streampipe_contract::{Keys, CHANNEL_CLOSED, CHANNEL_MARKETS_CHANGED};
 
 use crate::error::Result;
+use crate::redis_conn::{certificates, Conn, Healing};
 
 /// KEYS[1]: the janitor lock; ARGV[1]: our token. Deletes the lock only if
 /// we hold it (another pod may have taken it after ours expired).
@@ -70,53 +71,6 @@ pub enum Added {
     OverCap,
 }
 
-/// A connection to one Redis or to a Redis Cluster (which routes every
-/// command by its key, and follows failovers by itself).
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl redis::aio::ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(c) => c.req_packed_command(cmd),
-            Conn::Cluster(c) => c.req_packed_command(cmd),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(c) => c.get_db(),
-            Conn::Cluster(c) => c.get_db(),
-        }
-    }
-}
-
-/// redis-rs' form of the TLS material (CA bundle, client certificate).
-pub fn certificates(t: &RedisTlsPem) -> redis::TlsCertificates {
-    redis::TlsCertificates {
-        client_tls: t.client.as_ref().map(|(cert, key)| redis::ClientTlsConfig {
-            client_cert: cert.clone(),
-            client_key: key.clone(),
-        }),
-        root_cert: t.ca.clone(),
-    }
-}
-
 /// Redis access of the control API. Cheap to clone.
 #[derive(Clone)]
 pub struct Registry {
@@ -128,27 +82,20 @@ pub struct Registry {
 
 impl Registry {
     /// Connects (the connection reconnects by itself after errors). With
-    /// `cluster`, `url` is a comma-separated list of seed node URLs; `tls`
-    /// is the CA bundle and client certificate of `rediss://` URLs.
+    /// `cluster`, `url` is a comma-separated list of seed node URLs, and
+    /// `rebuilds` counts the times the cluster connection was replaced
+    /// (see [`crate::redis_conn`]); `tls` is the CA bundle and client
+    /// certificate of `rediss://` URLs.
     pub async fn connect(
         url: &str,
         keys: Keys,
         cluster: bool,
         tls: Option<&RedisTlsPem>,
+        rebuilds: IntCounter,
     ) -> Result<Self> {
         let (conn, publish) = if cluster {
-            let seeds: Vec<&str> = url
-                .split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .collect();
-            let mut builder = redis::cluster::ClusterClient::builder(seeds);
-            if let Some(t) = tls {
-                builder = builder.certs(certificates(t));
-            }
-            let client = builder.build()?;
             (
-                Conn::Cluster(client.get_async_connection().await?),
+                Conn::Cluster(Healing::connect(url, tls, rebuilds).await?),
                 "SPUBLISH",
             )
         } else {
@@ -587,9 +534,9 @@ impl Registry {
                 }
                 Ok(pipe.query_async(&mut c.clone()).await?)
             }
-            Conn::Cluster(c) => {
+            Conn::Cluster(_) => {
                 let replies = join_all(cmds.iter().map(|cmd| {
-                    let mut c = c.clone();
+                    let mut c = self.conn.clone();
                     async move { cmd.query_async::<T>(&mut c).await }
                 }))
                 .await;

@@ -215,21 +215,31 @@ async fn a_shard_that_lost_its_data_is_noticed_and_repaired() {
     let keys = p.keys();
     let (c, epoch_key) = (cluster.clone(), keys.epoch());
     let (flushed, epoch_before) = blocking(move || {
-        let keeper = c.master_of(&epoch_key).expect("the epoch key's master");
-        let victim = c
-            .masters()
-            .into_iter()
-            .map(|(port, _)| port)
-            .find(|port| *port != keeper)
-            .expect("another master");
         let before: String = redis::cmd("GET")
             .arg(&epoch_key)
             .query(&mut c.connection())
             .unwrap();
-        let _: () = redis::cmd("FLUSHALL")
-            .query(&mut c.node(victim).unwrap())
-            .unwrap();
-        (victim, before)
+        // A node's view of the roles can be stale, and a loaded machine
+        // can fail a master over on its own (2 s node timeout): ask the
+        // victim itself, and pick again when it has just become a replica.
+        for _ in 0..20 {
+            let keeper = c.master_of(&epoch_key).expect("the epoch key's master");
+            let victim = c
+                .masters()
+                .into_iter()
+                .map(|(port, _)| port)
+                .find(|port| *port != keeper)
+                .expect("another master");
+            let mut node = c.node(victim).unwrap();
+            let role: Vec<redis::Value> = redis::cmd("ROLE").query(&mut node).unwrap();
+            let is_master =
+                matches!(role.first(), Some(redis::Value::BulkString(r)) if r == b"master");
+            if is_master && redis::cmd("FLUSHALL").query::<()>(&mut node).is_ok() {
+                return (victim, before);
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        panic!("no master other than the epoch key's could be flushed in 10 s")
     })
     .await;
     assert!(
