@@ -1,0 +1,168 @@
+//! The command-partition mirror: which command partitions this reducer
+//! reads, and which of their offsets still need committing. Pure: no Kafka.
+//!
+//! Co-partitioning says a market's commands are applied by the reducer that
+//! owns its data. The data topic is consumed by the consumer group with the
+//! incremental cooperative protocol (`cooperative-sticky`): a rebalance
+//! revokes and assigns only the partitions that move, so the others keep
+//! flowing. The command topic is **not** subscribed: a second consumer
+//! reads exactly the command partitions whose data partitions the group gave
+//! us, in assign mode. So for each data partition `p`:
+//! - on assign (after `p`'s subscriptions are loaded from Redis), command
+//!   partition `p` is assigned from the group's committed offset;
+//! - on revoke, the batches are drained into Redis, the stored offsets of
+//!   both topics are committed, and only then is command partition `p`
+//!   unassigned, all inside the revoke callback. The cooperative protocol
+//!   hands `p` to its new owner only in the next rebalance round, which
+//!   starts after that callback returned, so the new owner resumes exactly
+//!   where the old one stopped.
+//!
+//! The command consumer belongs to no group, so its offsets are committed
+//! through the group member (a member with a valid generation may commit
+//! any partition's offset): the group keeps one committed offset per
+//! partition of both topics, and the lag readers (operator autoscaling, the
+//! publisher's command shedding) see the same group as before. The data
+//! consumer's auto-committer commits only its own (data) partitions, so the
+//! command offsets are committed here: periodically (see [`Mirror::due`])
+//! and synchronously on revoke and shutdown.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+/// Command partitions owned and their offsets: stored (Redis has every
+/// record before them) and committed (the broker acknowledged them).
+#[derive(Debug, Default)]
+pub struct Mirror {
+    owned: BTreeSet<i32>,
+    stored: BTreeMap<i32, i64>,
+    committed: BTreeMap<i32, i64>,
+}
+
+impl Mirror {
+    /// Data partitions were assigned: returns the command partitions to add
+    /// (those not already mirrored), sorted. A repeated assign (the eager
+    /// protocol re-assigns everything) adds nothing twice.
+    pub fn assigned(&mut self, data_partitions: &[i32]) -> Vec<i32> {
+        let mut add: Vec<i32> = data_partitions
+            .iter()
+            .copied()
+            .filter(|p| self.owned.insert(*p))
+            .collect();
+        add.sort_unstable();
+        add.dedup();
+        add
+    }
+
+    /// Data partitions were revoked (after the revoke's commit): returns the
+    /// command partitions to remove, sorted, and forgets their offsets.
+    pub fn revoked(&mut self, data_partitions: &[i32]) -> Vec<i32> {
+        let mut remove: Vec<i32> = data_partitions
+            .iter()
+            .copied()
+            .filter(|p| self.owned.remove(p))
+            .collect();
+        remove.sort_unstable();
+        remove.dedup();
+        for p in &remove {
+            self.stored.remove(p);
+            self.committed.remove(p);
+        }
+        remove
+    }
+
+    /// Whether no command partition is mirrored.
+    pub fn is_empty(&self) -> bool {
+        self.owned.is_empty()
+    }
+
+    /// The command partitions mirrored now, sorted.
+    pub fn owned(&self) -> Vec<i32> {
+        self.owned.iter().copied().collect()
+    }
+
+    /// Redis has every command of `partition` before `next`. Offsets of a
+    /// partition no longer owned (a batch completing after its revoke) are
+    /// ignored: committing them is the new owner's business.
+    pub fn stored(&mut self, partition: i32, next: i64) {
+        if self.owned.contains(&partition) {
+            let s = self.stored.entry(partition).or_insert(next);
+            *s = (*s).max(next);
+        }
+    }
+
+    /// Offsets stored beyond what the broker acknowledged: what the next
+    /// periodic commit carries (empty when nothing changed).
+    pub fn due(&self) -> Vec<(i32, i64)> {
+        self.stored
+            .iter()
+            .filter(|(p, s)| self.committed.get(p).is_none_or(|c| c < s))
+            .map(|(&p, &s)| (p, s))
+            .collect()
+    }
+
+    /// The broker acknowledged committing `next` for `partition`.
+    pub fn committed(&mut self, partition: i32, next: i64) {
+        if self.owned.contains(&partition) {
+            let c = self.committed.entry(partition).or_insert(next);
+            *c = (*c).max(next);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Cooperative rebalances carry only the moved partitions; the mirror
+    /// adds and removes exactly those, and an eager re-assignment of
+    /// everything adds nothing already there.
+    #[test]
+    fn assign_and_revoke_mirror_only_the_moved_partitions() {
+        let mut m = Mirror::default();
+        assert_eq!(m.assigned(&[3, 0, 1]), vec![0, 1, 3]);
+        assert_eq!(m.assigned(&[1, 2]), vec![2], "1 is already mirrored");
+        assert_eq!(m.revoked(&[1, 5]), vec![1], "5 was never ours");
+        assert_eq!(m.owned(), vec![0, 2, 3]);
+        // Eager: revoke all, assign all.
+        assert_eq!(m.revoked(&[0, 2, 3]), vec![0, 2, 3]);
+        assert_eq!(m.assigned(&[0, 1, 2, 3]), vec![0, 1, 2, 3]);
+    }
+
+    /// Only offsets Redis has are stored; the periodic commit carries those
+    /// not yet acknowledged, and nothing once they are.
+    #[test]
+    fn due_is_what_was_stored_and_not_yet_acknowledged() {
+        let mut m = Mirror::default();
+        m.assigned(&[0, 1]);
+        assert!(m.due().is_empty());
+        m.stored(0, 10);
+        m.stored(1, 4);
+        m.stored(0, 8); // an older completion never moves it back
+        assert_eq!(m.due(), vec![(0, 10), (1, 4)]);
+        m.committed(0, 10);
+        assert_eq!(m.due(), vec![(1, 4)]);
+        m.committed(1, 3); // an older commit's acknowledgement
+        assert_eq!(m.due(), vec![(1, 4)]);
+        m.committed(1, 4);
+        assert!(m.due().is_empty());
+        m.stored(1, 6);
+        assert_eq!(m.due(), vec![(1, 6)]);
+    }
+
+    /// A revoked partition's offsets are forgotten, and a batch of it that
+    /// completes after the revoke stores nothing: its commands are the new
+    /// owner's, from the offset the revoke committed.
+    #[test]
+    fn a_revoked_partition_stores_and_commits_nothing_more() {
+        let mut m = Mirror::default();
+        m.assigned(&[2]);
+        m.stored(2, 7);
+        assert_eq!(m.revoked(&[2]), vec![2]);
+        m.stored(2, 9);
+        m.committed(2, 9);
+        assert!(m.due().is_empty());
+        assert!(m.owned().is_empty());
+        // Assigned again later: it starts clean.
+        m.assigned(&[2]);
+        assert!(m.due().is_empty());
+    }
+}
