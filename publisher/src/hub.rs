@@ -236,8 +236,10 @@ impl Hub {
             return Ok(synced);
         }
         match epoch::check(self).await {
-            Ok(true) => self.sync(channel).await,
-            Ok(false) => Ok(synced),
+            // Read again after any check: `false` may mean that a concurrent
+            // check (which this one waited for) has just written the channel
+            // back; the answer read before it would close a live stream.
+            Ok(_) => self.sync(channel).await,
             Err(e) => {
                 warn!(error = %e, channel, "checking the redis data epoch failed");
                 Ok(synced)

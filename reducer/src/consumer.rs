@@ -302,6 +302,26 @@ impl ConsumerContext for ReducerContext {
             }
         }
     }
+
+    /// After librdkafka applied the change: newly assigned data partitions
+    /// wait (paused) until their command partitions reached their end, so
+    /// commands already there apply before the data that follows them (see
+    /// [`crate::mirror`]); revoked ones keep no pause of ours.
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut inner = lock(&self.inner);
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                inner.pause_catching_up(consumer, &partitions_of(tpl, &self.data_topic))
+            }
+            Rebalance::Revoke(tpl) => {
+                let parts = partitions_of(tpl, &self.data_topic);
+                if !parts.is_empty() {
+                    inner.resume_data(consumer, &parts);
+                }
+            }
+            Rebalance::Error(_) => {}
+        }
+    }
 }
 
 impl Inner {
@@ -813,6 +833,7 @@ impl Runner {
                 None => {}
             }
             inner.commands_turn(&self.commands, &self.consumer)?;
+            inner.resume_overdue(&self.consumer);
             if inner.batch_deadline() == Some(Duration::ZERO) {
                 inner.submit(&self.consumer)?;
             }

@@ -84,7 +84,7 @@ pub fn command_consumer_config(config: &Config) -> Result<ClientConfig> {
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        .set("enable.partition.eof", "false")
+        .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string())
         .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string())
         .set(
@@ -97,8 +97,10 @@ pub fn command_consumer_config(config: &Config) -> Result<ClientConfig> {
     }
     // Whatever the user set: this consumer must never commit on its own
     // (outside the group's generation, a commit would be refused or, worse,
-    // move the group's offsets behind the member's back).
-    cc.set("enable.auto.commit", "false");
+    // move the group's offsets behind the member's back); and its
+    // end-of-partition events release a new partition's data.
+    cc.set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true");
     Ok(cc)
 }
 
@@ -162,9 +164,17 @@ mod tests {
     #[test]
     fn the_command_consumer_never_commits_by_itself() {
         let mut c = Config::new("127.0.0.1:9092", "odds", "redis://127.0.0.1");
-        c.kafka_options = vec![("enable.auto.commit".into(), "true".into())];
+        c.kafka_options = vec![
+            ("enable.auto.commit".into(), "true".into()),
+            ("enable.partition.eof".into(), "false".into()),
+        ];
         let cc = command_consumer_config(&c).unwrap();
         assert_eq!(cc.get("enable.auto.commit"), Some("false"));
+        assert_eq!(
+            cc.get("enable.partition.eof"),
+            Some("true"),
+            "its end-of-partition events release new data partitions"
+        );
         assert_eq!(cc.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(cc.get("group.id"), Some(c.group.as_str()));
     }

@@ -39,6 +39,13 @@ pub(super) const COMMAND_BURST: usize = 500;
 /// few cost microseconds.
 pub(super) const COMMAND_EMPTY_POLLS: usize = 4;
 
+/// Longest a newly assigned data partition waits for its command partition
+/// to reach its end: a command backlog that takes longer (or a command
+/// fetch that fails) must not stall the data; its commands still apply,
+/// only after the data that followed them (an announce on subscribe
+/// publishes what was missed).
+pub(super) const COMMAND_CATCH_UP_MAX: Duration = Duration::from_secs(10);
+
 /// Command offsets the broker acknowledged (highest per partition), written
 /// by the data consumer's commit callback and read by the poll loop. Its
 /// own lock, never held across a Kafka call, so a commit callback served
@@ -135,6 +142,11 @@ impl Inner {
                         self.submit(consumer)?;
                     }
                 }
+                // The end of a command partition: its data may flow.
+                Some(Err(KafkaError::PartitionEOF(p))) => {
+                    empty = 0;
+                    self.commands_caught_up(consumer, p);
+                }
                 Some(Err(e)) => {
                     self.metrics.kafka_errors.inc();
                     warn!(error = %e, "consume error (commands)");
@@ -151,11 +163,76 @@ impl Inner {
         Ok(())
     }
 
+    /// Command partition `partition` reached its end: if its data
+    /// partition was waiting for it, the data flows now.
+    fn commands_caught_up(&mut self, consumer: &BaseConsumer<ReducerContext>, partition: i32) {
+        if let Some(waited) = self.mirror.caught_up(partition, Instant::now()) {
+            info!(partition, ?waited, "commands caught up: data resumed");
+            self.resume_data(consumer, &[partition]);
+        }
+    }
+
+    /// Data partitions that waited [`COMMAND_CATCH_UP_MAX`] for their
+    /// commands flow anyway.
+    pub(super) fn resume_overdue(&mut self, consumer: &BaseConsumer<ReducerContext>) {
+        if self.mirror.catching_up_none() {
+            return;
+        }
+        let late = self.mirror.overdue(Instant::now(), COMMAND_CATCH_UP_MAX);
+        if !late.is_empty() {
+            warn!(partitions = ?late, limit = ?COMMAND_CATCH_UP_MAX,
+                "commands did not catch up in time: data resumed, those commands apply after it");
+            self.resume_data(consumer, &late);
+        }
+    }
+
+    /// Pauses the newly assigned data partitions (among `data_partitions`)
+    /// until their commands caught up. After the assignment (librdkafka
+    /// keeps an application's pause of a partition across its fetch start).
+    pub(super) fn pause_catching_up(
+        &mut self,
+        consumer: &BaseConsumer<ReducerContext>,
+        data_partitions: &[i32],
+    ) {
+        let mut tpl = TopicPartitionList::new();
+        for &p in data_partitions {
+            if self.mirror.is_catching_up(p) {
+                let _ = tpl.add_partition(&self.config.data_topic, p);
+            }
+        }
+        if tpl.count() == 0 {
+            return;
+        }
+        if let Err(e) = consumer.pause(&tpl) {
+            // Then the data does not wait: commands may apply after it.
+            self.metrics.kafka_errors.inc();
+            warn!(error = %e, "pausing new partitions until their commands caught up failed");
+        }
+    }
+
+    /// Resumes data partitions paused by [`Inner::pause_catching_up`]; a
+    /// revoked one is resumed too, so no pause of ours outlives its
+    /// ownership.
+    pub(super) fn resume_data(
+        &mut self,
+        consumer: &BaseConsumer<ReducerContext>,
+        data_partitions: &[i32],
+    ) {
+        let mut tpl = TopicPartitionList::new();
+        for &p in data_partitions {
+            let _ = tpl.add_partition(&self.config.data_topic, p);
+        }
+        if let Err(e) = consumer.resume(&tpl) {
+            self.metrics.kafka_errors.inc();
+            warn!(partitions = ?data_partitions, error = %e, "resuming data partitions failed");
+        }
+    }
+
     /// Data partitions were assigned (their subscriptions are loaded):
     /// starts reading their command partitions from the group's committed
-    /// offsets.
+    /// offsets (their data waits for them, see [`crate::mirror`]).
     pub(super) fn mirror_assigned(&mut self, data_partitions: &[i32]) {
-        let add = self.mirror.assigned(data_partitions);
+        let add = self.mirror.assigned(data_partitions, Instant::now());
         if add.is_empty() {
             return;
         }
