@@ -518,3 +518,64 @@ async fn owner_dead_with_the_data_is_loud_and_live_channels_resubscribe() {
     drop(publ);
     blocking(move || second.0.shutdown().unwrap()).await;
 }
+
+/// Streams whose `begin`s race the repair after a loss (as they do after a
+/// pub/sub reconnect whose own epoch check failed: every client answers the
+/// `reset` at once): each begin finds its channel missing and checks the
+/// epoch; the first check writes the channels back, the others wait for it
+/// and then find no loss. None may answer from the read it made before the
+/// repair: that closed live streams with 4404 (seen in
+/// `redis_restarted_empty_then_rebalance_dev`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_begins_after_a_loss_keep_their_streams() {
+    const STREAMS: usize = 8;
+    let redis = PrivateRedis::start(free_port());
+    let url = redis.url();
+    let p = blocking(move || {
+        let mut p = Pipeline::new(Broker::Dev, 4);
+        p.config.redis_url = url;
+        Arc::new(p)
+    })
+    .await;
+    let pc = p.clone();
+    let reducer = blocking(move || start_reducer(&pc)).await;
+    let publ = InProcess::start_with_redis(&p, &redis.url()).await;
+    let mut streams = Vec::new();
+    for c in 0..STREAMS {
+        let market = format!("B{c}");
+        let ch = create_channel(publ.addr, &[market.as_str()]).await;
+        let ws = open_stream(publ.addr, &ch).await;
+        streams.push((ch, ws));
+    }
+    // Past the begin rate limit of the streams' first begin.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let _: () = redis::cmd("FLUSHALL")
+        .query(&mut redis.connection())
+        .unwrap();
+    for (_, ws) in streams.iter_mut() {
+        ws_send(ws, r#"{"type":"begin"}"#).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        publ.ctx.metrics.redis_data_loss.get() >= 1,
+        "the publisher noticed the loss"
+    );
+    for (ch, ws) in streams.iter_mut() {
+        while let Some(f) = ws_next(ws, Duration::from_millis(100)).await {
+            if let Frame::Closed(code) = f {
+                panic!("{ch}: closed with {code} although the repair wrote it back");
+            }
+        }
+    }
+    // And they still answer a begin.
+    let r = http(
+        publ.addr,
+        "POST",
+        &format!("/v1/channels/{}/begin", streams[0].0),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 202, "begin: {}", r.body);
+    drop(publ);
+    blocking(move || reducer.0.shutdown().unwrap()).await;
+}
