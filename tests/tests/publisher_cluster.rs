@@ -300,11 +300,19 @@ async fn a_shard_that_lost_its_data_is_noticed_and_repaired() {
     let at_loss = version.load(std::sync::atomic::Ordering::SeqCst);
     let t = Instant::now();
     let (rm, pm) = (first.1.clone(), publ.ctx.metrics.clone());
+    let subscriptions = all.len() as u64;
     blocking(move || {
         streampipe_tests::wait_for(
             Duration::from_secs(30),
-            "reducer and publisher see the shard's loss",
-            || (rm.redis_data_loss.get() >= 1 && pm.redis_data_loss.get() >= 1).then_some(()),
+            "reducer and publisher see the shard's loss, the reducer wrote back",
+            // The loss is counted when the write-back starts: under load
+            // the count below was read before it finished (0 of 24).
+            || {
+                (rm.redis_data_loss.get() >= 1
+                    && pm.redis_data_loss.get() >= 1
+                    && rm.loss_subscriptions_repaired.get() >= subscriptions)
+                    .then_some(())
+            },
         )
     })
     .await;
