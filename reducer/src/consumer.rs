@@ -11,10 +11,17 @@
 //! Which offsets a finished batch may store, and what a revoke commits, is
 //! decided by the pure, unit-tested [`crate::offsets::Ledger`].
 //!
+//! The group consumes the data topic with the incremental cooperative
+//! protocol, so a rebalance revokes and assigns only the partitions that
+//! move; a second, assign-mode consumer reads the command partitions that
+//! mirror the owned data partitions (see [`crate::mirror`] for the why and
+//! the hand-over order). The two are polled in turn on this thread.
+//!
 //! Around it: [`crate::config`] (settings), [`crate::kafka`] (librdkafka
 //! configuration, topic checks), [`crate::dead_letter`] (the dead-letter
 //! producer), `assign` (loading and marking assigned partitions, and the
-//! write-back after a Redis data loss, see [`crate::epoch`]).
+//! write-back after a Redis data loss, see [`crate::epoch`]), `commands`
+//! (the command consumer and the committing of its offsets).
 //!
 //! The consumer runs on its own thread with librdkafka's blocking poll, so
 //! the rebalance callback (which librdkafka runs inside `poll`) can flush and
@@ -37,6 +44,7 @@ use streampipe_contract::Keys;
 use tracing::{debug, error, info, warn};
 
 mod assign;
+mod commands;
 
 pub use crate::config::{Config, DEFAULT_BATCH_MAX_DELAY, DEFAULT_BATCH_MAX_RECORDS};
 pub use crate::kafka::{FETCH_QUEUE_BACKOFF_MS, FETCH_WAIT_MAX_MS};
@@ -48,9 +56,11 @@ use crate::error::{Error, Result};
 use crate::health::{Health, Pinger, REDIS_PING_TIMEOUT};
 use crate::kafka::{self, partitions_of};
 use crate::metrics::Metrics;
+use crate::mirror::Mirror;
 use crate::offsets::{Ledger, TopicPartition};
 use crate::store::{RedisStore, REDIS_TIMEOUT};
 use crate::writer::{Done, Job, Writer, RETRY_BACKOFF_MAX, RETRY_BACKOFF_MIN, SHUTDOWN_RETRIES};
+use commands::{Acks, CommandConsumer, CommandContext, LagGauges, COMMAND_POLL_SLICE};
 
 /// How long `poll` blocks when no batch is pending: how quickly an idle
 /// reducer notices shutdown.
@@ -176,16 +186,26 @@ struct Inner {
     logged_reasons: HashSet<(TopicKind, &'static str)>,
     /// The data epoch this reducer saw (see [`crate::epoch`]).
     epoch: EpochWatch,
+    /// The assign-mode consumer of the mirrored command partitions.
+    commands: Arc<CommandConsumer>,
+    /// Which command partitions are mirrored and what to commit of them.
+    mirror: Mirror,
+    /// Command commits the broker acknowledged (from the commit callback).
+    acks: Acks,
+    last_command_commit: Instant,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     shutdown: Arc<AtomicBool>,
 }
 
-/// The consumer's context: rebalance hooks and statistics.
+/// The consumer's context: rebalance hooks, commit results and statistics.
 struct ReducerContext {
     inner: Arc<Mutex<Inner>>,
     metrics: Arc<Metrics>,
     data_topic: String,
+    command_topic: String,
+    acks: Acks,
+    lag: LagGauges,
 }
 
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
@@ -195,17 +215,8 @@ fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
 
 impl ClientContext for ReducerContext {
     fn stats(&self, statistics: Statistics) {
-        self.metrics.partition_lag.reset();
-        for (topic, t) in &statistics.topics {
-            for (p, part) in &t.partitions {
-                if *p >= 0 && part.consumer_lag >= 0 {
-                    self.metrics
-                        .partition_lag
-                        .with_label_values(&[topic.as_str(), &p.to_string()])
-                        .set(part.consumer_lag);
-                }
-            }
-        }
+        self.lag
+            .report(&self.metrics, &statistics, &self.data_topic, false);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -215,8 +226,22 @@ impl ClientContext for ReducerContext {
 }
 
 impl ConsumerContext for ReducerContext {
+    fn commit_callback(
+        &self,
+        result: rdkafka::error::KafkaResult<()>,
+        offsets: &TopicPartitionList,
+    ) {
+        commands::record_acks(&self.acks, &self.command_topic, &result, offsets);
+    }
+
+    /// With the cooperative protocol `Revoke` and `Assign` carry only the
+    /// partitions that move (with an eager assignor, all of them): the rest
+    /// keep flowing through the rebalance.
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         let mut inner = lock(&self.inner);
+        // librdkafka pauses every assigned partition until this callback
+        // returns: keep it short, and say how long it took.
+        let started = Instant::now();
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 self.metrics.rebalances.with_label_values(&["revoke"]).inc();
@@ -234,33 +259,67 @@ impl ConsumerContext for ReducerContext {
                     inner
                         .core
                         .apply(Event::Revoked { partition: p }, &mut Vec::new());
+                    let _ = self
+                        .metrics
+                        .partition_owned
+                        .remove_label_values(&[&p.to_string()]);
                 }
                 inner.ledger.revoked(&revoked);
+                // Committed, so the next owner (which gets them only in the
+                // next rebalance round) reads on from here.
+                inner.mirror_revoked(&revoked);
                 inner.update_gauges();
+                info!(partitions = ?revoked, elapsed = ?started.elapsed(), "revoke handled");
             }
             Rebalance::Assign(tpl) => {
                 self.metrics.rebalances.with_label_values(&["assign"]).inc();
                 let parts = partitions_of(tpl, &self.data_topic);
-                let cmd_parts = partitions_of(tpl, &inner.config.command_topic);
-                if parts != cmd_parts {
-                    error!(data = ?parts, commands = ?cmd_parts,
-                        "data and command partitions are not co-located; is partition.assignment.strategy=range and are partition counts equal?");
-                }
                 info!(partitions = ?parts, "partitions assigned: loading subscriptions");
-                // Partitions kept across the rebalance (none with the eager
-                // protocol) are written back first if Redis lost its data.
+                // Partitions kept across the rebalance (all but the moved
+                // ones with the cooperative protocol) are written back first
+                // if Redis lost its data.
                 inner.check_epoch(true);
                 let loaded: Vec<(i32, usize)> = parts
                     .iter()
                     .map(|&p| (p, inner.load_partition(p)))
                     .collect();
                 inner.mark_assigned(consumer, &loaded);
+                for p in &parts {
+                    self.metrics
+                        .partition_owned
+                        .with_label_values(&[&p.to_string()])
+                        .set(1);
+                }
+                // Their commands only now: a subscribe applied before the
+                // partition's subscriptions were loaded would be overwritten.
+                inner.mirror_assigned(&parts);
                 inner.update_gauges();
+                info!(partitions = ?parts, elapsed = ?started.elapsed(), "assign handled");
             }
             Rebalance::Error(e) => {
                 self.metrics.kafka_errors.inc();
                 warn!(error = %e, "rebalance error");
             }
+        }
+    }
+
+    /// After librdkafka applied the change: newly assigned data partitions
+    /// wait (paused) until their command partitions reached their end, so
+    /// commands already there apply before the data that follows them (see
+    /// [`crate::mirror`]); revoked ones keep no pause of ours.
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let mut inner = lock(&self.inner);
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                inner.pause_catching_up(consumer, &partitions_of(tpl, &self.data_topic))
+            }
+            Rebalance::Revoke(tpl) => {
+                let parts = partitions_of(tpl, &self.data_topic);
+                if !parts.is_empty() {
+                    inner.resume_data(consumer, &parts);
+                }
+            }
+            Rebalance::Error(_) => {}
         }
     }
 }
@@ -530,11 +589,22 @@ impl Inner {
             return;
         }
         let mut tpl = TopicPartitionList::new();
+        let mut command_offsets = Vec::new();
         for &((topic, partition), next) in offsets {
-            let name = self.topic_name(topic).to_owned();
-            if let Err(e) = tpl.add_partition_offset(&name, partition, Offset::Offset(next)) {
+            if topic == TopicKind::Command {
+                // Not the group member's partitions: committed by hand.
+                command_offsets.push((partition, next));
+                continue;
+            }
+            if let Err(e) =
+                tpl.add_partition_offset(&self.config.data_topic, partition, Offset::Offset(next))
+            {
                 warn!(error = %e, "could not build offset list");
             }
+        }
+        self.store_command_offsets(&command_offsets);
+        if tpl.count() == 0 {
+            return;
         }
         if let Err(e) = consumer.store_offsets(&tpl) {
             // A partition revoked meanwhile refuses its offset; the new owner
@@ -578,7 +648,8 @@ impl Inner {
         }
     }
 
-    /// Synchronously commits the offsets stored so far.
+    /// Synchronously commits the offsets stored so far, of both topics (the
+    /// command ones through the group member too, see [`crate::mirror`]).
     fn commit_stored(&mut self, consumer: &BaseConsumer<ReducerContext>) {
         let offsets = self.ledger.to_commit();
         if offsets.is_empty() {
@@ -603,6 +674,8 @@ impl Inner {
 /// Owns the consumer and runs the poll loop.
 struct Runner {
     consumer: BaseConsumer<ReducerContext>,
+    /// The command consumer (also in [`Inner`], for the rebalance callback).
+    commands: Arc<CommandConsumer>,
     /// Keeps readiness true to Redis while no data flows; stops with the runner.
     _pinger: Pinger,
     inner: Arc<Mutex<Inner>>,
@@ -649,6 +722,14 @@ impl Runner {
             shutdown.clone(),
         )?;
         let cc = kafka::consumer_config(&config)?;
+        let commands: Arc<CommandConsumer> = Arc::new(
+            kafka::command_consumer_config(&config)?.create_with_context(CommandContext {
+                metrics: metrics.clone(),
+                topic: config.command_topic.clone(),
+                lag: LagGauges::default(),
+            })?,
+        );
+        let acks = Acks::default();
         let dead_letters = match &config.dead_letter_topic {
             Some(topic) => Some(DeadLetters::new(
                 config.client_config()?,
@@ -686,6 +767,10 @@ impl Runner {
             dead_letters,
             logged_reasons: HashSet::new(),
             epoch: EpochWatch::default(),
+            commands: commands.clone(),
+            mirror: Mirror::default(),
+            acks: acks.clone(),
+            last_command_commit: Instant::now(),
             metrics: metrics.clone(),
             health: health.clone(),
             shutdown: shutdown.clone(),
@@ -694,8 +779,13 @@ impl Runner {
             inner: inner.clone(),
             metrics,
             data_topic: data_topic.clone(),
+            command_topic: command_topic.clone(),
+            acks,
+            lag: LagGauges::default(),
         })?;
-        consumer.subscribe(&[&data_topic, &command_topic])?;
+        // The data topic only: its partitions' commands are assigned to the
+        // command consumer as the group assigns the data partitions.
+        consumer.subscribe(&[&data_topic])?;
         info!(
             data_topic,
             command_topic,
@@ -704,6 +794,7 @@ impl Runner {
         );
         Ok(Runner {
             consumer,
+            commands,
             _pinger: pinger,
             inner,
             health,
@@ -733,12 +824,14 @@ impl Runner {
         while !self.shutdown.load(Ordering::SeqCst) {
             let timeout = {
                 let inner = lock(&self.inner);
-                let t = inner.batch_deadline().unwrap_or(IDLE_POLL);
-                if inner.in_flight.is_empty() {
-                    t
-                } else {
-                    t.min(IN_FLIGHT_POLL)
+                let mut t = inner.batch_deadline().unwrap_or(IDLE_POLL);
+                if !inner.in_flight.is_empty() {
+                    t = t.min(IN_FLIGHT_POLL);
                 }
+                if !inner.mirror.is_empty() {
+                    t = t.min(COMMAND_POLL_SLICE);
+                }
+                t
             };
             let polled = self.consumer.poll(timeout);
             let mut inner = lock(&self.inner);
@@ -755,10 +848,13 @@ impl Runner {
                 }
                 None => {}
             }
+            inner.commands_turn(&self.commands, &self.consumer)?;
+            inner.resume_overdue(&self.consumer);
             if inner.batch_deadline() == Some(Duration::ZERO) {
                 inner.submit(&self.consumer)?;
             }
             inner.complete(&self.consumer, None)?;
+            inner.commit_commands_due(&self.consumer);
             inner.check_epoch(false);
         }
         info!("shutting down: flushing the last batch and committing");
@@ -773,8 +869,10 @@ impl Runner {
         self.health.ready.store(false, Ordering::SeqCst);
         self.consumer.unsubscribe();
         // Dropping the consumer closes it: it leaves the group at once, so the
-        // survivors rebalance without waiting for the session timeout.
+        // survivors rebalance without waiting for the session timeout. The
+        // command consumer goes after it (its revoke unassigns commands).
         drop(self.consumer);
+        drop(self.commands);
         info!("reducer stopped");
         Ok(())
     }

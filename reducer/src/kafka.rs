@@ -1,8 +1,10 @@
 //! librdkafka configuration and metadata of the reducer's consumer: the
 //! consumer-group settings the at-least-once promise rests on
 //! (`enable.auto.offset.store=false`: only offsets the consumer stored after
-//! Redis accepted their batch are committed), co-partitioning (range
-//! assignor), fetch tuning, and the topic checks at start-up.
+//! Redis accepted their batch are committed), the incremental cooperative
+//! rebalance protocol of the data topic's group and the assign-mode command
+//! consumer that mirrors it (see [`crate::mirror`]), fetch tuning, and the
+//! topic checks at start-up.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -29,6 +31,14 @@ pub const FETCH_WAIT_MAX_MS: u32 = 10;
 /// reducer at ~115k records/s on a backlog (see docs/benchmarks.md).
 pub const FETCH_QUEUE_BACKOFF_MS: u32 = 10;
 
+/// The data consumer's assignor. Cooperative: a rebalance revokes only
+/// the partitions that move, so a scale step or a restart pauses only
+/// those (the eager `range` it replaces revoked every partition of every
+/// member). It cannot co-locate two topics, which is why commands are read
+/// by a second, assign-mode consumer (see [`crate::mirror`]). Members with
+/// an eager assignor cannot share the group (see docs/operations.md).
+pub const ASSIGNMENT_STRATEGY: &str = "cooperative-sticky";
+
 /// How long to wait for the topics to exist at start-up.
 const METADATA_WAIT: Duration = Duration::from_secs(60);
 
@@ -43,8 +53,7 @@ pub fn consumer_config(config: &Config) -> Result<ClientConfig> {
         .set("auto.commit.interval.ms", "1000")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
-        // Range co-locates equal partition numbers of the two topics.
-        .set("partition.assignment.strategy", "range")
+        .set("partition.assignment.strategy", ASSIGNMENT_STRATEGY)
         .set("session.timeout.ms", session_ms.to_string())
         .set("heartbeat.interval.ms", (session_ms / 3).to_string())
         .set("enable.partition.eof", "false")
@@ -59,6 +68,39 @@ pub fn consumer_config(config: &Config) -> Result<ClientConfig> {
     for (k, v) in &config.kafka_options {
         cc.set(k, v);
     }
+    Ok(cc)
+}
+
+/// The command consumer's configuration: assign mode (it never joins the
+/// group: the data consumer's assignment decides its partitions), the
+/// pipeline's `group.id` only so that assigning from
+/// [`rdkafka::Offset::Stored`] reads the group's committed offset, nothing
+/// committed by itself (the group member commits its offsets, see
+/// [`crate::mirror`]); offsets are stored by hand only for its lag
+/// statistics. User options win, as for the data consumer.
+pub fn command_consumer_config(config: &Config) -> Result<ClientConfig> {
+    let mut cc = config.client_config()?;
+    cc.set("group.id", &config.group)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", FETCH_WAIT_MAX_MS.to_string())
+        .set("fetch.queue.backoff.ms", FETCH_QUEUE_BACKOFF_MS.to_string())
+        .set(
+            "statistics.interval.ms",
+            config.statistics_interval.as_millis().to_string(),
+        )
+        .set("client.id", "streampipe-reducer-commands");
+    for (k, v) in &config.kafka_options {
+        cc.set(k, v);
+    }
+    // Whatever the user set: this consumer must never commit on its own
+    // (outside the group's generation, a commit would be refused or, worse,
+    // move the group's offsets behind the member's back); and its
+    // end-of-partition events release a new partition's data.
+    cc.set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "true");
     Ok(cc)
 }
 
@@ -104,14 +146,36 @@ mod tests {
     /// The settings the at-least-once promise rests on are there, and a
     /// user's tuning option wins over a default.
     #[test]
-    fn offsets_are_stored_by_hand_and_partitions_co_located() {
+    fn offsets_are_stored_by_hand_and_the_assignor_is_cooperative() {
         let mut c = Config::new("127.0.0.1:9092", "odds", "redis://127.0.0.1");
         c.kafka_options = vec![("fetch.wait.max.ms".into(), "50".into())];
         let cc = consumer_config(&c).unwrap();
         assert_eq!(cc.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(cc.get("enable.auto.commit"), Some("true"));
-        assert_eq!(cc.get("partition.assignment.strategy"), Some("range"));
+        assert_eq!(
+            cc.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
         assert_eq!(cc.get("group.id"), Some(c.group.as_str()));
         assert_eq!(cc.get("fetch.wait.max.ms"), Some("50"), "user options win");
+    }
+
+    /// The command consumer never commits by itself, whatever the options.
+    #[test]
+    fn the_command_consumer_never_commits_by_itself() {
+        let mut c = Config::new("127.0.0.1:9092", "odds", "redis://127.0.0.1");
+        c.kafka_options = vec![
+            ("enable.auto.commit".into(), "true".into()),
+            ("enable.partition.eof".into(), "false".into()),
+        ];
+        let cc = command_consumer_config(&c).unwrap();
+        assert_eq!(cc.get("enable.auto.commit"), Some("false"));
+        assert_eq!(
+            cc.get("enable.partition.eof"),
+            Some("true"),
+            "its end-of-partition events release new data partitions"
+        );
+        assert_eq!(cc.get("enable.auto.offset.store"), Some("false"));
+        assert_eq!(cc.get("group.id"), Some(c.group.as_str()));
     }
 }

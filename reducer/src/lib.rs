@@ -10,6 +10,8 @@
 //! - [`store`]: the Redis adapter that carries out effects.
 //! - [`consumer`]: the Kafka adapter (poll loop, batching, rebalances).
 //! - [`offsets`]: the at-least-once bookkeeping (which offsets may be stored).
+//! - [`mirror`]: which command partitions mirror the owned data partitions
+//!   (cooperative rebalancing with co-partitioned commands).
 //! - [`config`], [`kafka`], [`dead_letter`]: settings, librdkafka
 //!   configuration and topic checks, the dead-letter producer.
 //! - [`writer`]: the thread that executes batches in Redis, in order.
@@ -29,6 +31,7 @@ pub mod health;
 pub mod http;
 pub mod kafka;
 pub mod metrics;
+pub mod mirror;
 pub mod offsets;
 pub mod queries;
 pub mod store;

@@ -50,6 +50,9 @@ pub struct Metrics {
     pub partition_lag: IntGaugeVec,
     /// Data partitions owned now.
     pub owned_partitions: IntGauge,
+    /// 1 per data partition owned (label `partition`): which reducer owns
+    /// what, and which partitions a rebalance moved.
+    pub partition_owned: IntGaugeVec,
     /// (market, channel) pairs held in memory.
     pub subscriptions: IntGauge,
     /// Markets with at least one subscribed channel (their updates are published).
@@ -226,6 +229,18 @@ impl Metrics {
                 "streampipe_reducer_owned_partitions",
                 "Data partitions owned",
             ),
+            partition_owned: {
+                let g = IntGaugeVec::new(
+                    Opts::new(
+                        "streampipe_reducer_partition_owned",
+                        "1 for each data partition owned",
+                    ),
+                    &["partition"],
+                )
+                .expect("valid");
+                r.register(Box::new(g.clone())).expect("unique metric");
+                g
+            },
             subscriptions: gauge(
                 &r,
                 "streampipe_reducer_subscriptions",

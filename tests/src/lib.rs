@@ -11,6 +11,7 @@ pub mod browser;
 pub mod follower;
 pub mod nginx;
 pub mod publisher;
+pub mod rebalance;
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -422,6 +423,11 @@ impl Pipeline {
 
     /// The group's committed offsets for the data topic, by partition.
     pub fn committed_data_offsets(&self) -> HashMap<i32, i64> {
+        self.committed_offsets(&self.config.data_topic)
+    }
+
+    /// The group's committed offsets for `topic`, by partition.
+    pub fn committed_offsets(&self, topic: &str) -> HashMap<i32, i64> {
         let c: BaseConsumer = ClientConfig::new()
             .set("bootstrap.servers", self.broker.bootstrap())
             .set("group.id", &self.config.group)
@@ -429,7 +435,7 @@ impl Pipeline {
             .unwrap();
         let mut tpl = TopicPartitionList::new();
         for p in 0..self.partitions {
-            tpl.add_partition(&self.config.data_topic, p);
+            tpl.add_partition(topic, p);
         }
         let got = c
             .committed_offsets(tpl, Duration::from_secs(10))
@@ -545,11 +551,26 @@ pub fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
+/// One update a [`Listener`] received.
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    /// When it arrived.
+    pub at: Instant,
+    /// Arrival (wall clock) minus the producer's timestamp, in ms.
+    pub latency_ms: i64,
+    /// The market.
+    pub market: String,
+    /// Its version.
+    pub version: u64,
+}
+
 /// A Redis pub/sub listener on its own thread, collecting every update
 /// published to the topics of the markets it was given (as a publisher pod
 /// subscribes to the markets its connections watch).
 pub struct Listener {
     messages: Arc<Mutex<Vec<(String, PublishedUpdate)>>>,
+    /// When each of `messages` arrived (same index), monotonic and wall clock (ms).
+    arrivals: Arc<Mutex<Vec<(Instant, i64)>>>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -560,9 +581,11 @@ impl Listener {
     pub fn start(keys: &Keys, markets: &[&str]) -> Self {
         let names: Vec<String> = markets.iter().map(|m| keys.market_topic(m)).collect();
         let messages = Arc::new(Mutex::new(Vec::new()));
+        let arrivals = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (m, s, k) = (messages.clone(), stop.clone(), keys.clone());
+        let a = arrivals.clone();
         let thread = std::thread::spawn(move || {
             let mut conn = redis::Client::open(redis_url())
                 .unwrap()
@@ -590,7 +613,9 @@ impl Listener {
                             u.market, market,
                             "update published on another market's topic"
                         );
-                        m.lock().unwrap().push((market, u));
+                        let mut m = m.lock().unwrap();
+                        m.push((market, u));
+                        a.lock().unwrap().push((Instant::now(), now_ms()));
                     }
                     Err(e) if e.is_timeout() => {}
                     Err(e) => panic!("pubsub: {e}"),
@@ -602,6 +627,7 @@ impl Listener {
             .expect("listener subscribed");
         Listener {
             messages,
+            arrivals,
             stop,
             thread: Some(thread),
         }
@@ -610,6 +636,21 @@ impl Listener {
     /// Every (market, update) received so far, in arrival order.
     pub fn messages(&self) -> Vec<(String, PublishedUpdate)> {
         self.messages.lock().unwrap().clone()
+    }
+
+    /// Every update received so far with its arrival time, in arrival order.
+    pub fn arrivals(&self) -> Vec<Arrival> {
+        let m = self.messages.lock().unwrap();
+        let a = self.arrivals.lock().unwrap();
+        m.iter()
+            .zip(a.iter())
+            .map(|((market, u), &(at, wall_ms))| Arrival {
+                at,
+                latency_ms: wall_ms - u.ts,
+                market: market.clone(),
+                version: u.version,
+            })
+            .collect()
     }
 
     /// The versions received for `market`, in arrival order.
