@@ -47,6 +47,11 @@ BROKER=${BROKER:-dev}
 REDIS_PORT=26479
 REDIS_CLUSTER=${REDIS_CLUSTER:-0}
 CLUSTER_PORT=26500
+# PIN_REDIS=1 gives Redis a core of its own (CPU 0; everything else, this
+# script's children included, runs on CPU 1), as a production Redis has its
+# own machine: on 2 shared cores, a script call's wall time otherwise
+# includes Redis being descheduled by the publishers and the swarm.
+PIN_REDIS=${PIN_REDIS:-0}
 # State and logs (redis.log, reducer-*.log, publisher-*.log) live outside
 # the clone, like the build cache.
 export STREAMPIPE_STACK_DIR=$STREAMPIPE_CACHE/stack-fanout STREAMPIPE_BROKERS=$BROKER STREAMPIPE_PIPELINE=fanout
@@ -61,6 +66,8 @@ ensure_packages
 log "building release binaries"
 cargo build --release --quiet -p streampipe-publisher -p streampipe-reducer -p streampipe-tests --bins
 R=$CARGO_TARGET_DIR/release
+# After the build (which keeps both cores): children inherit the affinity.
+if [ "$PIN_REDIS" = 1 ]; then taskset -cp 1 $$ >/dev/null; fi
 
 scripts/stack.sh down >/dev/null 2>&1 || true
 rm -rf "$STREAMPIPE_STACK_DIR"
@@ -97,11 +104,15 @@ if [ "$REDIS_CLUSTER" = 1 ]; then
     scripts/redis-cluster.sh up "$STREAMPIPE_STACK_DIR/cluster" "$CLUSTER_PORT" >/dev/null
     REDIS_URL=$(cat "$STREAMPIPE_STACK_DIR/cluster/url")
     PID_ARGS=()
-    for f in "$STREAMPIPE_STACK_DIR"/cluster/*.pid; do PID_ARGS+=(--pid "redis=$(cat "$f")"); done
+    for f in "$STREAMPIPE_STACK_DIR"/cluster/*.pid; do
+        PID_ARGS+=(--pid "redis=$(cat "$f")")
+        if [ "$PIN_REDIS" = 1 ]; then taskset -acp 0 "$(cat "$f")" >/dev/null; fi
+    done
     COMMON=(--brokers "$KAFKA" --pipeline fanout --redis-url "$REDIS_URL" --redis-cluster --log-format text)
 else
     REDIS_URL=redis://127.0.0.1:$REDIS_PORT
     PID_ARGS=(--pid "redis=$(cat "$STREAMPIPE_STACK_DIR/redis.pid")")
+    if [ "$PIN_REDIS" = 1 ]; then taskset -acp 0 "$(cat "$STREAMPIPE_STACK_DIR/redis.pid")" >/dev/null; fi
     COMMON=(--brokers "$KAFKA" --pipeline fanout --redis-url "$REDIS_URL" --log-format text)
 fi
 for i in $(seq 1 "$REDUCERS"); do

@@ -22,7 +22,7 @@ pub use crate::limits::{
 };
 pub use dev_token::DevTokenBody;
 pub use guards::limit;
-pub(crate) use guards::{bad, channel_markets, check_allowed, check_channel, shed, take_tokens};
+pub(crate) use guards::{admit_changes, bad, channel_markets, check_allowed, check_channel};
 pub(crate) use replies::reply;
 pub use replies::{error_from, error_response, recover};
 pub(crate) use request::caller;

@@ -128,23 +128,15 @@ impl Commands {
             channel: channel.to_owned(),
             query: query.to_owned(),
         });
-        let sends = (0..n as i32).map(|p| {
-            self.producer.send(
+        let records = (0..n as i32)
+            .map(|p| {
                 FutureRecord::to(&self.topic)
                     .key(channel)
-                    .payload(&value)
-                    .partition(p),
-                COMMAND_TIMEOUT,
-            )
-        });
-        for r in join_all(sends).await {
-            r.map_err(|(e, _)| e)?;
-        }
-        metrics
-            .commands
-            .with_label_values(&[kind.as_str()])
-            .inc_by(u64::from(n));
-        Ok(())
+                    .payload(value.as_slice())
+                    .partition(p)
+            })
+            .collect();
+        self.send_all(records, kind.as_str(), metrics).await
     }
 
     /// Sends one `kind` command per market for `channel` and waits until the
@@ -167,19 +159,33 @@ impl Commands {
                 (m.clone(), encode_command(&cmd))
             })
             .collect();
-        let sends = payloads.iter().map(|(key, value)| {
-            self.producer.send(
-                FutureRecord::to(&self.topic).key(key).payload(value),
-                COMMAND_TIMEOUT,
-            )
-        });
+        let records = payloads
+            .iter()
+            .map(|(key, value)| {
+                FutureRecord::to(&self.topic)
+                    .key(key.as_str())
+                    .payload(value.as_slice())
+            })
+            .collect();
+        self.send_all(records, kind.as_str(), metrics).await
+    }
+
+    /// Sends `records`, waits until the broker acknowledged all of them, and
+    /// counts them in `streampipe_publisher_commands_total{type=label}`.
+    async fn send_all(
+        &self,
+        records: Vec<FutureRecord<'_, str, [u8]>>,
+        label: &str,
+        metrics: &Metrics,
+    ) -> Result<()> {
+        let n = records.len() as u64;
+        let sends = records
+            .into_iter()
+            .map(|r| self.producer.send(r, COMMAND_TIMEOUT));
         for r in join_all(sends).await {
             r.map_err(|(e, _)| e)?;
         }
-        metrics
-            .commands
-            .with_label_values(&[kind.as_str()])
-            .inc_by(markets.len() as u64);
+        metrics.commands.with_label_values(&[label]).inc_by(n);
         Ok(())
     }
 }

@@ -22,11 +22,9 @@ use warp::http::StatusCode;
 use warp::{Filter, Rejection, Reply};
 
 use crate::api::{
-    bad, caller, channel_markets, check_channel, json_body, limit, reply, shed, take_tokens,
-    with_ctx, Caller,
+    admit_changes, bad, caller, channel_markets, check_channel, json_body, reply, with_ctx, Caller,
 };
 use crate::auth::Allowance;
-use crate::clients::Kind;
 use crate::error::Error;
 use crate::Context;
 
@@ -112,10 +110,7 @@ async fn add(
             channel_markets(&ctx, &caller, &id).await?;
             check_allowed(&caller, &query)?;
             let canonical = query.canonical();
-            shed(&ctx)?;
-            // Tokens first: a refused request changes nothing.
-            limit(&ctx, &caller.client, Kind::MarketChange, 1)?;
-            take_tokens(&ctx, 1)?;
+            admit_changes(&ctx, &caller.client, 1)?;
             let caps = (MAX_QUERIES_PER_PIPELINE, MAX_QUERIES_PER_CHANNEL);
             match ctx.registry.add_query(&id, &canonical, caps).await? {
                 Err("channel") => {
@@ -171,9 +166,7 @@ async fn remove(
             }
             // As for a market: tokens, the command, and only then the
             // registry, so a failed step leaves the query listed for a retry.
-            shed(&ctx)?;
-            limit(&ctx, &caller.client, Kind::MarketChange, 1)?;
-            take_tokens(&ctx, 1)?;
+            admit_changes(&ctx, &caller.client, 1)?;
             ctx.commands
                 .send_query(QueryCommandKind::RemoveQuery, &id, &canonical, &ctx.metrics)
                 .await?;

@@ -21,7 +21,11 @@
 //! configuration, topic checks), [`crate::dead_letter`] (the dead-letter
 //! producer), `assign` (loading and marking assigned partitions, and the
 //! write-back after a Redis data loss, see [`crate::epoch`]), `commands`
-//! (the command consumer and the committing of its offsets).
+//! (the command consumer and the committing of its offsets), `context`
+//! (the rebalance hooks), `ingest` (records into the batch, dead letters)
+//! and `runner` (construction and the poll loop). This file keeps the
+//! at-least-once path: submit a batch, take its completion, store and
+//! commit only what Redis accepted.
 //!
 //! The consumer runs on its own thread with librdkafka's blocking poll, so
 //! the rebalance callback (which librdkafka runs inside `poll`) can flush and
@@ -35,32 +39,32 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::statistics::Statistics;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
-use streampipe_contract::Keys;
-use tracing::{debug, error, info, warn};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::{debug, error, warn};
 
 mod assign;
 mod commands;
+mod context;
+mod ingest;
+mod runner;
 
 pub use crate::config::{Config, DEFAULT_BATCH_MAX_DELAY, DEFAULT_BATCH_MAX_RECORDS};
 pub use crate::kafka::{FETCH_QUEUE_BACKOFF_MS, FETCH_WAIT_MAX_MS};
 
-use crate::core::{Core, Effect, Event, Record, TopicKind};
+use crate::core::{Core, Effect, TopicKind};
 use crate::dead_letter::{DeadLetter, DeadLetters};
 use crate::epoch::{EpochWatch, Verdict};
 use crate::error::{Error, Result};
-use crate::health::{Health, Pinger, REDIS_PING_TIMEOUT};
-use crate::kafka::{self, partitions_of};
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::mirror::Mirror;
 use crate::offsets::{Ledger, TopicPartition};
-use crate::store::{RedisStore, REDIS_TIMEOUT};
-use crate::writer::{Done, Job, Writer, RETRY_BACKOFF_MAX, RETRY_BACKOFF_MIN, SHUTDOWN_RETRIES};
-use commands::{Acks, CommandConsumer, CommandContext, LagGauges, COMMAND_POLL_SLICE};
+use crate::store::RedisStore;
+use crate::writer::{Done, Job, Writer, RETRY_BACKOFF_MAX, SHUTDOWN_RETRIES};
+use commands::{Acks, CommandConsumer};
+use context::ReducerContext;
+use runner::Runner;
 
 /// How long `poll` blocks when no batch is pending: how quickly an idle
 /// reducer notices shutdown.
@@ -198,130 +202,9 @@ struct Inner {
     shutdown: Arc<AtomicBool>,
 }
 
-/// The consumer's context: rebalance hooks, commit results and statistics.
-struct ReducerContext {
-    inner: Arc<Mutex<Inner>>,
-    metrics: Arc<Metrics>,
-    data_topic: String,
-    command_topic: String,
-    acks: Acks,
-    lag: LagGauges,
-}
-
 fn lock(inner: &Mutex<Inner>) -> MutexGuard<'_, Inner> {
     // A panic while holding the lock is a bug; the state is still the best we have.
     inner.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl ClientContext for ReducerContext {
-    fn stats(&self, statistics: Statistics) {
-        self.lag
-            .report(&self.metrics, &statistics, &self.data_topic, false);
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        self.metrics.kafka_errors.inc();
-        warn!(error = %error, reason, "kafka client error");
-    }
-}
-
-impl ConsumerContext for ReducerContext {
-    fn commit_callback(
-        &self,
-        result: rdkafka::error::KafkaResult<()>,
-        offsets: &TopicPartitionList,
-    ) {
-        commands::record_acks(&self.acks, &self.command_topic, &result, offsets);
-    }
-
-    /// With the cooperative protocol `Revoke` and `Assign` carry only the
-    /// partitions that move (with an eager assignor, all of them): the rest
-    /// keep flowing through the rebalance.
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let mut inner = lock(&self.inner);
-        // librdkafka pauses every assigned partition until this callback
-        // returns: keep it short, and say how long it took.
-        let started = Instant::now();
-        match rebalance {
-            Rebalance::Revoke(tpl) => {
-                self.metrics.rebalances.with_label_values(&["revoke"]).inc();
-                let parts = partitions_of(tpl, &self.data_topic);
-                info!(partitions = ?parts, "partitions revoked: flushing and committing");
-                let revoked = parts.clone();
-                if let Err(e) = inner.drain(consumer) {
-                    warn!(error = %e, "flush before revoke failed; the batch will be redelivered to the next owner");
-                }
-                // The next owner loads these partitions from Redis: if it lost
-                // its data, write them back before letting go.
-                inner.check_epoch(true);
-                inner.commit_stored(consumer);
-                for p in parts {
-                    inner
-                        .core
-                        .apply(Event::Revoked { partition: p }, &mut Vec::new());
-                    let _ = self
-                        .metrics
-                        .partition_owned
-                        .remove_label_values(&[&p.to_string()]);
-                }
-                inner.ledger.revoked(&revoked);
-                // Committed, so the next owner (which gets them only in the
-                // next rebalance round) reads on from here.
-                inner.mirror_revoked(&revoked);
-                inner.update_gauges();
-                info!(partitions = ?revoked, elapsed = ?started.elapsed(), "revoke handled");
-            }
-            Rebalance::Assign(tpl) => {
-                self.metrics.rebalances.with_label_values(&["assign"]).inc();
-                let parts = partitions_of(tpl, &self.data_topic);
-                info!(partitions = ?parts, "partitions assigned: loading subscriptions");
-                // Partitions kept across the rebalance (all but the moved
-                // ones with the cooperative protocol) are written back first
-                // if Redis lost its data.
-                inner.check_epoch(true);
-                let loaded: Vec<(i32, usize)> = parts
-                    .iter()
-                    .map(|&p| (p, inner.load_partition(p)))
-                    .collect();
-                inner.mark_assigned(consumer, &loaded);
-                for p in &parts {
-                    self.metrics
-                        .partition_owned
-                        .with_label_values(&[&p.to_string()])
-                        .set(1);
-                }
-                // Their commands only now: a subscribe applied before the
-                // partition's subscriptions were loaded would be overwritten.
-                inner.mirror_assigned(&parts);
-                inner.update_gauges();
-                info!(partitions = ?parts, elapsed = ?started.elapsed(), "assign handled");
-            }
-            Rebalance::Error(e) => {
-                self.metrics.kafka_errors.inc();
-                warn!(error = %e, "rebalance error");
-            }
-        }
-    }
-
-    /// After librdkafka applied the change: newly assigned data partitions
-    /// wait (paused) until their command partitions reached their end, so
-    /// commands already there apply before the data that follows them (see
-    /// [`crate::mirror`]); revoked ones keep no pause of ours.
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        let mut inner = lock(&self.inner);
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                inner.pause_catching_up(consumer, &partitions_of(tpl, &self.data_topic))
-            }
-            Rebalance::Revoke(tpl) => {
-                let parts = partitions_of(tpl, &self.data_topic);
-                if !parts.is_empty() {
-                    inner.resume_data(consumer, &parts);
-                }
-            }
-            Rebalance::Error(_) => {}
-        }
-    }
 }
 
 impl Inner {
@@ -363,115 +246,6 @@ impl Inner {
         std::thread::sleep(*backoff);
         *backoff = (*backoff * 2).min(RETRY_BACKOFF_MAX);
         true
-    }
-
-    /// Applies one consumed record to the core and adds its effects to the batch.
-    fn ingest(&mut self, msg: &BorrowedMessage<'_>) {
-        let topic = if msg.topic() == self.config.data_topic {
-            TopicKind::Data
-        } else if msg.topic() == self.config.command_topic {
-            TopicKind::Command
-        } else {
-            warn!(
-                topic = msg.topic(),
-                "record from an unexpected topic ignored"
-            );
-            return;
-        };
-        self.metrics
-            .records
-            .with_label_values(&[topic.as_str()])
-            .inc();
-        let timestamp = msg.timestamp().to_millis();
-        let mut fx = std::mem::take(&mut self.scratch);
-        self.core.apply(
-            Event::Record(Record {
-                topic,
-                partition: msg.partition(),
-                offset: msg.offset(),
-                key: msg.key(),
-                value: msg.payload(),
-                timestamp,
-            }),
-            &mut fx,
-        );
-        for effect in fx.drain(..) {
-            match effect {
-                Effect::DeadLetter {
-                    topic: t,
-                    partition,
-                    offset,
-                    kind,
-                    reason,
-                } => {
-                    self.metrics
-                        .malformed
-                        .with_label_values(&[t.as_str(), kind])
-                        .inc();
-                    // Log each kind of bad record once at warn level; a flood of
-                    // the same mistake must not flood the logs.
-                    if self.logged_reasons.insert((t, kind)) {
-                        warn!(topic = t.as_str(), partition, offset, kind, %reason,
-                            "malformed record skipped (further ones of this kind are logged at debug)");
-                    } else {
-                        debug!(topic = t.as_str(), partition, offset, kind, %reason, "malformed record skipped");
-                    }
-                    self.batch.dead_letters.push(DeadLetter {
-                        topic: self.topic_name(t).to_owned(),
-                        partition,
-                        offset,
-                        key: msg.key().map(<[u8]>::to_vec),
-                        value: msg.payload().map(<[u8]>::to_vec),
-                        reason,
-                    });
-                }
-                Effect::Skipped(s) => {
-                    self.metrics.skipped.with_label_values(&[s.as_str()]).inc();
-                }
-                e => {
-                    match &e {
-                        Effect::Subscribe { .. } => self
-                            .metrics
-                            .commands
-                            .with_label_values(&["subscribe"])
-                            .inc(),
-                        Effect::Unsubscribe { .. } => self
-                            .metrics
-                            .commands
-                            .with_label_values(&["unsubscribe"])
-                            .inc(),
-                        Effect::ResetMarket { market } => {
-                            self.metrics
-                                .commands
-                                .with_label_values(&["reset_market"])
-                                .inc();
-                            warn!(%market, "operator reset: the market's stored state and version are deleted");
-                        }
-                        Effect::QueryHeld { held, .. } => self
-                            .metrics
-                            .commands
-                            .with_label_values(&[if *held { "add_query" } else { "remove_query" }])
-                            .inc(),
-                        Effect::QueryMatch { joined, left, .. } => {
-                            let c = &self.metrics.query_changes;
-                            c.with_label_values(&["joined"]).inc_by(joined.len() as u64);
-                            c.with_label_values(&["left"]).inc_by(left.len() as u64);
-                        }
-                        _ => {}
-                    }
-                    self.batch.effects.push(e);
-                }
-            }
-        }
-        self.scratch = fx;
-        if topic == TopicKind::Data {
-            if let Some(ts) = timestamp {
-                self.batch.data_timestamps.push(ts);
-            }
-        }
-        self.ledger.record((topic, msg.partition()), msg.offset());
-        self.batch.records += 1;
-        self.batch.started.get_or_insert_with(Instant::now);
     }
 
     fn batch_full(&self) -> bool {
@@ -613,41 +387,6 @@ impl Inner {
         }
     }
 
-    /// The dead letter of an update Redis refused as jumping too far ahead.
-    /// Its value is the update as the reducer encoded it (the decision is
-    /// made in Redis, after the record's bytes were released).
-    fn version_jump_letter(&mut self, j: crate::store::Jumped) -> DeadLetter {
-        let kind = "version_jump";
-        self.metrics
-            .malformed
-            .with_label_values(&[TopicKind::Data.as_str(), kind])
-            .inc();
-        let reason = format!(
-            "version {} is more than {} ahead of the stored version",
-            j.version, self.config.max_version_jump
-        );
-        if self.logged_reasons.insert((TopicKind::Data, kind)) {
-            warn!(market = %j.market, partition = j.partition, offset = j.offset, %reason,
-                "record refused (further ones of this kind are logged at debug)");
-        } else {
-            debug!(market = %j.market, partition = j.partition, offset = j.offset, %reason, "record refused");
-        }
-        DeadLetter {
-            topic: self.config.data_topic.clone(),
-            partition: j.partition,
-            offset: j.offset,
-            key: Some(j.market.as_bytes().to_vec()),
-            value: Some(j.message),
-            reason,
-        }
-    }
-
-    fn send_dead_letters(&mut self, letters: Vec<DeadLetter>) {
-        if let Some(d) = &self.dead_letters {
-            d.send(&letters);
-        }
-    }
-
     /// Synchronously commits the offsets stored so far, of both topics (the
     /// command ones through the group member too, see [`crate::mirror`]).
     fn commit_stored(&mut self, consumer: &BaseConsumer<ReducerContext>) {
@@ -668,212 +407,5 @@ impl Inner {
         if t.elapsed() > COMMIT_TIMEOUT {
             warn!(elapsed = ?t.elapsed(), "slow commit");
         }
-    }
-}
-
-/// Owns the consumer and runs the poll loop.
-struct Runner {
-    consumer: BaseConsumer<ReducerContext>,
-    /// The command consumer (also in [`Inner`], for the rebalance callback).
-    commands: Arc<CommandConsumer>,
-    /// Keeps readiness true to Redis while no data flows; stops with the runner.
-    _pinger: Pinger,
-    inner: Arc<Mutex<Inner>>,
-    health: Arc<Health>,
-    shutdown: Arc<AtomicBool>,
-}
-
-impl Runner {
-    fn new(
-        config: Config,
-        metrics: Arc<Metrics>,
-        shutdown: Arc<AtomicBool>,
-        health: Arc<Health>,
-    ) -> Result<Self> {
-        let keys = Keys::scoped(config.key_namespace.as_deref(), &config.pipeline);
-        let tls = config
-            .redis_tls
-            .load(&config.redis_url)
-            .map_err(|e| Error::Config(e.to_string()))?;
-        let open = |keys: Keys, timeout| {
-            RedisStore::open(
-                &config.redis_url,
-                config.redis_cluster,
-                keys,
-                tls.as_ref(),
-                timeout,
-            )
-            .map(|s| {
-                s.with_max_version_jump(config.max_version_jump)
-                    .with_history(config.history.clone())
-            })
-        };
-        let loader = open(keys.clone(), REDIS_TIMEOUT)?;
-        let pinger = Pinger::start(
-            open(keys.clone(), REDIS_PING_TIMEOUT)?,
-            health.clone(),
-            metrics.clone(),
-            shutdown.clone(),
-        )?;
-        let writer = Writer::start(
-            open(keys, REDIS_TIMEOUT)?,
-            metrics.clone(),
-            health.clone(),
-            shutdown.clone(),
-        )?;
-        let cc = kafka::consumer_config(&config)?;
-        let commands: Arc<CommandConsumer> = Arc::new(
-            kafka::command_consumer_config(&config)?.create_with_context(CommandContext {
-                metrics: metrics.clone(),
-                topic: config.command_topic.clone(),
-                lag: LagGauges::default(),
-            })?,
-        );
-        let acks = Acks::default();
-        let dead_letters = match &config.dead_letter_topic {
-            Some(topic) => Some(DeadLetters::new(
-                config.client_config()?,
-                topic,
-                metrics.clone(),
-            )?),
-            None => None,
-        };
-
-        // Partition counts decide market ownership, so check them before
-        // joining the group. Wait a while: topics may be created just after us.
-        let probe: BaseConsumer = config.client_config()?.create()?;
-        let data_parts = kafka::wait_for_topic(&probe, &config.data_topic, &shutdown)?;
-        let cmd_parts = kafka::wait_for_topic(&probe, &config.command_topic, &shutdown)?;
-        if data_parts != cmd_parts {
-            return Err(Error::Topics(format!(
-                "data topic {:?} has {data_parts} partitions but command topic {:?} has {cmd_parts}; they must be equal so a market's commands reach the owner of its data",
-                config.data_topic, config.command_topic
-            )));
-        }
-        drop(probe);
-
-        let core = Core::new(data_parts);
-        let data_topic = config.data_topic.clone();
-        let command_topic = config.command_topic.clone();
-        let inner = Arc::new(Mutex::new(Inner {
-            config,
-            core,
-            loader,
-            writer,
-            batch: Batch::default(),
-            in_flight: VecDeque::new(),
-            ledger: Ledger::default(),
-            scratch: Vec::new(),
-            dead_letters,
-            logged_reasons: HashSet::new(),
-            epoch: EpochWatch::default(),
-            commands: commands.clone(),
-            mirror: Mirror::default(),
-            acks: acks.clone(),
-            last_command_commit: Instant::now(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-            shutdown: shutdown.clone(),
-        }));
-        let consumer: BaseConsumer<ReducerContext> = cc.create_with_context(ReducerContext {
-            inner: inner.clone(),
-            metrics,
-            data_topic: data_topic.clone(),
-            command_topic: command_topic.clone(),
-            acks,
-            lag: LagGauges::default(),
-        })?;
-        // The data topic only: its partitions' commands are assigned to the
-        // command consumer as the group assigns the data partitions.
-        consumer.subscribe(&[&data_topic])?;
-        info!(
-            data_topic,
-            command_topic,
-            partitions = data_parts,
-            "reducer subscribed"
-        );
-        Ok(Runner {
-            consumer,
-            commands,
-            _pinger: pinger,
-            inner,
-            health,
-            shutdown,
-        })
-    }
-
-    fn run(self) -> Result<()> {
-        // Readiness starts with a Redis round trip.
-        {
-            let mut inner = lock(&self.inner);
-            let mut backoff = RETRY_BACKOFF_MIN;
-            let mut attempts = 0;
-            while let Err(e) = inner.loader.ping() {
-                attempts += 1;
-                inner.metrics.redis_errors.inc();
-                warn!(error = %e, "redis not reachable yet");
-                if !inner.backoff(&mut backoff, attempts) {
-                    return Err(e);
-                }
-            }
-            inner.health.set_redis(true, &inner.metrics);
-            // Learn (or create) the data epoch before the first assignment.
-            inner.check_epoch(true);
-            inner.health.ready.store(true, Ordering::SeqCst);
-        }
-        while !self.shutdown.load(Ordering::SeqCst) {
-            let timeout = {
-                let inner = lock(&self.inner);
-                let mut t = inner.batch_deadline().unwrap_or(IDLE_POLL);
-                if !inner.in_flight.is_empty() {
-                    t = t.min(IN_FLIGHT_POLL);
-                }
-                if !inner.mirror.is_empty() {
-                    t = t.min(COMMAND_POLL_SLICE);
-                }
-                t
-            };
-            let polled = self.consumer.poll(timeout);
-            let mut inner = lock(&self.inner);
-            match polled {
-                Some(Ok(msg)) => {
-                    inner.ingest(&msg);
-                    if inner.batch_full() {
-                        inner.submit(&self.consumer)?;
-                    }
-                }
-                Some(Err(e)) => {
-                    inner.metrics.kafka_errors.inc();
-                    warn!(error = %e, "consume error");
-                }
-                None => {}
-            }
-            inner.commands_turn(&self.commands, &self.consumer)?;
-            inner.resume_overdue(&self.consumer);
-            if inner.batch_deadline() == Some(Duration::ZERO) {
-                inner.submit(&self.consumer)?;
-            }
-            inner.complete(&self.consumer, None)?;
-            inner.commit_commands_due(&self.consumer);
-            inner.check_epoch(false);
-        }
-        info!("shutting down: flushing the last batch and committing");
-        {
-            let mut inner = lock(&self.inner);
-            let res = inner.drain(&self.consumer);
-            inner.commit_stored(&self.consumer);
-            if let Err(e) = res {
-                warn!(error = %e, "last batch not written; it will be redelivered");
-            }
-        }
-        self.health.ready.store(false, Ordering::SeqCst);
-        self.consumer.unsubscribe();
-        // Dropping the consumer closes it: it leaves the group at once, so the
-        // survivors rebalance without waiting for the session timeout. The
-        // command consumer goes after it (its revoke unassigns commands).
-        drop(self.consumer);
-        drop(self.commands);
-        info!("reducer stopped");
-        Ok(())
     }
 }

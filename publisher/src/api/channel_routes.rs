@@ -11,8 +11,8 @@ use warp::http::StatusCode;
 use warp::{Rejection, Reply};
 
 use super::guards::{
-    bad, channel_markets, check_allowed, check_channel, check_market, limit, shed, take_tokens,
-    unknown_channel, validate_markets,
+    admit_changes, bad, channel_markets, check_allowed, check_channel, check_market, limit, shed,
+    take_tokens, unknown_channel, validate_markets,
 };
 use super::{reply, Caller, MarketsBody};
 use crate::channels::{close, owns};
@@ -130,10 +130,7 @@ pub(super) async fn add_markets(
                 return Err(over_cap());
             }
             if !candidates.is_empty() {
-                shed(&ctx)?;
-                // Tokens first: a refused request changes nothing.
-                limit(&ctx, &caller.client, Kind::MarketChange, candidates.len())?;
-                take_tokens(&ctx, candidates.len())?;
+                admit_changes(&ctx, &caller.client, candidates.len())?;
                 // The cap is checked again where the markets are added, in
                 // one Redis step: concurrent adds cannot overshoot it.
                 let new = match ctx
@@ -196,9 +193,7 @@ pub(super) async fn remove_market(
             // step refused or failed leaves the market listed, so the retry
             // finds it and finishes (the unsubscribe is idempotent) instead
             // of answering 404 over a reducer subscription nobody can close.
-            shed(&ctx)?;
-            limit(&ctx, &caller.client, Kind::MarketChange, 1)?;
-            take_tokens(&ctx, 1)?;
+            admit_changes(&ctx, &caller.client, 1)?;
             ctx.commands
                 .send(
                     CommandKind::Unsubscribe,

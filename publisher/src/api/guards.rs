@@ -118,6 +118,16 @@ pub(crate) fn shed(ctx: &Context) -> Result<(), Error> {
     Ok(())
 }
 
+/// Admits `n` market changes (subscribes, unsubscribes, queries) of a
+/// caller: refused while the reducers are behind on commands, then the
+/// client's market-change bucket, then the pod's command budget. Checked
+/// before anything is changed, so a refused request changes nothing.
+pub(crate) fn admit_changes(ctx: &Context, client: &str, n: usize) -> Result<(), Error> {
+    shed(ctx)?;
+    limit(ctx, client, Kind::MarketChange, n)?;
+    take_tokens(ctx, n)
+}
+
 pub(super) fn check_market(id: &str) -> Result<(), Error> {
     validate_market_id(id).map_err(|e| bad("invalid_market", e.to_string()))
 }
