@@ -466,12 +466,18 @@ impl fmt::Debug for RedisTlsPem {
     }
 }
 
-/// Whether a Redis URL (or each of a comma-separated list) is `rediss://`.
-pub fn redis_url_is_tls(url: &str) -> bool {
+/// The URLs of a Redis address setting: one URL, or a Redis Cluster's
+/// comma-separated seed list (blanks around and between entries ignored).
+pub fn redis_urls(url: &str) -> Vec<&str> {
     url.split(',')
         .map(str::trim)
         .filter(|u| !u.is_empty())
-        .all(|u| u.starts_with("rediss://"))
+        .collect()
+}
+
+/// Whether a Redis URL (or each of a comma-separated list) is `rediss://`.
+pub fn redis_url_is_tls(url: &str) -> bool {
+    redis_urls(url).iter().all(|u| u.starts_with("rediss://"))
 }
 
 impl RedisTls {
@@ -485,11 +491,7 @@ impl RedisTls {
     /// schemes, when only one of certificate and key is given, or when a
     /// file cannot be read (named by path, its content never shown).
     pub fn load(&self, url: &str) -> Result<Option<RedisTlsPem>, ContractError> {
-        let urls: Vec<&str> = url
-            .split(',')
-            .map(str::trim)
-            .filter(|u| !u.is_empty())
-            .collect();
+        let urls = redis_urls(url);
         let tls = urls.iter().filter(|u| u.starts_with("rediss://")).count();
         if tls != 0 && tls != urls.len() {
             return Err(ContractError::Config(

@@ -83,7 +83,7 @@ impl Target {
         let mut seeds = Vec::new();
         let (mut username, mut password) = (None, None);
         let mut secure = None;
-        for u in url.split(',').map(str::trim).filter(|u| !u.is_empty()) {
+        for u in streampipe_contract::deploy::redis_urls(url) {
             let info: ConnectionInfo = u.into_connection_info()?;
             let (host, port, is_tls) = match info.addr() {
                 ConnectionAddr::Tcp(h, p) => (h.clone(), *p, false),

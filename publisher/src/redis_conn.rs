@@ -21,7 +21,7 @@ use redis::aio::ConnectionManager;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
-use streampipe_contract::deploy::RedisTlsPem;
+use streampipe_contract::deploy::{redis_urls, RedisTlsPem};
 
 use crate::error::Result;
 
@@ -110,12 +110,7 @@ impl Healing {
         tls: Option<&RedisTlsPem>,
         rebuilds: IntCounter,
     ) -> Result<Arc<Self>> {
-        let seeds: Vec<&str> = seeds
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        let mut builder = ClusterClient::builder(seeds)
+        let mut builder = ClusterClient::builder(redis_urls(seeds))
             .connection_timeout(CLUSTER_CONNECT_TIMEOUT)
             .response_timeout(CLUSTER_RESPONSE_TIMEOUT);
         if let Some(t) = tls {

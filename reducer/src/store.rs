@@ -28,7 +28,7 @@ use std::time::Duration;
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Client, ClientTlsConfig, Cmd, Connection, Script, TlsCertificates, Value};
-use streampipe_contract::deploy::RedisTlsPem;
+use streampipe_contract::deploy::{redis_urls, RedisTlsPem};
 use streampipe_contract::epoch::{mint, Found, EPOCH_CLAIM_SCRIPT, SPREAD_SUFFIX};
 use streampipe_contract::slot::SPREAD_TAGS;
 use streampipe_contract::{slot, History, Keys, CHANNEL_MARKETS_CHANGED};
@@ -323,12 +323,7 @@ impl RedisStore {
         tls: Option<&RedisTlsPem>,
         timeout: Duration,
     ) -> Result<Self> {
-        let nodes: Vec<&str> = seeds
-            .split(',')
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-            .collect();
-        let mut builder = ClusterClient::builder(nodes)
+        let mut builder = ClusterClient::builder(redis_urls(seeds))
             .connection_timeout(timeout)
             .response_timeout(timeout);
         if let Some(t) = tls {
