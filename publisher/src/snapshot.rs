@@ -68,8 +68,8 @@ async fn snapshot(
         .map_err(|r| Error::invalid(StatusCode::BAD_REQUEST, r.code, r.message))?
     {
         Query::Canonical(m) => (m, None),
-        Query::Matching(text) => {
-            let q = crate::queries::parse(&text)?;
+        Query::Matching(q) => {
+            let text = q.canonical();
             if !crate::queries::allows(&caller.principal.allowance, &q) {
                 return Err(Error::invalid(
                     StatusCode::FORBIDDEN,

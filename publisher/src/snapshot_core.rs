@@ -117,9 +117,9 @@ impl CachePolicy {
 pub enum Query {
     /// The canonical spelling of a valid set: answer it.
     Canonical(Vec<String>),
-    /// The canonical spelling of a valid query (its canonical text): answer
-    /// it with the markets matching it now.
-    Matching(String),
+    /// The canonical spelling of a valid query (parsed, so the caller
+    /// need not parse it again): answer it with the markets matching it now.
+    Matching(MarketQuery),
     /// A valid set spelled otherwise: redirect to this query string.
     Redirect(String),
 }
@@ -190,10 +190,9 @@ pub fn parse_query(raw: &str) -> Result<Query, Refused> {
             ));
         }
         let q = MarketQuery::parse(&text).map_err(|e| refused("invalid_query", e.to_string()))?;
-        let text = q.canonical();
-        let canonical = canonical_query_of(&text);
+        let canonical = canonical_query_of(&q.canonical());
         return Ok(if canonical == raw {
-            Query::Matching(text)
+            Query::Matching(q)
         } else {
             Query::Redirect(canonical)
         });
@@ -464,7 +463,7 @@ mod tests {
         let canon = "query=market%5E%3DFB.%3Bstatus%3Dopen";
         assert_eq!(
             parse_query(canon).unwrap(),
-            Query::Matching("market^=FB.;status=open".into())
+            Query::Matching(MarketQuery::parse("market^=FB.;status=open").unwrap())
         );
         for other in [
             "query=status%3Dopen%3Bmarket%5E%3DFB.",
