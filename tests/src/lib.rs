@@ -986,7 +986,13 @@ impl PrivateCluster {
     /// `(port, slot ranges)` of every master that is not failed, as a live
     /// node sees it in `CLUSTER NODES`.
     pub fn masters(&self) -> Vec<(u16, Vec<(u16, u16)>)> {
-        for port in self.live_ports() {
+        self.masters_except(None)
+    }
+
+    /// [`PrivateCluster::masters`], not asking node `skip` (a frozen one
+    /// would hold every read for its timeout).
+    fn masters_except(&self, skip: Option<u16>) -> Vec<(u16, Vec<(u16, u16)>)> {
+        for port in self.live_ports().into_iter().filter(|p| Some(*p) != skip) {
             let Ok(mut c) = self.node(port) else { continue };
             let Ok(nodes) = redis::cmd("CLUSTER").arg("NODES").query::<String>(&mut c) else {
                 continue;
@@ -1023,8 +1029,13 @@ impl PrivateCluster {
 
     /// The port of the master serving `key`'s slot (per a live node).
     pub fn master_of(&self, key: &str) -> Option<u16> {
+        self.master_of_except(key, 0)
+    }
+
+    /// [`PrivateCluster::master_of`], not asking node `skip`.
+    fn master_of_except(&self, key: &str, skip: u16) -> Option<u16> {
         let s = streampipe_contract::slot(key.as_bytes());
-        self.masters()
+        self.masters_except(Some(skip))
             .into_iter()
             .find(|(_, ranges)| ranges.iter().any(|(a, b)| (*a..=*b).contains(&s)))
             .map(|(p, _)| p)
@@ -1061,6 +1072,48 @@ impl PrivateCluster {
             },
         );
         (old, new)
+    }
+
+    /// SIGSTOPs the master of `key`'s slot (a stalled VM or a swapped-out
+    /// process: its sockets stay open and answer nothing), then waits until
+    /// a replica took its slots over. Returns the frozen node's pid (for
+    /// [`PrivateCluster::thaw`]) and the new master's port.
+    pub fn freeze_master_of(&self, key: &str) -> (u32, u16) {
+        let old = self.master_of(key).expect("a master for the key");
+        let pid = self.pid(old).expect("pid file of the master");
+        Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        let new = wait_for(
+            CLUSTER_FAILOVER_TIMEOUT,
+            "replica promoted and cluster ok",
+            || {
+                let new = self.master_of_except(key, old).filter(|p| *p != old)?;
+                self.is_ok_without(old).then_some(new)
+            },
+        );
+        (pid, new)
+    }
+
+    /// Lets a node frozen by [`PrivateCluster::freeze_master_of`] run again
+    /// (it rejoins as a replica of the promoted one).
+    pub fn thaw(&self, pid: u32) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &pid.to_string()])
+            .status();
+    }
+
+    /// Whether every node but `skip` says `cluster_state:ok`.
+    fn is_ok_without(&self, skip: u16) -> bool {
+        self.live_ports()
+            .into_iter()
+            .filter(|p| *p != skip)
+            .all(|p| {
+                self.node(p)
+                    .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
+                    .is_ok_and(|i| i.contains("cluster_state:ok"))
+            })
     }
 
     /// Stored version of a market, read through a cluster-aware client.

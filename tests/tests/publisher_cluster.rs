@@ -330,3 +330,71 @@ async fn a_shard_that_lost_its_data_is_noticed_and_repaired() {
     .await;
     drop(cluster);
 }
+
+/// A master that freezes (SIGSTOP: a stalled VM, a swapped-out process) is
+/// worse than one that dies: its sockets stay open and answer nothing, so
+/// no error tells a client to look elsewhere. Every read of a publisher pod
+/// (epoch checks, `begin`s, the REST API) goes through its registry's one
+/// cluster connection: once the cluster has failed the frozen master over,
+/// that connection must answer again, and each request meanwhile must end
+/// (bounded) instead of hanging.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_registry_answers_again_after_a_master_froze() {
+    use streampipe_publisher::registry::Registry;
+    let cluster = Arc::new(blocking(|| PrivateCluster::start(base_port() + 20)).await);
+    let keys = streampipe_contract::Keys::scoped(None, "freeze");
+    let metrics = streampipe_publisher::metrics::Metrics::new();
+    let registry = Registry::connect(
+        &cluster.url(),
+        keys.clone(),
+        true,
+        None,
+        metrics.redis_cluster_rebuilds.clone(),
+    )
+    .await
+    .unwrap();
+    let ch = "frozen-channel";
+    registry.add(ch, &["m1".to_owned()]).await.unwrap();
+    // Replication is asynchronous: let the replica have the set first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(registry.markets(ch).await.unwrap(), Some(vec!["m1".into()]));
+
+    let (c, key) = (cluster.clone(), keys.channel_registry(ch));
+    let (pid, promoted) = blocking(move || c.freeze_master_of(&key)).await;
+    let t = Instant::now();
+    let mut attempts = 0;
+    let answered = loop {
+        attempts += 1;
+        let started = Instant::now();
+        // Longer than the connection's own bound (3 s): a request that
+        // hangs past it is the failure this test is about.
+        let read = tokio::time::timeout(Duration::from_secs(15), registry.markets(ch)).await;
+        assert!(
+            read.is_ok(),
+            "a registry read hung for 15 s (attempt {attempts}, {:?} after the failover)",
+            t.elapsed()
+        );
+        if let Ok(Ok(Some(m))) = read {
+            break m;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(12),
+            "a failed read took {:?}",
+            started.elapsed()
+        );
+        assert!(
+            t.elapsed() < Duration::from_secs(60),
+            "the registry did not answer within 60 s of the failover ({attempts} attempts)"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!(
+        "answered {:?} after the failover to {promoted} ({attempts} attempts, {} rebuilds)",
+        t.elapsed(),
+        metrics.redis_cluster_rebuilds.get()
+    );
+    assert_eq!(answered, vec!["m1".to_owned()]);
+    // Writes too, on the promoted master.
+    registry.add(ch, &["m2".to_owned()]).await.unwrap();
+    blocking(move || cluster.thaw(pid)).await;
+}
