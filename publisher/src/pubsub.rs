@@ -375,11 +375,18 @@ impl SubConn {
         Ok(())
     }
 
-    /// Asks for the cluster's slot map (before any subscription).
+    /// Asks for the cluster's slot map (before any subscription), within
+    /// [`CONNECT_TIMEOUT`]: a frozen seed accepts the connection (the
+    /// kernel does) and then answers nothing.
     pub async fn cluster_slots(&mut self) -> Result<Vec<SlotRange>> {
         resp::encode_command(&mut self.wbuf, &["CLUSTER", "SLOTS"]);
-        self.flush().await?;
-        match self.next_frame().await? {
+        let reply = tokio::time::timeout(CONNECT_TIMEOUT, async {
+            self.flush().await?;
+            self.next_frame().await
+        })
+        .await
+        .map_err(|_| Error::Io(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        match reply {
             Frame::Error(e) => Err(Error::Config(format!(
                 "CLUSTER SLOTS refused: {}",
                 String::from_utf8_lossy(&e)

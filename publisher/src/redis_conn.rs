@@ -96,9 +96,18 @@ fn connection_failed(e: &redis::RedisError) -> bool {
     !matches!(e.kind(), redis::ErrorKind::Server(_))
 }
 
+/// How long one rebuild may take: connecting and reading the slot map
+/// from the seeds in turn (a frozen seed costs its timeouts).
+pub const REBUILD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A cluster connection that replaces itself when it stops answering.
 pub struct Healing {
-    client: ClusterClient,
+    /// One client per rotation of the seed list: redis-rs asks the seeds
+    /// in order, and a frozen first seed (it accepts connections and
+    /// answers nothing) must not fail every rebuild; each rebuild starts
+    /// from the next seed.
+    clients: Vec<ClusterClient>,
+    next: std::sync::atomic::AtomicUsize,
     current: Mutex<ClusterConnection>,
     streak: Mutex<Streak>,
     rebuilding: AtomicBool,
@@ -112,16 +121,24 @@ impl Healing {
         tls: Option<&RedisTlsPem>,
         rebuilds: IntCounter,
     ) -> Result<Arc<Self>> {
-        let mut builder = ClusterClient::builder(redis_urls(seeds))
-            .connection_timeout(CLUSTER_CONNECT_TIMEOUT)
-            .response_timeout(CLUSTER_RESPONSE_TIMEOUT);
-        if let Some(t) = tls {
-            builder = builder.certs(certificates(t));
-        }
-        let client = builder.build()?;
-        let conn = client.get_async_connection().await?;
+        let seeds = redis_urls(seeds);
+        let clients = (0..seeds.len().max(1))
+            .map(|r| {
+                let mut rotated = seeds.clone();
+                rotated.rotate_left(r.min(seeds.len()));
+                let mut builder = ClusterClient::builder(rotated)
+                    .connection_timeout(CLUSTER_CONNECT_TIMEOUT)
+                    .response_timeout(CLUSTER_RESPONSE_TIMEOUT);
+                if let Some(t) = tls {
+                    builder = builder.certs(certificates(t));
+                }
+                builder.build()
+            })
+            .collect::<RedisResult<Vec<_>>>()?;
+        let conn = clients[0].get_async_connection().await?;
         Ok(Arc::new(Healing {
-            client,
+            clients,
+            next: std::sync::atomic::AtomicUsize::new(1),
             current: Mutex::new(conn),
             streak: Mutex::new(Streak::default()),
             rebuilding: AtomicBool::new(false),
@@ -154,9 +171,9 @@ impl Healing {
     }
 
     async fn rebuild(&self) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.clients.len();
         let fresh =
-            tokio::time::timeout(CLUSTER_RESPONSE_TIMEOUT, self.client.get_async_connection())
-                .await;
+            tokio::time::timeout(REBUILD_TIMEOUT, self.clients[i].get_async_connection()).await;
         match fresh {
             Ok(Ok(conn)) => {
                 *self.current.lock().expect("not poisoned") = conn;

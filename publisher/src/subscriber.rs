@@ -9,12 +9,15 @@
 //! wanted), confirms subscriptions with `PING <token>` barriers (each
 //! connection answers in order; a barrier holds once every connection
 //! answered its token), and hands every message it reads to the hub. A lost
-//! connection, a `MOVED` or a slot moved away ends the whole session: every
+//! connection, a connection silent for [`HEARTBEAT_TIMEOUT`] (every
+//! connection answers a `PING` each [`HEARTBEAT_EVERY`]: a frozen node or a
+//! half-open socket closes nothing), a `MOVED` or a slot moved away ends the
+//! whole session: every
 //! connection is rebuilt from a fresh slot map, and the hub checks whether
 //! Redis lost its data (see [`crate::epoch`]) and sends every client `reset`.
 
 use std::collections::{BTreeMap, HashSet};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::future::select_all;
 use streampipe_contract::slot;
@@ -34,6 +37,16 @@ const SUBSCRIBE_CHUNK: usize = 1000;
 /// Queued subscription changes applied per round: one round's commands are
 /// written in one go, then the socket is read again.
 const COMMANDS_PER_ROUND: usize = 1024;
+
+/// How often every subscribed connection is asked a `PING`: a node that
+/// stops answering (frozen, or a half-open TCP connection after a network
+/// partition) sends no error and closes nothing, so silence is the only sign.
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(1);
+
+/// A `PING` unanswered this long ends the session (every connection is
+/// rebuilt from a fresh slot map). Longer than a healthy Redis takes under
+/// load: a pong waits behind the messages queued before it.
+const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Reconnect backoff bounds: fast after a blip, gentle on a Redis that is down.
 const RECONNECT_MIN: Duration = Duration::from_millis(100);
@@ -230,6 +243,12 @@ impl Driver {
         links.ping_all(resync);
         links.flush_all().await?;
         let mut synced = false;
+        // The oldest `PING` not yet answered by every connection, and when
+        // it was sent (the resync's counts: a node that never answers it is
+        // as silent as one that stopped).
+        let mut unanswered = Some((resync, Instant::now()));
+        let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             for i in 0..links.conns.len() {
                 while let Some(push) = links.conns[i].try_next()? {
@@ -248,6 +267,27 @@ impl Driver {
             }
             tokio::select! {
                 r = links.fill_any() => r?,
+                _ = heartbeat.tick() => {
+                    match unanswered {
+                        Some((token, sent)) if links.confirmed() < token => {
+                            if sent.elapsed() >= HEARTBEAT_TIMEOUT {
+                                return Err(Error::Io(std::io::Error::new(
+                                    std::io::ErrorKind::TimedOut,
+                                    format!(
+                                        "a redis pub/sub connection answered no PING for {:?}",
+                                        sent.elapsed()
+                                    ),
+                                )));
+                            }
+                        }
+                        _ => {
+                            self.token += 1;
+                            links.ping_all(self.token);
+                            unanswered = Some((self.token, Instant::now()));
+                            links.flush_all().await?;
+                        }
+                    }
+                }
                 cmd = self.commands.recv() => {
                     let Some(first) = cmd else { return Ok(()) };
                     let mut cmds = vec![first];

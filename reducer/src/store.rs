@@ -47,6 +47,14 @@ use cluster::{master_ranges, one_slot_per_master, update_calls};
 /// call holds Redis' single thread (~128 × a few µs).
 pub const UPDATE_SCRIPT_CHUNK: usize = 128;
 
+/// Retries redis-rs' cluster client makes inside one call (after a
+/// `MOVED`, `TRYAGAIN` or a failed node): enough to follow a failover's
+/// redirect. Its default (16, each refreshing the slot map and waiting up
+/// to [`REDIS_TIMEOUT`] on a node that answers nothing) held the consumer
+/// thread for two minutes behind a frozen master; the writer and the
+/// epoch check retry on their own, reconnecting from the next seed.
+pub const CLUSTER_RETRIES: u32 = 2;
+
 /// Connect and I/O timeout for Redis: long enough for a busy Redis to answer
 /// a full batch, short enough to notice a dead one and retry.
 pub const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -222,9 +230,12 @@ pub const WRITE_BACK_CHUNK: usize = 10_000;
 enum Backend {
     /// Boxed: with TLS compiled in, a client carries its TLS parameters.
     Single(Box<Client>),
-    /// Boxed: with redis-rs' async cluster support compiled in (the
-    /// publisher's), the client is several times a single one's size.
-    Cluster(Box<ClusterClient>),
+    /// A client per rotation of the seed list, and the one the next
+    /// connection uses (see [`RedisStore::open`]).
+    Cluster {
+        clients: Vec<ClusterClient>,
+        next: usize,
+    },
 }
 
 /// An open connection of either kind.
@@ -330,15 +341,27 @@ impl RedisStore {
         tls: Option<&RedisTlsPem>,
         timeout: Duration,
     ) -> Result<Self> {
-        let mut builder = ClusterClient::builder(redis_urls(seeds))
-            .connection_timeout(timeout)
-            .response_timeout(timeout);
-        if let Some(t) = tls {
-            builder = builder.certs(certificates(t));
-        }
-        let client = builder.build()?;
+        // One client per rotation of the seed list: redis-rs asks the seeds
+        // in order on every (re)connect, and a frozen first seed (it accepts
+        // the connection and answers nothing) would cost a timeout on each.
+        // After an error the next connection starts from the next seed.
+        let seeds = redis_urls(seeds);
+        let clients = (0..seeds.len().max(1))
+            .map(|r| {
+                let mut rotated = seeds.clone();
+                rotated.rotate_left(r.min(seeds.len()));
+                let mut builder = ClusterClient::builder(rotated)
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(CLUSTER_RETRIES);
+                if let Some(t) = tls {
+                    builder = builder.certs(certificates(t));
+                }
+                builder.build()
+            })
+            .collect::<redis::RedisResult<Vec<_>>>()?;
         Ok(
-            Self::with_backend(Backend::Cluster(Box::new(client)), keys, timeout)
+            Self::with_backend(Backend::Cluster { clients, next: 0 }, keys, timeout)
                 .with_publish_command(PublishCommand::SPublish),
         )
     }
@@ -371,7 +394,7 @@ impl RedisStore {
 
     /// Whether this store talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        matches!(self.backend, Backend::Cluster(_))
+        matches!(self.backend, Backend::Cluster { .. })
     }
 
     /// Chooses the publish command (`PUBLISH` unless told otherwise).
@@ -389,8 +412,8 @@ impl RedisStore {
                     c.set_write_timeout(Some(self.timeout))?;
                     Conn::Single(c)
                 }
-                Backend::Cluster(client) => {
-                    let mut conn = Box::new(client.get_connection()?);
+                Backend::Cluster { clients, next } => {
+                    let mut conn = Box::new(clients[*next].get_connection()?);
                     let ranges = master_ranges(&mut conn)?;
                     Conn::Cluster { conn, ranges }
                 }
@@ -407,12 +430,26 @@ impl RedisStore {
         Ok(self.conn.as_mut().expect("just set"))
     }
 
+    /// After a failure, a cluster's next connection starts from the next seed.
+    fn next_seed(&mut self) {
+        if let Backend::Cluster { clients, next } = &mut self.backend {
+            *next = (*next + 1) % clients.len();
+        }
+    }
+
     /// Runs `f` on the connection; on any error the connection is dropped so
     /// the next call reconnects (and reloads the scripts).
     fn with_conn<T>(&mut self, f: impl FnOnce(&mut Conn) -> redis::RedisResult<T>) -> Result<T> {
-        let res = f(self.conn()?);
+        let res = match self.conn() {
+            Ok(c) => f(c),
+            Err(e) => {
+                self.next_seed();
+                return Err(e);
+            }
+        };
         if res.is_err() {
             self.conn = None;
+            self.next_seed();
         }
         Ok(res?)
     }

@@ -23,7 +23,7 @@ const MARKETS: usize = 24;
 const CLIENTS: usize = 6;
 
 /// First port of this file's clusters (the reducer's cluster tests use
-/// 21100 and 21110; this file +0 and +10 from here): below Linux' ephemeral
+/// 21100 and 21110; this file +0, +10, +20 and +30 from here): below Linux' ephemeral
 /// range, bus ports +10000.
 fn base_port() -> u16 {
     std::env::var("STREAMPIPE_TEST_CLUSTER_PORT")
@@ -61,8 +61,28 @@ async fn read_until(ws: &mut Ws, want: &HashMap<String, u64>, resets: &mut usize
     }
 }
 
+/// How the master goes away.
+#[derive(Clone, Copy, Debug)]
+enum Loss {
+    /// `kill -9`: its sockets close.
+    Killed,
+    /// `SIGSTOP`: its sockets stay open and answer nothing.
+    Frozen,
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_survive_a_master_failover_on_a_cluster() {
+    survive_failover(Loss::Killed, base_port()).await;
+}
+
+/// As above, with the master frozen instead of killed: nothing tells the
+/// pod's subscriptions or its control connection that the node is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_survive_a_frozen_master_on_a_cluster() {
+    survive_failover(Loss::Frozen, base_port() + 30).await;
+}
+
+async fn survive_failover(loss: Loss, port: u16) {
     // Warnings of the reducer and publisher (reconnects, retries) are shown
     // when this test fails: it has failed in CI only, never locally.
     let _ = tracing_subscriber::fmt()
@@ -72,7 +92,7 @@ async fn streams_survive_a_master_failover_on_a_cluster() {
         )
         .with_test_writer()
         .try_init();
-    let cluster = blocking(|| Arc::new(PrivateCluster::start(base_port()))).await;
+    let cluster = blocking(move || Arc::new(PrivateCluster::start(port))).await;
     let url = cluster.url();
     let (p, reducer) = {
         let url = url.clone();
@@ -143,10 +163,21 @@ async fn streams_survive_a_master_failover_on_a_cluster() {
     )
     .await;
 
-    // kill -9 the master of the first market's slot.
+    // The master of the first market's slot goes away.
     let key = p.keys().market_state(&markets[0]);
     let c = cluster.clone();
-    let (old, new) = blocking(move || c.kill_master_of(&key)).await;
+    let (old, new, frozen) = blocking(move || match loss {
+        Loss::Killed => {
+            let (old, new) = c.kill_master_of(&key);
+            (old, new, None)
+        }
+        Loss::Frozen => {
+            let old = c.master_of(&key).expect("a master");
+            let (pid, new) = c.freeze_master_of(&key);
+            (old, new, Some(pid))
+        }
+    })
+    .await;
     assert_ne!(old, new);
     for m in &markets {
         p.update(m, 3, "3");
@@ -159,7 +190,11 @@ async fn streams_survive_a_master_failover_on_a_cluster() {
         publ.ctx.metrics.redis_reconnects.get() >= 1,
         "the pod rebuilt its subscriptions after the failover"
     );
-    eprintln!("failover {old} -> {new}: {resets} resets over {CLIENTS} clients");
+    eprintln!("{loss:?} master, failover {old} -> {new}: {resets} resets over {CLIENTS} clients");
+    if let Some(pid) = frozen {
+        let c = cluster.clone();
+        blocking(move || c.thaw(pid)).await;
+    }
     drop(streams);
     drop(publ);
     blocking(move || reducer.shutdown().unwrap()).await;
