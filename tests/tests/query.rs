@@ -9,7 +9,7 @@ use streampipe_contract::{partition_for, MAX_QUERIES_PER_CHANNEL};
 use streampipe_tests::publisher::{
     blocking, create_channel, http, open_stream, setup, with_reducer, ws_next, Frame, InProcess, Ws,
 };
-use streampipe_tests::{wait_for, Broker, Pipeline};
+use streampipe_tests::{test_log, wait_for, Broker, Pipeline};
 
 const PARTITIONS: i32 = 4;
 
@@ -309,6 +309,7 @@ async fn bad_queries_and_limits_are_refused_with_4xx_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_survive_a_reducer_restart() {
+    test_log();
     let (p, reducer) = with_reducer(PARTITIONS).await;
     let publ = InProcess::start(&p).await;
     let ch = create_channel(publ.addr, &["OTHER.1"]).await;
