@@ -59,13 +59,19 @@ async fn read_until(
     what: &str,
     pred: impl Fn(&[serde_json::Value]) -> bool,
 ) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let start = std::time::Instant::now();
+    let deadline = start + Duration::from_secs(30);
     while !pred(got) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match ws_next(ws, left).await {
             Some(Frame::Json(v)) if v["type"] == "update" || v["type"] == "removed" => got.push(v),
             Some(Frame::Json(_)) => {}
-            other => panic!("waiting for {what}: got {other:?} after {got:?}"),
+            // `None` is a timeout or a stream that ended: the elapsed time
+            // tells which.
+            other => panic!(
+                "waiting for {what}: got {other:?} after {:?}, having read {got:?}",
+                start.elapsed()
+            ),
         }
     }
 }
