@@ -34,6 +34,23 @@ use streampipe_contract::{
 };
 use streampipe_reducer::Config;
 
+/// Installs a log subscriber writing through the test harness, so a failing
+/// test shows the in-process reducer's and publisher's logs (passing tests'
+/// output is captured and dropped). `STREAMPIPE_TEST_LOG` is an `EnvFilter`
+/// (e.g. `info`, `debug`); by default warnings plus the reducer's partition
+/// life cycle (assign, revoke, pause, resume), which is what a stalled
+/// stream needs explained. Idempotent: the first call of a process wins.
+pub fn test_log() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("STREAMPIPE_TEST_LOG").unwrap_or_else(
+                |_| "warn,streampipe_reducer::consumer=info,librdkafka=off,rdkafka=off".into(),
+            ),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// Redis URL of the stack.
 pub fn redis_url() -> String {
     std::env::var("STREAMPIPE_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:16379".into())

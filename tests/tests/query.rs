@@ -9,7 +9,7 @@ use streampipe_contract::{partition_for, MAX_QUERIES_PER_CHANNEL};
 use streampipe_tests::publisher::{
     blocking, create_channel, http, open_stream, setup, with_reducer, ws_next, Frame, InProcess, Ws,
 };
-use streampipe_tests::{wait_for, Broker, Pipeline};
+use streampipe_tests::{test_log, wait_for, Broker, Pipeline};
 
 const PARTITIONS: i32 = 4;
 
@@ -59,13 +59,19 @@ async fn read_until(
     what: &str,
     pred: impl Fn(&[serde_json::Value]) -> bool,
 ) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let start = std::time::Instant::now();
+    let deadline = start + Duration::from_secs(30);
     while !pred(got) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         match ws_next(ws, left).await {
             Some(Frame::Json(v)) if v["type"] == "update" || v["type"] == "removed" => got.push(v),
             Some(Frame::Json(_)) => {}
-            other => panic!("waiting for {what}: got {other:?} after {got:?}"),
+            // `None` is a timeout or a stream that ended: the elapsed time
+            // tells which.
+            other => panic!(
+                "waiting for {what}: got {other:?} after {:?}, having read {got:?}",
+                start.elapsed()
+            ),
         }
     }
 }
@@ -309,6 +315,7 @@ async fn bad_queries_and_limits_are_refused_with_4xx_and_counted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queries_survive_a_reducer_restart() {
+    test_log();
     let (p, reducer) = with_reducer(PARTITIONS).await;
     let publ = InProcess::start(&p).await;
     let ch = create_channel(publ.addr, &["OTHER.1"]).await;

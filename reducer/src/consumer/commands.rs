@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::error::KafkaError;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
@@ -112,9 +112,23 @@ impl ClientContext for CommandContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        // librdkafka also reports each end-of-partition event here (it is
+        // what `enable.partition.eof` asks for, and `commands_turn` acts on
+        // it): it happens after every command burst, so it is no error.
+        if is_partition_eof(&error) {
+            return;
+        }
         self.metrics.kafka_errors.inc();
         warn!(error = %error, reason, "kafka client error (command consumer)");
     }
+}
+
+/// Whether `error` is an end-of-partition event rather than a failure.
+fn is_partition_eof(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
+    )
 }
 
 impl ConsumerContext for CommandContext {}
@@ -340,5 +354,33 @@ pub(super) fn record_acks(
             let a = acks.entry(e.partition()).or_insert(o);
             *a = (*a).max(o);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The end of a command partition (reported through the client's error
+    /// callback too) is neither counted nor logged as a Kafka error; a real
+    /// error still is.
+    #[test]
+    fn end_of_partition_is_not_a_kafka_error() {
+        let ctx = CommandContext {
+            metrics: Arc::new(Metrics::new()),
+            topic: "p.commands".into(),
+            lag: LagGauges::default(),
+        };
+        ctx.error(
+            KafkaError::Global(RDKafkaErrorCode::PartitionEOF),
+            "Fetch from broker 1 reached end of partition at offset 3",
+        );
+        ctx.error(KafkaError::PartitionEOF(2), "end");
+        assert_eq!(ctx.metrics.kafka_errors.get(), 0);
+        ctx.error(
+            KafkaError::Global(RDKafkaErrorCode::BrokerTransportFailure),
+            "disconnected",
+        );
+        assert_eq!(ctx.metrics.kafka_errors.get(), 1);
     }
 }
