@@ -9,8 +9,11 @@
 //! leaves the reducers publishing a market nobody asked for. One pod at a
 //! time (the janitor's lock holder) walks the channel leases a page per
 //! round and repairs what disagreed **in two consecutive visits**: a
-//! command in flight settles within milliseconds, so a disagreement still
-//! there a janitor interval later is a lost step, not a slow one.
+//! command in flight usually settles well within a janitor interval, so a
+//! disagreement still there a visit later is taken as a lost step. A
+//! repair sent is not sent again for [`REPAIR_HOLDOFF`]: behind a command
+//! backlog it can take longer to apply, and repeating it would only add
+//! to that backlog.
 //!
 //! The registry is the client's intent (it is written first and only by
 //! the API), so a market only the registry has is subscribed again and a
@@ -19,6 +22,7 @@
 //! Redis and produces the commands.
 
 use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use streampipe_contract::message::CommandKind;
 use tracing::info;
@@ -33,6 +37,12 @@ pub const RECONCILE_PAGE: usize = 1000;
 /// the lock holder's memory if Redis churns; beyond it the memory starts
 /// over (a real disagreement is confirmed a visit later).
 pub const MAX_SUSPECTS: usize = 10 * RECONCILE_PAGE;
+
+/// How long a repair is not sent again: its command may wait behind the
+/// reducers' command backlog (a rebalance, a busy partition), and
+/// re-sending it every two visits would pile duplicates onto that backlog.
+/// Past this, a repair still not applied is taken as lost and sent again.
+pub const REPAIR_HOLDOFF: Duration = Duration::from_secs(30);
 
 /// What one side lacks.
 pub type Repairs = HashMap<String, CommandKind>;
@@ -58,17 +68,43 @@ pub struct Reconciler {
     cursor: u64,
     /// Disagreements seen on the previous visit, per channel.
     suspects: HashMap<String, Repairs>,
+    /// Repairs sent, per (channel, market), and when: not sent again
+    /// within [`REPAIR_HOLDOFF`]. Bounded like `suspects`.
+    sent: HashMap<(String, String), (CommandKind, Instant)>,
 }
 
 impl Reconciler {
-    /// Given this visit's disagreements of `channel`, returns the repairs
-    /// seen on the previous visit too (same market, same direction) and
-    /// remembers the others for the next visit.
-    pub fn confirm(&mut self, channel: &str, now: Repairs) -> Vec<(String, CommandKind)> {
+    /// Given this visit's disagreements of `channel` at `at`, returns the
+    /// repairs seen on the previous visit too (same market, same direction)
+    /// and not already sent within [`REPAIR_HOLDOFF`], and remembers the
+    /// others for the next visit.
+    pub fn confirm(
+        &mut self,
+        channel: &str,
+        now: Repairs,
+        at: Instant,
+    ) -> Vec<(String, CommandKind)> {
         let before = self.suspects.remove(channel).unwrap_or_default();
-        let (confirmed, pending): (Repairs, Repairs) = now
-            .into_iter()
-            .partition(|(m, kind)| before.get(m) == Some(kind));
+        let sent = &self.sent;
+        let (confirmed, pending): (Repairs, Repairs) = now.into_iter().partition(|(m, kind)| {
+            let recently = sent
+                .get(&(channel.to_owned(), m.clone()))
+                .is_some_and(|(k, t)| {
+                    k == kind && at.saturating_duration_since(*t) < REPAIR_HOLDOFF
+                });
+            before.get(m) == Some(kind) && !recently
+        });
+        if self.sent.len() >= MAX_SUSPECTS {
+            self.sent
+                .retain(|_, (_, t)| at.saturating_duration_since(*t) < REPAIR_HOLDOFF);
+            if self.sent.len() >= MAX_SUSPECTS {
+                self.sent.clear();
+            }
+        }
+        for (m, kind) in &confirmed {
+            self.sent
+                .insert((channel.to_owned(), m.clone()), (*kind, at));
+        }
         if !pending.is_empty() {
             if self.suspects.len() >= MAX_SUSPECTS {
                 self.suspects.clear();
@@ -95,7 +131,11 @@ pub async fn round(ctx: &Context, r: &mut Reconciler) -> crate::Result<usize> {
     for channel in channels {
         let (registry, reducers) = ctx.registry.both_sides(&channel).await?;
         ctx.metrics.reconcile_checked.inc();
-        let confirmed = r.confirm(&channel, disagreements(&registry, &reducers));
+        let confirmed = r.confirm(
+            &channel,
+            disagreements(&registry, &reducers),
+            std::time::Instant::now(),
+        );
         for kind in [CommandKind::Subscribe, CommandKind::Unsubscribe] {
             let markets: Vec<String> = confirmed
                 .iter()
@@ -123,6 +163,10 @@ pub async fn round(ctx: &Context, r: &mut Reconciler) -> crate::Result<usize> {
 mod tests {
     use super::*;
 
+    fn t0() -> Instant {
+        Instant::now()
+    }
+
     fn set(v: &[&str]) -> HashSet<String> {
         v.iter().map(|s| s.to_string()).collect()
     }
@@ -141,10 +185,13 @@ mod tests {
     fn only_a_disagreement_seen_twice_is_repaired() {
         let mut r = Reconciler::default();
         let d = || disagreements(&set(&["a", "b"]), &set(&["b", "x"]));
-        assert!(r.confirm("c1", d()).is_empty(), "first sight: in flight?");
+        assert!(
+            r.confirm("c1", d(), t0()).is_empty(),
+            "first sight: in flight?"
+        );
         assert_eq!(r.suspects(), 1);
         assert_eq!(
-            r.confirm("c1", d()),
+            r.confirm("c1", d(), t0()),
             vec![
                 ("a".to_owned(), CommandKind::Subscribe),
                 ("x".to_owned(), CommandKind::Unsubscribe)
@@ -156,22 +203,22 @@ mod tests {
     #[test]
     fn a_settled_or_changed_disagreement_is_not_repaired() {
         let mut r = Reconciler::default();
-        r.confirm("c1", disagreements(&set(&["a"]), &set(&[])));
+        r.confirm("c1", disagreements(&set(&["a"]), &set(&[])), t0());
         // The subscribe was applied meanwhile: nothing to do, nothing kept.
         assert!(r
-            .confirm("c1", disagreements(&set(&["a"]), &set(&["a"])))
+            .confirm("c1", disagreements(&set(&["a"]), &set(&["a"])), t0())
             .is_empty());
         assert_eq!(r.suspects(), 0);
         // Direction flipped (removed, unsubscribe pending): start over.
-        r.confirm("c1", disagreements(&set(&["a"]), &set(&[])));
+        r.confirm("c1", disagreements(&set(&["a"]), &set(&[])), t0());
         assert!(r
-            .confirm("c1", disagreements(&set(&[]), &set(&["a"])))
+            .confirm("c1", disagreements(&set(&[]), &set(&["a"])), t0())
             .is_empty());
         assert_eq!(r.suspects(), 1);
         // Other channels do not confirm each other.
-        r.confirm("c2", disagreements(&set(&["m"]), &set(&[])));
+        r.confirm("c2", disagreements(&set(&["m"]), &set(&[])), t0());
         assert!(r
-            .confirm("c3", disagreements(&set(&["m"]), &set(&[])))
+            .confirm("c3", disagreements(&set(&["m"]), &set(&[])), t0())
             .is_empty());
     }
 
@@ -179,8 +226,32 @@ mod tests {
     fn suspects_are_bounded() {
         let mut r = Reconciler::default();
         for i in 0..MAX_SUSPECTS + 5 {
-            r.confirm(&format!("c{i}"), disagreements(&set(&["a"]), &set(&[])));
+            r.confirm(
+                &format!("c{i}"),
+                disagreements(&set(&["a"]), &set(&[])),
+                t0(),
+            );
         }
         assert!(r.suspects() <= MAX_SUSPECTS);
+    }
+
+    #[test]
+    fn a_repair_in_flight_is_not_sent_again_within_the_holdoff() {
+        let mut r = Reconciler::default();
+        let at = Instant::now();
+        let d = || disagreements(&set(&["a"]), &set(&[]));
+        assert!(r.confirm("c1", d(), at).is_empty());
+        assert_eq!(r.confirm("c1", d(), at).len(), 1, "confirmed: repaired");
+        // The reducers have not applied it yet: seen twice more, not resent.
+        let soon = at + REPAIR_HOLDOFF / 2;
+        assert!(r.confirm("c1", d(), soon).is_empty());
+        assert!(r.confirm("c1", d(), soon).is_empty());
+        // Still not applied after the holdoff: taken as lost, sent again.
+        let later = at + REPAIR_HOLDOFF;
+        assert_eq!(r.confirm("c1", d(), later).len(), 1);
+        // The other direction is a new repair, not held back.
+        let flipped = || disagreements(&set(&[]), &set(&["a"]));
+        assert!(r.confirm("c1", flipped(), later).is_empty());
+        assert_eq!(r.confirm("c1", flipped(), later).len(), 1);
     }
 }

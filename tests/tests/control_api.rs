@@ -121,17 +121,27 @@ async fn the_reconciler_repairs_what_registry_and_reducers_disagree_on() {
     use streampipe_tests::publisher::{blocking, config_for, with_reducer, InProcess};
     use streampipe_tests::wait_for;
 
+    streampipe_tests::test_log();
     let (p, _reducer) = with_reducer(2).await;
     let mut config = config_for(&p);
-    config.janitor_interval = Duration::from_millis(300);
+    // Two visits must be further apart than a command takes to apply, or
+    // a slow subscribe looks lost: on a fresh pipeline the reducer applies
+    // its first commands ~1.1 s after start (it catches up on the command
+    // partitions first); 300 ms here repaired the setup's own subscribes.
+    config.janitor_interval = Duration::from_millis(1500);
     let publ = InProcess::start_with_config(config).await;
     let m = publ.ctx.metrics.clone();
 
     let id = create_channel(publ.addr, &["R1"]).await;
     let fine = create_channel(publ.addr, &["R1", "R4"]).await;
-    let (pc, i) = (p.clone(), id.clone());
+    let (pc, i, f) = (p.clone(), id.clone(), fine.clone());
     blocking(move || {
         pc.wait_subscribed(&i, "R1");
+        // Both sides of both channels agree before anything is broken: a
+        // subscribe still in flight when the reconciler looks twice would
+        // be repaired too (it cannot tell slow from lost).
+        pc.wait_subscribed(&f, "R1");
+        pc.wait_subscribed(&f, "R4");
         // A lost subscribe: the registry has R2, the reducers never heard.
         let _: i64 = redis::cmd("SADD")
             .arg(pc.keys().channel_registry(&i))
@@ -174,6 +184,6 @@ async fn the_reconciler_repairs_what_registry_and_reducers_disagree_on() {
     })
     .await;
     // Settled: later rounds repair nothing more.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(4)).await;
     assert_eq!(repairs("subscribe") + repairs("unsubscribe"), 2);
 }
