@@ -475,6 +475,21 @@ pub fn redis_urls(url: &str) -> Vec<&str> {
         .collect()
 }
 
+/// Every rotation of a cluster's seed list, the given order first. Cluster
+/// clients ask the seeds in order on each (re)connect, so a frozen first
+/// seed (it accepts connections and answers nothing) would cost a timeout
+/// every time; a client per rotation lets each reconnect start elsewhere.
+pub fn seed_rotations(url: &str) -> Vec<Vec<&str>> {
+    let seeds = redis_urls(url);
+    (0..seeds.len().max(1))
+        .map(|r| {
+            let mut rotated = seeds.clone();
+            rotated.rotate_left(r.min(seeds.len()));
+            rotated
+        })
+        .collect()
+}
+
 /// Whether a Redis URL (or each of a comma-separated list) is `rediss://`.
 pub fn redis_url_is_tls(url: &str) -> bool {
     redis_urls(url).iter().all(|u| u.starts_with("rediss://"))
@@ -669,6 +684,24 @@ pub use cli::{KafkaSecurityArgs, RedisTlsArgs};
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seed_lists_are_parsed_and_rotated() {
+        assert_eq!(
+            redis_urls(" redis://a:1 ,, redis://b:2,"),
+            ["redis://a:1", "redis://b:2"]
+        );
+        assert_eq!(
+            seed_rotations("redis://a,redis://b,redis://c"),
+            [
+                vec!["redis://a", "redis://b", "redis://c"],
+                vec!["redis://b", "redis://c", "redis://a"],
+                vec!["redis://c", "redis://a", "redis://b"],
+            ]
+        );
+        assert_eq!(seed_rotations("redis://one"), [vec!["redis://one"]]);
+        assert_eq!(seed_rotations(""), [Vec::<&str>::new()]);
+    }
 
     fn sasl() -> KafkaSecurity {
         KafkaSecurity {

@@ -21,7 +21,7 @@ use redis::aio::ConnectionManager;
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, RedisResult, Value};
-use streampipe_contract::deploy::{redis_urls, RedisTlsPem};
+use streampipe_contract::deploy::{seed_rotations, RedisTlsPem};
 
 use crate::error::Result;
 
@@ -121,11 +121,9 @@ impl Healing {
         tls: Option<&RedisTlsPem>,
         rebuilds: IntCounter,
     ) -> Result<Arc<Self>> {
-        let seeds = redis_urls(seeds);
-        let clients = (0..seeds.len().max(1))
-            .map(|r| {
-                let mut rotated = seeds.clone();
-                rotated.rotate_left(r.min(seeds.len()));
+        let clients = seed_rotations(seeds)
+            .into_iter()
+            .map(|rotated| {
                 let mut builder = ClusterClient::builder(rotated)
                     .connection_timeout(CLUSTER_CONNECT_TIMEOUT)
                     .response_timeout(CLUSTER_RESPONSE_TIMEOUT);

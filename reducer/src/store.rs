@@ -32,7 +32,7 @@ use std::time::Duration;
 use redis::cluster::{ClusterClient, ClusterConnection};
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Client, ClientTlsConfig, Cmd, Connection, Script, TlsCertificates, Value};
-use streampipe_contract::deploy::{redis_urls, RedisTlsPem};
+use streampipe_contract::deploy::{seed_rotations, RedisTlsPem};
 use streampipe_contract::{slot, History, Keys, CHANNEL_MARKETS_CHANGED};
 
 use crate::core::Effect;
@@ -341,15 +341,11 @@ impl RedisStore {
         tls: Option<&RedisTlsPem>,
         timeout: Duration,
     ) -> Result<Self> {
-        // One client per rotation of the seed list: redis-rs asks the seeds
-        // in order on every (re)connect, and a frozen first seed (it accepts
-        // the connection and answers nothing) would cost a timeout on each.
-        // After an error the next connection starts from the next seed.
-        let seeds = redis_urls(seeds);
-        let clients = (0..seeds.len().max(1))
-            .map(|r| {
-                let mut rotated = seeds.clone();
-                rotated.rotate_left(r.min(seeds.len()));
+        // A client per rotation of the seed list (see `seed_rotations`):
+        // after an error the next connection starts from the next seed.
+        let clients = seed_rotations(seeds)
+            .into_iter()
+            .map(|rotated| {
                 let mut builder = ClusterClient::builder(rotated)
                     .connection_timeout(timeout)
                     .response_timeout(timeout)

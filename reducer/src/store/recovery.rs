@@ -122,24 +122,7 @@ impl RedisStore {
             sadd.arg(k.partition_markets(partition)).arg(market);
             cmds.push(sadd);
         }
-        for chunk in cmds.chunks(WRITE_BACK_CHUNK) {
-            self.with_conn(|c| match c {
-                Conn::Single(c) => {
-                    let mut pipe = redis::pipe();
-                    chunk.iter().for_each(|cmd| {
-                        pipe.add_command(cmd.clone()).ignore();
-                    });
-                    pipe.query::<()>(c)
-                }
-                Conn::Cluster { conn, .. } => {
-                    let mut pipe = redis::cluster::cluster_pipe();
-                    chunk.iter().for_each(|cmd| {
-                        pipe.add_command(cmd.clone()).ignore();
-                    });
-                    pipe.query::<()>(conn.as_mut())
-                }
-            })?;
-        }
+        self.run_chunked(&cmds)?;
         // The mark last: a partition marked with the new epoch is complete.
         self.mark_partition(partition, epoch)?;
         Ok(pairs)
@@ -181,6 +164,13 @@ impl RedisStore {
                 cmds.push(c);
             }
         }
+        self.run_chunked(&cmds)?;
+        Ok(())
+    }
+
+    /// Runs `cmds` (replies ignored) as pipelines of at most
+    /// [`WRITE_BACK_CHUNK`] commands.
+    fn run_chunked(&mut self, cmds: &[Cmd]) -> Result<()> {
         for chunk in cmds.chunks(WRITE_BACK_CHUNK) {
             self.with_conn(|c| match c {
                 Conn::Single(c) => {
