@@ -268,6 +268,13 @@ fn observe(
     event: impl FnOnce(&mut Vec<Member>),
     done: impl Fn(&[Member]) -> bool,
 ) -> EventReport {
+    // The event starts from a complete assignment. tansu sometimes takes
+    // a partition back after the previous event looked settled and hands
+    // it out a round later: wait for that round rather than start mid-way.
+    let owned_by = Instant::now() + Duration::from_secs(30);
+    while !owners(members).iter().all(Option::is_some) && Instant::now() < owned_by {
+        std::thread::sleep(SAMPLE_EVERY);
+    }
     let calm_from = Instant::now();
     std::thread::sleep(Duration::from_secs(1));
     let start = Instant::now();
