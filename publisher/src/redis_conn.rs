@@ -91,9 +91,18 @@ impl Streak {
 }
 
 /// Whether an error says the connection (not the command) failed: an
-/// error reply from Redis means it answered.
+/// error reply from Redis means it answered, unless it says the client's
+/// view of the cluster is wrong or the cluster is changing (`MOVED`,
+/// `ASK`, `TRYAGAIN`, `CLUSTERDOWN`, `MASTERDOWN`): seen in a row, those
+/// call for a fresh slot map too (in CI, after a frozen master's failover,
+/// a rebuilt connection failed every read fast for 60 s).
 fn connection_failed(e: &redis::RedisError) -> bool {
-    !matches!(e.kind(), redis::ErrorKind::Server(_))
+    use redis::{ErrorKind, ServerErrorKind};
+    match e.kind() {
+        ErrorKind::Server(ServerErrorKind::MasterDown) => true,
+        ErrorKind::Server(_) => e.is_cluster_error(),
+        _ => true,
+    }
 }
 
 /// How long one rebuild may take: connecting and reading the slot map
@@ -315,5 +324,13 @@ mod tests {
             "timed out",
         ));
         assert!(connection_failed(&io));
+        let down = redis::RedisError::from((
+            redis::ErrorKind::Server(redis::ServerErrorKind::ClusterDown),
+            "CLUSTERDOWN",
+        ));
+        assert!(
+            connection_failed(&down),
+            "a cluster in change calls for a fresh view"
+        );
     }
 }
