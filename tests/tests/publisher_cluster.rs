@@ -395,8 +395,31 @@ async fn the_registry_answers_again_after_a_master_froze() {
     .unwrap();
     let ch = "frozen-channel";
     registry.add(ch, &["m1".to_owned()]).await.unwrap();
-    // Replication is asynchronous: let the replica have the set first.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Replication is asynchronous (and right after the cluster's start a
+    // replica may still be in its first sync: in CI the set was lost in the
+    // failover). Write the same member on the master's own connection and
+    // `WAIT` for a replica: replication is one stream, so the registry's
+    // earlier write is on the replica too.
+    let (c, key) = (cluster.clone(), keys.channel_registry(ch));
+    blocking(move || {
+        let port = c.master_of(&key).expect("a master");
+        let mut node = c.node(port).unwrap();
+        let _: i64 = redis::cmd("SADD")
+            .arg(&key)
+            .arg("m1")
+            .query(&mut node)
+            .unwrap();
+        // Under the node connection's 5 s read timeout, up to 40 s in all.
+        let acked = (0..10).any(|_| {
+            redis::cmd("WAIT")
+                .arg(1)
+                .arg(4_000)
+                .query::<i64>(&mut node)
+                .is_ok_and(|n| n >= 1)
+        });
+        assert!(acked, "a replica has the registry set");
+    })
+    .await;
     assert_eq!(registry.markets(ch).await.unwrap(), Some(vec!["m1".into()]));
 
     let (c, key) = (cluster.clone(), keys.channel_registry(ch));
