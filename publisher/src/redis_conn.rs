@@ -45,6 +45,10 @@ pub const REBUILD_AFTER_FAILURES: u32 = 2;
 /// must not be answered with a reconnect storm.
 pub const REBUILD_MIN_INTERVAL: Duration = Duration::from_secs(10);
 
+/// How long one rebuild may take: connecting and reading the slot map
+/// from the seeds in turn (a frozen seed costs its timeouts).
+pub const REBUILD_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// A request abandoned by its caller after this long counts as a failure
 /// (callers bound their own reads, e.g. the epoch check's 3 s).
 pub const ABANDONED_AFTER: Duration = Duration::from_secs(2);
@@ -104,10 +108,6 @@ fn connection_failed(e: &redis::RedisError) -> bool {
         _ => true,
     }
 }
-
-/// How long one rebuild may take: connecting and reading the slot map
-/// from the seeds in turn (a frozen seed costs its timeouts).
-pub const REBUILD_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A cluster connection that replaces itself when it stops answering.
 pub struct Healing {

@@ -246,7 +246,7 @@ impl Driver {
         // The oldest `PING` not yet answered by every connection, and when
         // it was sent (the resync's counts: a node that never answers it is
         // as silent as one that stopped).
-        let mut unanswered = Some((resync, Instant::now()));
+        let mut unanswered = (resync, Instant::now());
         let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -268,24 +268,20 @@ impl Driver {
             tokio::select! {
                 r = links.fill_any() => r?,
                 _ = heartbeat.tick() => {
-                    match unanswered {
-                        Some((token, sent)) if links.confirmed() < token => {
-                            if sent.elapsed() >= HEARTBEAT_TIMEOUT {
-                                return Err(Error::Io(std::io::Error::new(
-                                    std::io::ErrorKind::TimedOut,
-                                    format!(
-                                        "a redis pub/sub connection answered no PING for {:?}",
-                                        sent.elapsed()
-                                    ),
-                                )));
-                            }
-                        }
-                        _ => {
-                            self.token += 1;
-                            links.ping_all(self.token);
-                            unanswered = Some((self.token, Instant::now()));
-                            links.flush_all().await?;
-                        }
+                    let (token, sent) = unanswered;
+                    if links.confirmed() >= token {
+                        self.token += 1;
+                        links.ping_all(self.token);
+                        unanswered = (self.token, Instant::now());
+                        links.flush_all().await?;
+                    } else if sent.elapsed() >= HEARTBEAT_TIMEOUT {
+                        return Err(Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            format!(
+                                "a redis pub/sub connection answered no PING for {:?}",
+                                sent.elapsed()
+                            ),
+                        )));
                     }
                 }
                 cmd = self.commands.recv() => {

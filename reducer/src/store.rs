@@ -436,18 +436,12 @@ impl RedisStore {
     /// Runs `f` on the connection; on any error the connection is dropped so
     /// the next call reconnects (and reloads the scripts).
     fn with_conn<T>(&mut self, f: impl FnOnce(&mut Conn) -> redis::RedisResult<T>) -> Result<T> {
-        let res = match self.conn() {
-            Ok(c) => f(c),
-            Err(e) => {
-                self.next_seed();
-                return Err(e);
-            }
-        };
+        let res = self.conn().and_then(|c| Ok(f(c)?));
         if res.is_err() {
             self.conn = None;
             self.next_seed();
         }
-        Ok(res?)
+        res
     }
 
     /// Checks that Redis answers (for readiness).

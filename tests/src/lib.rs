@@ -1046,13 +1046,13 @@ impl PrivateCluster {
 
     /// The port of the master serving `key`'s slot (per a live node).
     pub fn master_of(&self, key: &str) -> Option<u16> {
-        self.master_of_except(key, 0)
+        self.master_of_except(key, None)
     }
 
     /// [`PrivateCluster::master_of`], not asking node `skip`.
-    fn master_of_except(&self, key: &str, skip: u16) -> Option<u16> {
+    fn master_of_except(&self, key: &str, skip: Option<u16>) -> Option<u16> {
         let s = streampipe_contract::slot(key.as_bytes());
-        self.masters_except(Some(skip))
+        self.masters_except(skip)
             .into_iter()
             .find(|(_, ranges)| ranges.iter().any(|(a, b)| (*a..=*b).contains(&s)))
             .map(|(p, _)| p)
@@ -1060,11 +1060,7 @@ impl PrivateCluster {
 
     /// Whether every live node reports `cluster_state:ok`.
     pub fn is_ok(&self) -> bool {
-        self.live_ports().into_iter().all(|p| {
-            self.node(p)
-                .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
-                .is_ok_and(|i| i.contains("cluster_state:ok"))
-        })
+        self.is_ok_without(None)
     }
 
     /// SIGKILLs the master of `key`'s slot, then waits until a replica took
@@ -1093,9 +1089,9 @@ impl PrivateCluster {
 
     /// SIGSTOPs the master of `key`'s slot (a stalled VM or a swapped-out
     /// process: its sockets stay open and answer nothing), then waits until
-    /// a replica took its slots over. Returns the frozen node's pid (for
-    /// [`PrivateCluster::thaw`]) and the new master's port.
-    pub fn freeze_master_of(&self, key: &str) -> (u32, u16) {
+    /// a replica took its slots over. Returns the frozen node's port, the
+    /// new master's, and the frozen node's pid (for [`PrivateCluster::thaw`]).
+    pub fn freeze_master_of(&self, key: &str) -> (u16, u16, u32) {
         let old = self.master_of(key).expect("a master for the key");
         let pid = self.pid(old).expect("pid file of the master");
         Command::new("kill")
@@ -1106,11 +1102,13 @@ impl PrivateCluster {
             CLUSTER_FAILOVER_TIMEOUT,
             "replica promoted and cluster ok",
             || {
-                let new = self.master_of_except(key, old).filter(|p| *p != old)?;
-                self.is_ok_without(old).then_some(new)
+                let new = self
+                    .master_of_except(key, Some(old))
+                    .filter(|p| *p != old)?;
+                self.is_ok_without(Some(old)).then_some(new)
             },
         );
-        (pid, new)
+        (old, new, pid)
     }
 
     /// Lets a node frozen by [`PrivateCluster::freeze_master_of`] run again
@@ -1121,11 +1119,11 @@ impl PrivateCluster {
             .status();
     }
 
-    /// Whether every node but `skip` says `cluster_state:ok`.
-    fn is_ok_without(&self, skip: u16) -> bool {
+    /// Whether every live node but `skip` says `cluster_state:ok`.
+    fn is_ok_without(&self, skip: Option<u16>) -> bool {
         self.live_ports()
             .into_iter()
-            .filter(|p| *p != skip)
+            .filter(|p| Some(*p) != skip)
             .all(|p| {
                 self.node(p)
                     .and_then(|mut c| redis::cmd("CLUSTER").arg("INFO").query::<String>(&mut c))
